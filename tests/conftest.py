@@ -1,0 +1,30 @@
+"""Shared test set-up: MNIST location, a private cache folder, and quiet plotting."""
+
+import os
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+if not os.environ.get("NUWA_DATA") and SHARED_MNIST.is_dir():
+    os.environ["NUWA_DATA"] = str(SHARED_MNIST)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Derived arrays (cached test sets) go to a per-session folder, never the user's cache."""
+    os.environ["NUWA_CACHE"] = str(tmp_path_factory.mktemp("nuwa_cache"))
+    yield
+
+
+def mnist_available() -> bool:
+    import data
+
+    return all((data.mnist_root() / name).exists() for names in data.MNIST_FILES.values() for name in names)
+
+
+needs_mnist = pytest.mark.skipif(not mnist_available(), reason="MNIST not found; set NUWA_DATA")
