@@ -1,0 +1,212 @@
+"""Tests for nearby_attention.py: the rule, every backend against the loop reference, the module and
+its decode step. Correctness checks run in float64 on the CPU; flex runs on CUDA (marked gpu) and,
+compiled for the CPU, under the slow marker."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nearby_attention as na
+
+HAS_CUDA = torch.cuda.is_available()
+TOL = 1e-10  # float64 agreement between two orderings of the same sums
+
+# (q_shape, kv_shape, extent, causal, bos, tile): odd shapes that no tile divides, extents larger
+# than the grid, cross-attention that shrinks and that grows the grid, images (T = 1), extent 0.
+CASES = {
+    "causal_bos": ((3, 5, 7), (3, 5, 7), (1, 1, 2), True, True, (1, 2, 3)),
+    "causal_no_bos": ((3, 5, 7), (3, 5, 7), (1, 2, 1), True, False, (2, 2, 2)),
+    "self_noncausal": ((3, 5, 7), (3, 5, 7), (1, 1, 2), False, False, (2, 3, 2)),
+    "cross_shrink": ((3, 5, 7), (2, 3, 4), (1, 1, 1), False, False, (1, 2, 3)),
+    "cross_grow": ((3, 5, 4), (5, 7, 9), (0, 1, 2), False, False, (2, 2, 3)),
+    "extent_beyond_grid": ((3, 4, 5), (3, 4, 5), (4, 9, 9), True, True, (2, 3, 2)),
+    "image_causal": ((1, 6, 5), (1, 6, 5), (3, 2, 2), True, True, (1, 4, 4)),
+    "extent_zero": ((2, 4, 5), (2, 4, 5), (0, 0, 0), True, True, (1, 3, 3)),
+}
+
+
+def random_qkv(q_shape, kv_shape, *, batch=2, heads=3, head_size=4, dtype=torch.float64, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    n_q, n_k = math.prod(q_shape), math.prod(kv_shape)
+    shapes = [(batch, heads, n_q, head_size), (batch, heads, n_k, head_size), (batch, heads, n_k, head_size)]
+    return [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device) for s in shapes]
+
+
+def out_and_grads(fn, q, k, v, seed=1):
+    """Output and the q, k, v gradients of <output, a fixed random tensor>."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights.to(out)).sum(), leaves)
+    return [out.detach(), *grads]
+
+
+def brute_force_mask(q_shape, kv_shape, extent, causal, bos):
+    """The SPEC §4 definition, spelled out with loops over every (query, key) pair."""
+    (T, H, W), (T2, H2, W2), (e_t, e_h, e_w) = q_shape, kv_shape, extent
+    n_q, n_k = T * H * W, T2 * H2 * W2
+    mask = torch.zeros(n_q, n_k, dtype=torch.bool)
+    for p, (i, j, k) in enumerate(itertools.product(range(T), range(H), range(W))):
+        ip, jp, kp = i * T2 // T, j * H2 // H, k * W2 // W
+        for r in range(n_k):
+            if bos and r == 0:
+                mask[p, r] = True  # bos is always allowed
+                continue
+            s = r - 1 if bos else r  # the grid position of the token key r holds
+            a, b, c = s // (H2 * W2), (s // W2) % H2, s % W2
+            near = abs(a - ip) <= e_t and abs(b - jp) <= e_h and abs(c - kp) <= e_w
+            mask[p, r] = near and (not causal or r <= p)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CASES)
+def test_mask_matches_the_definition(name):
+    q_shape, kv_shape, extent, causal, bos, _ = CASES[name]
+    expected = brute_force_mask(q_shape, kv_shape, extent, causal, bos)
+    assert torch.equal(na.nearby_mask(q_shape, kv_shape, extent, causal, bos), expected)
+
+
+def test_projection_formula_on_unequal_grids():
+    # (i', j', k') = (⌊i·T'/T⌋, ⌊j·H'/H⌋, ⌊k·W'/W⌋), by hand: T=3 -> T'=5 and H=5 -> H'=2.
+    assert na.project(torch.arange(3), 3, 5).tolist() == [0, 1, 3]
+    assert na.project(torch.arange(5), 5, 2).tolist() == [0, 0, 0, 1, 1]
+    # With extent 0 every query sees exactly its projected position.
+    q_shape, kv_shape = (3, 5, 4), (5, 2, 7)
+    mask = na.nearby_mask(q_shape, kv_shape, (0, 0, 0), causal=False)
+    for p, (i, j, k) in enumerate(itertools.product(*(range(n) for n in q_shape))):
+        (only,) = mask[p].nonzero().flatten().tolist()
+        assert only == ((i * 5 // 3) * 2 + j * 2 // 5) * 7 + k * 7 // 4
+
+
+def test_windows_are_clipped_not_shifted():
+    # A corner query of a 1×6×6 grid with radius 1 sees a 2×2 box, not a shifted 3×3 one.
+    mask = na.nearby_mask((1, 6, 6), (1, 6, 6), (0, 1, 1), causal=False)
+    assert sorted(mask[0].nonzero().flatten().tolist()) == [0, 1, 6, 7]
+
+
+def test_causal_window_keeps_right_and_lower_neighbours_of_earlier_frames():
+    shape, extent = (3, 4, 4), (1, 1, 1)
+    mask = na.nearby_mask(shape, shape, extent, causal=True)
+    p = (1 * 4 + 1) * 4 + 1  # query (1, 1, 1)
+    assert mask[p, (0 * 4 + 2) * 4 + 2]  # (0, 2, 2): lower-right, earlier frame: allowed
+    assert mask[p, (1 * 4 + 1) * 4 + 0]  # (1, 1, 0): left, same frame: allowed
+    assert not mask[p, (1 * 4 + 1) * 4 + 2]  # (1, 1, 2): right, same frame: later in raster order
+    assert not mask[p, (1 * 4 + 2) * 4 + 0]  # (1, 2, 0): lower-left, same frame: later
+    # The full 3×3 window of frame 0, row 0 of frame 1 (3), then (1, 1, 0) and the query itself.
+    assert mask[p].sum() == 9 + 3 + 2
+    assert mask[p].sum() == mask[p, : p + 1].sum()  # nothing later than the query
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend equals the reference (float64, forward and gradients)
+# ---------------------------------------------------------------------------------------------
+
+def _reference_against_masked_softmax(q, k, v, mask):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_reference_is_masked_softmax_attention(name):
+    # The loop reference and the mask are two independent readings of the paper: they must agree.
+    q_shape, kv_shape, extent, causal, bos, _ = CASES[name]
+    q, k, v = random_qkv(q_shape, kv_shape)
+    mask = brute_force_mask(q_shape, kv_shape, extent, causal, bos)
+    expected = _reference_against_masked_softmax(q, k, v, mask)
+    got = na.nearby_attention_reference(q, k, v, q_shape, kv_shape, extent, causal, bos)
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("backend,tile", [("dense", None)])
+@pytest.mark.parametrize("name", CASES)
+def test_backend_equals_reference(name, backend, tile):
+    q_shape, kv_shape, extent, causal, bos, case_tile = CASES[name]
+    q, k, v = random_qkv(q_shape, kv_shape)
+    kwargs = {} if tile in (None, "default") else {"tile": case_tile}
+    expected = out_and_grads(lambda *x: na.nearby_attention_reference(*x, q_shape, kv_shape, extent, causal, bos),
+                             q, k, v)
+    got = out_and_grads(lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos,
+                                                       backend=backend, **kwargs), q, k, v)
+    for what, g, e in zip(("output", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=TOL, msg=lambda m, w=what: f"{w}: {m}")
+
+
+@pytest.mark.parametrize("causal,bos", [(True, True), (True, False), (False, False)])
+def test_extents_covering_the_grid_give_full_attention(causal, bos):
+    shape = (3, 4, 5)
+    q, k, v = random_qkv(shape, shape)
+    got = na.nearby_attention(q, k, v, shape, shape, (2, 3, 4), causal, bos)
+    # Full causal attention: key r <= p, which is also the bos layout's rule with every window full.
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causality and coverage, by perturbation
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["dense"])
+def test_causality_by_perturbation(backend):
+    # Decoder input [bos, y_0, ...]: changing y_q (key q + 1) changes no output at positions <= q.
+    shape, extent = (3, 4, 5), (1, 1, 1)
+    q, k, v = random_qkv(shape, shape)
+    run = lambda k, v: na.nearby_attention(q, k, v, shape, shape, extent, True, True, backend=backend,
+                                           **({"tile": (1, 2, 3)} if backend == "blocked" else {}))
+    base = run(k, v)
+    for y_q in (0, 17, 33, 58):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, y_q + 1] += 3.0
+        v2[:, :, y_q + 1] += 3.0
+        changed = (run(k2, v2) - base).abs().amax(dim=(0, 1, 3)) > 0  # (N,) per position
+        assert not changed[: y_q + 1].any(), f"y_{y_q} leaked into earlier outputs"
+        assert changed[y_q + 1:].any()  # not vacuous: someone later does read it
+
+
+@pytest.mark.parametrize("backend", ["dense"])
+def test_coverage_every_in_window_earlier_position_matters(backend):
+    # Query p predicts y_p at (2, 2, 2); every earlier token in its window — right and lower
+    # neighbours in earlier frames included — must change its output, and nothing else may.
+    shape, extent = (4, 5, 6), (1, 1, 2)
+    T, H, W = shape
+    q, k, v = random_qkv(shape, shape, batch=1, heads=1)
+    p = (2 * H + 2) * W + 2
+    run = lambda v: na.nearby_attention(q, k, v, shape, shape, extent, True, True, backend=backend,
+                                        **({"tile": (1, 2, 2)} if backend == "blocked" else {}))[0, 0, p]
+    base = run(v)
+    influential = set()
+    for s in range(p):  # y_s, held by key s + 1
+        v2 = v.clone()
+        v2[:, :, s + 1] += 1.0
+        if not torch.equal(run(v2), base):
+            influential.add(s)
+    window = {(a * H + b) * W + c for a in (1, 2) for b in (1, 2, 3) for c in (0, 1, 2, 3, 4)}
+    assert influential == {s for s in window if s < p}
+    assert (1 * H + 3) * W + 4 in influential  # lower-right neighbour in the previous frame
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input gives clear errors
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors():
+    shape = (2, 3, 4)
+    q, k, v = random_qkv(shape, shape)
+    with pytest.raises(ValueError, match="q holds N=24 tokens but q_shape=.2, 3, 5. has 30"):
+        na.nearby_attention(q, k, v, (2, 3, 5), shape, (1, 1, 1), False)
+    with pytest.raises(ValueError, match="k/v hold 24/24 tokens but kv_shape"):
+        na.nearby_attention(q, k, v, shape, (2, 2, 4), (1, 1, 1), False)
+    with pytest.raises(ValueError, match="extent must be three radii, each >= 0"):
+        na.nearby_attention(q, k, v, shape, shape, (1, -1, 1), False)
+    with pytest.raises(ValueError, match="cross-attention is never causal"):
+        na.nearby_mask(shape, (2, 3, 2), (1, 1, 1), causal=True)
+    with pytest.raises(ValueError, match="pass causal=True"):
+        na.nearby_mask(shape, shape, (1, 1, 1), causal=False, bos=True)
+    with pytest.raises(ValueError, match="unknown backend"):
+        na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False, backend="sparse")
