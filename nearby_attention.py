@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +225,158 @@ def _dense_attention(q, k, v, q_shape, kv_shape, extent, causal, bos) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# 4. Blocked backend: query tiles attend to their tile plus a halo of the extents
+# ---------------------------------------------------------------------------------------------
+# Cut the query grid into tiles of (t, h, w). Every query of a tile projects into one box of the
+# condition grid; widened by the extents, the box holds every key any of them may read. A tile's
+# queries and its box are gathered with one index_select each and run through the fused kernel as
+# (Q queries × L keys) with a small per-tile mask. Work: N/Q tiles × Q·L = O(N·L), linear in N.
+#
+# Memory is kept linear and small too: boxes overlap, so gathered keys are a few times larger than
+# k itself. Tiles therefore run in chunks, and — FlashAttention's trick one level up — backward
+# re-gathers and recomputes each chunk instead of keeping every gathered box alive in between.
+
+def _axis_plan(size: int, kv_size: int, tile: int, radius: int, causal: bool) -> tuple[Tensor, Tensor]:
+    """One axis: the query slots of every tile, and the kv indices of every tile's box.
+
+    Returns slots (tiles, tile), unclamped (the last tile may reach past the grid), and kv_index
+    (tiles, L). Every box has the same length L, so tiles batch together, and never repeats an
+    index (a key counted twice would get twice its softmax weight): boxes are shifted to fit inside
+    the grid, never padded.
+    """
+    tiles = -(-size // tile)  # ceil(size / tile)
+    slots = torch.arange(tiles * tile).view(tiles, tile)  # (tiles, tile) query slots
+    first, last = slots[:, 0], slots[:, -1].clamp(max=size - 1)  # (tiles,) the real queries' range
+    low = (project(first, size, kv_size) - radius).clamp(min=0)  # window start of the first query
+    # Causal self-attention never reads later frames; the spatial axes keep both sides (earlier
+    # frames show right and lower neighbours), so only the time axis is trimmed.
+    high = project(last, size, kv_size) + (0 if causal else radius)
+    high = high.clamp(max=kv_size - 1)  # window end of the last query
+    length = min(int((high - low + 1).max()), kv_size)  # L: the widest box, at most the whole axis
+    start = low.clamp(max=kv_size - length)  # shift (not pad) so the box fits in the grid
+    kv_index = start[:, None] + torch.arange(length)  # (tiles, L)
+    return slots, kv_index
+
+
+def _combine_axes(index_t: Tensor, index_h: Tensor, index_w: Tensor, shape: Shape3) -> Tensor:
+    """Raster indices of the boxes index_t × index_h × index_w of every tile: (n_tiles, box volume)."""
+    _, H, W = shape
+    n_t, n_h, n_w = index_t.shape[0], index_h.shape[0], index_w.shape[0]
+    raster = ((index_t[:, None, None, :, None, None] * H + index_h[None, :, None, None, :, None]) * W
+              + index_w[None, None, :, None, None, :])  # (n_t, n_h, n_w, len_t, len_h, len_w)
+    return raster.reshape(n_t * n_h * n_w, -1)  # (n_tiles, box volume)
+
+
+@dataclass(frozen=True)
+class _BlockedPlan:
+    q_slots: Tensor  # (n_tiles, Q) raster index of every query slot (slots past the edge repeat one)
+    real: Tensor  # (n_tiles, Q) True for slots inside the grid (the others are dropped)
+    kv_gather: Tensor  # (n_tiles, L') key index r of every key of every tile (bos first, if any)
+    mask: Tensor  # (1, n_tiles, Q, L') the per-tile mask, broadcast over B·nh (4D: the fused kernels want it)
+    chunk: int  # tiles per chunk
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _blocked_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: bool, bos: bool,
+                  tile: Shape3, device: torch.device) -> _BlockedPlan:
+    """Index tables and the per-tile mask; cached, since a model reuses a few geometries."""
+    tile = tuple(min(t, s) for t, s in zip(tile, q_shape))  # a tile never exceeds the grid
+    plans = [_axis_plan(s, s2, t, e, causal and axis == 0)
+             for axis, (s, s2, t, e) in enumerate(zip(q_shape, kv_shape, tile, extent))]
+    slots, boxes = [plan[0] for plan in plans], [plan[1] for plan in plans]  # per axis
+    real = _combine_axes(*(s < n for s, n in zip(slots, q_shape)), (1, 1, 1)) == 3  # (n_tiles, Q)
+    slots = [s.clamp(max=n - 1) for s, n in zip(slots, q_shape)]  # extra slots repeat the edge
+    q_slots = _combine_axes(*slots, q_shape)  # (n_tiles, Q) raster positions p
+    kv_box = _combine_axes(*boxes, kv_shape)  # (n_tiles, L) grid positions s
+    # The mask from the same two pieces as nearby_mask: the window factorises over the axes, one
+    # (tiles, tile, L_axis) table per axis, combined by broadcasting straight into booleans.
+    near = [window_1d(s[:, :, None], b[:, None, :], n, m, e)
+            for s, b, n, m, e in zip(slots, boxes, q_shape, kv_shape, extent)]  # (tiles_x, tile_x, L_x)
+    n_tiles, n_slots, n_box = q_slots.shape[0], q_slots.shape[1], kv_box.shape[1]
+    mask = (near[0][:, None, None, :, None, None, :, None, None]
+            & near[1][None, :, None, None, :, None, None, :, None]
+            & near[2][None, None, :, None, None, :, None, None, :])  # (n_t, n_h, n_w, t, h, w, L_t, L_h, L_w)
+    mask = mask.reshape(n_tiles, n_slots, n_box)  # (n_tiles, Q, L)
+    if causal:
+        mask &= raster_causal(q_slots[:, :, None], kv_box[:, None, :], bos)  # (n_tiles, Q, L)
+    kv_gather = kv_box  # without bos, grid position s is key s
+    if bos:
+        # Key r holds y_{r-1}, so position s is key s + 1; y_{N-1} is no key: its clamped index is a
+        # duplicate that the rule always masks (s = N - 1 < p never holds). bos leads every box.
+        n_k = math.prod(kv_shape)
+        kv_gather = torch.cat([torch.zeros_like(kv_box[:, :1]), (kv_box + 1).clamp(max=n_k - 1)], 1)  # (n_tiles, 1 + L)
+        mask = torch.cat([torch.ones_like(mask[:, :, :1]), mask], dim=2)  # (n_tiles, Q, 1 + L)
+    chunk = max(1, BLOCKED_CHUNK_QUERIES.get(torch.device(device).type, BLOCKED_CHUNK_QUERIES["cpu"]) // n_slots)
+    return _BlockedPlan(*(x.to(device) for x in (q_slots, real, kv_gather, mask[None])), chunk)
+
+
+def _gather_tiles(x: Tensor, index: Tensor) -> Tensor:
+    """Rows of x (B·nh, N, hs) picked by index (c, M) -> (B·nh, c, M, hs): tiles act as heads."""
+    return x.index_select(1, index.flatten()).view(x.shape[0], *index.shape, x.shape[2])  # (B·nh, c, M, hs)
+
+
+def _chunk_tiles(q, k, v, plan: _BlockedPlan, tiles: slice) -> tuple[Tensor, Tensor, Tensor]:
+    """Gather one chunk of tiles; q, k, v are (B·nh, N, hs). Tiles take the place of heads."""
+    q_tiles = _gather_tiles(q, plan.q_slots[tiles])  # (B·nh, c, Q, hs)
+    k_tiles = _gather_tiles(k, plan.kv_gather[tiles])  # (B·nh, c, L', hs)
+    v_tiles = _gather_tiles(v, plan.kv_gather[tiles])  # (B·nh, c, L', hs)
+    return q_tiles, k_tiles, v_tiles
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """Chunked tile attention that recomputes each chunk in backward (memory O(N), not O(N·L))."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: _BlockedPlan) -> Tensor:
+        # q, k, v are (B·nh, N, hs). Only they are saved: no gathered box outlives its chunk.
+        ctx.save_for_backward(q, k, v)
+        ctx.plan = plan
+        out = q.new_empty(q.shape)  # (B·nh, Nq, hs), filled chunk by chunk
+        for c in range(0, plan.q_slots.shape[0], plan.chunk):
+            tiles = slice(c, c + plan.chunk)
+            # The mask (1, c, Q, L') broadcasts over B·nh: each tile has its own, like a head would.
+            y = F.scaled_dot_product_attention(*_chunk_tiles(q, k, v, plan, tiles),
+                                               attn_mask=plan.mask[:, tiles])  # (B·nh, c, Q, hs)
+            keep = plan.real[tiles].flatten()  # (c·Q,) slots inside the grid; the rest are dropped
+            out.index_copy_(1, plan.q_slots[tiles].flatten()[keep], y.flatten(1, 2)[:, keep])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        q, k, v = ctx.saved_tensors
+        plan = ctx.plan
+        # Sum tile gradients in at least float32: bos alone collects one term from every tile, and
+        # bfloat16 sums of that many terms lose most of their digits.
+        acc = torch.promote_types(q.dtype, torch.float32)
+        grad_q, grad_k, grad_v = (torch.zeros_like(x, dtype=acc) for x in (q, k, v))  # (B·nh, N, hs)
+        for c in range(0, plan.q_slots.shape[0], plan.chunk):
+            tiles = slice(c, c + plan.chunk)
+            # Re-gather the chunk and recompute its attention, with the tiles as autograd leaves.
+            leaves = [x.requires_grad_() for x in _chunk_tiles(q, k, v, plan, tiles)]
+            with torch.enable_grad():
+                out = F.scaled_dot_product_attention(*leaves, attn_mask=plan.mask[:, tiles])  # (B·nh, c, Q, hs)
+            # The upstream gradient of every slot; the extra slots (dropped in forward) get zero.
+            grad_tiles = _gather_tiles(grad_out, plan.q_slots[tiles])  # (B·nh, c, Q, hs)
+            grad_tiles = grad_tiles * plan.real[tiles, :, None].to(grad_tiles.dtype)
+            dq, dk, dv = torch.autograd.grad(out, leaves, grad_tiles)  # tile gradients
+            # A gather's gradient is a scatter-add: a key in several boxes sums their gradients.
+            grad_q.index_add_(1, plan.q_slots[tiles].flatten(), dq.flatten(1, 2).to(acc))
+            grad_k.index_add_(1, plan.kv_gather[tiles].flatten(), dk.flatten(1, 2).to(acc))
+            grad_v.index_add_(1, plan.kv_gather[tiles].flatten(), dv.flatten(1, 2).to(acc))
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None
+
+
+def _blocked_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile: Shape3) -> Tensor:
+    """Tiles of Q queries × their box of L keys through the fused kernel: O(N·L) time, O(N) memory."""
+    B, nh, n_q, hs = q.shape
+    plan = _blocked_plan(q_shape, kv_shape, extent, causal, bos, tile, q.device)
+    q, k, v = (x.reshape(B * nh, x.shape[2], hs) for x in (q, k, v))  # (B·nh, N, hs)
+    out = _BlockedAttention.apply(q, k, v, plan)  # (B·nh, Nq, hs)
+    return out.view(B, nh, n_q, hs)  # (B, nh, Nq, hs)
+
+
+# ---------------------------------------------------------------------------------------------
 # 6. The entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -241,10 +394,11 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, q_shape: Shape3, kv_shape: Shape
 
 
 def nearby_attention(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent, causal: bool,
-                     bos: bool = False, backend: str = "dense") -> Tensor:
+                     bos: bool = False, backend: str = "blocked", *, tile=BLOCKED_TILE) -> Tensor:
     """3DNA: q (B, nh, Nq, hs) attends to k, v (B, nh, Nk, hs) within `nearby_mask`; -> (B, nh, Nq, hs).
 
-    backend: "reference" (loops) or "dense" (O(N²) mask).
+    backend: "reference" (loops), "dense" (O(N²) mask), "blocked" (linear; CPU and GPU).
+    `tile`: the blocked query tile.
     """
     q_shape, kv_shape, extent = _check_geometry(q_shape, kv_shape, extent, causal, bos)
     _check_qkv(q, k, v, q_shape, kv_shape)
@@ -252,4 +406,6 @@ def nearby_attention(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent,
         return nearby_attention_reference(q, k, v, q_shape, kv_shape, extent, causal, bos)
     if backend == "dense":
         return _dense_attention(q, k, v, q_shape, kv_shape, extent, causal, bos)
+    if backend == "blocked":
+        return _blocked_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, _as_shape("tile", tile, 1))
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

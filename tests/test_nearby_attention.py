@@ -124,7 +124,7 @@ def test_reference_is_masked_softmax_attention(name):
     torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("backend,tile", [("dense", None)])
+@pytest.mark.parametrize("backend,tile", [("dense", None), ("blocked", "case"), ("blocked", "default")])
 @pytest.mark.parametrize("name", CASES)
 def test_backend_equals_reference(name, backend, tile):
     q_shape, kv_shape, extent, causal, bos, case_tile = CASES[name]
@@ -138,21 +138,55 @@ def test_backend_equals_reference(name, backend, tile):
         torch.testing.assert_close(g, e, rtol=0, atol=TOL, msg=lambda m, w=what: f"{w}: {m}")
 
 
+def test_blocked_gradcheck():
+    # Finite differences through the hand-written backward (chunks of one tile, recomputed).
+    q_shape, extent = (2, 3, 4), (1, 1, 1)
+    q, k, v = (x.requires_grad_() for x in random_qkv(q_shape, q_shape, batch=1, heads=2, head_size=3))
+    fn = lambda q, k, v: na.nearby_attention(q, k, v, q_shape, q_shape, extent, True, True, tile=(1, 2, 2))
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_blocked_uses_several_chunks_and_stays_exact(monkeypatch):
+    # A tiny chunk size forces many chunks through forward and the recomputing backward.
+    monkeypatch.setitem(na.BLOCKED_CHUNK_QUERIES, "cpu", 4)
+    na._blocked_plan.cache_clear()
+    q_shape, kv_shape, extent, causal, bos, tile = CASES["causal_bos"]
+    q, k, v = random_qkv(q_shape, kv_shape)
+    expected = out_and_grads(lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos,
+                                                            backend="dense"), q, k, v)
+    got = out_and_grads(lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos, tile=tile),
+                        q, k, v)
+    assert na._blocked_plan(q_shape, kv_shape, extent, causal, bos, tile, torch.device("cpu")).chunk == 1
+    na._blocked_plan.cache_clear()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=TOL)
+
+
 @pytest.mark.parametrize("causal,bos", [(True, True), (True, False), (False, False)])
 def test_extents_covering_the_grid_give_full_attention(causal, bos):
     shape = (3, 4, 5)
     q, k, v = random_qkv(shape, shape)
-    got = na.nearby_attention(q, k, v, shape, shape, (2, 3, 4), causal, bos)
+    got = na.nearby_attention(q, k, v, shape, shape, (2, 3, 4), causal, bos, tile=(1, 2, 2))
     # Full causal attention: key r <= p, which is also the bos layout's rule with every window full.
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+
+
+def test_bfloat16_blocked_matches_dense():
+    # Any float dtype: bfloat16 on the CPU, compared at bfloat16 precision.
+    q_shape, kv_shape, extent, causal, bos, tile = CASES["causal_bos"]
+    q, k, v = random_qkv(q_shape, kv_shape, dtype=torch.bfloat16, head_size=16)
+    got = na.nearby_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile=tile)
+    expected = na.nearby_attention_reference(*(x.double() for x in (q, k, v)), q_shape, kv_shape, extent, causal, bos)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=3e-2)
 
 
 # ---------------------------------------------------------------------------------------------
 # Causality and coverage, by perturbation
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["dense"])
+@pytest.mark.parametrize("backend", ["dense", "blocked"])
 def test_causality_by_perturbation(backend):
     # Decoder input [bos, y_0, ...]: changing y_q (key q + 1) changes no output at positions <= q.
     shape, extent = (3, 4, 5), (1, 1, 1)
@@ -169,7 +203,7 @@ def test_causality_by_perturbation(backend):
         assert changed[y_q + 1:].any()  # not vacuous: someone later does read it
 
 
-@pytest.mark.parametrize("backend", ["dense"])
+@pytest.mark.parametrize("backend", ["dense", "blocked"])
 def test_coverage_every_in_window_earlier_position_matters(backend):
     # Query p predicts y_p at (2, 2, 2); every earlier token in its window — right and lower
     # neighbours in earlier frames included — must change its output, and nothing else may.
@@ -210,3 +244,17 @@ def test_bad_inputs_raise_clear_errors():
         na.nearby_mask(shape, shape, (1, 1, 1), causal=False, bos=True)
     with pytest.raises(ValueError, match="unknown backend"):
         na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False, backend="sparse")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("name", CASES)
+def test_blocked_equals_reference_on_cuda(name):
+    q_shape, kv_shape, extent, causal, bos, tile = CASES[name]
+    q, k, v = random_qkv(q_shape, kv_shape)
+    expected = out_and_grads(lambda *x: na.nearby_attention_reference(*x, q_shape, kv_shape, extent, causal, bos),
+                             q, k, v)
+    got = out_and_grads(lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos, tile=tile),
+                        *(x.cuda() for x in (q, k, v)))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.cpu(), e, rtol=0, atol=TOL)
