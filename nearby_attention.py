@@ -377,6 +377,77 @@ def _blocked_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile: Sh
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. Flex backend: FlexAttention with a block mask from the same rule
+# ---------------------------------------------------------------------------------------------
+# FlexAttention evaluates mask_mod(b, h, q_idx, kv_idx) on 128×128 blocks and skips empty ones. In
+# raster order one block of 128 queries is a thin strip of rows whose windows touch many blocks of
+# keys; listed tile by tile (2×8×8 = 128 tokens each) a block is a compact space-time box and most
+# key blocks are empty. The mask is order-free, so we permute q/k/v into tile order, attend, and
+# un-permute: the result is the same function, only the work skipped differs.
+
+def tile_order(shape: Shape3, tile: Shape3 = FLEX_TILE) -> Tensor:
+    """Raster indices listed tile by tile (tiles in raster order, raster order inside a tile): (N,)."""
+    t, h, w = raster_to_coords(torch.arange(math.prod(shape)), shape)  # (N,) each
+    tiles_h, tiles_w = -(-shape[1] // tile[1]), -(-shape[2] // tile[2])
+    tile_id = ((t // tile[0]) * tiles_h + h // tile[1]) * tiles_w + w // tile[2]  # (N,)
+    in_tile = ((t % tile[0]) * tile[1] + h % tile[1]) * tile[2] + w % tile[2]  # (N,)
+    return torch.argsort(tile_id * math.prod(tile) + in_tile)  # (N,)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """FlexAttention only runs fast when compiled (otherwise it materialises every score)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_mask_mod(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: bool, bos: bool,
+                  device: torch.device | str | None = None):
+    """The rule as FlexAttention's mask_mod over tile-ordered tokens: (q_order, kv_order, mask_mod).
+
+    q_order[i] is the raster position of the i-th query in tile order; kv_order[j] is the key index
+    r (into k and v) of the j-th key in tile order; mask_mod(b, h, i, j) is the rule for that pair.
+    """
+    q_order = tile_order(q_shape).to(device)  # (Nq,) raster positions in tile order
+    kv_order = tile_order(kv_shape).to(device)  # (Nk,) grid positions s in tile order
+    if bos:
+        # List bos first, then key r = s + 1 for every grid position s in tile order; y_{N-1} is
+        # never a key. kv_order now holds key indices r, so it can index k and v directly.
+        n_k = kv_order.numel()
+        kv_order = torch.cat([kv_order.new_zeros(1), kv_order[kv_order != n_k - 1] + 1])  # (N,)
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        # batch/head are unused: the mask is the same for every sequence and head.
+        q_index, r = q_order[q_idx], kv_order[kv_idx]  # back to raster positions / key indices
+        if not bos:
+            return nearby_rule(q_index, r, q_shape, kv_shape, extent, causal)
+        return (r == 0) | nearby_rule(q_index, (r - 1).clamp(min=0), q_shape, kv_shape, extent, causal, bos)
+
+    return q_order, kv_order, mask_mod
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _flex_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: bool, bos: bool,
+               device: torch.device):
+    """Token orders for q and k/v, the inverse query order, and the BlockMask (cached)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    q_order, kv_order, mask_mod = flex_mask_mod(q_shape, kv_shape, extent, causal, bos, device)
+    # On CUDA, compiling the mask creation evaluates mask_mod block by block instead of over the
+    # whole (Nq, Nk) grid at once (gigabytes at 32k tokens); the CPU path stays eager.
+    block_mask = create_block_mask(mask_mod, None, None, q_order.numel(), kv_order.numel(), device=device,
+                                   _compile=torch.device(device).type == "cuda")
+    return q_order, kv_order, torch.argsort(q_order), block_mask
+
+
+def _flex_attention(q, k, v, q_shape, kv_shape, extent, causal, bos) -> Tensor:
+    """Tile-ordered tokens through compiled FlexAttention; the un-permuted result is raster order."""
+    q_order, kv_order, q_inverse, block_mask = _flex_plan(q_shape, kv_shape, extent, causal, bos, q.device)
+    q, k, v = q[:, :, q_order], k[:, :, kv_order], v[:, :, kv_order]  # (B, nh, N, hs), tile order
+    out = _compiled_flex_attention()(q, k, v, block_mask=block_mask)  # (B, nh, Nq, hs), tile order
+    return out[:, :, q_inverse]  # (B, nh, Nq, hs), raster order
+
+
+# ---------------------------------------------------------------------------------------------
 # 6. The entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -397,8 +468,8 @@ def nearby_attention(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent,
                      bos: bool = False, backend: str = "blocked", *, tile=BLOCKED_TILE) -> Tensor:
     """3DNA: q (B, nh, Nq, hs) attends to k, v (B, nh, Nk, hs) within `nearby_mask`; -> (B, nh, Nq, hs).
 
-    backend: "reference" (loops), "dense" (O(N²) mask), "blocked" (linear; CPU and GPU).
-    `tile`: the blocked query tile.
+    backend: "reference" (loops), "dense" (O(N²) mask), "blocked" (linear; CPU and GPU), "flex"
+    (FlexAttention: CUDA; the CPU runs its forward only, compiled). `tile`: the blocked query tile.
     """
     q_shape, kv_shape, extent = _check_geometry(q_shape, kv_shape, extent, causal, bos)
     _check_qkv(q, k, v, q_shape, kv_shape)
@@ -408,4 +479,6 @@ def nearby_attention(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent,
         return _dense_attention(q, k, v, q_shape, kv_shape, extent, causal, bos)
     if backend == "blocked":
         return _blocked_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, _as_shape("tile", tile, 1))
+    if backend == "flex":
+        return _flex_attention(q, k, v, q_shape, kv_shape, extent, causal, bos)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

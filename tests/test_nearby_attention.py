@@ -104,6 +104,18 @@ def test_causal_window_keeps_right_and_lower_neighbours_of_earlier_frames():
     assert mask[p].sum() == mask[p, : p + 1].sum()  # nothing later than the query
 
 
+def test_tile_order_is_a_permutation_and_the_flex_mask_is_the_rule():
+    from torch.nn.attention.flex_attention import create_mask
+
+    for name in ("causal_bos", "cross_shrink", "causal_no_bos"):
+        q_shape, kv_shape, extent, causal, bos, _ = CASES[name]
+        q_order, kv_order, mask_mod = na.flex_mask_mod(q_shape, kv_shape, extent, causal, bos)
+        assert torch.equal(q_order.sort().values, torch.arange(math.prod(q_shape)))
+        assert torch.equal(kv_order.sort().values, torch.arange(math.prod(kv_shape)))
+        flex_mask = create_mask(mask_mod, None, None, q_order.numel(), kv_order.numel(), device="cpu")[0, 0]
+        assert torch.equal(flex_mask, na.nearby_mask(q_shape, kv_shape, extent, causal, bos)[q_order][:, kv_order])
+
+
 # ---------------------------------------------------------------------------------------------
 # Every backend equals the reference (float64, forward and gradients)
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +256,41 @@ def test_bad_inputs_raise_clear_errors():
         na.nearby_mask(shape, shape, (1, 1, 1), causal=False, bos=True)
     with pytest.raises(ValueError, match="unknown backend"):
         na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False, backend="sparse")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flex (FlexAttention): CUDA, or the CPU through torch.compile (slow to compile)
+# ---------------------------------------------------------------------------------------------
+
+FLEX_CASES = ["causal_bos", "self_noncausal", "cross_shrink", "cross_grow"]
+
+
+def _flex_matches_reference(name, device, dtype, atol, grads=True):
+    q_shape, kv_shape, extent, causal, bos, _ = CASES[name]
+    q, k, v = random_qkv(q_shape, kv_shape, head_size=16)
+    reference = lambda *x: na.nearby_attention_reference(*x, q_shape, kv_shape, extent, causal, bos)
+    flex = lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos, backend="flex")
+    moved = [x.to(device=device, dtype=dtype) for x in (q, k, v)]
+    if grads:
+        expected, got = out_and_grads(reference, q, k, v), out_and_grads(flex, *moved)
+    else:
+        expected, got = [reference(q, k, v)], [flex(*moved)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double().cpu(), e, rtol=0, atol=atol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["causal_bos", "cross_grow"])
+def test_flex_forward_equals_reference_on_cpu(name):
+    # FlexAttention has no CPU backward (torch 2.13), so only the forward is checked here.
+    _flex_matches_reference(name, "cpu", torch.float32, 1e-5, grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("name", FLEX_CASES)
+def test_flex_equals_reference_on_cuda(name):
+    _flex_matches_reference(name, "cuda", torch.float32, 2e-3)  # Triton's float32 dots may use tf32
 
 
 @pytest.mark.gpu
