@@ -52,11 +52,11 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 Shape3 = tuple[int, int, int]
 
@@ -482,3 +482,189 @@ def nearby_attention(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent,
     if backend == "flex":
         return _flex_attention(q, k, v, q_shape, kv_shape, extent, causal, bos)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The module and its decode step
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class NearbyCache:
+    """What one attention layer keeps between decode steps of one generation (see `step`)."""
+
+    bos_k: Tensor | None = None  # (B, nh, 1, hs) key/value of bos, read by every query
+    bos_v: Tensor | None = None
+    frames_k: Tensor | None = None  # (B, nh, e_t + 1, H, W, hs): frame t lives in slot t mod (e_t + 1)
+    frames_v: Tensor | None = None
+    past_k: Tensor | None = None  # (B, nh, p + 1, hs): every key so far (full attention, extent None)
+    past_v: Tensor | None = None
+    context_k: Tensor | None = None  # (B, nh, Nk, hs): cross-attention keys, projected once
+    context_v: Tensor | None = None
+    context_shape: Shape3 | None = None  # (T', H', W') of the context grid
+
+    def nbytes(self) -> int:
+        """Memory held by the cache's tensors, in bytes."""
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+class NearbyAttention(nn.Module):
+    """Multi-head 3DNA: self-attention (causal or not) or cross-attention to a context grid.
+
+    extent=None means full attention (the paper's extent ∞, used for text conditions).
+    context_dim given means cross-attention; cross-attention is never causal.
+    """
+
+    def __init__(self, dim: int, num_heads: int, extent: tuple[int, int, int] | None, *, causal: bool = False,
+                 context_dim: int | None = None, backend: str = "blocked"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        if context_dim is not None and causal:
+            raise ValueError("cross-attention (context_dim given) is never causal")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.num_heads, self.head_size = num_heads, dim // num_heads  # nh, hs
+        self.extent = None if extent is None else _as_shape("extent", extent, 0)
+        self.causal, self.is_cross, self.backend = causal, context_dim is not None, backend
+        kv_dim = dim if context_dim is None else context_dim
+        self.q_proj = nn.Linear(dim, dim, bias=False)  # W^Q, all heads at once
+        self.k_proj = nn.Linear(kv_dim, dim, bias=False)  # W^K
+        self.v_proj = nn.Linear(kv_dim, dim, bias=False)  # W^V
+        self.out_proj = nn.Linear(dim, dim, bias=False)  # mixes the concatenated heads
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, N, D) -> (B, nh, N, hs)."""
+        B, N, _ = x.shape
+        return x.view(B, N, self.num_heads, self.head_size).transpose(1, 2)  # (B, nh, N, hs)
+
+    def _merge(self, y: Tensor) -> Tensor:
+        """(B, nh, N, hs) -> (B, N, D), then the output projection."""
+        B, nh, N, hs = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, nh * hs))  # (B, N, D)
+
+    def _context_shape(self, context: Tensor | None, kv_shape) -> Shape3:
+        """The context grid: given, or (1, 1, L) for a flat (text) context under full attention."""
+        if context is None:
+            raise ValueError("cross-attention needs `context` (B, Nk, context_dim)")
+        if kv_shape is None:
+            if self.extent is not None:
+                raise ValueError("nearby cross-attention needs kv_shape, the (T', H', W') grid of the context")
+            kv_shape = (1, 1, context.shape[1])
+        kv_shape = _as_shape("kv_shape", kv_shape, 1)
+        if context.shape[1] != math.prod(kv_shape):
+            raise ValueError(f"context holds {context.shape[1]} tokens but kv_shape={kv_shape} has {math.prod(kv_shape)}")
+        return kv_shape
+
+    def forward(self, x: Tensor, q_shape, context: Tensor | None = None, kv_shape=None,
+                bos: bool = False) -> Tensor:
+        """x (B, Nq, D) on grid q_shape -> (B, Nq, D). Self: keys from x. Cross: keys from context.
+
+        bos=True: x is the decoder input [bos, y_0, ..., y_{N-2}]. It changes causal self-attention
+        only: in cross-attention the query at input p uses y_p's window either way (position p).
+        """
+        B, n_q, _ = x.shape
+        q_shape = _as_shape("q_shape", q_shape, 1)
+        if n_q != math.prod(q_shape):
+            raise ValueError(f"x holds {n_q} tokens but q_shape={q_shape} has {math.prod(q_shape)}")
+        if self.is_cross:
+            kv_shape, source, bos = self._context_shape(context, kv_shape), context, False
+        elif context is not None:
+            raise ValueError("this is a self-attention layer (no context_dim); it takes no context")
+        else:
+            kv_shape, source = q_shape, x
+            if bos and not self.causal:
+                raise ValueError("bos=True describes a causal decoder; this layer is not causal")
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
+        if self.extent is None:
+            # Full attention (extent ∞). Causal: key r <= p, the same rule with or without bos.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, Nq, hs)
+        else:
+            y = nearby_attention(q, k, v, q_shape, kv_shape, self.extent, self.causal, bos,
+                                 backend=self.backend)  # (B, nh, Nq, hs)
+        return self._merge(y)  # (B, Nq, D)
+
+    def new_cache(self) -> NearbyCache:
+        """An empty cache for one generation (one per layer)."""
+        return NearbyCache()
+
+    def step(self, x_p: Tensor, p: int, q_shape, cache: NearbyCache, context: Tensor | None = None,
+             kv_shape=None) -> Tensor:
+        """One decode step: x_p (B, 1, D), decoder input number p (p = 0 is bos) -> (B, 1, D).
+
+        Equals row p of forward(x, q_shape, bos=True). The query predicts y_p and reads y_p's window.
+        """
+        q_shape = _as_shape("q_shape", q_shape, 1)
+        if x_p.shape[1] != 1 or not 0 <= p < math.prod(q_shape):
+            raise ValueError(f"step takes one token (B, 1, D) at 0 <= p < {math.prod(q_shape)}; got "
+                             f"{tuple(x_p.shape)} at p={p}")
+        q = self._heads(self.q_proj(x_p))  # (B, nh, 1, hs)
+        if self.is_cross:
+            keys, values, allowed = self._cross_window(p, q_shape, cache, context, kv_shape)
+        elif self.causal:
+            keys, values, allowed = self._self_window(x_p, p, q_shape, cache)
+        else:
+            raise ValueError("step() decodes causal self-attention or cross-attention; a non-causal "
+                             "self-attention layer would need tokens not generated yet")
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)  # (B, nh, 1, hs)
+        return self._merge(y)  # (B, 1, D)
+
+    def _self_window(self, x_p: Tensor, p: int, q_shape: Shape3, cache: NearbyCache):
+        """Store key r = p (it holds y_{p-1}, or bos), then gather bos + y_p's causal window."""
+        k, v = self._heads(self.k_proj(x_p)), self._heads(self.v_proj(x_p))  # (B, nh, 1, hs)
+        if self.extent is None:
+            # Full causal attention keeps every key: r <= p. Memory grows with p (extent ∞).
+            cache.past_k = k if p == 0 else torch.cat([cache.past_k, k], dim=2)  # (B, nh, p + 1, hs)
+            cache.past_v = v if p == 0 else torch.cat([cache.past_v, v], dim=2)  # (B, nh, p + 1, hs)
+            return cache.past_k, cache.past_v, None
+        T, H, W = q_shape
+        e_t, e_h, e_w = self.extent
+        # y_p reads frames i - e_t .. i only, so e_t + 1 frames (fewer if the video is shorter) suffice.
+        n_slots = min(e_t + 1, T)
+        if p == 0:
+            B, nh, _, hs = k.shape
+            cache.bos_k, cache.bos_v = k, v
+            cache.frames_k = k.new_zeros(B, nh, n_slots, H, W, hs)  # (B, nh, slots, H, W, hs)
+            cache.frames_v = v.new_zeros(B, nh, n_slots, H, W, hs)
+        else:
+            # Key r = p holds y_{p-1}: write it at its grid position, overwriting frame t - n_slots,
+            # which no later query can see (their windows start at frame >= t - e_t).
+            t, h, w = raster_to_coords(p - 1, q_shape)
+            cache.frames_k[:, :, t % n_slots, h, w] = k[:, :, 0]
+            cache.frames_v[:, :, t % n_slots, h, w] = v[:, :, 0]
+        i, j, k_ = raster_to_coords(p, q_shape)  # y_p's position (plain ints here)
+        device = x_p.device
+        frames = torch.arange(max(0, i - e_t), i + 1, device=device)  # causal: no later frames
+        rows = torch.arange(max(0, j - e_h), min(H, j + e_h + 1), device=device)
+        cols = torch.arange(max(0, k_ - e_w), min(W, k_ + e_w + 1), device=device)
+        # The buffer's (slot, row, column) positions of the window, then its grid positions s.
+        in_buffer = _combine_axes((frames % n_slots)[None], rows[None], cols[None], (n_slots, H, W))[0]  # (L,)
+        window = _combine_axes(frames[None], rows[None], cols[None], q_shape)[0]  # (L,)
+        keys = cache.frames_k.flatten(2, 4)[:, :, in_buffer]  # (B, nh, L, hs)
+        values = cache.frames_v.flatten(2, 4)[:, :, in_buffer]  # (B, nh, L, hs)
+        # The same rule as everywhere else; it masks the window's not-yet-written (later) positions.
+        allowed = nearby_rule(torch.tensor(p, device=device), window, q_shape, q_shape, self.extent,
+                              causal=True, bos=True)  # (L,)
+        keys = torch.cat([cache.bos_k, keys], dim=2)  # (B, nh, 1 + L, hs)
+        values = torch.cat([cache.bos_v, values], dim=2)  # (B, nh, 1 + L, hs)
+        allowed = torch.cat([allowed.new_ones(1), allowed]).view(1, 1, 1, -1)  # (1, 1, 1, 1 + L)
+        return keys, values, allowed
+
+    def _cross_window(self, p: int, q_shape: Shape3, cache: NearbyCache, context, kv_shape):
+        """Project the context once (first call), then gather y_p's projected window from it."""
+        if cache.context_k is None:
+            cache.context_shape = self._context_shape(context, kv_shape)
+            cache.context_k = self._heads(self.k_proj(context))  # (B, nh, Nk, hs)
+            cache.context_v = self._heads(self.v_proj(context))  # (B, nh, Nk, hs)
+        if self.extent is None:
+            return cache.context_k, cache.context_v, None  # full attention to the whole context
+        (T2, H2, W2), (e_t, e_h, e_w) = cache.context_shape, self.extent
+        position = raster_to_coords(p, q_shape)  # y_p's (i, j, k)
+        i2, j2, k2 = (project(c, n, m) for c, n, m in zip(position, q_shape, cache.context_shape))  # (i', j', k')
+        device = cache.context_k.device
+        # Non-causal: the clipped box *is* the window, every key in it is allowed (no mask needed).
+        frames = torch.arange(max(0, i2 - e_t), min(T2, i2 + e_t + 1), device=device)
+        rows = torch.arange(max(0, j2 - e_h), min(H2, j2 + e_h + 1), device=device)
+        cols = torch.arange(max(0, k2 - e_w), min(W2, k2 + e_w + 1), device=device)
+        window = _combine_axes(frames[None], rows[None], cols[None], cache.context_shape)[0]  # (L,)
+        return cache.context_k[:, :, window], cache.context_v[:, :, window], None  # (B, nh, L, hs)

@@ -238,6 +238,66 @@ def test_coverage_every_in_window_earlier_position_matters(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# The module and its decode step
+# ---------------------------------------------------------------------------------------------
+
+def _module(extent, *, causal=False, context_dim=None, backend="blocked", dim=12, heads=3, seed=0):
+    torch.manual_seed(seed)
+    return na.NearbyAttention(dim, heads, extent, causal=causal, context_dim=context_dim,
+                              backend=backend).double()
+
+
+def test_module_backends_agree():
+    shape = (3, 4, 5)
+    x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
+    outs = [_module((1, 1, 2), causal=True, backend=b)(x, shape, bos=True) for b in ("reference", "dense", "blocked")]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=TOL)
+    assert outs[0].shape == x.shape
+
+
+@pytest.mark.parametrize("extent", [(1, 1, 2), (2, 0, 1), (6, 1, 1), None])
+def test_self_decode_step_equals_forward(extent):
+    shape = (4, 3, 5)
+    layer = _module(extent, causal=True)
+    x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x, shape, bos=True)
+        cache = layer.new_cache()
+        steps = torch.cat([layer.step(x[:, p:p + 1], p, shape, cache) for p in range(x.shape[1])], dim=1)
+    torch.testing.assert_close(steps, full, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("extent,kv_shape", [((1, 1, 1), (2, 5, 3)), ((0, 2, 1), (6, 2, 4)), (None, (1, 1, 7))])
+def test_cross_decode_step_equals_forward(extent, kv_shape):
+    shape = (4, 3, 5)
+    layer = _module(extent, context_dim=8)
+    x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
+    context = torch.randn(2, math.prod(kv_shape), 8, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x, shape, context=context, kv_shape=kv_shape, bos=True)
+        cache = layer.new_cache()
+        steps = [layer.step(x[:, :1], 0, shape, cache, context=context, kv_shape=kv_shape)]
+        steps += [layer.step(x[:, p:p + 1], p, shape, cache) for p in range(1, x.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=TOL)
+
+
+def test_cache_memory_does_not_grow_with_video_length():
+    layer = _module((1, 1, 1), causal=True)
+    sizes = {}
+    for frames in (4, 16):
+        shape = (frames, 3, 3)
+        x = torch.randn(1, math.prod(shape), 12, dtype=torch.float64)
+        cache = layer.new_cache()
+        with torch.no_grad():
+            for p in range(x.shape[1]):
+                layer.step(x[:, p:p + 1], p, shape, cache)
+        sizes[frames] = cache.nbytes()
+    # bos plus e_t + 1 = 2 frames of 3×3 keys and values, 12 float64 channels each.
+    assert sizes[4] == sizes[16] == 2 * (1 + 2 * 9) * 12 * 8
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input gives clear errors
 # ---------------------------------------------------------------------------------------------
 
@@ -256,6 +316,13 @@ def test_bad_inputs_raise_clear_errors():
         na.nearby_mask(shape, shape, (1, 1, 1), causal=False, bos=True)
     with pytest.raises(ValueError, match="unknown backend"):
         na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False, backend="sparse")
+    with pytest.raises(ValueError, match="never causal"):
+        na.NearbyAttention(12, 3, (1, 1, 1), causal=True, context_dim=8)
+    with pytest.raises(ValueError, match="x holds 24 tokens"):
+        _module((1, 1, 1))(torch.randn(1, 24, 12, dtype=torch.float64), (2, 3, 5))
+    with pytest.raises(ValueError, match="needs kv_shape"):
+        _module((1, 1, 1), context_dim=8)(torch.randn(1, 24, 12, dtype=torch.float64), shape,
+                                          context=torch.randn(1, 6, 8, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------
