@@ -1,0 +1,107 @@
+"""Tests for train.py: each stage runs a few CPU steps and writes a checkpoint that loads; configs
+are checked on load; saves are atomic; the flags cover every field; the schedule; NaN stops a run."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import needs_mnist
+
+import train
+import vqgan
+
+# A few-thousand-parameter tokenizer: the point is the plumbing, not the learning.
+SMALL_FLAGS = ["--ch", "8", "--norm-groups", "4", "--codebook-size", "32", "--embed-dim", "8",
+               "--batch-size", "4", "--frames-per-clip", "2", "--disc-ch", "8", "--disc-start", "1",
+               "--sample-every", "2", "--log-every", "1", "--device", "cpu"]
+
+
+def run_stage(stage: str, out, *extra: str):
+    train.main(["--stage", stage, "--preset", "tiny", "--max-steps", "3", "--out", str(out), *SMALL_FLAGS, *extra])
+    return out / stage / "ckpt.pt"
+
+
+@needs_mnist
+@pytest.mark.parametrize("stage", ["vqgan", "seg"])
+def test_each_stage_runs_three_steps_and_writes_a_checkpoint_that_loads(stage, tmp_path, capsys):
+    path = run_stage(stage, tmp_path)
+    assert "seed 0" in capsys.readouterr().out  # the seed is printed
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["stage"] == stage and checkpoint["step"] == 3
+    assert checkpoint["config"]["codebook_size"] == 32 and isinstance(checkpoint["config"], dict)
+    assert set(checkpoint["optimizers"]) == ({"vqgan", "disc"} if stage == "vqgan" else {"vqgan"})
+    model = vqgan.load_vqgan(path)
+    assert not model.training and model.config.rec_loss == ("l1" if stage == "vqgan" else "ce")
+    log = [json.loads(line) for line in open(tmp_path / stage / "log.jsonl")]
+    assert log[0]["step"] == 1 and {"rec_loss", "codebook_loss", "commitment_loss", "usage", "perplexity"} <= set(log[0])
+    if stage == "vqgan":
+        assert "disc_loss" not in log[0] and "disc_loss" in log[-1]  # D trains from disc_start on
+    for picture in ("samples.png", "samples_step000002.png", "losses.png"):
+        assert (tmp_path / stage / picture).stat().st_size > 0
+
+
+@needs_mnist
+def test_resume_continues_and_another_config_is_rejected_naming_the_field(tmp_path):
+    path = run_stage("vqgan", tmp_path)
+    run_stage("vqgan", tmp_path, "--resume", "--max-steps", "4")
+    assert torch.load(path, weights_only=True)["step"] == 4
+    with pytest.raises(ValueError, match="codebook_size: expected 16, found 32"):
+        run_stage("vqgan", tmp_path, "--resume", "--max-steps", "5", "--codebook-size", "16")
+    other = vqgan.VQGANConfig(**{**vqgan.config_from_dict(torch.load(path, weights_only=True)["config"]).__dict__,
+                                 "embed_dim": 4})
+    with pytest.raises(ValueError, match="embed_dim: expected 4, found 8"):
+        vqgan.load_vqgan(path, config=other)
+    with pytest.raises(ValueError, match="stage 'vqgan', not 'seg'"):
+        train.load_checkpoint(path, stage="seg", config=other)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint({"step": 1, "weights": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def crash_half_way(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # e.g. the job is killed while writing
+
+    monkeypatch.setattr(torch, "save", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"step": 2, "weights": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True)["step"] == 1  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # and no temporary file is left
+
+
+def test_every_config_field_is_a_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "vqgan", "-h"])
+    help_text = capsys.readouterr().out
+    for name in list(vqgan.VQGANConfig.__dataclass_fields__) + list(train.TrainConfig.__dataclass_fields__):
+        assert f"--{name.replace('_', '-')}" in help_text, name
+    assert "d_B, dimension of one code" in help_text  # the field's comment is its help
+    stage, config, run = train.parse_args(["--stage", "seg", "--codebook_size", "64", "--ch-mult", "1", "2",
+                                           "--no-ema", "--max-seconds", "5"])
+    assert stage == "seg" and config.in_channels == 11 and config.codebook_size == 64
+    assert config.ch_mult == (1, 2) and config.ema is False and run.max_seconds == 5.0
+
+
+def test_cosine_schedule_over_whichever_budget_ends_first():
+    run = train.TrainConfig(max_steps=100, max_seconds=10.0, lr_min_ratio=0.1)
+    assert train.lr_factor(run, 0, 0.0) == pytest.approx(1.0)
+    assert train.lr_factor(run, 50, 1.0) == pytest.approx(0.55)  # half-way in steps
+    assert train.lr_factor(run, 10, 5.0) == pytest.approx(0.55)  # half-way in time
+    assert train.lr_factor(run, 100, 1.0) == pytest.approx(0.1)
+    assert train.lr_factor(train.TrainConfig(lr_schedule="constant", max_steps=10), 9, 0.0) == 1.0
+
+
+def test_non_finite_loss_stops_the_run_with_the_step(tmp_path, monkeypatch):
+    stage = train.STAGES["vqgan"]
+    nan_stage = train.Stage(preset=stage.preset, build=stage.build, visualise=stage.visualise,
+                            batches=lambda config, seed: iter(lambda: torch.zeros(1), None),
+                            step=lambda model, optimizers, batch, step, autocast: {"loss": math.nan})
+    monkeypatch.setitem(train.STAGES, "nan", nan_stage)
+    config = vqgan.VQGANConfig(ch=8, norm_groups=4, codebook_size=32, embed_dim=8, disc_ch=8)
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        train.train("nan", config, train.TrainConfig(out=str(tmp_path), max_steps=3, device="cpu"))
+    assert not (tmp_path / "nan" / "ckpt.pt").exists()
