@@ -73,9 +73,11 @@ BLOCKED_TILE: Shape3 = (2, 8, 8)
 # is exactly 128 tokens, so one compact tile fills one block when tokens are listed tile by tile.
 FLEX_TILE: Shape3 = (2, 8, 8)
 # Queries per chunk of tiles in the blocked backend, per device type. A chunk's gathered boxes and
-# their gradients are its working memory. On 2 CPU cores, 256 (two 2×8×8 tiles) ran as fast as
-# larger chunks with a fraction of the memory; a GPU wants large launches instead. Chosen here.
-BLOCKED_CHUNK_QUERIES = {"cpu": 256, "cuda": 16384}
+# their gradients are its working memory, and each chunk costs a dozen kernel calls. On 2 CPU cores
+# (bench_3dna.py) 256 to 2048 ran equally fast on an idle machine; with another process competing
+# for the cores, small chunks were up to 3× slower, large ones used more memory. 512 (four 2×8×8
+# tiles) kept both within bounds. GPUs want large launches instead. Chosen here, not in the paper.
+BLOCKED_CHUNK_QUERIES = {"cpu": 512, "cuda": 16384}
 # How many distinct (shapes, extent, ...) masks and plans to keep; a model has only a few.
 PLAN_CACHE_SIZE = 64
 
@@ -271,6 +273,7 @@ def _combine_axes(index_t: Tensor, index_h: Tensor, index_w: Tensor, shape: Shap
 class _BlockedPlan:
     q_slots: Tensor  # (n_tiles, Q) raster index of every query slot (slots past the edge repeat one)
     real: Tensor  # (n_tiles, Q) True for slots inside the grid (the others are dropped)
+    slot_of: Tensor  # (Nq,) where query p sits among the n_tiles·Q flattened slots
     kv_gather: Tensor  # (n_tiles, L') key index r of every key of every tile (bos first, if any)
     mask: Tensor  # (1, n_tiles, Q, L') the per-tile mask, broadcast over B·nh (4D: the fused kernels want it)
     chunk: int  # tiles per chunk
@@ -306,8 +309,11 @@ def _blocked_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: boo
         n_k = math.prod(kv_shape)
         kv_gather = torch.cat([torch.zeros_like(kv_box[:, :1]), (kv_box + 1).clamp(max=n_k - 1)], 1)  # (n_tiles, 1 + L)
         mask = torch.cat([torch.ones_like(mask[:, :, :1]), mask], dim=2)  # (n_tiles, Q, 1 + L)
+    # Where each real query's slot is, to read the results back in raster order.
+    slot_of = torch.empty(math.prod(q_shape), dtype=torch.long)  # (Nq,)
+    slot_of[q_slots[real]] = torch.arange(real.numel())[real.flatten()]
     chunk = max(1, BLOCKED_CHUNK_QUERIES.get(torch.device(device).type, BLOCKED_CHUNK_QUERIES["cpu"]) // n_slots)
-    return _BlockedPlan(*(x.to(device) for x in (q_slots, real, kv_gather, mask[None])), chunk)
+    return _BlockedPlan(*(x.to(device) for x in (q_slots, real, slot_of, kv_gather, mask[None])), chunk)
 
 
 def _gather_tiles(x: Tensor, index: Tensor) -> Tensor:
@@ -331,15 +337,13 @@ class _BlockedAttention(torch.autograd.Function):
         # q, k, v are (B·nh, N, hs). Only they are saved: no gathered box outlives its chunk.
         ctx.save_for_backward(q, k, v)
         ctx.plan = plan
-        out = q.new_empty(q.shape)  # (B·nh, Nq, hs), filled chunk by chunk
+        out = q.new_empty(q.shape[0], *plan.q_slots.shape, q.shape[2])  # (B·nh, n_tiles, Q, hs)
         for c in range(0, plan.q_slots.shape[0], plan.chunk):
             tiles = slice(c, c + plan.chunk)
             # The mask (1, c, Q, L') broadcasts over B·nh: each tile has its own, like a head would.
-            y = F.scaled_dot_product_attention(*_chunk_tiles(q, k, v, plan, tiles),
-                                               attn_mask=plan.mask[:, tiles])  # (B·nh, c, Q, hs)
-            keep = plan.real[tiles].flatten()  # (c·Q,) slots inside the grid; the rest are dropped
-            out.index_copy_(1, plan.q_slots[tiles].flatten()[keep], y.flatten(1, 2)[:, keep])
-        return out
+            out[:, tiles] = F.scaled_dot_product_attention(*_chunk_tiles(q, k, v, plan, tiles),
+                                                           attn_mask=plan.mask[:, tiles])  # (B·nh, c, Q, hs)
+        return out.flatten(1, 2).index_select(1, plan.slot_of)  # (B·nh, Nq, hs): raster order, no extras
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -361,9 +365,11 @@ class _BlockedAttention(torch.autograd.Function):
             grad_tiles = grad_tiles * plan.real[tiles, :, None].to(grad_tiles.dtype)
             dq, dk, dv = torch.autograd.grad(out, leaves, grad_tiles)  # tile gradients
             # A gather's gradient is a scatter-add: a key in several boxes sums their gradients.
-            grad_q.index_add_(1, plan.q_slots[tiles].flatten(), dq.flatten(1, 2).to(acc))
-            grad_k.index_add_(1, plan.kv_gather[tiles].flatten(), dk.flatten(1, 2).to(acc))
-            grad_v.index_add_(1, plan.kv_gather[tiles].flatten(), dv.flatten(1, 2).to(acc))
+            # The CPU kernel returns gradients laid out (B·nh, M, c, hs); reading them in that order
+            # (index transposed to match) is a view, where flattening (c, M) would copy them.
+            for grad, index, tile_grad in ((grad_q, plan.q_slots, dq), (grad_k, plan.kv_gather, dk),
+                                           (grad_v, plan.kv_gather, dv)):
+                grad.index_add_(1, index[tiles].t().flatten(), tile_grad.transpose(1, 2).flatten(1, 2).to(acc))
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None
 
 
