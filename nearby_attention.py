@@ -78,6 +78,9 @@ FLEX_TILE: Shape3 = (2, 8, 8)
 # for the cores, small chunks were up to 3× slower, large ones used more memory. 512 (four 2×8×8
 # tiles) kept both within bounds. GPUs want large launches instead. Chosen here, not in the paper.
 BLOCKED_CHUNK_QUERIES = {"cpu": 512, "cuda": 16384}
+# Backward holds a chunk's tiles, their gradients and the kernel's scratch, about 4× what forward
+# holds per query (measured with bench_3dna.py), so forward runs chunks this many times larger.
+FORWARD_CHUNKS_PER_BACKWARD = 4
 # How many distinct (shapes, extent, ...) masks and plans to keep; a model has only a few.
 PLAN_CACHE_SIZE = 64
 
@@ -338,8 +341,11 @@ class _BlockedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.plan = plan
         out = q.new_empty(q.shape[0], *plan.q_slots.shape, q.shape[2])  # (B·nh, n_tiles, Q, hs)
-        for c in range(0, plan.q_slots.shape[0], plan.chunk):
-            tiles = slice(c, c + plan.chunk)
+        # Forward keeps no gradients, so its chunks can be FORWARD_CHUNKS_PER_BACKWARD times larger
+        # for the same memory as backward's (fewer, larger kernel calls).
+        chunk = plan.chunk * FORWARD_CHUNKS_PER_BACKWARD
+        for c in range(0, plan.q_slots.shape[0], chunk):
+            tiles = slice(c, c + chunk)
             # The mask (1, c, Q, L') broadcasts over B·nh: each tile has its own, like a head would.
             out[:, tiles] = F.scaled_dot_product_attention(*_chunk_tiles(q, k, v, plan, tiles),
                                                            attn_mask=plan.mask[:, tiles])  # (B·nh, c, Q, hs)
@@ -514,6 +520,9 @@ class NearbyCache:
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
+MODULE_EXTENT = "module"  # default of the per-call `extent` argument: use the extent given at construction
+
+
 class NearbyAttention(nn.Module):
     """Multi-head 3DNA: self-attention (causal or not) or cross-attention to a context grid.
 
@@ -549,12 +558,19 @@ class NearbyAttention(nn.Module):
         B, nh, N, hs = y.shape
         return self.out_proj(y.transpose(1, 2).reshape(B, N, nh * hs))  # (B, N, D)
 
-    def _context_shape(self, context: Tensor | None, kv_shape) -> Shape3:
+    def _extent(self, extent) -> Shape3 | None:
+        """The extent of one call: the module's own, or a per-call one. NÜWA's encoder and its
+        cross-attention read text in full (extent None) and sketches nearby, with the same weights."""
+        if isinstance(extent, str) and extent == MODULE_EXTENT:
+            return self.extent
+        return None if extent is None else _as_shape("extent", extent, 0)
+
+    def _context_shape(self, context: Tensor | None, kv_shape, extent) -> Shape3:
         """The context grid: given, or (1, 1, L) for a flat (text) context under full attention."""
         if context is None:
             raise ValueError("cross-attention needs `context` (B, Nk, context_dim)")
         if kv_shape is None:
-            if self.extent is not None:
+            if extent is not None:
                 raise ValueError("nearby cross-attention needs kv_shape, the (T', H', W') grid of the context")
             kv_shape = (1, 1, context.shape[1])
         kv_shape = _as_shape("kv_shape", kv_shape, 1)
@@ -563,18 +579,18 @@ class NearbyAttention(nn.Module):
         return kv_shape
 
     def forward(self, x: Tensor, q_shape, context: Tensor | None = None, kv_shape=None,
-                bos: bool = False) -> Tensor:
+                bos: bool = False, extent=MODULE_EXTENT) -> Tensor:
         """x (B, Nq, D) on grid q_shape -> (B, Nq, D). Self: keys from x. Cross: keys from context.
 
         bos=True: x is the decoder input [bos, y_0, ..., y_{N-2}]. It changes causal self-attention
         only: in cross-attention the query at input p uses y_p's window either way (position p).
         """
         B, n_q, _ = x.shape
-        q_shape = _as_shape("q_shape", q_shape, 1)
+        q_shape, extent = _as_shape("q_shape", q_shape, 1), self._extent(extent)
         if n_q != math.prod(q_shape):
             raise ValueError(f"x holds {n_q} tokens but q_shape={q_shape} has {math.prod(q_shape)}")
         if self.is_cross:
-            kv_shape, source, bos = self._context_shape(context, kv_shape), context, False
+            kv_shape, source, bos = self._context_shape(context, kv_shape, extent), context, False
         elif context is not None:
             raise ValueError("this is a self-attention layer (no context_dim); it takes no context")
         else:
@@ -582,11 +598,11 @@ class NearbyAttention(nn.Module):
             if bos and not self.causal:
                 raise ValueError("bos=True describes a causal decoder; this layer is not causal")
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
-        if self.extent is None:
+        if extent is None:
             # Full attention (extent ∞). Causal: key r <= p, the same rule with or without bos.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, Nq, hs)
         else:
-            y = nearby_attention(q, k, v, q_shape, kv_shape, self.extent, self.causal, bos,
+            y = nearby_attention(q, k, v, q_shape, kv_shape, extent, self.causal, bos,
                                  backend=self.backend)  # (B, nh, Nq, hs)
         return self._merge(y)  # (B, Nq, D)
 
@@ -595,7 +611,7 @@ class NearbyAttention(nn.Module):
         return NearbyCache()
 
     def step(self, x_p: Tensor, p: int, q_shape, cache: NearbyCache, context: Tensor | None = None,
-             kv_shape=None) -> Tensor:
+             kv_shape=None, extent=MODULE_EXTENT) -> Tensor:
         """One decode step: x_p (B, 1, D), decoder input number p (p = 0 is bos) -> (B, 1, D).
 
         Equals row p of forward(x, q_shape, bos=True). The query predicts y_p and reads y_p's window.
@@ -606,25 +622,25 @@ class NearbyAttention(nn.Module):
                              f"{tuple(x_p.shape)} at p={p}")
         q = self._heads(self.q_proj(x_p))  # (B, nh, 1, hs)
         if self.is_cross:
-            keys, values, allowed = self._cross_window(p, q_shape, cache, context, kv_shape)
+            keys, values, allowed = self._cross_window(p, q_shape, cache, context, kv_shape, self._extent(extent))
         elif self.causal:
-            keys, values, allowed = self._self_window(x_p, p, q_shape, cache)
+            keys, values, allowed = self._self_window(x_p, p, q_shape, cache, self._extent(extent))
         else:
             raise ValueError("step() decodes causal self-attention or cross-attention; a non-causal "
                              "self-attention layer would need tokens not generated yet")
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)  # (B, nh, 1, hs)
         return self._merge(y)  # (B, 1, D)
 
-    def _self_window(self, x_p: Tensor, p: int, q_shape: Shape3, cache: NearbyCache):
+    def _self_window(self, x_p: Tensor, p: int, q_shape: Shape3, cache: NearbyCache, extent):
         """Store key r = p (it holds y_{p-1}, or bos), then gather bos + y_p's causal window."""
         k, v = self._heads(self.k_proj(x_p)), self._heads(self.v_proj(x_p))  # (B, nh, 1, hs)
-        if self.extent is None:
+        if extent is None:
             # Full causal attention keeps every key: r <= p. Memory grows with p (extent ∞).
             cache.past_k = k if p == 0 else torch.cat([cache.past_k, k], dim=2)  # (B, nh, p + 1, hs)
             cache.past_v = v if p == 0 else torch.cat([cache.past_v, v], dim=2)  # (B, nh, p + 1, hs)
             return cache.past_k, cache.past_v, None
         T, H, W = q_shape
-        e_t, e_h, e_w = self.extent
+        e_t, e_h, e_w = extent
         # y_p reads frames i - e_t .. i only, so e_t + 1 frames (fewer if the video is shorter) suffice.
         n_slots = min(e_t + 1, T)
         if p == 0:
@@ -649,22 +665,22 @@ class NearbyAttention(nn.Module):
         keys = cache.frames_k.flatten(2, 4)[:, :, in_buffer]  # (B, nh, L, hs)
         values = cache.frames_v.flatten(2, 4)[:, :, in_buffer]  # (B, nh, L, hs)
         # The same rule as everywhere else; it masks the window's not-yet-written (later) positions.
-        allowed = nearby_rule(torch.tensor(p, device=device), window, q_shape, q_shape, self.extent,
+        allowed = nearby_rule(torch.tensor(p, device=device), window, q_shape, q_shape, extent,
                               causal=True, bos=True)  # (L,)
         keys = torch.cat([cache.bos_k, keys], dim=2)  # (B, nh, 1 + L, hs)
         values = torch.cat([cache.bos_v, values], dim=2)  # (B, nh, 1 + L, hs)
         allowed = torch.cat([allowed.new_ones(1), allowed]).view(1, 1, 1, -1)  # (1, 1, 1, 1 + L)
         return keys, values, allowed
 
-    def _cross_window(self, p: int, q_shape: Shape3, cache: NearbyCache, context, kv_shape):
+    def _cross_window(self, p: int, q_shape: Shape3, cache: NearbyCache, context, kv_shape, extent):
         """Project the context once (first call), then gather y_p's projected window from it."""
         if cache.context_k is None:
-            cache.context_shape = self._context_shape(context, kv_shape)
+            cache.context_shape = self._context_shape(context, kv_shape, extent)
             cache.context_k = self._heads(self.k_proj(context))  # (B, nh, Nk, hs)
             cache.context_v = self._heads(self.v_proj(context))  # (B, nh, Nk, hs)
-        if self.extent is None:
+        if extent is None:
             return cache.context_k, cache.context_v, None  # full attention to the whole context
-        (T2, H2, W2), (e_t, e_h, e_w) = cache.context_shape, self.extent
+        (T2, H2, W2), (e_t, e_h, e_w) = cache.context_shape, extent
         position = raster_to_coords(p, q_shape)  # y_p's (i, j, k)
         i2, j2, k2 = (project(c, n, m) for c, n, m in zip(position, q_shape, cache.context_shape))  # (i', j', k')
         device = cache.context_k.device
