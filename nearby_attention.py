@@ -615,6 +615,8 @@ class NearbyAttention(nn.Module):
         """One decode step: x_p (B, 1, D), decoder input number p (p = 0 is bos) -> (B, 1, D).
 
         Equals row p of forward(x, q_shape, bos=True). The query predicts y_p and reads y_p's window.
+        Call it for p = 0, 1, 2, ... in order with one `new_cache()` per generation. Cross-attention
+        projects `context` on its first call and reuses it from the cache afterwards.
         """
         q_shape = _as_shape("q_shape", q_shape, 1)
         if x_p.shape[1] != 1 or not 0 <= p < math.prod(q_shape):
