@@ -1,0 +1,509 @@
+"""NÜWA: a 3D transformer encoder-decoder over token grids, its eight tasks, and cached sampling.
+
+Paper: Wu et al., "NÜWA: Visual Synthesis Pre-training for Neural visUal World creAtion",
+arXiv 2111.12417 (ECCV 2022). Sections implemented: §3.1 (every modality is a 3D grid of tokens;
+this file consumes the grids that vqgan.py produces), §3.2 (3D Nearby Attention, imported from
+nearby_attention.py), §3.3 (the 3D encoder-decoder, Eq. 6-9), §3.4 (training objective, Eq. 10),
+and the eight tasks of §4 (T2I, S2I, I2I, TI2I, T2V, S2V, V2V, TV2V).
+
+In plain words: a condition C (a caption, a sketch, or the word "None") is a grid of tokens that
+an encoder of non-causal 3DNA layers turns into a memory. A decoder reads the target's tokens in
+raster order (frame, row, column), each layer doing causal 3DNA self-attention, 3DNA
+cross-attention to the memory, and an MLP, and predicts the next VQ token. Generation samples one
+token at a time; a rolling key/value cache makes each step cost O(window), not O(N).
+
+Glossary: B batch, T frames, h w token rows/columns per frame, N = T·h·w target tokens,
+Nc condition tokens, D width, nh heads, K codebook size, L caption length,
+e_t e_h e_w extents (radii), p a target position in raster order, y_p the target token at p.
+
+Deviations from the paper (each also marked at its line):
+- Scale: the `tiny` preset is ~100× narrower and shallower than the paper's 870M model, and the
+  tokens come from our small VQ-GAN on 64×64 Moving MNIST frames (8×8 tokens per frame).
+- The caption is padded to a fixed length L with a learned <pad> word that is attended like any
+  word (the paper does not say how it pads); this keeps text a fixed 1×1×L grid.
+- Positional embedding of decoder input p is that of the target position p it predicts (the paper
+  sums three tables per position; which position the shifted input carries is our choice).
+- Classifier-free guidance is an option we add (off by default, the paper does not use it); the
+  unconditional pass uses the condition "None" and is fed exactly the same decoder input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from nearby_attention import NearbyAttention
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NUWAConfig:
+    dim: int = 128  # D, model width (paper: 1280)
+    num_heads: int = 4  # nh, attention heads (paper: 20)
+    encoder_layers: int = 2  # L_enc, 3DNA layers over the condition (paper: 12)
+    decoder_layers: int = 4  # L_dec, 3DNA layers over the target (paper: 24)
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D (the usual transformer value)
+    codebook_size: int = 512  # K, VQ-GAN codes for images/frames (paper: 12,288)
+    sketch_codebook_size: int = 512  # K of VQ-GAN-Seg, the sketch tokenizer
+    token_h: int = 8  # token rows per frame (paper: 21 for 336 px)
+    token_w: int = 8  # token columns per frame (paper: 21)
+    max_frames: int = 20  # size of the time tables; 10 → 10 prediction needs 20 (paper: 10 frames)
+    text_len: int = 16  # L, caption length in words after padding (our captions have ≤ 15 words)
+    extent: tuple[int, int, int] = (2, 2, 2)  # (e_t, e_h, e_w) of visual 3DNA (paper, video: 3,3,3)
+    dropout: float = 0.0  # residual dropout (paper: not stated; off at our scale)
+    cond_drop_prob: float = 0.0  # P(condition → "None") in training, for guidance (paper: 0, no CFG)
+    backend: str = "blocked"  # 3DNA implementation used in full passes (see nearby_attention.py)
+    # --- training (train.py --stage nuwa); the model itself ignores these fields
+    vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frame tokenizer whose codes this model predicts
+    seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
+    tasks: str = "t2v,t2i,v2v,s2v,s2i"  # tasks summed in every step (NÜWA §3.4 mixes T2I, V2V, T2V)
+    frames: int = 10  # T of text→video and sketch→video clips (paper: 10)
+    num_digits: int = 1  # digits per captioned training clip (data.CaptionedMovingMNIST: 1 or 2)
+    predict_frames: int = 20  # V2V clips: the first half is given, the second predicted (10 → 10)
+    batch_size: int = 8  # clips per task per step (paper: 128 in total)
+    lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
+    weight_decay: float = 0.01  # AdamW weight decay (paper: not stated)
+    warmup_steps: int = 100  # linear learning-rate warm-up (paper: not stated)
+    grad_clip: float = 1.0  # clip the global gradient norm (paper: not stated)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> NUWAConfig:
+        presets = {
+            "tiny": {},  # CPU: trains in minutes
+            "small": dict(dim=256, num_heads=8, encoder_layers=4, decoder_layers=8),  # one GPU
+            "paper": dict(dim=1280, num_heads=20, encoder_layers=12, decoder_layers=24,
+                          codebook_size=12_288, sketch_codebook_size=12_288, token_h=21, token_w=21,
+                          max_frames=10, extent=(3, 3, 3)),  # NÜWA §4.1; only built on "meta"
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: the closed caption vocabulary as a 1 × 1 × L token grid
+# ---------------------------------------------------------------------------------------------
+
+PAD, NONE = "<pad>", "None"  # NONE is the constant condition of unconditional tasks (NÜWA §4)
+
+
+@dataclass
+class TextTokenizer:
+    """Word-level tokenizer over data.VOCABULARY plus <pad> and None. Unknown words are errors."""
+
+    length: int = 16
+    vocabulary: list[str] = field(default_factory=lambda: [PAD, NONE] + data.VOCABULARY)
+
+    def __post_init__(self):
+        self.index = {word: i for i, word in enumerate(self.vocabulary)}
+
+    def encode(self, captions: list[str | None]) -> torch.Tensor:
+        """Captions → (B, L) word ids; `None` (the object or the word) is the unconditional caption."""
+        ids = torch.full((len(captions), self.length), self.index[PAD], dtype=torch.long)  # (B, L)
+        for row, caption in enumerate(captions):
+            words = [NONE] if caption is None else caption.split()
+            unknown = [w for w in words if w not in self.index]
+            if unknown:
+                raise ValueError(f"unknown caption word(s) {unknown} in {caption!r}; the vocabulary is "
+                                 f"{self.vocabulary[1:]}")
+            if len(words) > self.length:
+                raise ValueError(f"caption {caption!r} has {len(words)} words; at most {self.length} fit")
+            ids[row, :len(words)] = torch.tensor([self.index[w] for w in words])
+        return ids
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [" ".join(self.vocabulary[i] for i in row.tolist() if self.vocabulary[i] != PAD) for row in ids]
+
+
+class Condition(NamedTuple):
+    """What the encoder reads: `kind` is "text" or "sketch"; `tokens` a grid (B, Tc, Hc, Wc).
+
+    Text is the grid 1 × 1 × L; a sketch is VQ-GAN-Seg tokens per frame; "None" is text."""
+
+    kind: str
+    tokens: torch.Tensor
+
+
+def text_condition(tokenizer: TextTokenizer, captions: list[str | None]) -> Condition:
+    return Condition("text", tokenizer.encode(captions)[:, None, None, :])  # (B, 1, 1, L)
+
+
+def none_condition(tokenizer: TextTokenizer, batch_size: int) -> Condition:
+    """The unconditional condition: the single word "None" (NÜWA's I2I and V2V)."""
+    return text_condition(tokenizer, [None] * batch_size)
+
+
+def sketch_condition(sketch_tokens: torch.Tensor) -> Condition:
+    if sketch_tokens.dim() != 4:
+        raise ValueError(f"sketch tokens must be (B, T, h, w), got shape {tuple(sketch_tokens.shape)}")
+    return Condition("sketch", sketch_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class PositionEmbedding3D(nn.Module):
+    """Three learned tables, for time, height and width, summed at every grid position (NÜWA §3.3)."""
+
+    def __init__(self, max_shape: tuple[int, int, int], dim: int):
+        super().__init__()
+        self.max_shape = tuple(max_shape)
+        self.time, self.height, self.width = (nn.Embedding(n, dim) for n in max_shape)
+
+    def forward(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        check_shape_fits(shape, self.max_shape)
+        T, H, W = shape
+        device = self.time.weight.device
+        t = self.time(torch.arange(T, device=device))[:, None, None]  # (T, 1, 1, D)
+        h = self.height(torch.arange(H, device=device))[None, :, None]  # (1, H, 1, D)
+        w = self.width(torch.arange(W, device=device))[None, None, :]  # (1, 1, W, D)
+        return (t + h + w).reshape(T * H * W, -1)  # (N, D) in raster order
+
+
+def check_shape_fits(shape, max_shape) -> None:
+    if len(shape) != 3 or any(s < 1 or s > m for s, m in zip(shape, max_shape)):
+        raise ValueError(f"grid shape {tuple(shape)} does not fit the position tables (T, H, W) ≤ "
+                         f"{tuple(max_shape)} of this model/checkpoint")
+
+
+class MLP(nn.Sequential):
+    def __init__(self, config: NUWAConfig):
+        hidden = config.mlp_ratio * config.dim
+        super().__init__(nn.Linear(config.dim, hidden), nn.GELU(), nn.Linear(hidden, config.dim),
+                         nn.Dropout(config.dropout))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm non-causal 3DNA self-attention + MLP over the condition (NÜWA Eq. 6-7).
+
+    Text conditions use full attention (the paper's extent ∞ for text)."""
+
+    def __init__(self, config: NUWAConfig):
+        super().__init__()
+        self.norm_attn, self.norm_mlp = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
+        self.attn = NearbyAttention(config.dim, config.num_heads, config.extent, causal=False,
+                                    backend=config.backend)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, shape, extent) -> torch.Tensor:
+        x = x + self.attn(self.norm_attn(x), shape, extent=extent)  # (B, Nc, D)
+        return x + self.mlp(self.norm_mlp(x))  # (B, Nc, D)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm causal 3DNA self-attention, 3DNA cross-attention to the encoder output, MLP
+    (NÜWA Eq. 8-9). `forward` is the full (training) pass, `step` one position of generation."""
+
+    def __init__(self, config: NUWAConfig):
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_mlp = (nn.LayerNorm(config.dim) for _ in range(3))
+        self.self_attn = NearbyAttention(config.dim, config.num_heads, config.extent, causal=True,
+                                         backend=config.backend)
+        self.cross_attn = NearbyAttention(config.dim, config.num_heads, config.extent,
+                                          context_dim=config.dim, backend=config.backend)
+        self.mlp = MLP(config)
+
+    def forward(self, x, shape, memory, memory_shape, cross_extent) -> torch.Tensor:
+        x = x + self.self_attn(self.norm_self(x), shape, bos=True)  # (B, N, D)
+        x = x + self.cross_attn(self.norm_cross(x), shape, context=memory, kv_shape=memory_shape,
+                                extent=cross_extent)  # (B, N, D)
+        return x + self.mlp(self.norm_mlp(x))  # (B, N, D)
+
+    def step(self, x_p, p, shape, caches, memory, memory_shape, cross_extent) -> torch.Tensor:
+        self_cache, cross_cache = caches
+        x_p = x_p + self.self_attn.step(self.norm_self(x_p), p, shape, self_cache)  # (B, 1, D)
+        x_p = x_p + self.cross_attn.step(self.norm_cross(x_p), p, shape, cross_cache, context=memory,
+                                         kv_shape=memory_shape, extent=cross_extent)  # (B, 1, D)
+        return x_p + self.mlp(self.norm_mlp(x_p))  # (B, 1, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class NUWA(nn.Module):
+    """The 3D encoder-decoder of NÜWA §3.3. Conditions and targets are token grids."""
+
+    def __init__(self, config: NUWAConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer = TextTokenizer(config.text_len)
+        D = config.dim
+        # Condition side: one word/sketch embedding per modality, its own position tables.
+        self.text_embed = nn.Embedding(len(self.tokenizer.vocabulary), D)
+        self.sketch_embed = nn.Embedding(config.sketch_codebook_size, D)
+        cond_max = (config.max_frames, config.token_h, max(config.token_w, config.text_len))
+        self.cond_pos = PositionEmbedding3D(cond_max, D)
+        self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(D)
+        # Target side: VQ token embedding, learned bos, its own position tables.
+        self.token_embed = nn.Embedding(config.codebook_size, D)
+        self.bos = nn.Parameter(torch.zeros(D))
+        self.target_pos = PositionEmbedding3D((config.max_frames, config.token_h, config.token_w), D)
+        self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, config.codebook_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # GPT-2 style small normal initialisation (the paper does not state its initialisation).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # --- encoder ------------------------------------------------------------------------------
+
+    def encode(self, cond: Condition) -> tuple[torch.Tensor, tuple[int, int, int], tuple | None]:
+        """Condition → (memory (B, Nc, D), its grid shape, the extent to attend it with)."""
+        tokens = cond.tokens.to(self.bos.device)  # (B, Tc, Hc, Wc)
+        B, Tc, Hc, Wc = tokens.shape
+        if cond.kind == "text":
+            embed, extent = self.text_embed, None  # text is attended in full (extent ∞)
+        elif cond.kind == "sketch":
+            embed, extent = self.sketch_embed, self.config.extent
+        else:
+            raise ValueError(f"unknown condition kind {cond.kind!r}; expected 'text' or 'sketch'")
+        if int(tokens.max()) >= embed.num_embeddings or int(tokens.min()) < 0:
+            raise ValueError(f"{cond.kind} token ids must lie in [0, {embed.num_embeddings})")
+        shape = (Tc, Hc, Wc)
+        x = embed(tokens.reshape(B, -1)) + self.cond_pos(shape)  # (B, Nc, D)
+        for layer in self.encoder:
+            x = layer(x, shape, extent)  # (B, Nc, D)
+        return self.encoder_norm(x), shape, extent
+
+    # --- decoder, full pass -------------------------------------------------------------------
+
+    def decoder_input(self, targets: torch.Tensor) -> torch.Tensor:
+        """Shift right: [bos, y_0, …, y_{N-2}], each plus the position of the token it predicts.
+
+        targets (B, T, h, w) → (B, N, D)."""
+        B, T, h, w = targets.shape
+        tokens = targets.reshape(B, -1)  # (B, N) raster order
+        shifted = self.token_embed(tokens[:, :-1])  # (B, N-1, D)
+        x = torch.cat([self.bos.expand(B, 1, -1), shifted], dim=1)  # (B, N, D)
+        # DEVIATION (NÜWA §3.3): input p carries the position of the target p it predicts (our choice).
+        return x + self.target_pos((T, h, w))  # (B, N, D)
+
+    def forward(self, cond: Condition, targets: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits: targets (B, T, h, w) → logits (B, N, K) for y_p at every p."""
+        memory, memory_shape, cross_extent = self.encode(cond)
+        return self.decode_logits(self.decoder_input(targets), targets.shape[1:], memory, memory_shape,
+                                  cross_extent)
+
+    def decode_logits(self, x, shape, memory, memory_shape, cross_extent) -> torch.Tensor:
+        for layer in self.decoder:
+            x = layer(x, tuple(shape), memory, memory_shape, cross_extent)  # (B, N, D)
+        return self.head(self.decoder_norm(x))  # (B, N, K)
+
+    def loss(self, cond: Condition, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """NÜWA Eq. 10: L = − Σ_p log p(y_p | y_<p, C), averaged over the (optionally masked) targets."""
+        self.check_targets(targets)
+        if self.training and self.config.cond_drop_prob > 0:
+            cond = self.drop_condition(cond)
+        logits = self(cond, targets)  # (B, N, K)
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets.reshape(targets.shape[0], -1),
+                                    reduction="none")  # (B, N)
+        if loss_mask is None:
+            return per_token.mean()
+        weights = loss_mask.reshape(per_token.shape).to(per_token.dtype)  # (B, N)
+        return (per_token * weights).sum() / weights.sum().clamp(min=1)
+
+    def drop_condition(self, cond: Condition) -> Condition:
+        """Replace a random fraction of text conditions by "None" (for classifier-free guidance)."""
+        if cond.kind != "text":
+            return cond
+        drop = torch.rand(cond.tokens.shape[0], device=cond.tokens.device) < self.config.cond_drop_prob
+        none = none_condition(self.tokenizer, cond.tokens.shape[0]).tokens.to(cond.tokens.device)
+        return Condition("text", torch.where(drop[:, None, None, None], none, cond.tokens))
+
+    def check_targets(self, targets: torch.Tensor) -> None:
+        if targets.dim() != 4:
+            raise ValueError(f"targets must be token grids (B, T, h, w), got shape {tuple(targets.shape)}")
+        check_shape_fits(targets.shape[1:], self.target_pos.max_shape)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, cond: Condition, target_shape: tuple[int, int, int], *, forced=None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 guidance_scale: float | None = None, caches: list | None = None) -> torch.Tensor:
+        """Sample target tokens (B, T, h, w) one position at a time in raster order.
+
+        forced: a (tokens (B, T, h, w), keep (B, T, h, w) bool) pair; kept positions are written,
+        not sampled (prefixes for I2I/V2V, everything outside the edit box for TI2I).
+        temperature = 0 is greedy. guidance_scale s (optional classifier-free guidance):
+        logits = l_None + s · (l_cond − l_None), both passes fed the same decoder input.
+        use_cache=False recomputes the whole decoder at every position (the slow reference).
+        caches: optional fresh `[model.new_caches()]` (one per pass) to inspect after generation.
+        """
+        check_shape_fits(target_shape, self.target_pos.max_shape)
+        B = cond.tokens.shape[0]
+        T, h, w = target_shape
+        N = T * h * w
+        device = self.bos.device
+        if forced is not None:
+            forced_tokens, keep = (f.reshape(B, N).to(device) for f in forced)  # (B, N) each
+        passes = [self.encode(cond)]
+        if guidance_scale is not None:
+            passes.append(self.encode(none_condition(self.tokenizer, B)))
+        tokens = torch.zeros(B, N, dtype=torch.long, device=device)  # (B, N), filled left to right
+        if use_cache and caches is None:
+            caches = [self.new_caches() for _ in passes]
+        positions = self.target_pos(target_shape)  # (N, D)
+        for p in range(N):
+            if use_cache:
+                # Input p is bos (p = 0) or the embedding of y_{p-1}, plus position p; same for all passes.
+                x_p = self.bos.expand(B, 1, -1) if p == 0 else self.token_embed(tokens[:, p - 1:p])
+                x_p = x_p + positions[p]  # (B, 1, D)
+                logits = [self.step_logits(x_p, p, target_shape, c, *enc) for c, enc in zip(caches, passes)]
+            else:
+                x = self.decoder_input(tokens.view(B, T, h, w))  # (B, N, D); positions ≥ p unused (causal)
+                logits = [self.decode_logits(x, target_shape, *enc)[:, p] for enc in passes]
+            logits_p = logits[0] if guidance_scale is None else logits[1] + guidance_scale * (logits[0] - logits[1])
+            sampled = sample_logits(logits_p, temperature, top_k, top_p, generator)  # (B,)
+            if forced is not None:
+                sampled = torch.where(keep[:, p], forced_tokens[:, p], sampled)
+            tokens[:, p] = sampled
+        return tokens.view(B, T, h, w)
+
+    def new_caches(self) -> list:
+        return [(layer.self_attn.new_cache(), layer.cross_attn.new_cache()) for layer in self.decoder]
+
+    def step_logits(self, x_p, p, shape, caches, memory, memory_shape, cross_extent) -> torch.Tensor:
+        for layer, layer_caches in zip(self.decoder, caches):
+            x_p = layer.step(x_p, p, shape, layer_caches, memory, memory_shape, cross_extent)  # (B, 1, D)
+        return self.head(self.decoder_norm(x_p))[:, 0]  # (B, K)
+
+
+def cache_nbytes(caches) -> int:
+    """Bytes held by the tensors of a (nested) generation cache."""
+    if isinstance(caches, torch.Tensor):
+        return caches.numel() * caches.element_size()
+    if isinstance(caches, dict):
+        caches = list(caches.values())
+    elif hasattr(caches, "__dataclass_fields__"):
+        caches = [getattr(caches, name) for name in caches.__dataclass_fields__]
+    if isinstance(caches, (list, tuple)):
+        return sum(cache_nbytes(c) for c in caches)
+    return 0
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits (B, K): greedy when temperature == 0, else softmax sampling
+    restricted to the top-k codes and/or the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits.float() / temperature  # (B, K)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, K)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, K)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the first code always
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)  # back to code order
+        logits = logits.masked_fill(drop, -math.inf)
+    probs = logits.softmax(dim=-1)  # (B, K)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+
+
+def load_nuwa(path, *, map_location="cpu") -> NUWA:
+    """The NÜWA model stored at `path` by `train.py --stage nuwa`, in eval mode."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if checkpoint.get("stage") != "nuwa":
+        raise ValueError(f"{path} is a checkpoint of stage {checkpoint.get('stage')!r}, not 'nuwa'")
+    known = {f.name for f in fields(NUWAConfig)}
+    values = checkpoint["config"]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path} has config fields NUWAConfig does not know: {unknown}")
+    config = NUWAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    model = NUWA(config)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(map_location).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The eight tasks (NÜWA §4), at the level of token grids. sample.py adds pixels ↔ tokens.
+# ---------------------------------------------------------------------------------------------
+
+
+def frame_shape(model: NUWA, frames: int) -> tuple[int, int, int]:
+    return (frames, model.config.token_h, model.config.token_w)
+
+
+def text_to_image(model: NUWA, captions: list[str], **sampling) -> torch.Tensor:
+    """T2I: caption → one frame of tokens (B, 1, h, w)."""
+    return model.generate(text_condition(model.tokenizer, captions), frame_shape(model, 1), **sampling)
+
+
+def sketch_to_image(model: NUWA, sketch_tokens: torch.Tensor, **sampling) -> torch.Tensor:
+    """S2I: VQ-GAN-Seg tokens of one frame (B, 1, hs, ws) → one frame of tokens (B, 1, h, w)."""
+    return model.generate(sketch_condition(sketch_tokens), frame_shape(model, 1), **sampling)
+
+
+def complete_image(model: NUWA, image_tokens: torch.Tensor, keep_rows: int, **sampling) -> torch.Tensor:
+    """I2I (zero-shot): the condition is "None", the top `keep_rows` token rows are a forced
+    prefix, the rest is sampled. image_tokens (B, 1, h, w) → (B, 1, h, w)."""
+    keep = torch.zeros_like(image_tokens, dtype=torch.bool)
+    keep[:, :, :keep_rows] = True
+    cond = none_condition(model.tokenizer, image_tokens.shape[0])
+    return model.generate(cond, tuple(image_tokens.shape[1:]), forced=(image_tokens, keep), **sampling)
+
+
+def edit_image(model: NUWA, image_tokens: torch.Tensor, captions: list[str], edit_mask: torch.Tensor,
+               **sampling) -> torch.Tensor:
+    """TI2I (zero-shot): tokens outside the edit box (edit_mask False) are forced to the
+    originals, tokens inside are re-sampled under the new caption. All (B, 1, h, w)."""
+    cond = text_condition(model.tokenizer, captions)
+    return model.generate(cond, tuple(image_tokens.shape[1:]), forced=(image_tokens, ~edit_mask), **sampling)
+
+
+def text_to_video(model: NUWA, captions: list[str], frames: int, **sampling) -> torch.Tensor:
+    """T2V: caption → (B, T, h, w)."""
+    return model.generate(text_condition(model.tokenizer, captions), frame_shape(model, frames), **sampling)
+
+
+def sketch_to_video(model: NUWA, sketch_tokens: torch.Tensor, **sampling) -> torch.Tensor:
+    """S2V: VQ-GAN-Seg tokens of T frames (B, T, hs, ws) → video tokens (B, T, h, w)."""
+    frames = sketch_tokens.shape[1]
+    return model.generate(sketch_condition(sketch_tokens), frame_shape(model, frames), **sampling)
+
+
+def predict_video(model: NUWA, video_tokens: torch.Tensor, frames: int, **sampling) -> torch.Tensor:
+    """V2V: the given k frames (B, k, h, w) are a forced prefix under "None"; frames k…T−1 are sampled."""
+    B, k, h, w = video_tokens.shape
+    if frames <= k:
+        raise ValueError(f"predict_video needs frames > {k} given frames, got {frames}")
+    forced = torch.zeros(B, frames, h, w, dtype=torch.long, device=video_tokens.device)
+    forced[:, :k] = video_tokens
+    keep = torch.zeros_like(forced, dtype=torch.bool)
+    keep[:, :k] = True
+    cond = none_condition(model.tokenizer, B)
+    return model.generate(cond, (frames, h, w), forced=(forced, keep), **sampling)
+
+
+def edit_video(model: NUWA, video_tokens: torch.Tensor, captions: list[str], keep_frames: int = 1,
+               **sampling) -> torch.Tensor:
+    """TV2V (zero-shot): the first `keep_frames` frames are kept, the rest re-generated under the
+    new caption, so the video continues from the same digits but moves as the caption says."""
+    keep = torch.zeros_like(video_tokens, dtype=torch.bool)
+    keep[:, :keep_frames] = True
+    cond = text_condition(model.tokenizer, captions)
+    return model.generate(cond, tuple(video_tokens.shape[1:]), forced=(video_tokens, keep), **sampling)
