@@ -26,6 +26,7 @@ states, so a resumed run is not bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import math
@@ -38,11 +39,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
-import torch.nn as nn
+# Set before torch loads OpenMP: idle worker threads sleep instead of spinning. On a shared 2-core CPU
+# with another process busy, spinning made a tiny-preset step 25x slower (measured 5.0 s instead of
+# 0.3 s per step); an explicit OMP_WAIT_POLICY in the environment still wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import data
-import vqgan
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import data  # noqa: E402
+import nuwa  # noqa: E402
+import vqgan  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # 1. Run configuration and checkpoints
@@ -63,6 +70,7 @@ class TrainConfig:
     resume: bool = False  # continue from <out>/<stage>/ckpt.pt (same config required)
     lr_schedule: str = "cosine"  # "cosine": decay over the run's budget (steps or seconds); "constant"
     lr_min_ratio: float = 0.1  # the cosine ends at this fraction of the stage config's lr
+    threads: int = 0  # CPU threads for torch; 0 = torch's default (one per core). 1 is faster on a busy CPU
 
 
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
@@ -210,12 +218,149 @@ def tokens_per_frame_batch(config: vqgan.VQGANConfig) -> int:
     return config.batch_size * h * w
 
 
+# --- NÜWA (§3.3-3.4): multi-task training of the 3D encoder-decoder on frozen tokenizers -------
+
+NUWA_TASKS = ("t2i", "t2v", "v2v", "s2i", "s2v")  # text→image/video, video prediction, sketch→image/video
+
+
+def nuwa_tasks(config: nuwa.NUWAConfig) -> list[str]:
+    tasks = [t for t in config.tasks.split(",") if t]
+    unknown = sorted(set(tasks) - set(NUWA_TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"unknown or no NÜWA task(s) {unknown or tasks}; choose from {list(NUWA_TASKS)}")
+    if any(t.startswith("s2") for t in tasks) and not config.seg_ckpt:
+        raise ValueError("sketch tasks need a VQ-GAN-Seg checkpoint: set --seg-ckpt or drop s2i/s2v from --tasks")
+    return tasks
+
+
+@functools.lru_cache(maxsize=4)
+def frozen_tokenizer(path: str, device: str, codebook_size: int, token_shape: tuple[int, int]) -> vqgan.VQGAN:
+    """A trained VQ-GAN / VQ-GAN-Seg, frozen: NÜWA is trained on its tokens (§3.1 then §3.3)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"tokenizer checkpoint {path} not found; train it first "
+                                f"(python train.py --stage vqgan / --stage seg) or pass its path")
+    model = vqgan.load_vqgan(path, map_location=device).to(device).eval().requires_grad_(False)
+    if model.codebook_size != codebook_size or model.config.token_shape != token_shape:
+        raise ValueError(f"{path} gives {model.codebook_size} codes on a {model.config.token_shape} grid, but the "
+                         f"NÜWA config expects {codebook_size} codes on {token_shape}: set --codebook-size / "
+                         f"--sketch-codebook-size / --token-h / --token-w to match")
+    return model
+
+
+def build_nuwa(config: nuwa.NUWAConfig, device: torch.device):
+    """NÜWA plus AdamW (weight decay on matrices only, the usual transformer practice)."""
+    nuwa_tasks(config)  # fail on a bad task list before any work
+    model = nuwa.NUWA(config).to(device)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return model, {"nuwa": optimizer}
+
+
+def nuwa_batches(config: nuwa.NUWAConfig, seed: int) -> Iterator[dict]:
+    """Endless dicts {task: pixel batch}. The caption/sketch tasks share each step's captioned clips
+    (an image task uses one random frame of them); V2V uses two-digit Moving MNIST clips."""
+    tasks, B = nuwa_tasks(config), config.batch_size
+    captioned = data.CaptionedMovingMNIST("train", num_frames=config.frames, num_digits=config.num_digits, seed=seed)
+    moving = data.MovingMNIST("train", num_frames=config.predict_frames, num_digits=2, seed=seed)
+    frame_pick = torch.Generator().manual_seed(seed)
+    index = 0
+    while True:
+        clips = data.collate([captioned[(index + i) % len(captioned)] for i in range(B)])
+        t = int(torch.randint(config.frames, (1,), generator=frame_pick))  # the image tasks' frame
+        batch = {
+            "t2i": {"video": clips["video"][:, t:t + 1], "caption": clips["caption"]},
+            "t2v": {"video": clips["video"], "caption": clips["caption"]},
+            "s2i": {"video": clips["video"][:, t:t + 1], "sketch": clips["sketch"][:, t:t + 1]},
+            "s2v": {"video": clips["video"], "sketch": clips["sketch"]},
+        }
+        if "v2v" in tasks:
+            batch["v2v"] = {"video": torch.stack([moving[(index + i) % len(moving)]["video"] for i in range(B)])}
+        index += B
+        yield {task: batch[task] for task in tasks}
+
+
+def nuwa_condition(model: nuwa.NUWA, task: str, batch: dict) -> nuwa.Condition:
+    """The encoder's input for a task: caption, sketch tokens, or "None" (video prediction)."""
+    if task in ("t2i", "t2v"):
+        return nuwa.text_condition(model.tokenizer, batch["caption"])
+    if task in ("s2i", "s2v"):
+        config = model.config
+        seg = frozen_tokenizer(config.seg_ckpt, str(model.bos.device), config.sketch_codebook_size,
+                               (config.token_h, config.token_w))
+        return nuwa.sketch_condition(seg.encode_sketch(batch["sketch"]))
+    return nuwa.none_condition(model.tokenizer, batch["video"].shape[0])
+
+
+def nuwa_step(model: nuwa.NUWA, optimizers: dict, batch: dict, step: int, autocast) -> dict[str, float]:
+    """One NÜWA step (§3.4): L = Σ_tasks CE(next token), summed over the tasks of the mix."""
+    config = model.config
+    frames = frozen_tokenizer(config.vqgan_ckpt, str(model.bos.device), config.codebook_size,
+                              (config.token_h, config.token_w))
+    for group in optimizers["nuwa"].param_groups:  # linear warm-up on top of the run's schedule
+        group["lr"] *= min(1.0, (step + 1) / max(1, config.warmup_steps))
+    losses = {}
+    for task, task_batch in batch.items():
+        with torch.no_grad():
+            targets = frames.encode_video(task_batch["video"])  # (B, T, h, w)
+            cond = nuwa_condition(model, task, task_batch)
+        with autocast():
+            losses[f"{task}_loss"] = model.loss(cond, targets)
+    loss = sum(losses.values())
+    optimizers["nuwa"].zero_grad(set_to_none=True)
+    loss.backward()
+    metrics = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+    if config.grad_clip > 0:
+        metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+    optimizers["nuwa"].step()
+    return metrics
+
+
+VISUAL_CAPTIONS = ["digit 3 is moving up then down", "digit 4 is moving left then right"]  # seen combinations
+
+
+@torch.no_grad()
+def visualise_nuwa(model: nuwa.NUWA, config: nuwa.NUWAConfig, path: Path) -> Path:
+    """PNG (+ GIF): text→video for two captions, then 10 → 10 prediction of a held-out clip
+    (the given frames are the tokenizer's reconstruction; the rest is sampled)."""
+    device = model.bos.device
+    frames = frozen_tokenizer(config.vqgan_ckpt, str(device), config.codebook_size, (config.token_h, config.token_w))
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows, labels = [], []
+    if "t2v" in config.tasks:
+        tokens = nuwa.text_to_video(model, VISUAL_CAPTIONS, config.frames, temperature=1.0, top_k=16,
+                                    generator=generator)
+        rows += list(frames.decode_video(tokens).float().clamp(0, 1).cpu())
+        labels += VISUAL_CAPTIONS
+    if "v2v" in config.tasks:
+        video = data.MovingMNIST("test", num_frames=config.predict_frames, length=1)[0]["video"][None]
+        given = config.predict_frames // 2
+        tokens = nuwa.predict_video(model, frames.encode_video(video.to(device))[:, :given], config.predict_frames,
+                                    temperature=1.0, top_k=16, generator=generator)
+        rows += [video[0], frames.decode_video(tokens).float().clamp(0, 1).cpu()[0]]
+        labels += ["real clip", f"first {given} frames given, rest predicted"]
+    model.train(was_training)
+    data.save_gif(rows, Path(path).with_suffix(".gif"), captions=labels)
+    return data.save_grid(rows, path, captions=labels, max_frames=config.predict_frames)
+
+
+def nuwa_tokens_per_batch(config: nuwa.NUWAConfig) -> int:
+    per_frame = config.token_h * config.token_w
+    lengths = {"t2i": 1, "s2i": 1, "t2v": config.frames, "s2v": config.frames, "v2v": config.predict_frames}
+    return config.batch_size * per_frame * sum(lengths[t] for t in nuwa_tasks(config))
+
+
 STAGES: dict[str, Stage] = {
     "vqgan": Stage(preset=vqgan.VQGANConfig.preset, build=build_tokenizer, batches=frame_batches,
                    step=tokenizer_step, visualise=visualise_frames, tokens_per_batch=tokens_per_frame_batch),
     "seg": Stage(preset=lambda name: vqgan.VQGANConfig.preset(name, seg=True), build=build_tokenizer,
                  batches=sketch_batches, step=tokenizer_step, visualise=visualise_sketches,
                  tokens_per_batch=tokens_per_frame_batch),
+    "nuwa": Stage(preset=nuwa.NUWAConfig.preset, build=build_nuwa, batches=nuwa_batches, step=nuwa_step,
+                  visualise=visualise_nuwa, tokens_per_batch=nuwa_tokens_per_batch),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +399,10 @@ def train(stage_name: str, config: Any, run: TrainConfig) -> Path:
     stage, device = STAGES[stage_name], torch.device(run.device)
     folder = Path(run.out) / stage_name
     ckpt_path = folder / "ckpt.pt"
-    print(f"stage {stage_name}; seed {run.seed}; device {device}; writing {folder}")
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    print(f"stage {stage_name}; seed {run.seed}; device {device}; {torch.get_num_threads()} CPU threads; "
+          f"writing {folder}")
     torch.manual_seed(run.seed)
     model, optimizers = stage.build(config, device)
     step = 0
@@ -275,7 +423,7 @@ def train(stage_name: str, config: Any, run: TrainConfig) -> Path:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     batches = stage.batches(config, run.seed + step)  # a resumed run continues on fresh data
     folder.mkdir(parents=True, exist_ok=True)
-    log = open(folder / "log.jsonl", "a")
+    log = open(folder / "log.jsonl", "a" if run.resume else "w")  # a fresh run starts a fresh log
     bar = tqdm(total=run.max_steps or None, initial=step, unit="step", dynamic_ncols=True)
     for optimizer in optimizers.values():
         for group in optimizer.param_groups:
@@ -290,6 +438,7 @@ def train(stage_name: str, config: Any, run: TrainConfig) -> Path:
                 group["lr"] = group["initial_lr"] * lr_factor(run, step, tick - start)
         batch = to_device(next(batches), device)
         metrics = stage.step(model, optimizers, batch, step, autocast)  # forward, backward, clip, step
+        metrics["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
         if not math.isfinite(metrics["loss"]):
             log.close()
             raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; stopping. The last good "

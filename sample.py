@@ -1,0 +1,245 @@
+"""Command line for NÜWA's eight tasks with trained checkpoints → PNG / GIF files.
+
+    python sample.py t2v --ckpt out/nuwa/ckpt.pt --caption "digit 3 is moving left" --out out/samples
+
+Sub-commands (NÜWA §4; the task functions live in nuwa.py, this file adds pixels ↔ tokens):
+  t2i         caption → image                   s2i         sketch → image
+  complete    top part of an image → the rest   edit-image  image + caption + box → edited image
+  t2v         caption → video                   s2v         sketch video → video
+  predict     first frames → the next frames    edit-video  video + new caption → re-generated video
+
+Inputs: images are 64×64 grey PNGs (`--image`), videos GIFs or .npy arrays (`--video`), sketches
+.npy class maps (`--sketch`: 0 = background, 1 + d = digit d). Without a file, `--index i` takes
+item i of the held-out Moving MNIST data (data.py), so every command runs out of the box.
+
+The NÜWA checkpoint records the tokenizer checkpoints it was trained with (`vqgan_ckpt`,
+`seg_ckpt`); `--vqgan` / `--seg` override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import nuwa
+import vqgan
+
+
+class Models:
+    """A trained NÜWA with its frame tokenizer (VQ-GAN) and, when recorded, its sketch tokenizer."""
+
+    def __init__(self, ckpt: str, vqgan_ckpt: str | None = None, seg_ckpt: str | None = None,
+                 device: str = "cpu"):
+        if not Path(ckpt).exists():
+            raise FileNotFoundError(f"no NÜWA checkpoint at {ckpt}; train one with "
+                                    f"`python train.py --stage nuwa --preset tiny --out out`")
+        self.nuwa = nuwa.load_nuwa(ckpt, map_location=device)
+        self.device = device
+        config = self.nuwa.config
+        self.vqgan = vqgan.load_vqgan(vqgan_ckpt or config.vqgan_ckpt, map_location=device).to(device)
+        seg_path = seg_ckpt or config.seg_ckpt
+        self.seg = vqgan.load_vqgan(seg_path, map_location=device).to(device) if seg_path else None
+        if self.vqgan.codebook_size != self.nuwa.config.codebook_size:
+            raise ValueError(f"VQ-GAN codebook {self.vqgan.codebook_size} ≠ NÜWA's {self.nuwa.config.codebook_size}")
+
+    @torch.no_grad()
+    def tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """Frames (B, T, 1, 64, 64) in [0, 1] → tokens (B, T, h, w)."""
+        return self.vqgan.encode_video(video.to(self.device))
+
+    @torch.no_grad()
+    def pixels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, T, h, w) → frames (B, T, 1, 64, 64) in [0, 1]."""
+        return self.vqgan.as_image(self.vqgan.decode_video(tokens)).clamp(0, 1).cpu()
+
+    @torch.no_grad()
+    def sketch_tokens(self, sketch: torch.Tensor) -> torch.Tensor:
+        if self.seg is None:
+            raise ValueError("this NÜWA checkpoint was trained without a sketch tokenizer; pass --seg PATH")
+        expected = self.seg.config.resolution
+        if tuple(sketch.shape[-2:]) != (expected, expected):
+            raise ValueError(f"sketch must be {expected}×{expected} class maps, got {tuple(sketch.shape[-2:])}")
+        return self.seg.encode_sketch(sketch.to(self.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def heldout_item(index: int, frames: int) -> dict:
+    return data.CaptionedMovingMNIST("heldout", num_frames=frames, num_digits=1)[index]
+
+
+def read_video(path: str | None, index: int, frames: int) -> torch.Tensor:
+    """A video (1, T, 1, 64, 64) in [0, 1] from a GIF / .npy file, or held-out Moving MNIST item."""
+    if path is None:
+        return data.MovingMNIST("test", num_frames=frames, num_digits=2)[index]["video"][None]
+    if path.endswith(".npy"):
+        array = np.load(path).astype(np.float32)
+        array = array / 255.0 if array.max() > 1 else array
+    else:
+        from PIL import Image, ImageSequence
+
+        array = np.stack([np.asarray(f.convert("L"), dtype=np.float32) / 255.0
+                          for f in ImageSequence.Iterator(Image.open(path))])
+    if array.ndim == 4:
+        array = array[:, 0]
+    if array.ndim != 3 or array.shape[1:] != (data.CANVAS, data.CANVAS):
+        raise ValueError(f"{path}: expected frames of {data.CANVAS}×{data.CANVAS} pixels, got {array.shape}")
+    return torch.from_numpy(array)[None, :, None]  # (1, T, 1, 64, 64)
+
+
+def read_image(path: str | None, index: int) -> torch.Tensor:
+    """An image (1, 1, 1, 64, 64) in [0, 1] from a PNG, or held-out item `index`."""
+    if path is None:
+        return heldout_item(index, 2)["video"][None, :1]
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
+    if image.shape != (data.CANVAS, data.CANVAS):
+        raise ValueError(f"{path}: expected a {data.CANVAS}×{data.CANVAS} image, got {image.shape}")
+    return torch.from_numpy(image)[None, None, None]
+
+
+def read_sketch(path: str | None, index: int, frames: int) -> torch.Tensor:
+    """Class maps int64 (1, T, 64, 64) from a .npy file ((64, 64) or (T, 64, 64)), or item `index`."""
+    if path is None:
+        return heldout_item(index, max(frames, 2))["sketch"][None, :frames]
+    sketch = torch.from_numpy(np.load(path).astype(np.int64))
+    sketch = sketch[None] if sketch.dim() == 2 else sketch
+    if sketch.dim() != 3 or sketch.min() < 0 or sketch.max() > 10:
+        raise ValueError(f"{path}: expected class maps (T, 64, 64) with values 0-10, got shape "
+                         f"{tuple(sketch.shape)} and values {int(sketch.min())}-{int(sketch.max())}")
+    return sketch[None]
+
+
+def pixel_box_to_tokens(box: str, token_shape: tuple[int, int]) -> torch.Tensor:
+    """"y0,x0,y1,x1" in pixels → token mask (1, 1, h, w): a token is edited if its cell meets the box."""
+    y0, x0, y1, x1 = (int(v) for v in box.split(","))
+    if not (0 <= y0 < y1 <= data.CANVAS and 0 <= x0 < x1 <= data.CANVAS):
+        raise ValueError(f"box {box} must satisfy 0 ≤ y0 < y1 ≤ {data.CANVAS} and 0 ≤ x0 < x1 ≤ {data.CANVAS}")
+    h, w = token_shape
+    cell_h, cell_w = data.CANVAS // h, data.CANVAS // w
+    mask = torch.zeros(1, 1, h, w, dtype=torch.bool)
+    mask[..., y0 // cell_h:(y1 - 1) // cell_h + 1, x0 // cell_w:(x1 - 1) // cell_w + 1] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The tasks
+# ---------------------------------------------------------------------------------------------
+
+
+def run_task(args, models: Models) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """Run one sub-command: (samples (n, T, 1, 64, 64), the input shown beside them, captions)."""
+    model, n = models.nuwa, args.n
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    generator=torch.Generator(device=models.device).manual_seed(args.seed),
+                    guidance_scale=args.guidance)
+    captions = [args.caption] * n if getattr(args, "caption", None) else []
+    if args.task in ("t2i", "t2v") or args.task.startswith("edit"):
+        model.tokenizer.encode(captions)  # unknown words: an error before any work starts
+    shown = None
+    if args.task == "t2i":
+        tokens = nuwa.text_to_image(model, captions, **sampling)
+    elif args.task == "t2v":
+        tokens = nuwa.text_to_video(model, captions, args.frames, **sampling)
+    elif args.task in ("s2i", "s2v"):
+        sketch = read_sketch(args.sketch, args.index, 1 if args.task == "s2i" else args.frames)
+        shown = sketch.float().div(10.0)[:, :, None]  # class maps shown as grey levels
+        sketch_tokens = models.sketch_tokens(sketch).expand(n, -1, -1, -1)
+        task = nuwa.sketch_to_image if args.task == "s2i" else nuwa.sketch_to_video
+        tokens = task(model, sketch_tokens, **sampling)
+    elif args.task in ("complete", "edit-image"):
+        shown = read_image(args.image, args.index)
+        image_tokens = models.tokens(shown).expand(n, -1, -1, -1)  # (n, 1, h, w)
+        if args.task == "complete":
+            tokens = nuwa.complete_image(model, image_tokens, args.keep_rows, **sampling)
+        else:
+            box = pixel_box_to_tokens(args.box, image_tokens.shape[-2:]).expand_as(image_tokens)
+            tokens = nuwa.edit_image(model, image_tokens, captions, box.to(image_tokens.device), **sampling)
+    else:  # predict, edit-video
+        shown = read_video(args.video, args.index, args.frames)
+        video_tokens = models.tokens(shown).expand(n, -1, -1, -1)  # (n, T, h, w)
+        if args.task == "predict":
+            if video_tokens.shape[1] < args.given:
+                raise ValueError(f"the video has {video_tokens.shape[1]} frames, fewer than --given {args.given}")
+            tokens = nuwa.predict_video(model, video_tokens[:, :args.given], args.frames, **sampling)
+        else:
+            tokens = nuwa.edit_video(model, video_tokens, captions, args.keep_frames, **sampling)
+    return models.pixels(tokens), shown, captions
+
+
+def write_outputs(samples, shown, captions, out: Path, task: str) -> list[Path]:
+    """Images → one PNG strip; videos → a GIF and a PNG grid. The input, if any, comes first."""
+    clips = ([shown[0]] if shown is not None else []) + list(samples)
+    labels = (["input"] if shown is not None else []) + [captions[i] if captions else f"sample {i}"
+                                                         for i in range(len(samples))]
+    stem = out / task.replace("-", "_")
+    written = [data.save_grid(clips, stem.with_suffix(".png"), captions=labels)]
+    if samples.shape[1] > 1:
+        written.append(data.save_gif(clips, stem.with_suffix(".gif"), captions=labels))
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = parser.add_subparsers(dest="task", required=True)
+    specs = {
+        "t2i": ["caption"], "s2i": ["sketch"], "complete": ["image", "keep_rows"],
+        "edit-image": ["image", "caption", "box"], "t2v": ["caption", "frames"],
+        "s2v": ["sketch", "frames"], "predict": ["video", "given", "frames"],
+        "edit-video": ["video", "caption", "frames", "keep_frames"],
+    }
+    for task, options in specs.items():
+        sub = tasks.add_parser(task)
+        sub.add_argument("--ckpt", default="out/nuwa/ckpt.pt", help="NÜWA checkpoint (train.py --stage nuwa)")
+        sub.add_argument("--vqgan", default=None, help="override the recorded VQ-GAN checkpoint")
+        sub.add_argument("--seg", default=None, help="override the recorded VQ-GAN-Seg checkpoint")
+        sub.add_argument("--out", default="out/samples")
+        sub.add_argument("-n", type=int, default=4, help="number of samples")
+        sub.add_argument("--index", type=int, default=0, help="held-out item used when no input file is given")
+        sub.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+        sub.add_argument("--top-k", type=int, default=None)
+        sub.add_argument("--top-p", type=float, default=None)
+        sub.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        if "caption" in options:
+            sub.add_argument("--caption", required=True, help=f"words from: {' '.join(data.VOCABULARY)}")
+        if "sketch" in options:
+            sub.add_argument("--sketch", default=None, help=".npy class map(s); default: held-out item")
+        if "image" in options:
+            sub.add_argument("--image", default=None, help="64×64 grey PNG; default: held-out item")
+        if "video" in options:
+            sub.add_argument("--video", default=None, help="GIF or .npy (T, 64, 64); default: test item")
+        if "frames" in options:
+            sub.add_argument("--frames", type=int, default=20 if task == "predict" else 10)
+        if "given" in options:
+            sub.add_argument("--given", type=int, default=10, help="frames given to the predictor")
+        if "keep_rows" in options:
+            sub.add_argument("--keep-rows", type=int, default=4, help="token rows kept (top half of 8)")
+        if "keep_frames" in options:
+            sub.add_argument("--keep-frames", type=int, default=1)
+        if "box" in options:
+            sub.add_argument("--box", default="16,16,48,48", help="edit box y0,x0,y1,x1 in pixels")
+    return parser
+
+
+def main(argv=None) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    models = Models(args.ckpt, args.vqgan, args.seg, device=args.device)
+    print(f"seed {args.seed}; task {args.task}; device {args.device}")
+    samples, shown, captions = run_task(args, models)
+    written = write_outputs(samples, shown, captions, Path(args.out), args.task)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return written
+
+
+if __name__ == "__main__":
+    main()
