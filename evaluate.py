@@ -28,12 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
-import torch
-import torch.nn.functional as F
+# Idle OpenMP threads sleep instead of spinning (see train.py: spinning is ruinous on a shared CPU).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import data
-import vqgan
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import data  # noqa: E402
+import vqgan  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # 1. Image metrics
