@@ -18,7 +18,7 @@ e_t e_h e_w extents (radii), p a target position in raster order, y_p the target
 
 Deviations from the paper (each also marked at its line):
 - Scale: the `tiny` preset is ~100× narrower and shallower than the paper's 870M model, and the
-  tokens come from our small VQ-GAN on 64×64 Moving MNIST frames (8×8 tokens per frame).
+  tokens come from our small VQ-GAN on 64×64 Moving MNIST frames (16×16 tokens per frame).
 - The caption is padded to a fixed length L with a learned <pad> word that is attended like any
   word (the paper does not say how it pads); this keeps text a fixed 1×1×L grid.
 - Positional embedding of decoder input p is that of the target position p it predicts (the paper
@@ -54,8 +54,8 @@ class NUWAConfig:
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D (the usual transformer value)
     codebook_size: int = 512  # K, VQ-GAN codes for images/frames (paper: 12,288)
     sketch_codebook_size: int = 512  # K of VQ-GAN-Seg, the sketch tokenizer
-    token_h: int = 8  # token rows per frame (paper: 21 for 336 px)
-    token_w: int = 8  # token columns per frame (paper: 21)
+    token_h: int = 16  # token rows per frame: the tiny VQ-GAN's 64 px / 4 (paper: 21 for 336 px)
+    token_w: int = 16  # token columns per frame (paper: 21)
     max_frames: int = 20  # size of the time tables; 10 → 10 prediction needs 20 (paper: 10 frames)
     text_len: int = 16  # L, caption length in words after padding (our captions have ≤ 15 words)
     extent: tuple[int, int, int] = (2, 2, 2)  # (e_t, e_h, e_w) of visual 3DNA (paper, video: 3,3,3)

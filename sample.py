@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         if "given" in options:
             sub.add_argument("--given", type=int, default=10, help="frames given to the predictor")
         if "keep_rows" in options:
-            sub.add_argument("--keep-rows", type=int, default=4, help="token rows kept (top half of 8)")
+            sub.add_argument("--keep-rows", type=int, default=8, help="token rows kept (the top half of 16)")
         if "keep_frames" in options:
             sub.add_argument("--keep-frames", type=int, default=1)
         if "box" in options:

@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
         train.main(["--stage", stage, *TOKENIZER, "--out", str(out)])
     train.main(["--stage", "nuwa", "--preset", "tiny", "--dim", "32", "--num-heads", "2", "--encoder-layers", "1",
                 "--decoder-layers", "1", "--codebook-size", "32", "--sketch-codebook-size", "32",
-                "--frames", "3", "--predict-frames", "4", "--batch-size", "2", "--max-steps", "2",
+                "--frames", "3", "--predict-frames", "4", "--batch-size", "2", "--max-steps", "2", "--token-h", "8", "--token-w", "8",
                 "--sample-every", "0", "--vqgan-ckpt", str(out / "vqgan" / "ckpt.pt"),
                 "--seg-ckpt", str(out / "seg" / "ckpt.pt"), "--out", str(out)])
     return out / "nuwa" / "ckpt.pt"
