@@ -373,7 +373,8 @@ def lr_factor(run: TrainConfig, step: int, elapsed: float) -> float:
 
     DEVIATION (VQGAN §4): VQGAN trains with a constant learning rate. A run of a few minutes ends
     wherever the budget stops it; decaying the rate towards that point lets the last weights settle
-    instead of being a noisy sample (in our 300 s runs the difference is about 2x in frame MSE).
+    instead of being a noisy sample (tiny tokenizer, 600 steps of 32 frames: frame MSE 6.7 with the
+    decay, 9.0 without).
     """
     if run.lr_schedule == "constant":
         return 1.0

@@ -102,8 +102,8 @@ class VQGANConfig:
     # --- losses
     perceptual_weight: float = 0.0  # weight of the pluggable perceptual term (VQGAN: 1.0 with LPIPS)
     disc_weight: float = 0.1  # weight of the adaptive-weighted GAN term (VQGAN: 0.8)
-    disc_start: int = 1500  # step at which the GAN terms switch on (VQGAN: 250k on ImageNet; tiny: about
-    # 2,000 steps fit in 300 s on 2 idle cores, so D joins for the last part, once the MSE has settled)
+    disc_start: int = 1500  # step at which the GAN terms switch on (VQGAN: 250k on ImageNet). Tiny: a
+    # 300 s run on 2 busy cores made 943 steps, so D only joins runs that get more compute than that
     disc_ch: int = 32  # PatchGAN width of its first layer (VQGAN: 64)
     disc_layers: int = 2  # strided PatchGAN layers (VQGAN: 3)
     # --- optimisation (Adam for E, B, G and another for D)
