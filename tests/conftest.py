@@ -21,6 +21,18 @@ def _private_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for the tests' tiny tensors: with two, a CPU shared with another busy
+    process made them 30x slower (OpenMP threads waiting on a descheduled partner)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mnist_available() -> bool:
     import data
 

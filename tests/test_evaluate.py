@@ -10,16 +10,6 @@ import evaluate
 import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this file's tiny tensors: with two, a CPU shared with another busy
-    process made these tests 30x slower (OpenMP threads waiting on a descheduled partner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_ssim_of_an_image_with_itself_is_one():
     x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(evaluate.ssim(x, x), torch.ones(3))

@@ -11,16 +11,6 @@ from conftest import needs_mnist
 import train
 import vqgan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this file's tiny tensors: with two, a CPU shared with another busy
-    process made these tests 30x slower (OpenMP threads waiting on a descheduled partner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # A few-thousand-parameter tokenizer: the point is the plumbing, not the learning.
 SMALL_FLAGS = ["--ch", "8", "--norm-groups", "4", "--codebook-size", "32", "--embed-dim", "8",
                "--batch-size", "4", "--frames-per-clip", "2", "--disc-ch", "8", "--disc-start", "1",

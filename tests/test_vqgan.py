@@ -11,16 +11,6 @@ import torch.nn.functional as F
 import vqgan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this file's tiny tensors: with two, a CPU shared with another busy
-    process made these tests 30x slower (OpenMP threads waiting on a descheduled partner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_config(**overrides) -> vqgan.VQGANConfig:
     """A few-thousand-parameter VQGAN so every test here runs in seconds on 2 cores."""
     config = vqgan.VQGANConfig(ch=8, ch_mult=(1, 2, 2), norm_groups=4, codebook_size=32, embed_dim=8,
