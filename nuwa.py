@@ -428,8 +428,9 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p is not None:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, K)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, K)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the first code always
+        sorted_probs = sorted_logits.softmax(dim=-1)  # (B, K)
+        # Drop a code when the codes ranked above it already reach top_p (the first is always kept).
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, K)
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)  # back to code order
         logits = logits.masked_fill(drop, -math.inf)
     probs = logits.softmax(dim=-1)  # (B, K)
