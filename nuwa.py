@@ -403,17 +403,9 @@ class NUWA(nn.Module):
         return self.head(self.decoder_norm(x_p))[:, 0]  # (B, K)
 
 
-def cache_nbytes(caches) -> int:
-    """Bytes held by the tensors of a (nested) generation cache."""
-    if isinstance(caches, torch.Tensor):
-        return caches.numel() * caches.element_size()
-    if isinstance(caches, dict):
-        caches = list(caches.values())
-    elif hasattr(caches, "__dataclass_fields__"):
-        caches = [getattr(caches, name) for name in caches.__dataclass_fields__]
-    if isinstance(caches, (list, tuple)):
-        return sum(cache_nbytes(c) for c in caches)
-    return 0
+def cache_nbytes(caches: list) -> int:
+    """Bytes held by generation caches: a list (one per pass) of per-layer (self, cross) caches."""
+    return sum(cache.nbytes() for per_pass in caches for layer in per_pass for cache in layer)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
