@@ -167,3 +167,14 @@ def test_per_call_extent_override_reads_text_in_full():
     expected = attn._merge(torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert torch.allclose(full, expected)
     assert not torch.allclose(attn(x, (1, 2, 3), context=context, kv_shape=(1, 1, 5)), expected)
+
+
+def test_generation_cache_does_not_grow_with_video_length():
+    model = toy_model()  # extent e_t = 2: the cache keeps 3 frames
+    cond = conditions(model)["text"]
+    sizes = []
+    for frames in (3, 6):
+        caches = [model.new_caches()]
+        model.generate(cond, (frames, 3, 4), temperature=0, caches=caches)
+        sizes.append(nuwa.cache_nbytes(caches))
+    assert sizes[0] == sizes[1] > 0
