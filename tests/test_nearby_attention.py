@@ -372,3 +372,21 @@ def test_blocked_equals_reference_on_cuda(name):
                         *(x.cuda() for x in (q, k, v)))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.cpu(), e, rtol=0, atol=TOL)
+
+
+def test_bench_3dna_reports_its_json_contract(tmp_path):
+    # The benchmark's last line is a contract (SPEC §9); a tiny grid keeps this to seconds.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_3dna.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--shape", "2,6,6"],
+                          capture_output=True, text=True, check=True, timeout=300)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("shape", "extent", "dense_s", "blocked_s", "speedup", "max_abs_diff", "scaling"):
+        assert key in result, key
+    assert result["shape"] == [2, 6, 6]
+    assert [row["T"] for row in result["scaling"]] == [1, 2, 4]
+    assert result["speedup"] == pytest.approx(result["dense_s"] / result["blocked_s"])
+    assert result["max_abs_diff"] < 1e-4  # float32: the two backends compute the same function
