@@ -504,10 +504,8 @@ def nearby_attention(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent,
 class NearbyCache:
     """What one attention layer keeps between decode steps of one generation (see `step`)."""
 
-    bos_k: Tensor | None = None  # (B, nh, 1, hs) key/value of bos, read by every query
-    bos_v: Tensor | None = None
-    frames_k: Tensor | None = None  # (B, nh, e_t + 1, H, W, hs): frame t lives in slot t mod (e_t + 1)
-    frames_v: Tensor | None = None
+    keys: Tensor | None = None  # (B, nh, 1 + (e_t + 1)·H·W, hs): bos, then frame t in slot t mod (e_t + 1)
+    values: Tensor | None = None
     past_k: Tensor | None = None  # (B, nh, p + 1, hs): every key so far (full attention, extent None)
     past_v: Tensor | None = None
     context_k: Tensor | None = None  # (B, nh, Nk, hs): cross-attention keys, projected once
@@ -518,6 +516,65 @@ class NearbyCache:
         """Memory held by the cache's tensors, in bytes."""
         tensors = [getattr(self, f.name) for f in fields(self)]
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+# A decode step reads one query's window. Building it from aranges at every step costs dozens of
+# tiny kernel launches per layer and token, so the windows of one frame's H·W positions are
+# tabulated together, each padded to one box length L (positions off the grid point anywhere and are
+# masked), with the mask from the same `nearby_rule`. One table per frame, not per video: memory
+# stays independent of the video's length, and the least-recently used tables are dropped.
+
+@dataclass(frozen=True)
+class _StepPlan:
+    index: Tensor  # (H·W, L) where each key of each position's window lives (cache buffer or context)
+    allowed: Tensor  # (H·W, 1, 1, L) bool: on the grid and allowed by the rule, ready for the fused kernel
+
+
+def _box_around(centre: tuple[Tensor, Tensor, Tensor], shape: Shape3, offsets: tuple[Tensor, Tensor, Tensor]):
+    """Coordinates centre + offset on each axis, broadcast to (n, L_t, L_h, L_w), clamped onto the
+    grid, and whether each was on it before clamping."""
+    coords = [c[:, None, None, None] + o.view(*[-1 if a == axis else 1 for a in range(3)])
+              for axis, (c, o) in enumerate(zip(centre, offsets))]  # broadcasting to (n, L_t, L_h, L_w)
+    inside = functools.reduce(torch.logical_and, ((c >= 0) & (c < n) for c, n in zip(coords, shape)))
+    coords = [c.clamp(0, n - 1) for c, n in zip(coords, shape)]
+    return coords, inside
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _self_step_plan(frame_shape: tuple[int, int], extent: Shape3, lookback: int, slot: int, n_slots: int,
+                    device: torch.device) -> _StepPlan:
+    """Causal self-attention with bos, for the queries of one frame i (in buffer slot `slot`).
+
+    Key 0 is bos; then y_p's window over frames i - lookback .. i (lookback = min(i, e_t)). The rule
+    only compares time coordinates by their difference, so it is evaluated on a local grid of
+    lookback + 1 frames whose last frame is i: every frame i >= e_t with the same slot shares a table.
+    """
+    H, W = frame_shape
+    local = (lookback + 1, H, W)  # local frame a is frame i - lookback + a
+    p = lookback * H * W + torch.arange(H * W)  # (H·W,) the queries of frame i, local raster indices
+    offsets = (torch.arange(-lookback, 1), torch.arange(-extent[1], extent[1] + 1),
+               torch.arange(-extent[2], extent[2] + 1))  # causal: no later frames
+    (f, r, c), inside = _box_around(raster_to_coords(p, local), local, offsets)
+    s = (f * H + r) * W + c  # (H·W, L_t, L_h, L_w) local grid positions
+    allowed = inside & nearby_rule(p[:, None, None, None], s, local, local, extent, causal=True, bos=True)
+    buffer = 1 + (((slot - lookback + f) % n_slots) * H + r) * W + c  # where s lives (0 is bos)
+    index = torch.cat([torch.zeros_like(p)[:, None], buffer.flatten(1)], dim=1)  # (H·W, 1 + L)
+    allowed = torch.cat([torch.ones_like(allowed.flatten(1)[:, :1]), allowed.flatten(1)], dim=1)  # (H·W, 1 + L)
+    return _StepPlan(index.to(device), allowed[:, None, None, :].to(device))
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _cross_step_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, frame: int,
+                     device: torch.device) -> _StepPlan:
+    """Cross-attention for the queries of one frame: the box around each projected (i', j', k')."""
+    H, W = q_shape[1:]
+    p = frame * H * W + torch.arange(H * W)  # (H·W,) raster indices of the frame's queries
+    centre = tuple(project(x, n, m) for x, n, m in zip(raster_to_coords(p, q_shape), q_shape, kv_shape))
+    offsets = tuple(torch.arange(-e, e + 1) for e in extent)
+    (a, b, c), inside = _box_around(centre, kv_shape, offsets)
+    s = (a * kv_shape[1] + b) * kv_shape[2] + c  # (H·W, L_t, L_h, L_w) context positions
+    allowed = inside & nearby_rule(p[:, None, None, None], s, q_shape, kv_shape, extent, causal=False)
+    return _StepPlan(s.flatten(1).to(device), allowed.flatten(1)[:, None, None, :].to(device))
 
 
 MODULE_EXTENT = "module"  # default of the per-call `extent` argument: use the extent given at construction
@@ -642,37 +699,25 @@ class NearbyAttention(nn.Module):
             cache.past_v = v if p == 0 else torch.cat([cache.past_v, v], dim=2)  # (B, nh, p + 1, hs)
             return cache.past_k, cache.past_v, None
         T, H, W = q_shape
-        e_t, e_h, e_w = extent
         # y_p reads frames i - e_t .. i only, so e_t + 1 frames (fewer if the video is shorter) suffice.
-        n_slots = min(e_t + 1, T)
+        n_slots = min(extent[0] + 1, T)
         if p == 0:
             B, nh, _, hs = k.shape
-            cache.bos_k, cache.bos_v = k, v
-            cache.frames_k = k.new_zeros(B, nh, n_slots, H, W, hs)  # (B, nh, slots, H, W, hs)
-            cache.frames_v = v.new_zeros(B, nh, n_slots, H, W, hs)
+            cache.keys = k.new_zeros(B, nh, 1 + n_slots * H * W, hs)  # bos, then the rolling frames
+            cache.values = v.new_zeros(B, nh, 1 + n_slots * H * W, hs)
+            slot = 0  # key 0 is bos
         else:
             # Key r = p holds y_{p-1}: write it at its grid position, overwriting frame t - n_slots,
             # which no later query can see (their windows start at frame >= t - e_t).
             t, h, w = raster_to_coords(p - 1, q_shape)
-            cache.frames_k[:, :, t % n_slots, h, w] = k[:, :, 0]
-            cache.frames_v[:, :, t % n_slots, h, w] = v[:, :, 0]
-        i, j, k_ = raster_to_coords(p, q_shape)  # y_p's position (plain ints here)
-        device = x_p.device
-        frames = torch.arange(max(0, i - e_t), i + 1, device=device)  # causal: no later frames
-        rows = torch.arange(max(0, j - e_h), min(H, j + e_h + 1), device=device)
-        cols = torch.arange(max(0, k_ - e_w), min(W, k_ + e_w + 1), device=device)
-        # The buffer's (slot, row, column) positions of the window, then its grid positions s.
-        in_buffer = _combine_axes((frames % n_slots)[None], rows[None], cols[None], (n_slots, H, W))[0]  # (L,)
-        window = _combine_axes(frames[None], rows[None], cols[None], q_shape)[0]  # (L,)
-        keys = cache.frames_k.flatten(2, 4)[:, :, in_buffer]  # (B, nh, L, hs)
-        values = cache.frames_v.flatten(2, 4)[:, :, in_buffer]  # (B, nh, L, hs)
-        # The same rule as everywhere else; it masks the window's not-yet-written (later) positions.
-        allowed = nearby_rule(torch.tensor(p, device=device), window, q_shape, q_shape, extent,
-                              causal=True, bos=True)  # (L,)
-        keys = torch.cat([cache.bos_k, keys], dim=2)  # (B, nh, 1 + L, hs)
-        values = torch.cat([cache.bos_v, values], dim=2)  # (B, nh, 1 + L, hs)
-        allowed = torch.cat([allowed.new_ones(1), allowed]).view(1, 1, 1, -1)  # (1, 1, 1, 1 + L)
-        return keys, values, allowed
+            slot = 1 + ((t % n_slots) * H + h) * W + w
+        cache.keys[:, :, slot] = k[:, :, 0]
+        cache.values[:, :, slot] = v[:, :, 0]
+        # y_p's window from its frame's table; the rule masks off-grid and not-yet-written positions.
+        i, position = divmod(p, H * W)
+        plan = _self_step_plan((H, W), extent, min(i, extent[0]), i % n_slots, n_slots, x_p.device)
+        index = plan.index[position]  # (1 + L,)
+        return cache.keys.index_select(2, index), cache.values.index_select(2, index), plan.allowed[position]
 
     def _cross_window(self, p: int, q_shape: Shape3, cache: NearbyCache, context, kv_shape, extent):
         """Project the context once (first call), then gather y_p's projected window from it."""
@@ -682,13 +727,8 @@ class NearbyAttention(nn.Module):
             cache.context_v = self._heads(self.v_proj(context))  # (B, nh, Nk, hs)
         if extent is None:
             return cache.context_k, cache.context_v, None  # full attention to the whole context
-        (T2, H2, W2), (e_t, e_h, e_w) = cache.context_shape, extent
-        position = raster_to_coords(p, q_shape)  # y_p's (i, j, k)
-        i2, j2, k2 = (project(c, n, m) for c, n, m in zip(position, q_shape, cache.context_shape))  # (i', j', k')
-        device = cache.context_k.device
-        # Non-causal: the clipped box *is* the window, every key in it is allowed (no mask needed).
-        frames = torch.arange(max(0, i2 - e_t), min(T2, i2 + e_t + 1), device=device)
-        rows = torch.arange(max(0, j2 - e_h), min(H2, j2 + e_h + 1), device=device)
-        cols = torch.arange(max(0, k2 - e_w), min(W2, k2 + e_w + 1), device=device)
-        window = _combine_axes(frames[None], rows[None], cols[None], cache.context_shape)[0]  # (L,)
-        return cache.context_k[:, :, window], cache.context_v[:, :, window], None  # (B, nh, L, hs)
+        i, position = divmod(p, q_shape[1] * q_shape[2])
+        plan = _cross_step_plan(q_shape, cache.context_shape, extent, i, cache.context_k.device)
+        index = plan.index[position]  # (L,) the box around y_p's projected position
+        return (cache.context_k.index_select(2, index), cache.context_v.index_select(2, index),
+                plan.allowed[position])  # (B, nh, L, hs) twice, (1, 1, L)

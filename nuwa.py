@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import data
 from nearby_attention import NearbyAttention
@@ -341,7 +342,8 @@ class NUWA(nn.Module):
     def generate(self, cond: Condition, target_shape: tuple[int, int, int], *, forced=None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True,
-                 guidance_scale: float | None = None, caches: list | None = None) -> torch.Tensor:
+                 guidance_scale: float | None = None, caches: list | None = None,
+                 progress: bool = False) -> torch.Tensor:
         """Sample target tokens (B, T, h, w) one position at a time in raster order.
 
         forced: a (tokens (B, T, h, w), keep (B, T, h, w) bool) pair; kept positions are written,
@@ -350,6 +352,7 @@ class NUWA(nn.Module):
         logits = l_None + s · (l_cond − l_None), both passes fed the same decoder input.
         use_cache=False recomputes the whole decoder at every position (the slow reference).
         caches: optional fresh `[model.new_caches()]` (one per pass) to inspect after generation.
+        progress: show a progress bar over the N positions (sample.py turns it on).
         """
         check_shape_fits(target_shape, self.target_pos.max_shape)
         # A cached step is thousands of tiny kernels: on CPU, intra-op threads only add
@@ -359,12 +362,12 @@ class NUWA(nn.Module):
             torch.set_num_threads(1)
         try:
             return self._generate(cond, target_shape, forced, temperature, top_k, top_p, generator,
-                                  use_cache, guidance_scale, caches)
+                                  use_cache, guidance_scale, caches, progress)
         finally:
             torch.set_num_threads(threads)
 
     def _generate(self, cond, target_shape, forced, temperature, top_k, top_p, generator, use_cache,
-                  guidance_scale, caches) -> torch.Tensor:
+                  guidance_scale, caches, progress) -> torch.Tensor:
         B = cond.tokens.shape[0]
         T, h, w = target_shape
         N = T * h * w
@@ -378,15 +381,21 @@ class NUWA(nn.Module):
         if use_cache and caches is None:
             caches = [self.new_caches() for _ in passes]
         positions = self.target_pos(target_shape)  # (N, D)
-        for p in range(N):
+        for p in tqdm(range(N), desc="tokens", unit="tok", disable=not progress, leave=False):
             if use_cache:
                 # Input p is bos (p = 0) or the embedding of y_{p-1}, plus position p; same for all passes.
                 x_p = self.bos.expand(B, 1, -1) if p == 0 else self.token_embed(tokens[:, p - 1:p])
                 x_p = x_p + positions[p]  # (B, 1, D)
                 logits = [self.step_logits(x_p, p, target_shape, c, *enc) for c, enc in zip(caches, passes)]
             else:
-                x = self.decoder_input(tokens.view(B, T, h, w))  # (B, N, D); positions ≥ p unused (causal)
-                logits = [self.decode_logits(x, target_shape, *enc)[:, p] for enc in passes]
+                # Recompute the decoder over every frame up to p's: causal, so later frames could not
+                # change logit p anyway; the first t + 1 frames are a complete (t + 1, h, w) grid.
+                # Only when every memory is a single frame (text, image sketch): a video memory is
+                # reached through the time projection ⌊t·T'/T⌋, which depends on the frame count.
+                single_frame = all(memory_shape[0] == 1 for _, memory_shape, _ in passes)
+                frames = p // (h * w) + 1 if single_frame else T
+                x = self.decoder_input(tokens.view(B, T, h, w)[:, :frames])  # (B, frames·h·w, D)
+                logits = [self.decode_logits(x, (frames, h, w), *enc)[:, p] for enc in passes]
             logits_p = logits[0] if guidance_scale is None else logits[1] + guidance_scale * (logits[0] - logits[1])
             sampled = sample_logits(logits_p, temperature, top_k, top_p, generator)  # (B,)
             if forced is not None:

@@ -140,7 +140,7 @@ def run_task(args, models: Models) -> tuple[torch.Tensor, torch.Tensor | None, l
     model, n = models.nuwa, args.n
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     generator=torch.Generator(device=models.device).manual_seed(args.seed),
-                    guidance_scale=args.guidance)
+                    guidance_scale=args.guidance, progress=True)
     captions = [args.caption] * n if getattr(args, "caption", None) else []
     if args.task in ("t2i", "t2v") or args.task.startswith("edit"):
         model.tokenizer.encode(captions)  # unknown words: an error before any work starts

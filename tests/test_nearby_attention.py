@@ -256,7 +256,7 @@ def test_module_backends_agree():
     assert outs[0].shape == x.shape
 
 
-@pytest.mark.parametrize("extent", [(1, 1, 2), (2, 0, 1), (6, 1, 1), None])
+@pytest.mark.parametrize("extent", [(1, 1, 2), (2, 0, 1), (6, 1, 1), (1, 4, 9), None])
 def test_self_decode_step_equals_forward(extent):
     shape = (4, 3, 5)
     layer = _module(extent, causal=True)
@@ -268,7 +268,8 @@ def test_self_decode_step_equals_forward(extent):
     torch.testing.assert_close(steps, full, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("extent,kv_shape", [((1, 1, 1), (2, 5, 3)), ((0, 2, 1), (6, 2, 4)), (None, (1, 1, 7))])
+@pytest.mark.parametrize("extent,kv_shape", [((1, 1, 1), (2, 5, 3)), ((0, 2, 1), (6, 2, 4)), ((3, 4, 4), (2, 2, 3)),
+                                             (None, (1, 1, 7))])
 def test_cross_decode_step_equals_forward(extent, kv_shape):
     shape = (4, 3, 5)
     layer = _module(extent, context_dim=8)
