@@ -79,7 +79,9 @@ class NUWAConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> NUWAConfig:
         presets = {
-            "tiny": {},  # CPU: trains in minutes
+            # CPU, trains in minutes: short runs want many small steps at a high rate (measured on the
+            # demo's 7-minute budget: batch 2 at 3e-3 reaches a lower loss than batch 4 at 2e-3 or 1e-3).
+            "tiny": dict(batch_size=2, lr=3e-3, warmup_steps=10),
             "small": dict(dim=256, num_heads=8, encoder_layers=4, decoder_layers=8),  # one GPU
             "paper": dict(dim=1280, num_heads=20, encoder_layers=12, decoder_layers=24,
                           codebook_size=12_288, sketch_codebook_size=12_288, token_h=21, token_w=21,
