@@ -1,26 +1,59 @@
-"""One training script for every stage of NÜWA-mini.
+"""One training script for every stage of NÜWA-mini, from a laptop CPU to many GPUs.
 
-    python train.py --stage vqgan --preset tiny --max-seconds 300 --out out
-    python train.py --stage seg --preset tiny --max-steps 2000
+    python train.py --stage vqgan --preset tiny --max-seconds 300 --out out        # CPU or one GPU
+    torchrun --nproc_per_node=8 train.py --stage nuwa --preset small --out out      # DDP, 8 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        train.py --stage nuwa --preset small --fsdp --out /shared/out              # FSDP2, 2 nodes
     python train.py --stage vqgan --preset tiny -h      # every config field is a flag
 
 Papers: NÜWA (arXiv 2111.12417) trains its tokenizers first (§3.1, VQ-GAN for frames and
-VQ-GAN-Seg for sketches) and the 3D transformer on their tokens afterwards (§3.3-3.4). This file
-implements no equation of its own; it runs the optimisation the modules define.
+VQ-GAN-Seg for sketches) and the 3D transformer on their tokens afterwards (§3.3-3.4), on 64 A100s.
+This file implements no equation of its own; it runs the optimisation the modules define, on as
+many processes as `torchrun` starts — the same file, no edits (nanoGPT's single-script pattern).
 
-Sections: 1. run configuration and checkpoints (atomic save, checked load) · 2. stages — each a
-small unit: a config, a builder, a batch iterator, a step function and a visualiser · 3. the shared
-training loop (progress bar, JSON-lines log, pictures, checkpoints) · 4. the command line, generated
-from the dataclass fields.
+Sections: 1. run configuration · 2. processes: DDP / FSDP2, per-rank data and seeds, gradient
+averaging · 3. checkpoints (atomic save, checked load, gathering FSDP shards) · 4. stages — each a
+config, a builder, a batch function, its loss phases and a visualiser · 5. the shared training
+step and loop · 6. the command line, generated from the dataclass fields.
 
-Stages here: `vqgan` (frames of Moving MNIST) and `seg` (one-hot sketch maps of captioned Moving
-MNIST). Later stages (nuwa, lip, infinity, classifier) register themselves in `STAGES` the same way.
+How one optimisation step is shared out. The global batch (the stage config's `batch_size`) is
+fixed; it is cut into `micro_steps` equal micro-batches (default: one per process), and process r
+of W runs micro-batches r·A … r·A + A − 1 with A = micro_steps / W gradient-accumulation steps. Each
+micro-batch loss is a mean over its micro-batch, so backpropagating loss / A and letting DDP / FSDP
+average over W processes gives exactly the gradient of the mean loss over the global batch — for any
+W and A (tests/test_distributed.py checks this against one process on the full batch). The number of
+processes therefore changes the speed of a run, not its mathematics.
 
-Glossary: B batch, T frames, C channels, H W pixels, h w token grid, K codebook size.
+Exact resume, the simplest correct design: nothing random is carried from step to step.
+- Data: the global batch of step s is items s·N … s·N + N − 1 of the seeded, index-addressable
+  Moving MNIST streams (every item is a pure function of (seed, index), data.py), so a process
+  builds its micro-batches from (seed, step, part) alone: no iterator state to save or restore.
+- Randomness inside a step (data-dependent codebook initialisation, dead-code restarts, condition
+  dropout) comes from torch's generator reseeded at every step from (seed, rank, step).
+So a checkpoint needs only model, optimizers and step; a resumed run computes bit-identical losses
+on the CPU (test). The checkpoint stores the seed (in "run"), which with the step *is* the RNG
+state. There is no grad-scaler state: bf16 autocast needs no loss scaling.
 
-Deviations from the papers: single process only for now (the paper trains on 64 A100s; DDP/FSDP
-arrive with a later change); `--resume` restores model, optimizers and step but not yet the RNG
-states, so a resumed run is not bit-identical to an uninterrupted one.
+FSDP checkpoints are gathered, not written with torch.distributed.checkpoint (DCP): every rank
+takes part in all-gathering the full tensors and rank 0 writes one ordinary ckpt.pt, identical to a
+single-process one. Why: sample.py, evaluate.py and the notebooks load that file on a laptop with
+weights_only=True, and a run may resume under any mode and number of processes. Our largest model
+(the small preset) is tens of MB, so the gather costs nothing. DCP's sharded files become the right
+choice only when one process cannot hold the full state in CPU memory (billions of parameters). We
+also avoid DCP's get_optimizer_state_dict: it initialises a not-yet-stepped optimizer (VQGAN's
+discriminator before disc_start) with a zero-gradient step, which would break bitwise resume.
+
+Glossary: B batch, T frames, C channels, H W pixels, h w token grid, K codebook size, W processes
+(world size), r rank, A accumulation (micro-batches per process per step), N items per global batch.
+
+Deviations from the papers (and from one-process training):
+- Under DDP / FSDP, state that the forward pass changes in place rather than the optimizer (the EMA
+  codebook and its counts, BatchNorm statistics) is updated from each process's own micro-batches;
+  after every step rank 0's copy is broadcast to the others (DDP's own rule for buffers). The EMA
+  codebook update therefore sees rank 0's share of the batch; gradients see all of it.
+- VQGAN's adaptive weight λ and the discriminator's BatchNorm statistics are computed per
+  micro-batch (as the reference code does per GPU), so for the GAN terms accumulation and more
+  processes are not exactly a bigger batch; all other losses are means and decompose exactly.
 """
 
 from __future__ import annotations
@@ -32,27 +65,34 @@ import json
 import math
 import os
 import re
+import signal
 import tempfile
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 # Set before torch loads OpenMP: idle worker threads sleep instead of spinning. On a shared 2-core CPU
 # with another process busy, spinning made a tiny-preset step 25x slower (measured 5.0 s instead of
 # 0.3 s per step); an explicit OMP_WAIT_POLICY in the environment still wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor, distribute_tensor  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import data  # noqa: E402
 import nuwa  # noqa: E402
 import vqgan  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
-# 1. Run configuration and checkpoints
+# 1. Run configuration
 # ---------------------------------------------------------------------------------------------
 
 
@@ -60,10 +100,14 @@ import vqgan  # noqa: E402
 class TrainConfig:
     out: str = "out"  # run folder: a stage writes <out>/<stage>/ckpt.pt, log.jsonl and pictures
     max_steps: int = 0  # stop after this many optimisation steps; 0 = no step limit
-    max_seconds: float = 0.0  # stop after this much wall-clock training time; 0 = no time limit
-    seed: int = 0  # seeds torch and the data streams; printed at the start
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu" or "cuda"
+    max_seconds: float = 0.0  # stop after this much training time in total (a resumed run counts on); 0 = none
+    seed: int = 0  # seeds the weights, the data streams and every step's randomness; printed at the start
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu" or "cuda" (under torchrun: cuda:LOCAL_RANK)
     bf16: bool = True  # bf16 autocast of forward passes on CUDA (ignored on CPU)
+    tf32: bool = True  # TF32 tensor cores for float32 matmuls on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the model (worth it on a GPU; the first steps compile)
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and Adam state with FSDP2 instead of DDP
+    micro_steps: int = 0  # micro-batches per step over all processes (nanoGPT's gradient accumulation); 0 = one per process
     log_every: int = 10  # steps between lines of log.jsonl
     sample_every: int = 500  # steps between reconstruction grids; 0 = only at the end
     ckpt_every: int = 500  # steps between checkpoints; the last step always writes one
@@ -71,6 +115,152 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # "cosine": decay over the run's budget (steps or seconds); "constant"
     lr_min_ratio: float = 0.1  # the cosine ends at this fraction of the stage config's lr
     threads: int = 0  # CPU threads for torch; 0 = torch's default (one per core). 1 is faster on a busy CPU
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Processes: one per GPU (or CPU slot) under torchrun, each training on its share of the batch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """Where this process stands among the W that torchrun started (W = 1 without torchrun)."""
+
+    rank: int = 0  # r: this process's number, 0 … W − 1
+    world: int = 1  # W: number of processes
+    device: torch.device = torch.device("cpu")
+    started_group: bool = False  # whether this call created the process group (and must destroy it)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone prints, draws, logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def init_processes(run: TrainConfig) -> Processes:
+    """Join the process group that torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*.
+
+    NCCL between GPUs, gloo between CPU processes (the tests run two CPU processes with gloo)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if run.fsdp:
+            raise ValueError("--fsdp needs a process group: start the run with torchrun, e.g. "
+                             "`torchrun --nproc_per_node=2 train.py ... --fsdp` (one process trains without it)")
+        return Processes(device=torch.device(run.device))
+    device = torch.device(run.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return Processes(dist.get_rank(), dist.get_world_size(), device, started)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one step on one process: a hash of (seed, rank, step). Reseeding every
+    step makes a resumed run draw exactly the numbers the uninterrupted one drew, without saving
+    generator states, and gives every rank its own numbers."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0])
+
+
+def accumulation_steps(run: TrainConfig, world: int) -> tuple[int, int]:
+    """(parts, A): the global batch is cut into `parts` micro-batches, A = parts / W per process."""
+    parts = run.micro_steps or world
+    if parts % world:
+        raise ValueError(f"--micro-steps {parts} cannot be shared by {world} processes; use a multiple of {world}")
+    return parts, parts // world
+
+
+def equal_part(total: int, part: int, parts: int, what: str) -> range:
+    """Item indices of micro-batch `part` of `parts` equal micro-batches of a step's `total` items.
+
+    Equal sizes are what make `loss / A` exact (a mean of equal-size means is the mean); unequal
+    ones are refused rather than silently weighted wrong (the gradient-accumulation bug class)."""
+    if total % parts:
+        raise ValueError(f"a step's {total} {what} cannot be cut into {parts} equal micro-batches "
+                         f"(micro-steps × processes); choose a batch size divisible by {parts}")
+    size = total // parts
+    return range(part * size, (part + 1) * size)
+
+
+def gradient_sync(objectives: nn.Module, enabled: bool):
+    """DDP and FSDP average gradients over processes during backward. On the non-final micro-steps
+    of an accumulation there is nothing to average yet: DDP's no_sync() and FSDP's
+    set_requires_gradient_sync(False) skip the communication, and the final micro-step's backward
+    averages the summed gradients once."""
+    if isinstance(objectives, DistributedDataParallel):
+        return nullcontext() if enabled else objectives.no_sync()
+    if isinstance(objectives, FSDPModule):
+        objectives.set_requires_gradient_sync(enabled)  # recurses into every FSDP unit
+    return nullcontext()
+
+
+def mean_over_processes(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One all-reduce for all metrics: every rank then logs, and checks for NaN, the same numbers."""
+    names = sorted(values)
+    stacked = torch.stack([values[name].float() for name in names])  # (M,)
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(names, stacked.tolist()))
+
+
+def agreed(*flags: bool, device: torch.device) -> list[bool]:
+    """Each flag True on every rank if it is True on any: a stop signal or the time budget must end
+    every rank after the same step, or the others would wait forever in the next collective."""
+    if not dist.is_initialized():
+        return list(flags)
+    values = torch.tensor([float(flag) for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+@torch.no_grad()
+def broadcast_in_place_state(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's copy of the state the forward pass updates in place (EMA codebook, BatchNorm
+    statistics) replaces the others' after each step, so every rank computes with the same model."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for tensor in tensors:
+        if tensor.dtype == torch.bool:  # gloo cannot send bool tensors: go through uint8
+            payload = tensor.data.to(torch.uint8)
+            dist.broadcast(payload, src=0)
+            tensor.data.copy_(payload.bool())
+        else:
+            dist.broadcast(tensor.data, src=0)  # .data: a view of the same storage, outside autograd
+
+
+def wrap_model(objectives: nn.Module, stage: Stage, model: nn.Module, procs: Processes, run: TrainConfig) -> nn.Module:
+    """Single process: as is. torchrun: DDP (a full replica per process, gradients all-reduced), or
+    with --fsdp FSDP2: each of the stage's units (transformer blocks) and then the whole model are
+    `fully_shard`ed — a process keeps 1/W of every parameter, gradient and Adam moment, and gathers a
+    unit's parameters just before its forward and backward."""
+    if not dist.is_initialized():
+        return objectives
+    in_place = [t for t in stage.in_place_state(model) if isinstance(t, nn.Parameter)]
+    if not run.fsdp:
+        # find_unused_parameters: a phase may leave parameters without gradient (D before
+        # disc_start and in the tokenizer phase, sketch embeddings when no sketch task is trained).
+        return DistributedDataParallel(objectives, device_ids=[procs.device] if procs.device.type == "cuda" else None,
+                                       find_unused_parameters=True, broadcast_buffers=False)
+    trained_in_place = [name for name, p in model.named_parameters() if p.requires_grad and
+                        any(p is q for q in in_place)]
+    if trained_in_place:
+        raise ValueError(f"--fsdp cannot shard {trained_in_place}: they are trained by gradient and also written "
+                         f"in place by the forward pass (vqgan --no-ema: dead-code restarts). Use DDP (drop "
+                         f"--fsdp) or the EMA codebook (--ema)")
+    # The in-place state stays whole on every rank (FSDP would drop writes to its gathered copy).
+    mesh = dist.device_mesh.init_device_mesh(procs.device.type, (procs.world,))
+    for unit in stage.fsdp_units(model):
+        fully_shard(unit, mesh=mesh, ignored_params=set(in_place))
+    fully_shard(objectives, mesh=mesh, ignored_params=set(in_place))
+    return objectives
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Checkpoints
+# ---------------------------------------------------------------------------------------------
 
 
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
@@ -93,6 +283,9 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
 def load_checkpoint(path: Path, *, stage: str, config: Any) -> dict:
     """Load with weights_only=True (plain tensors and containers, no pickled code) and reject a
     checkpoint of another stage or configuration, naming every mismatching field."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}. Start the run without --resume, or "
+                                f"set --out to the folder of the run to continue (it holds {stage}/ckpt.pt)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint.get("stage") != stage:
         raise ValueError(f"{path} is a checkpoint of stage {checkpoint.get('stage')!r}, not {stage!r}")
@@ -108,77 +301,174 @@ def config_to_dict(config: Any) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
+def gathered(state: Any) -> Any:
+    """A (nested) state dict with every FSDP shard (DTensor) all-gathered into a full CPU tensor.
+    Collective under FSDP: every rank must call it, even though only rank 0 writes the result."""
+    if isinstance(state, dict):
+        return {k: gathered(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [gathered(v) for v in state]
+    if isinstance(state, DTensor):
+        return state.full_tensor().cpu()
+    return state.detach().cpu() if isinstance(state, torch.Tensor) else state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full (gathered) optimizer state; under FSDP each process keeps its shard of every
+    moment, cut exactly like the parameter it belongs to. The fused / foreach choice of the new run
+    (e.g. fused on a GPU) is kept, whatever the run that wrote the checkpoint used."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {"param_groups": state["param_groups"], "state": {
+        index: {k: distribute_tensor(v.to(params[index].device), params[index].device_mesh, params[index].placements,
+                                     src_data_rank=None)  # every rank holds the full tensor: take its shard
+                if isinstance(params[index], DTensor) and isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                for k, v in moments.items()}
+        for index, moments in state["state"].items()}}
+    kept = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, kept):
+        group.update(keep)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """A process killed (SIGKILL) inside save_checkpoint leaves its temporary file; ckpt.pt is intact."""
+    for stale in folder.glob(".ckpt.pt.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------
-# 2. Stages
+# 4. Stages
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
+class Phase:
+    """One optimizer's part of a training step: its loss on every micro-batch, then clip and step.
+    VQGAN has two (the tokenizer E, B, G, then the discriminator D); NÜWA has one."""
+
+    name: str  # the optimizer's key in the stage's optimizers dict
+    loss: Callable[..., dict[str, torch.Tensor]]  # (model, micro-batch, *, step, carry, autocast) → metrics
+    parameters: Callable[[nn.Module], list]  # what this optimizer steps, and what is clipped
+    objective: str = "loss"  # the metric that is backpropagated
+    active: Callable[[Any, int], bool] = lambda config, step: True  # (config, step) → does it run?
+
+
+@dataclass
 class Stage:
-    """What differs between stages; the loop, checkpoints and logs are shared."""
+    """What differs between stages; the step, the loop, processes, checkpoints and logs are shared.
+    A new stage (lip, infinity, classifier) fills in these fields and gets DDP, FSDP, accumulation,
+    bf16, exact resume and checkpoints for free."""
 
     preset: Callable[[str], Any]  # preset name → the stage's config dataclass
-    build: Callable[[Any, torch.device], tuple[nn.Module, dict[str, torch.optim.Optimizer]]]
-    batches: Callable[[Any, int], Iterator[Any]]  # (config, seed) → endless batches (CPU tensors)
-    step: Callable[..., dict[str, float]]  # (model, optimizers, batch, step, autocast) → metrics
+    build: Callable[[Any, torch.device], nn.Module]  # (config, device) → model
+    optimizers: Callable[[nn.Module, Any, torch.device], dict[str, torch.optim.Optimizer]]
+    batch: Callable[[Any, int, int, int, int], Any]  # (config, seed, step, part, parts) → micro-batch (CPU)
+    phases: list[Phase]
     visualise: Callable[[nn.Module, Any, Path], Path]  # (model, config, png path) → path written
-    tokens_per_batch: Callable[[Any], int] = field(default=lambda config: 0)  # for the tokens/s readout
+    tokens_per_batch: Callable[[Any], int] = field(default=lambda config: 0)  # global batch, for tokens/s
+    warmup: Callable[[Any, int], float] = field(default=lambda config, step: 1.0)  # lr factor on top of the schedule
+    fsdp_units: Callable[[nn.Module], list[nn.Module]] = field(default=lambda model: [])  # sharded one by one
+    # Tensors the forward pass changes in place rather than the optimizer: kept whole (never sharded)
+    # and broadcast from rank 0 after every step.
+    in_place_state: Callable[[nn.Module], list[torch.Tensor]] = field(default=lambda model: list(model.buffers()))
 
 
-def build_tokenizer(config: vqgan.VQGANConfig, device: torch.device):
-    """VQGAN plus two Adam optimizers: E/B/G ("vqgan") and the discriminator D ("disc")."""
-    model = vqgan.VQGAN(config).to(device)
-    optimizers = {"vqgan": torch.optim.Adam(model.tokenizer_parameters(), lr=config.lr, betas=config.betas)}
+class StageObjectives(nn.Module):
+    """The model and its phases' losses behind one forward(), the module DDP or FSDP wraps: both
+    hang their machinery on forward (DDP prepares its gradient all-reduce, FSDP gathers the
+    root's parameters), so every loss — also the discriminator's — must be computed inside one."""
+
+    def __init__(self, model: nn.Module, phases: list[Phase]):
+        super().__init__()
+        self.model = model
+        self.losses = {phase.name: phase.loss for phase in phases}
+
+    def forward(self, batch: Any, *, phase: str, step: int, carry: dict, autocast) -> dict[str, torch.Tensor]:
+        return self.losses[phase](self.model, batch, step=step, carry=carry, autocast=autocast)
+
+
+@functools.lru_cache(maxsize=8)
+def moving_clips(split: str, frames: int, digits: int, seed: int) -> data.MovingMNIST:
+    return data.MovingMNIST(split, num_frames=frames, num_digits=digits, seed=seed)  # loads MNIST once per process
+
+
+@functools.lru_cache(maxsize=8)
+def captioned_clips(split: str, frames: int, digits: int, seed: int) -> data.CaptionedMovingMNIST:
+    return data.CaptionedMovingMNIST(split, num_frames=frames, num_digits=digits, seed=seed)
+
+
+# --- VQ-GAN and VQ-GAN-Seg (NÜWA §3.1; Esser et al. §3.2) --------------------------------------
+
+
+def build_tokenizer(config: vqgan.VQGANConfig, device: torch.device) -> vqgan.VQGAN:
+    return vqgan.VQGAN(config).to(device)
+
+
+def tokenizer_optimizers(model: vqgan.VQGAN, config: vqgan.VQGANConfig, device: torch.device) -> dict:
+    """Two Adam optimizers: E/B/G ("vqgan") and the discriminator D ("disc")."""
+    fused = device.type == "cuda"  # one kernel for all parameters: faster on GPUs
+    optimizers = {"vqgan": torch.optim.Adam(model.tokenizer_parameters(), lr=config.lr, betas=config.betas, fused=fused)}
     if model.discriminator is not None:
-        optimizers["disc"] = torch.optim.Adam(model.discriminator.parameters(), lr=config.lr, betas=config.betas)
-    return model, optimizers
+        optimizers["disc"] = torch.optim.Adam(model.discriminator.parameters(), lr=config.lr, betas=config.betas,
+                                              fused=fused)
+    return optimizers
 
 
-def frame_batches(config: vqgan.VQGANConfig, seed: int) -> Iterator[torch.Tensor]:
-    """Endless (B, 1, 64, 64) batches: `frames_per_clip` frames from each of B / frames_per_clip
-    fresh two-digit Moving MNIST training clips (the clips are generated on the fly)."""
-    clips = data.MovingMNIST("train", num_frames=config.frames_per_clip, num_digits=2, seed=seed)
-    per_batch = max(1, config.batch_size // config.frames_per_clip)
-    index = 0
-    while True:
-        videos = [clips[(index + i) % len(clips)]["video"] for i in range(per_batch)]  # each (T, 1, 64, 64)
-        index += per_batch
-        yield torch.cat(videos)  # (B, 1, 64, 64)
+def clips_per_step(config: vqgan.VQGANConfig, frames: int) -> int:
+    """A tokenizer batch takes `frames_per_clip` frames from each of B / frames_per_clip clips."""
+    return max(1, config.batch_size // frames)
 
 
-def sketch_batches(config: vqgan.VQGANConfig, seed: int) -> Iterator[torch.Tensor]:
-    """Endless one-hot sketch batches (B, 11, 64, 64) from captioned two-digit training clips."""
-    clips = data.CaptionedMovingMNIST("train", num_frames=max(2, config.frames_per_clip), num_digits=2, seed=seed)
-    per_batch = max(1, config.batch_size // clips.num_frames)
-    index = 0
-    while True:
-        sketches = [clips[(index + i) % len(clips)]["sketch"] for i in range(per_batch)]  # each (T, 64, 64)
-        index += per_batch
-        yield vqgan.sketch_to_onehot(torch.cat(sketches), config.in_channels)  # (B, 11, 64, 64)
+def frame_batch(config: vqgan.VQGANConfig, seed: int, step: int, part: int, parts: int) -> torch.Tensor:
+    """Micro-batch `part` of step `step`: (B / parts, 1, 64, 64) frames of two-digit Moving MNIST
+    training clips s·n … s·n + n − 1 (generated on the fly)."""
+    clips = moving_clips("train", config.frames_per_clip, 2, seed)
+    per_step = clips_per_step(config, config.frames_per_clip)
+    picks = equal_part(per_step, part, parts, f"clips (batch_size / frames_per_clip = {per_step})")
+    return torch.cat([clips[(step * per_step + i) % len(clips)]["video"] for i in picks])  # (b, 1, 64, 64)
 
 
-def tokenizer_step(model: vqgan.VQGAN, optimizers: dict, x: torch.Tensor, step: int, autocast) -> dict[str, float]:
-    """One step of VQ-GAN training (Esser et al. §3.2): the tokenizer, then the discriminator."""
-    config = model.config
-    # Tokenizer E, B, G: forward, loss, backward, clip, step. (The EMA codebook update happens
-    # inside the forward pass; with EMA the codes are not in the optimizer.)
+def sketch_batch(config: vqgan.VQGANConfig, seed: int, step: int, part: int, parts: int) -> torch.Tensor:
+    """Micro-batch of one-hot sketch maps (b, 11, 64, 64) from captioned two-digit training clips."""
+    clips = captioned_clips("train", max(2, config.frames_per_clip), 2, seed)
+    per_step = clips_per_step(config, clips.num_frames)
+    picks = equal_part(per_step, part, parts, f"clips (batch_size / frames_per_clip = {per_step})")
+    sketches = [clips[(step * per_step + i) % len(clips)]["sketch"] for i in picks]  # each (T, 64, 64)
+    return vqgan.sketch_to_onehot(torch.cat(sketches), config.in_channels)  # (b, 11, 64, 64)
+
+
+def tokenizer_loss(model: vqgan.VQGAN, x: torch.Tensor, *, step: int, carry: dict, autocast) -> dict:
+    """E, B, G: rec + codebook + commitment (+ λ·gan) on a micro-batch. The EMA codebook update
+    happens inside this forward pass; with EMA the codes are not in the optimizer."""
     with autocast():
-        x_rec, losses = model(x, step=step)  # x_rec (B, C, H, W)
-    optimizers["vqgan"].zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    if config.grad_clip > 0:
-        losses["grad_norm"] = nn.utils.clip_grad_norm_(model.tokenizer_parameters(), config.grad_clip)
-    optimizers["vqgan"].step()
-    # Discriminator D, from the same step on as the GAN term: hinge loss on x vs sg[x̂].
-    if "disc" in optimizers and step >= config.disc_start:
-        with autocast():
-            losses["disc_loss"] = model.discriminator_loss(x, x_rec)
-        optimizers["disc"].zero_grad(set_to_none=True)  # also drops what gan_loss left in D
-        losses["disc_loss"].backward()
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.discriminator.parameters(), config.grad_clip)
-        optimizers["disc"].step()
-    return {name: float(value.detach()) for name, value in losses.items()}
+        x_rec, losses = model(x, step=step)  # x_rec (b, C, H, W)
+    carry["x_rec"] = x_rec.detach()  # the discriminator's fakes: sg[x̂] of this same forward pass
+    return losses
+
+
+def discriminator_loss(model: vqgan.VQGAN, x: torch.Tensor, *, step: int, carry: dict, autocast) -> dict:
+    """D: hinge loss on x vs sg[x̂], from the same step on as the GAN term."""
+    with autocast():
+        return {"disc_loss": model.discriminator_loss(x, carry["x_rec"])}
+
+
+TOKENIZER_PHASES = [
+    Phase("vqgan", tokenizer_loss, lambda model: model.tokenizer_parameters()),
+    Phase("disc", discriminator_loss, lambda model: list(model.discriminator.parameters()), objective="disc_loss",
+          active=lambda config, step: config.disc_weight > 0 and step >= config.disc_start),
+]
+
+
+def tokenizer_in_place_state(model: vqgan.VQGAN) -> list[torch.Tensor]:
+    """The codebook is written by the EMA update, data-dependent init and dead-code restarts."""
+    return list(model.quantizer.parameters()) + list(model.buffers())
+
+
+def tokenizer_fsdp_units(model: vqgan.VQGAN) -> list[nn.Module]:
+    """The encoder is one FSDP unit; decoder and D stay in the root unit, because the adaptive
+    weight λ differentiates w.r.t. the decoder's last layer, through D, in the middle of the forward
+    pass (autograd.grad): that layer must stay gathered, and D's backward hooks must not fire there."""
+    return [model.encoder]
 
 
 VISUAL_CLIPS, VISUAL_FRAMES = 4, 10  # reconstruction grids: 4 fixed held-out clips, 10 frames each
@@ -247,38 +537,39 @@ def frozen_tokenizer(path: str, device: str, codebook_size: int, token_shape: tu
     return model
 
 
-def build_nuwa(config: nuwa.NUWAConfig, device: torch.device):
-    """NÜWA plus AdamW (weight decay on matrices only, the usual transformer practice)."""
+def build_nuwa(config: nuwa.NUWAConfig, device: torch.device) -> nuwa.NUWA:
     nuwa_tasks(config)  # fail on a bad task list before any work
-    model = nuwa.NUWA(config).to(device)
+    return nuwa.NUWA(config).to(device)
+
+
+def nuwa_optimizers(model: nuwa.NUWA, config: nuwa.NUWAConfig, device: torch.device) -> dict:
+    """AdamW with weight decay on matrices only (the usual transformer practice); fused on GPUs."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    return model, {"nuwa": optimizer}
+    return {"nuwa": torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")}
 
 
-def nuwa_batches(config: nuwa.NUWAConfig, seed: int) -> Iterator[dict]:
-    """Endless dicts {task: pixel batch}. The caption/sketch tasks share each step's captioned clips
-    (an image task uses one random frame of them); V2V uses two-digit Moving MNIST clips."""
+def nuwa_batch(config: nuwa.NUWAConfig, seed: int, step: int, part: int, parts: int) -> dict:
+    """Micro-batch {task: pixel batch} of step `step`. The caption/sketch tasks share the step's
+    captioned clips (an image task uses one frame t of them, drawn from (seed, step) so that every
+    micro-batch and rank uses the same t); V2V uses two-digit Moving MNIST clips."""
     tasks, B = nuwa_tasks(config), config.batch_size
-    captioned = data.CaptionedMovingMNIST("train", num_frames=config.frames, num_digits=config.num_digits, seed=seed)
-    moving = data.MovingMNIST("train", num_frames=config.predict_frames, num_digits=2, seed=seed)
-    frame_pick = torch.Generator().manual_seed(seed)
-    index = 0
-    while True:
-        clips = data.collate([captioned[(index + i) % len(captioned)] for i in range(B)])
-        t = int(torch.randint(config.frames, (1,), generator=frame_pick))  # the image tasks' frame
-        batch = {
-            "t2i": {"video": clips["video"][:, t:t + 1], "caption": clips["caption"]},
-            "t2v": {"video": clips["video"], "caption": clips["caption"]},
-            "s2i": {"video": clips["video"][:, t:t + 1], "sketch": clips["sketch"][:, t:t + 1]},
-            "s2v": {"video": clips["video"], "sketch": clips["sketch"]},
-        }
-        if "v2v" in tasks:
-            batch["v2v"] = {"video": torch.stack([moving[(index + i) % len(moving)]["video"] for i in range(B)])}
-        index += B
-        yield {task: batch[task] for task in tasks}
+    picks = equal_part(B, part, parts, "clips per task (batch_size)")
+    captioned = captioned_clips("train", config.frames, config.num_digits, seed)
+    clips = data.collate([captioned[(step * B + i) % len(captioned)] for i in picks])
+    frame_pick = torch.Generator().manual_seed(step_seed(seed, 0, step))
+    t = int(torch.randint(config.frames, (1,), generator=frame_pick))  # the image tasks' frame
+    batch = {
+        "t2i": {"video": clips["video"][:, t:t + 1], "caption": clips["caption"]},
+        "t2v": {"video": clips["video"], "caption": clips["caption"]},
+        "s2i": {"video": clips["video"][:, t:t + 1], "sketch": clips["sketch"][:, t:t + 1]},
+        "s2v": {"video": clips["video"], "sketch": clips["sketch"]},
+    }
+    if "v2v" in tasks:
+        moving = moving_clips("train", config.predict_frames, 2, seed)
+        batch["v2v"] = {"video": torch.stack([moving[(step * B + i) % len(moving)]["video"] for i in picks])}
+    return {task: batch[task] for task in tasks}
 
 
 def nuwa_condition(model: nuwa.NUWA, task: str, batch: dict) -> nuwa.Condition:
@@ -293,28 +584,21 @@ def nuwa_condition(model: nuwa.NUWA, task: str, batch: dict) -> nuwa.Condition:
     return nuwa.none_condition(model.tokenizer, batch["video"].shape[0])
 
 
-def nuwa_step(model: nuwa.NUWA, optimizers: dict, batch: dict, step: int, autocast) -> dict[str, float]:
-    """One NÜWA step (§3.4): L = Σ_tasks CE(next token), summed over the tasks of the mix."""
+def nuwa_loss(model: nuwa.NUWA, batch: dict, *, step: int, carry: dict, autocast) -> dict:
+    """NÜWA §3.4: L = Σ_tasks CE(next token), summed over the tasks of the mix (each a mean over
+    its b·N target tokens, so the micro-batch means decompose exactly)."""
     config = model.config
     frames = frozen_tokenizer(config.vqgan_ckpt, str(model.bos.device), config.codebook_size,
                               (config.token_h, config.token_w))
-    for group in optimizers["nuwa"].param_groups:  # linear warm-up on top of the run's schedule
-        group["lr"] *= min(1.0, (step + 1) / max(1, config.warmup_steps))
     losses = {}
     for task, task_batch in batch.items():
         with torch.no_grad():
-            targets = frames.encode_video(task_batch["video"])  # (B, T, h, w)
+            targets = frames.encode_video(task_batch["video"])  # (b, T, h, w)
             cond = nuwa_condition(model, task, task_batch)
         with autocast():
             losses[f"{task}_loss"] = model.loss(cond, targets)
-    loss = sum(losses.values())
-    optimizers["nuwa"].zero_grad(set_to_none=True)
-    loss.backward()
-    metrics = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
-    if config.grad_clip > 0:
-        metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-    optimizers["nuwa"].step()
-    return metrics
+    losses["loss"] = sum(losses.values())
+    return losses
 
 
 VISUAL_CAPTIONS = ["digit 3 is moving up then down", "digit 4 is moving left then right"]  # seen combinations
@@ -353,18 +637,22 @@ def nuwa_tokens_per_batch(config: nuwa.NUWAConfig) -> int:
     return config.batch_size * per_frame * sum(lengths[t] for t in nuwa_tasks(config))
 
 
+TOKENIZER = dict(build=build_tokenizer, optimizers=tokenizer_optimizers, phases=TOKENIZER_PHASES,
+                 tokens_per_batch=tokens_per_frame_batch, fsdp_units=tokenizer_fsdp_units,
+                 in_place_state=tokenizer_in_place_state)
 STAGES: dict[str, Stage] = {
-    "vqgan": Stage(preset=vqgan.VQGANConfig.preset, build=build_tokenizer, batches=frame_batches,
-                   step=tokenizer_step, visualise=visualise_frames, tokens_per_batch=tokens_per_frame_batch),
-    "seg": Stage(preset=lambda name: vqgan.VQGANConfig.preset(name, seg=True), build=build_tokenizer,
-                 batches=sketch_batches, step=tokenizer_step, visualise=visualise_sketches,
-                 tokens_per_batch=tokens_per_frame_batch),
-    "nuwa": Stage(preset=nuwa.NUWAConfig.preset, build=build_nuwa, batches=nuwa_batches, step=nuwa_step,
-                  visualise=visualise_nuwa, tokens_per_batch=nuwa_tokens_per_batch),
+    "vqgan": Stage(preset=vqgan.VQGANConfig.preset, batch=frame_batch, visualise=visualise_frames, **TOKENIZER),
+    "seg": Stage(preset=lambda name: vqgan.VQGANConfig.preset(name, seg=True), batch=sketch_batch,
+                 visualise=visualise_sketches, **TOKENIZER),
+    "nuwa": Stage(preset=nuwa.NUWAConfig.preset, build=build_nuwa, optimizers=nuwa_optimizers, batch=nuwa_batch,
+                  phases=[Phase("nuwa", nuwa_loss, lambda model: list(model.parameters()))],
+                  visualise=visualise_nuwa, tokens_per_batch=nuwa_tokens_per_batch,
+                  warmup=lambda config, step: min(1.0, (step + 1) / max(1, config.warmup_steps)),  # linear warm-up
+                  fsdp_units=lambda model: [*model.encoder, *model.decoder]),  # every transformer block
 }
 
 # ---------------------------------------------------------------------------------------------
-# 3. The training loop (shared by every stage)
+# 5. The training step and loop (shared by every stage)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -393,75 +681,209 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def check_finite(value: float, what: str, step: int, ckpt_path: Path) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} is {value} at step {step}; stopping before the optimizer step. The last "
+                                 f"good checkpoint {ckpt_path} (if any) is kept.")
+
+
+def train_step(objectives: nn.Module, model: nn.Module, optimizers: dict, phases: list[Phase],
+               micro_batches: list, *, step: int, config: Any, autocast, ckpt_path: Path) -> dict[str, float]:
+    """One optimisation step on this process's A micro-batches: per phase, forward and backward
+    every micro-batch (gradients averaged over processes on the last), check, clip, step."""
+    A = len(micro_batches)
+    carry = [{} for _ in micro_batches]  # what a later phase needs from an earlier one (VQGAN: x̂ for D)
+    metrics: dict[str, float] = {}
+    for index, phase in enumerate(phases):
+        if not phase.active(config, step):
+            continue
+        optimizer = optimizers[phase.name]
+        optimizer.zero_grad(set_to_none=True)  # also drops what an earlier phase's loss left here (gan_loss in D)
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro_batches):
+            with gradient_sync(objectives, enabled=i == A - 1):  # no_sync() on the non-final micro-steps
+                losses = objectives(batch, phase=phase.name, step=step, carry=carry[i], autocast=autocast)
+                # Each micro-loss is a mean over an equal-size micro-batch: dividing by A makes the
+                # summed gradients those of the mean over this process's share; DDP / FSDP then
+                # average the W shares. Forgetting the 1/A multiplies the gradient by A.
+                (losses[phase.objective] / A).backward()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() / A
+        phase_metrics = mean_over_processes(sums)  # the logged loss is the mean over the whole global batch
+        check_finite(phase_metrics[phase.objective], phase.objective, step, ckpt_path)
+        if config.grad_clip > 0:
+            norm = nn.utils.clip_grad_norm_(phase.parameters(model), config.grad_clip)
+            norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+            check_finite(norm, "the gradient norm", step, ckpt_path)
+            phase_metrics["grad_norm" if index == 0 else f"{phase.name}_grad_norm"] = norm
+        optimizer.step()
+        metrics.update(phase_metrics)
+    return metrics
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's preemption, torchrun shutting down) or Ctrl-C (SIGINT) ask the run to
+    stop: the current step finishes, a checkpoint is written, and the process exits with 128 + signal.
+    A second Ctrl-C stops at once. The previous handlers come back when the run ends."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.previous = {}
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handlers, nothing to restore
+            pass
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
 def train(stage_name: str, config: Any, run: TrainConfig) -> Path:
-    """Train one stage until max_steps or max_seconds; returns the checkpoint path."""
+    """Train one stage until max_steps or max_seconds (or a stop signal); returns the checkpoint path."""
+    procs = init_processes(run)
+    try:
+        return train_processes(stage_name, config, run, procs)
+    except BaseException as error:
+        # Free what the failed frames hold (the DDP wrapper) before the process group goes: a gloo
+        # group whose last reference dies inside DDP's C++ Reducer is destroyed while holding
+        # Python's lock, and its worker threads may need that lock to finish (a deadlock at exit).
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        if procs.started_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_processes(stage_name: str, config: Any, run: TrainConfig, procs: Processes) -> Path:
+    """The body of train() on one of the W processes."""
     from tqdm import tqdm
 
-    stage, device = STAGES[stage_name], torch.device(run.device)
+    stage = STAGES[stage_name]
+    device, fsdp = procs.device, run.fsdp and dist.is_initialized()
     folder = Path(run.out) / stage_name
     ckpt_path = folder / "ckpt.pt"
+    parts, A = accumulation_steps(run, procs.world)
     if run.threads:
         torch.set_num_threads(run.threads)
-    print(f"stage {stage_name}; seed {run.seed}; device {device}; {torch.get_num_threads()} CPU threads; "
-          f"writing {folder}")
-    torch.manual_seed(run.seed)
-    model, optimizers = stage.build(config, device)
-    step = 0
-    if run.resume:
-        checkpoint = load_checkpoint(ckpt_path, stage=stage_name, config=config)
-        model.load_state_dict(checkpoint["model"])
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(checkpoint["optimizers"][name])
-        step = checkpoint["step"]
-        print(f"resumed from {ckpt_path} at step {step}")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if run.tf32 else "highest")  # TF32 tensor cores
+    say = print if procs.main else (lambda *args, **kwargs: None)
+    mode = "FSDP2" if fsdp else "DDP" if dist.is_initialized() else "one process"
+    say(f"stage {stage_name}; seed {run.seed}; {mode}, {procs.world} process(es) on {device}; "
+        f"{parts} micro-batch(es) per step, {A} per process; {torch.get_num_threads()} CPU threads; writing {folder}")
 
-    def checkpoint_now() -> None:
-        save_checkpoint({"stage": stage_name, "config": config_to_dict(config), "run": asdict(run), "step": step,
-                         "model": model.state_dict(),
-                         "optimizers": {n: o.state_dict() for n, o in optimizers.items()}}, ckpt_path)
+    torch.manual_seed(run.seed)  # the same initial weights on every rank
+    model = stage.build(config, device)
+    step, seconds_before = 0, 0.0
+    checkpoint = load_checkpoint(ckpt_path, stage=stage_name, config=config) if run.resume else None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])  # whole, before any sharding
+        step, seconds_before = checkpoint["step"], checkpoint.get("seconds", 0.0)
+    if run.compile:
+        model.compile()  # compiles forward in place; DDP / FSDP wrap the objectives around it
+    objectives = wrap_model(StageObjectives(model, stage.phases), stage, model, procs, run)
+    optimizers = stage.optimizers(model, config, device)  # after sharding: FSDP optimizers hold shards
+    if checkpoint is not None:
+        for name, optimizer in optimizers.items():
+            load_optimizer_state(optimizer, checkpoint["optimizers"][name])
+        say(f"resumed from {ckpt_path} at step {step}"
+            + (f" (written by {checkpoint.get('world', 1)} processes)" if checkpoint.get("world", 1) != procs.world else ""))
+    base_lrs = {name: [group["lr"] for group in o.param_groups] for name, o in optimizers.items()}
+    in_place = stage.in_place_state(model)
+
+    def complete_model() -> nn.Module | None:
+        """The whole model on rank 0 for pictures (under FSDP a fresh copy of the gathered weights)."""
+        if not fsdp:
+            return model if procs.main else None
+        state = gathered(model.state_dict())  # collective
+        if not procs.main:
+            return None
+        copy = stage.build(config, device)
+        copy.load_state_dict(state)
+        return copy
+
+    def checkpoint_now(seconds: float) -> None:
+        model_state = gathered(model.state_dict())  # collective under FSDP; a copy on CPU otherwise
+        optimizer_states = {n: gathered(o.state_dict()) for n, o in optimizers.items()}
+        if procs.main:
+            save_checkpoint({"stage": stage_name, "config": config_to_dict(config), "run": asdict(run),
+                             "step": step, "seconds": seconds, "world": procs.world, "model": model_state,
+                             "optimizers": optimizer_states}, ckpt_path)
 
     use_bf16 = run.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    batches = stage.batches(config, run.seed + step)  # a resumed run continues on fresh data
-    folder.mkdir(parents=True, exist_ok=True)
-    log = open(folder / "log.jsonl", "a" if run.resume else "w")  # a fresh run starts a fresh log
-    bar = tqdm(total=run.max_steps or None, initial=step, unit="step", dynamic_ncols=True)
-    for optimizer in optimizers.values():
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])  # the schedule scales this
+    log = None  # rank 0 alone writes
+    if procs.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
+        log = open(folder / "log.jsonl", "a" if run.resume else "w")  # a fresh run starts a fresh log
+    bar = tqdm(total=run.max_steps or None, initial=step, unit="step", dynamic_ncols=True, disable=not procs.main)
+    stop = StopRequest()
     model.train()
-    start = time.perf_counter()
-    while (not run.max_steps or step < run.max_steps) and \
-            (not run.max_seconds or time.perf_counter() - start < run.max_seconds):
-        tick = time.perf_counter()
-        for optimizer in optimizers.values():
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor(run, step, tick - start)
-        batch = to_device(next(batches), device)
-        metrics = stage.step(model, optimizers, batch, step, autocast)  # forward, backward, clip, step
-        metrics["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
-        if not math.isfinite(metrics["loss"]):
+    start = time.perf_counter() - seconds_before  # a resumed run counts its earlier training time
+    try:
+        while True:
+            out_of_time = bool(run.max_seconds) and time.perf_counter() - start >= run.max_seconds
+            signalled, out_of_time = agreed(stop.signal is not None, out_of_time, device=device)
+            if signalled:  # after a whole step: save it, then leave with 128 + the signal's number
+                checkpoint_now(time.perf_counter() - start)
+                name = signal.Signals(stop.signal).name if stop.signal else "another process's signal"
+                say(f"\nstopped by {name} after step {step}; wrote {ckpt_path}; continue with --resume")
+                if dist.is_initialized():
+                    dist.barrier()  # no rank exits (and makes torchrun kill the rest) before rank 0 has written
+                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+            if out_of_time or (run.max_steps and step >= run.max_steps):
+                break
+            tick = time.perf_counter()
+            torch.manual_seed(step_seed(run.seed, procs.rank, step))  # this step's randomness, resumable
+            factor = lr_factor(run, step, tick - start) * stage.warmup(config, step)
+            for name, optimizer in optimizers.items():
+                for group, base_lr in zip(optimizer.param_groups, base_lrs[name]):
+                    group["lr"] = base_lr * factor
+            micro_batches = [to_device(stage.batch(config, run.seed, step, procs.rank * A + i, parts), device)
+                             for i in range(A)]  # this process's share of the global batch
+            metrics = train_step(objectives, model, optimizers, stage.phases, micro_batches, step=step,
+                                 config=config, autocast=autocast, ckpt_path=ckpt_path)
+            broadcast_in_place_state(in_place)
+            metrics["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
+            step += 1
+            seconds = time.perf_counter() - tick
+            tokens_per_s = stage.tokens_per_batch(config) / seconds
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", s_per_step=f"{seconds:.2f}", tokens_per_s=f"{tokens_per_s:.0f}")
+            if log and (step % run.log_every == 0 or step == 1):
+                log.write(json.dumps({"step": step, "time": round(time.perf_counter() - start, 2),
+                                      "step_seconds": round(seconds, 4), "tokens_per_s": round(tokens_per_s, 1),
+                                      **metrics}) + "\n")
+                log.flush()
+            if run.sample_every and step % run.sample_every == 0:
+                viewable = complete_model()
+                if viewable is not None:
+                    stage.visualise(viewable, config, folder / f"samples_step{step:06d}.png")
+            if run.ckpt_every and step % run.ckpt_every == 0:
+                checkpoint_now(time.perf_counter() - start)
+        bar.close()
+        checkpoint_now(time.perf_counter() - start)
+        viewable = complete_model()
+        if viewable is not None:
+            picture = stage.visualise(viewable, config, folder / "samples.png")
             log.close()
-            raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; stopping. The last good "
-                                     f"checkpoint {ckpt_path} (if any) is kept.")
-        step += 1
-        seconds = time.perf_counter() - tick
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", s_per_step=f"{seconds:.2f}",
-                        tokens_per_s=f"{stage.tokens_per_batch(config) / seconds:.0f}")
-        if step % run.log_every == 0 or step == 1:
-            log.write(json.dumps({"step": step, "time": round(time.perf_counter() - start, 2), **metrics}) + "\n")
-            log.flush()
-        if run.sample_every and step % run.sample_every == 0:
-            stage.visualise(model, config, folder / f"samples_step{step:06d}.png")
-        if run.ckpt_every and step % run.ckpt_every == 0:
-            checkpoint_now()
-    bar.close()
-    log.close()
-    checkpoint_now()
-    picture = stage.visualise(model, config, folder / "samples.png")
-    plot_losses(folder / "log.jsonl", folder / "losses.png")
-    print(f"{step} steps in {time.perf_counter() - start:.0f} s; wrote {ckpt_path}, {picture}")
+            plot_losses(folder / "log.jsonl", folder / "losses.png")
+            say(f"{step} steps in {time.perf_counter() - start:.0f} s; wrote {ckpt_path}, {picture}")
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        stop.restore()
+        bar.close()
+        if log and not log.closed:
+            log.close()
     return ckpt_path
 
 
@@ -487,7 +909,7 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The command line: one flag per dataclass field
+# 6. The command line: one flag per dataclass field
 # ---------------------------------------------------------------------------------------------
 
 
@@ -508,7 +930,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, instance: Any, title: s
     for f in fields(instance):
         default = getattr(instance, f.name)
         names = sorted({f"--{f.name.replace('_', '-')}", f"--{f.name}"}, key=lambda s: "_" in s)
-        help_text = f"{comments.get(f.name, '')} (default: {default})"
+        help_text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")
         if isinstance(default, bool):
             group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
@@ -527,7 +949,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Any, TrainConfig]:
     first.add_argument("--preset", default="tiny")
     known, _ = first.parse_known_args(argv)
     config = STAGES[known.stage].preset(known.preset)
-    parser = argparse.ArgumentParser(description="Train a NÜWA-mini stage.", parents=[first])
+    parser = argparse.ArgumentParser(description="Train a NÜWA-mini stage (python train.py, or torchrun train.py).",
+                                     parents=[first])
     add_dataclass_flags(parser, config, f"{type(config).__name__} (preset {known.preset})")
     add_dataclass_flags(parser, TrainConfig(), "TrainConfig (the run)")
     args = vars(parser.parse_args(argv))

@@ -1,6 +1,7 @@
 """Tests for train.py: each stage runs a few CPU steps and writes a checkpoint that loads; configs
 are checked on load; saves are atomic; the flags cover every field; the schedule; NaN stops a run."""
 
+import dataclasses
 import json
 import math
 
@@ -95,13 +96,31 @@ def test_cosine_schedule_over_whichever_budget_ends_first():
     assert train.lr_factor(train.TrainConfig(lr_schedule="constant", max_steps=10), 9, 0.0) == 1.0
 
 
+def nan_stage(nan_from_step: int) -> train.Stage:
+    """The vqgan stage with a loss that trains the decoder's last layer and turns NaN at a given step."""
+
+    def loss(model, batch, *, step, carry, autocast):
+        value = (model.decoder.conv_out.weight ** 2).sum()  # a real gradient for the optimizer
+        return {"loss": value * math.nan if step >= nan_from_step else value}
+
+    return dataclasses.replace(train.STAGES["vqgan"], batch=lambda config, seed, step, part, parts: torch.zeros(1),
+                               phases=[train.Phase("vqgan", loss, lambda model: model.tokenizer_parameters())])
+
+
 def test_non_finite_loss_stops_the_run_with_the_step(tmp_path, monkeypatch):
-    stage = train.STAGES["vqgan"]
-    nan_stage = train.Stage(preset=stage.preset, build=stage.build, visualise=stage.visualise,
-                            batches=lambda config, seed: iter(lambda: torch.zeros(1), None),
-                            step=lambda model, optimizers, batch, step, autocast: {"loss": math.nan})
-    monkeypatch.setitem(train.STAGES, "nan", nan_stage)
+    monkeypatch.setitem(train.STAGES, "nan", nan_stage(0))
     config = vqgan.VQGANConfig(ch=8, norm_groups=4, codebook_size=32, embed_dim=8, disc_ch=8)
     with pytest.raises(FloatingPointError, match="at step 0"):
         train.train("nan", config, train.TrainConfig(out=str(tmp_path), max_steps=3, device="cpu"))
     assert not (tmp_path / "nan" / "ckpt.pt").exists()
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint_and_finite_weights(tmp_path, monkeypatch):
+    monkeypatch.setitem(train.STAGES, "nan", nan_stage(2))
+    config = vqgan.VQGANConfig(ch=8, norm_groups=4, codebook_size=32, embed_dim=8, disc_ch=8)
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        train.train("nan", config, train.TrainConfig(out=str(tmp_path), max_steps=5, ckpt_every=1, sample_every=0,
+                                                     device="cpu"))
+    checkpoint = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 2  # steps 0 and 1 were good; step 2 stopped before its optimizer step
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values() if value.is_floating_point())
