@@ -790,12 +790,13 @@ def train_processes(stage_name: str, config: Any, run: TrainConfig, procs: Proce
         model.compile()  # compiles forward in place; DDP / FSDP wrap the objectives around it
     objectives = wrap_model(StageObjectives(model, stage.phases), stage, model, procs, run)
     optimizers = stage.optimizers(model, config, device)  # after sharding: FSDP optimizers hold shards
+    # The schedule scales the config's learning rates (a checkpoint's param groups hold decayed ones).
+    base_lrs = {name: [group["lr"] for group in o.param_groups] for name, o in optimizers.items()}
     if checkpoint is not None:
         for name, optimizer in optimizers.items():
             load_optimizer_state(optimizer, checkpoint["optimizers"][name])
         say(f"resumed from {ckpt_path} at step {step}"
             + (f" (written by {checkpoint.get('world', 1)} processes)" if checkpoint.get("world", 1) != procs.world else ""))
-    base_lrs = {name: [group["lr"] for group in o.param_groups] for name, o in optimizers.items()}
     in_place = stage.in_place_state(model)
 
     def complete_model() -> nn.Module | None:
