@@ -41,6 +41,14 @@ printed line is one JSON object.
 Deviations: none from the metric definitions. SSIM uses the 'valid' part of the Gaussian filtering
 (no padding), as the reference MATLAB implementation of Wang et al. does. The judges themselves
 (classifier, reader, FLD features) replace the papers' pretrained networks, as stated above.
+
+Measured (2-core CPU, one thread): `classifier` trains in 159 s to 99.32 % MNIST test accuracy
+(99.11 % with every test digit shifted by up to 3 px). `caption-check` on 1000 real clips (250 per
+group): caption accuracy 99.4 % for one digit, 91.4 % for two. The two-digit misses are almost all
+clips whose digits' strokes overlap in every frame (11 % of them: two digits moving side by side,
+e.g. a 4 drawn over an 8), where the reader can only cut the ink by k-means and reads 29 % right;
+on the other two-digit clips it reads 99.1 % right. So judge two-digit text→video models next to
+`real_caption_accuracy`, which `t2v` reports: the reader's score on the real clips of the same captions.
 """
 
 from __future__ import annotations
@@ -465,6 +473,20 @@ def as_frames(video: torch.Tensor) -> torch.Tensor:
     return video
 
 
+def blob_from_pixels(frame: torch.Tensor, ink: torch.Tensor, region: torch.Tensor, split: str) -> Blob:
+    """A Blob for the ink pixels `ink` (H, W) bool owning the pixels `region` (H, W) bool.
+
+    The centre of mass is that of the ink pixels only: a faint neighbour never pulls it, and for a
+    real digit it moves by exactly the digit's integer step, so tracks of real clips are exact."""
+    rows, cols = (torch.arange(n, dtype=torch.float64) for n in frame.shape)
+    weights = (frame * ink).double()  # (H, W)
+    mass = weights.sum()
+    ys, xs = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
+    box = (int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1)
+    return Blob((weights.sum(1) @ rows / mass).item(), (weights.sum(0) @ cols / mass).item(), box,
+                int(ink.sum()), region, split=split)
+
+
 def locate_digits(video: torch.Tensor) -> list[list[Blob]]:
     """Every digit-like blob of every frame, biggest first: threshold the ink, grow it by a 5×5 max
     filter, take 8-connected components, drop specks. Returns one list of Blobs per frame."""
@@ -473,24 +495,14 @@ def locate_digits(video: torch.Tensor) -> list[list[Blob]]:
     ink = frames > INK_THRESHOLD  # (T, H, W)
     grown = F.max_pool2d(ink[:, None].float(), BLOB_DILATION, stride=1, padding=BLOB_DILATION // 2)[:, 0] > 0
     labels = connected_components(grown)  # (T, H, W)
-    rows, cols = torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64)
     found = []
     for t in range(T):
         blobs = []
         for number in labels[t].unique()[1:].tolist():  # [0] is the background
             region = labels[t] == number  # (H, W)
             blob_ink = ink[t] & region  # (H, W)
-            pixels = int(blob_ink.sum())
-            if pixels < MIN_BLOB_PIXELS:
-                continue
-            # Centre of mass of the ink pixels only: a faint neighbour never pulls it (and for a real
-            # digit it moves by exactly the digit's integer step, so tracks are exact).
-            weights = (frames[t] * blob_ink).double()  # (H, W)
-            mass = weights.sum()
-            y, x = (weights.sum(1) @ rows / mass).item(), (weights.sum(0) @ cols / mass).item()
-            ys, xs = blob_ink.any(1).nonzero()[:, 0], blob_ink.any(0).nonzero()[:, 0]
-            box = (int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1)
-            blobs.append(Blob(y, x, box, pixels, region))
+            if blob_ink.sum() >= MIN_BLOB_PIXELS:
+                blobs.append(blob_from_pixels(frames[t], blob_ink, region, ""))
         found.append(sorted(blobs, key=lambda b: -b.pixels))
     return found
 
@@ -571,17 +583,6 @@ def digits_apart(blobs: list[Blob], num_digits: int) -> list[Blob] | None:
     digit-sized), else None (digits touch, or fewer blobs than digits)."""
     biggest = blobs[:num_digits]
     return biggest if len(biggest) == num_digits and all(b.single for b in biggest) else None
-
-
-def blob_from_pixels(frame: torch.Tensor, ink: torch.Tensor, region: torch.Tensor, split: str) -> Blob:
-    """A Blob for the ink pixels `ink` (H, W) bool owning the pixels `region` (H, W) bool."""
-    rows, cols = (torch.arange(n, dtype=torch.float64) for n in frame.shape)
-    weights = (frame * ink).double()  # (H, W)
-    mass = weights.sum()
-    ys, xs = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
-    box = (int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1)
-    return Blob((weights.sum(1) @ rows / mass).item(), (weights.sum(0) @ cols / mass).item(), box,
-                int(ink.sum()), region, split=split)
 
 
 def split_blob(frame: torch.Tensor, blob: Blob, parts: int = 2) -> list[Blob] | None:
