@@ -1007,6 +1007,10 @@ def run_predict(args: argparse.Namespace) -> dict:
         truth = video[:, args.given:]  # (B, T - given, 1, 64, 64)
         candidates = {"": models.pixels(predicted)[:, args.given:],  # NÜWA
                       "copy_last_": copy_last_frame(video, args.given),  # the baseline
+                      # An empty canvas. Per-frame MSE rewards hedging: a digit drawn in the wrong place
+                      # costs twice what no digit costs, so a model that has not learnt motion can beat
+                      # copy-last by fading out. Below this line, a prediction has learnt something.
+                      "blank_": torch.zeros_like(truth),
                       "recon_": models.pixels(tokens)[:, args.given:]}  # the tokenizer's ceiling
         for prefix, prediction in candidates.items():
             for name, value in frame_scores(prediction, truth).items():

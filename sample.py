@@ -181,7 +181,7 @@ def write_outputs(samples, shown, captions, out: Path, task: str) -> list[Path]:
     labels = (["input"] if shown is not None else []) + [captions[i] if captions else f"sample {i}"
                                                          for i in range(len(samples))]
     stem = out / task.replace("-", "_")
-    written = [data.save_grid(clips, stem.with_suffix(".png"), captions=labels)]
+    written = [data.save_grid(clips, stem.with_suffix(".png"), captions=labels, max_frames=samples.shape[1])]
     if samples.shape[1] > 1:
         written.append(data.save_gif(clips, stem.with_suffix(".gif"), captions=labels))
     return written

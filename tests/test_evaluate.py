@@ -393,7 +393,7 @@ def test_predict_runs_end_to_end_next_to_the_copy_last_baseline(nuwa_checkpoint,
     evaluate.main(["predict", "--ckpt", str(nuwa_checkpoint), "--num-videos", "3", "--batch-size", "2",
                    "--given", "2", "--frames", "4", "--device", "cpu", "--json"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for prefix in ("", "copy_last_", "recon_"):
+    for prefix in ("", "copy_last_", "recon_", "blank_"):
         assert {prefix + name for name in ("mse", "mae", "psnr", "ssim")} <= set(last)
     assert last["num_videos"] == 3 and len(last["mse_per_frame"]) == 2 and last["mse"] > 0
     # The baseline, recomputed here from the same clips of our test set.
@@ -401,3 +401,5 @@ def test_predict_runs_end_to_end_next_to_the_copy_last_baseline(nuwa_checkpoint,
                          for i in range(3)])  # (3, 4, 1, 64, 64)
     expected = (video[:, 2:] - video[:, 1:2]).pow(2).flatten(2).sum(2).mean().item()
     assert last["copy_last_mse"] == pytest.approx(expected, rel=1e-5)
+    # The empty canvas scores the future frames' own energy.
+    assert last["blank_mse"] == pytest.approx(video[:, 2:].pow(2).flatten(2).sum(2).mean().item(), rel=1e-5)
