@@ -242,8 +242,11 @@ def wrap_model(objectives: nn.Module, stage: Stage, model: nn.Module, procs: Pro
     if not run.fsdp:
         # find_unused_parameters: a phase may leave parameters without gradient (D before
         # disc_start and in the tokenizer phase, sketch embeddings when no sketch task is trained).
+        # Buffers are synced after each step by broadcast_in_place_state, not at every forward.
+        no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                           inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
         return DistributedDataParallel(objectives, device_ids=[procs.device] if procs.device.type == "cuda" else None,
-                                       find_unused_parameters=True, broadcast_buffers=False)
+                                       find_unused_parameters=True, **no_forward_sync)
     trained_in_place = [name for name, p in model.named_parameters() if p.requires_grad and
                         any(p is q for q in in_place)]
     if trained_in_place:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,16 +41,10 @@ GRAD_TOL = 1e-4
 LOSS_RTOL = 1e-5  # DDP vs FSDP2 losses: both average the same gradients; measured identical to 1e-7
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Two CPU processes with gloo, as a user would start them."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
-               str(free_port()), *args]
+    """Two CPU processes with gloo, as a user would start them. --standalone lets torchrun bind a free
+    port itself (a port picked here first could be taken by another program before torchrun binds it)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -139,24 +133,26 @@ def losses(log_path: Path) -> list[dict[str, float]]:
 
 
 @needs_mnist
-def test_torchrun_ddp_and_fsdp_train_the_tokenizer_with_the_same_losses(tmp_path):
+def test_torchrun_ddp_and_fsdp_train_the_tokenizer_with_the_same_losses_and_resume_each_other(tmp_path):
+    # DDP for 3 steps, FSDP2 for 4; then FSDP2 resumes the DDP checkpoint (gathered once, re-sharded
+    # now, Adam moments included) for its step 4. A constant lr makes 3 and 4 steps the same schedule.
     runs = {}
-    for mode, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
-        result = torchrun("train.py", "--stage", "vqgan", "--preset", "tiny", "--max-steps", "3", "--out",
+    for mode, steps, extra in (("ddp", "3", []), ("fsdp", "4", ["--fsdp"]), ("ddp", "4", ["--fsdp", "--resume"])):
+        result = torchrun("train.py", "--stage", "vqgan", "--preset", "tiny", "--max-steps", steps, "--out",
                           str(tmp_path / mode), *TOKENIZER_FLAGS, "--disc-start", "1", "--log-every", "1",
-                          "--sample-every", "0", *extra)
+                          "--sample-every", "0", "--lr-schedule", "constant", *extra)
         assert result.stdout.count("stage vqgan; seed 0;") == 1  # rank 0 alone prints
         assert ("FSDP2" if extra else "DDP") + ", 2 process(es)" in result.stdout
         checkpoint = torch.load(tmp_path / mode / "vqgan" / "ckpt.pt", weights_only=True)
-        assert checkpoint["step"] == 3 and checkpoint["world"] == 2
+        assert checkpoint["step"] == int(steps) and checkpoint["world"] == 2
         assert not vqgan.load_vqgan(tmp_path / mode / "vqgan" / "ckpt.pt").training  # a whole, loadable model
         runs[mode] = losses(tmp_path / mode / "vqgan" / "log.jsonl")
-        assert [row["step"] for row in runs[mode]] == [1, 2, 3]  # one log, written once
+        assert [row["step"] for row in runs[mode]] == list(range(1, int(steps) + 1))  # one log, written once
         assert "disc_loss" in runs[mode][-1]  # both optimizers ran
-    for ddp, fsdp in zip(runs["ddp"], runs["fsdp"]):
+    for ddp, fsdp in zip(runs["ddp"], runs["fsdp"], strict=True):
         assert fsdp.keys() == ddp.keys()
         for key in ddp:
-            assert fsdp[key] == pytest.approx(ddp[key], rel=LOSS_RTOL, abs=1e-7), key
+            assert fsdp[key] == pytest.approx(ddp[key], rel=LOSS_RTOL, abs=1e-7), (ddp["step"], key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +261,24 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="4 clips .* cannot be cut into 3 equal micro-batches"):
         train.main(["--stage", "vqgan", *TOKENIZER_FLAGS, "--micro-steps", "3", "--max-steps", "1",
                     "--out", str(tmp_path)])
+
+
+def test_readme_training_commands_use_real_flags():
+    """The README's commands for a laptop, one GPU and torchrun parse, torchrun's part included."""
+    from torch.distributed.run import get_args_parser
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Training: a laptop, one GPU, many GPUs")[1].split("\n## ")[0]
+    lines = section.split("```bash\n")[1].split("```")[0].replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line, comments=True) for line in lines if "train.py" in line]
+    assert len(commands) >= 5 and any(c[0] == "torchrun" and "--nnodes=2" in c for c in commands)
+    for command in commands:
+        script = command.index("train.py")
+        if command[0] == "torchrun":
+            launcher = get_args_parser().parse_args(command[1:script + 1])
+            assert launcher.training_script == "train.py"
+        stage, config, run = train.parse_args(command[script + 1:])
+        assert stage in train.STAGES and run.out
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 """Tests for train.py: each stage runs a few CPU steps and writes a checkpoint that loads; configs
-are checked on load; saves are atomic; the flags cover every field; the schedule; NaN stops a run."""
+are checked on load; saves are atomic; the flags cover every field; the schedule; NaN stops a run;
+benchmarks/bench_train.py measures. Runs across processes, resume and signals: test_distributed.py."""
 
 import dataclasses
+import importlib.util
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +16,8 @@ from conftest import needs_mnist
 
 import train
 import vqgan
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # A few-thousand-parameter tokenizer: the point is the plumbing, not the learning.
 SMALL_FLAGS = ["--ch", "8", "--norm-groups", "4", "--codebook-size", "32", "--embed-dim", "8",
@@ -124,3 +131,35 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint_and_finite_weights(tmp_p
     checkpoint = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 2  # steps 0 and 1 were good; step 2 stopped before its optimizer step
     assert all(torch.isfinite(value).all() for value in checkpoint["model"].values() if value.is_floating_point())
+
+
+def load_bench_train():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_mnist
+def test_bench_train_measures_tokens_per_second_and_flops(tmp_path):
+    bench = load_bench_train()
+    small_tokenizer = dict(ch=8, norm_groups=4, codebook_size=32, embed_dim=8, disc_ch=8, batch_size=4, frames_per_clip=2)
+    small_nuwa = dict(dim=32, num_heads=2, encoder_layers=1, decoder_layers=1, frames=2, predict_frames=2, batch_size=1,
+                      tasks="t2v,v2v,s2i", **bench.untrained_tokenizers(tmp_path))
+    for stage, overrides in (("vqgan", small_tokenizer), ("nuwa", small_nuwa)):
+        row = bench.measure(stage, "tiny", torch.device("cpu"), warmup=1, steps=1, overrides=overrides)
+        assert row["stage"] == stage and row["step_s"] > 0 and row["flops_per_step"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / row["step_s"], rel=1e-3)
+    assert row["tokens_per_step"] == 1 * 16 * 16 * (2 + 2 + 1)  # NÜWA: target tokens of t2v, v2v and s2i
+    assert bench.peak_tflops(torch.device("cpu"), None) is None  # no MFU without a GPU's peak
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_bench_train_quick_prints_one_json_object_last():
+    result = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--quick"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(r["stage"], r["preset"]) for r in summary["results"]] == [("vqgan", "tiny"), ("nuwa", "tiny")]
+    assert all(r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 for r in summary["results"])
