@@ -1,0 +1,140 @@
+"""Training throughput per stage and preset: tokens/s and, on a GPU, model FLOPs utilisation (MFU).
+
+One process runs train.py's own train_step (forward, backward, clip, optimizer step of every phase)
+on real Moving MNIST micro-batches, exactly as `python train.py` does, with untrained weights
+(speed does not depend on training). NÜWA trains on untrained tokenizers written to a temporary
+folder. The first steps are warm-up (allocator, kernels, data caches) and are not timed.
+
+- tokens/s: tokens of the global batch per second of a whole step, data included. A tokenizer
+  "token" is one of the h·w codes of a frame; a NÜWA token is one predicted target token.
+- FLOPs per step: counted by torch.utils.flop_counter over one whole step (matmuls, convolutions,
+  attention kernels as executed: masked attention entries count, so for 3DNA this bounds the useful
+  FLOPs from above; CPU attention kernels are not counted).
+- MFU: FLOPs per step / step time / the GPU's peak dense bf16 FLOP/s (table below, or --peak-tflops).
+  Not reported on a CPU.
+- NÜWA trains its preset's whole task mix (T2V, T2I, V2V, S2V, S2I: 21,504 target tokens per tiny step).
+
+    python benchmarks/bench_train.py --quick        # tiny presets, a few steps: ~30 s on 2 busy cores
+    python benchmarks/bench_train.py --device cuda  # tiny and small presets
+
+The last line is one JSON object: device, torch, and `results`, one entry per (stage, preset) with
+tokens_per_step, step_s, tokens_per_s, flops_per_step, tflops_per_s and mfu (null without a GPU).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+# As in train.py, before torch loads OpenMP: on a busy shared CPU, spinning idle threads made steps 10-25x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+import vqgan  # noqa: E402
+
+SEED = 0
+# Peak dense bf16 tensor-core FLOP/s from the vendors' data sheets (no sparsity), by device-name part.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0}
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for part, tflops in PEAK_BF16_TFLOPS.items() if part in name), None)
+
+
+def untrained_tokenizers(folder: Path) -> dict[str, str]:
+    """NÜWA's frozen frame and sketch tokenizers (the tiny VQ-GAN grid: 16×16 tokens, K = 512)."""
+    paths = {}
+    for name, seg in (("vqgan_ckpt", False), ("seg_ckpt", True)):
+        config = vqgan.VQGANConfig.preset("tiny", seg=seg)
+        paths[name] = str(folder / f"{name}.pt")
+        train.save_checkpoint({"stage": "seg" if seg else "vqgan", "config": train.config_to_dict(config),
+                               "model": vqgan.VQGAN(config).state_dict()}, Path(paths[name]))
+    return paths
+
+
+def measure(stage_name: str, preset: str, device: torch.device, warmup: int, steps: int, overrides: dict) -> dict:
+    """Median step time of `steps` timed train_steps after `warmup` untimed ones, and one step's FLOPs."""
+    stage = train.STAGES[stage_name]
+    config = stage.preset(preset)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    torch.manual_seed(SEED)
+    model = stage.build(config, device).train()
+    objectives = train.StageObjectives(model, stage.phases)
+    optimizers = stage.optimizers(model, config, device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+
+    def one_step(step: int) -> float:
+        start = time.perf_counter()
+        torch.manual_seed(train.step_seed(SEED, 0, step))
+        batch = train.to_device(stage.batch(config, SEED, step, 0, 1), device)
+        train.train_step(objectives, model, optimizers, stage.phases, [batch], step=step, config=config,
+                         autocast=autocast, ckpt_path=Path("unused"))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    with FlopCounterMode(display=False) as counter:  # the first warm-up step is counted, not timed
+        one_step(0)
+    for step in range(1, warmup):
+        one_step(step)
+    times = [one_step(warmup + i) for i in range(steps)]
+    step_s = statistics.median(times)
+    tokens = stage.tokens_per_batch(config)
+    flops = counter.get_total_flops()
+    return {"stage": stage_name, "preset": preset, "tokens_per_step": tokens, "step_s": round(step_s, 4),
+            "tokens_per_s": round(tokens / step_s, 1), "flops_per_step": flops,
+            "tflops_per_s": round(flops / step_s / 1e12, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny presets, 1 warm-up + 2 timed steps")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--presets", nargs="+", default=None, help="default: tiny (quick) or tiny small")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 2 quick, 10)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak FLOP/s for MFU")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    presets = args.presets or (["tiny"] if args.quick else ["tiny", "small"])
+    warmup, steps = (1, args.steps or 2) if args.quick else (3, args.steps or 10)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as train.py: TF32 tensor cores
+    peak = peak_tflops(device, args.peak_tflops)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"seed {SEED}; device {device} ({name}); torch {torch.__version__}; {torch.get_num_threads()} threads; "
+          f"peak {peak or 'unknown'} TFLOP/s; {warmup} warm-up + {steps} timed steps per row")
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        nuwa_overrides = untrained_tokenizers(Path(folder))
+        for preset in presets:
+            for stage_name in ("vqgan", "nuwa"):
+                row = measure(stage_name, preset, device, warmup, steps, nuwa_overrides if stage_name == "nuwa" else {})
+                row["mfu"] = round(row["tflops_per_s"] / peak, 4) if peak else None
+                results.append(row)
+                print(f"{stage_name:>6} {preset:>6}: {row['tokens_per_step']:>7} tokens/step  {row['step_s']:8.3f} s/step"
+                      f"  {row['tokens_per_s']:>10.0f} tokens/s  {row['flops_per_step'] / 1e9:9.2f} GFLOP/step"
+                      + (f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""))
+    print(json.dumps({"device": name, "torch": torch.__version__, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
