@@ -827,7 +827,11 @@ def train_processes(stage_name: str, config: Any, run: TrainConfig, procs: Proce
     if procs.main:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
-        log = open(folder / "log.jsonl", "a" if run.resume else "w")  # a fresh run starts a fresh log
+        kept = []  # a resumed run keeps the lines up to its checkpoint (a crash may have logged past it)
+        if run.resume and (folder / "log.jsonl").exists():
+            kept = [line for line in open(folder / "log.jsonl") if json.loads(line)["step"] <= step]
+        log = open(folder / "log.jsonl", "w")
+        log.writelines(kept)
     bar = tqdm(total=run.max_steps or None, initial=step, unit="step", dynamic_ncols=True, disable=not procs.main)
     stop = StopRequest()
     model.train()

@@ -180,6 +180,8 @@ def test_resume_after_ctrl_c_repeats_the_uninterrupted_losses_bit_for_bit(tmp_pa
         train.main([*argv, "--out", str(tmp_path / "resumed")])
     assert stopped.value.code == 128 + signal.SIGINT
     assert torch.load(tmp_path / "resumed" / "vqgan" / "ckpt.pt", weights_only=True)["step"] == 4
+    with open(tmp_path / "resumed" / "vqgan" / "log.jsonl", "a") as log:
+        log.write('{"step": 5, "loss": 99.0}\n')  # as if a crash had logged a step past the checkpoint
     monkeypatch.setitem(train.STAGES, "vqgan", stage)
     train.main([*argv, "--out", str(tmp_path / "resumed"), "--resume"])
 
