@@ -281,6 +281,14 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
     finally:
         if os.path.exists(handle.name):
             os.unlink(handle.name)
+    try:  # make the rename itself durable (POSIX: the new directory entry survives a power cut)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:  # e.g. Windows cannot open a folder; the rename is still atomic
+        pass
 
 
 def load_checkpoint(path: Path, *, stage: str, config: Any) -> dict:
