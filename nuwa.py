@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import data
 from nearby_attention import NearbyAttention
