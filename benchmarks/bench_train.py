@@ -97,7 +97,7 @@ def measure(stage_name: str, preset: str, device: torch.device, warmup: int, ste
     step_s = statistics.median(times)
     tokens = stage.tokens_per_batch(config)
     flops = counter.get_total_flops()
-    return {"stage": stage_name, "preset": preset, "tokens_per_step": tokens, "step_s": round(step_s, 4),
+    return {"stage": stage_name, "preset": preset, "tokens_per_step": tokens, "step_s": step_s,
             "tokens_per_s": round(tokens / step_s, 1), "flops_per_step": flops,
             "tflops_per_s": round(flops / step_s / 1e12, 4)}
 
