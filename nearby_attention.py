@@ -28,7 +28,8 @@ Sections, in reading order:
 5. Flex backend: FlexAttention with a block-sparse mask, tokens ordered tile by tile (CUDA).
 6. `nearby_attention`: input checks and the choice of backend.
 7. `NearbyAttention`: the nn.Module (projections, heads, self or cross) and its decode step over a
-   rolling KV cache of the last e_t + 1 frames.
+   rolling KV cache of the last e_t + 1 frames; each step gathers its window through a table built
+   once per frame (`_self_step_plan`, `_cross_step_plan`), from the same `nearby_rule`.
 
 Glossary: B batch, nh heads, hs head size, D = nh·hs width, (T, H, W) query grid, (T', H', W')
 key/value (condition) grid, N = T·H·W and Nq / Nk query / key counts, (e_t, e_h, e_w) extents,
