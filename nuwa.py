@@ -390,14 +390,8 @@ class NUWA(nn.Module):
                 x_p = x_p + positions[p]  # (B, 1, D)
                 logits = [self.step_logits(x_p, p, target_shape, c, *enc) for c, enc in zip(caches, passes)]
             else:
-                # Recompute the decoder over every frame up to p's: causal, so later frames could not
-                # change logit p anyway; the first t + 1 frames are a complete (t + 1, h, w) grid.
-                # Only when every memory is a single frame (text, image sketch): a video memory is
-                # reached through the time projection ⌊t·T'/T⌋, which depends on the frame count.
-                single_frame = all(memory_shape[0] == 1 for _, memory_shape, _ in passes)
-                frames = p // (h * w) + 1 if single_frame else T
-                x = self.decoder_input(tokens.view(B, T, h, w)[:, :frames])  # (B, frames·h·w, D)
-                logits = [self.decode_logits(x, (frames, h, w), *enc)[:, p] for enc in passes]
+                x = self.decoder_input(tokens.view(B, T, h, w))  # (B, N, D); positions ≥ p unused (causal)
+                logits = [self.decode_logits(x, target_shape, *enc)[:, p] for enc in passes]
             logits_p = logits[0] if guidance_scale is None else logits[1] + guidance_scale * (logits[0] - logits[1])
             sampled = sample_logits(logits_p, temperature, top_k, top_p, generator)  # (B,)
             if forced is not None:

@@ -3,8 +3,7 @@
 Greedy decoding of one video with the `tiny` preset (untrained weights: speed and equality do not
 depend on training). The cached path runs one query per step over a rolling key/value window; the
 uncached path recomputes the whole decoder for every token, as the one public re-implementation
-does (over the frames generated so far: a causal decoder's later frames cannot change the token at
-hand). Both must give identical tokens. The cache's size is then measured for 4 and 16 frames: it
+does. Both must give identical tokens. The cache's size is then measured for 4 and 16 frames: it
 holds only the last e_t + 1 frames, so it must not grow with video length.
 
     python benchmarks/bench_sampling.py [--quick]
