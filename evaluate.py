@@ -348,12 +348,12 @@ def classifier_path(path_or_dir) -> Path:
 
 
 def save_classifier(model: DigitClassifier, path_or_dir) -> Path:
-    """Atomic write (train.save_checkpoint: temporary file, fsync, rename) of weights, config and info."""
-    import train
+    """Atomic write (distributed.save_checkpoint: temporary file, fsync, rename) of weights, config and info."""
+    from distributed import save_checkpoint
 
     path = classifier_path(path_or_dir)
-    train.save_checkpoint({"kind": CLASSIFIER_KIND, "config": asdict(model.config),
-                           "model": model.state_dict(), "info": model.info}, path)
+    save_checkpoint({"kind": CLASSIFIER_KIND, "config": asdict(model.config),
+                     "model": model.state_dict(), "info": model.info}, path)
     return path
 
 

@@ -11,18 +11,13 @@ VQ-GAN-Seg for sketches) and the 3D transformer on their tokens afterwards (§3.
 This file implements no equation of its own; it runs the optimisation the modules define, on as
 many processes as `torchrun` starts — the same file, no edits (nanoGPT's single-script pattern).
 
-Sections: 1. run configuration · 2. processes: DDP / FSDP2, per-rank data and seeds, gradient
-averaging · 3. checkpoints (atomic save, checked load, gathering FSDP shards) · 4. stages — each a
-config, a builder, a batch function, its loss phases and a visualiser · 5. the shared training
-step and loop · 6. the command line, generated from the dataclass fields.
+Sections: 1. run configuration · 2. stages — each a config, a builder, a batch function, its
+loss phases and a visualiser · 3. the shared training step and loop · 4. the command line,
+generated from the dataclass fields. Processes (DDP / FSDP2, accumulation, per-step seeds) and
+checkpoints (atomic save, checked load, gathered FSDP shards) live in distributed.py.
 
-How one optimisation step is shared out. The global batch (the stage config's `batch_size`) is
-fixed; it is cut into `micro_steps` equal micro-batches (default: one per process), and process r
-of W runs micro-batches r·A … r·A + A − 1 with A = micro_steps / W gradient-accumulation steps. Each
-micro-batch loss is a mean over its micro-batch, so backpropagating loss / A and letting DDP / FSDP
-average over W processes gives exactly the gradient of the mean loss over the global batch — for any
-W and A (tests/test_distributed.py checks this against one process on the full batch). The number of
-processes therefore changes the speed of a run, not its mathematics.
+How one optimisation step is shared out over W processes and A micro-batches each (the number
+of processes changes the speed of a run, not its mathematics): see distributed.py.
 
 Exact resume, the simplest correct design: nothing random is carried from step to step.
 - Data: the global batch of step s is items s·N … s·N + N − 1 of the seeded, index-addressable
@@ -66,7 +61,6 @@ import math
 import os
 import re
 import signal
-import tempfile
 import time
 import traceback
 from contextlib import nullcontext
@@ -79,17 +73,32 @@ from typing import Any, Callable
 # 0.3 s per step); an explicit OMP_WAIT_POLICY in the environment still wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: E402
-from torch.distributed.tensor import DTensor, distribute_tensor  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 import data  # noqa: E402
 import nuwa  # noqa: E402
 import vqgan  # noqa: E402
+from distributed import (  # noqa: E402
+    Processes,
+    accumulation_steps,
+    agreed,
+    broadcast_in_place_state,
+    config_to_dict,
+    equal_part,
+    gathered,
+    gradient_sync,
+    init_processes,
+    load_checkpoint,
+    load_optimizer_state,
+    mean_over_processes,
+    remove_stale_temporaries,
+    save_checkpoint,
+    step_seed,
+    wrap_model,
+)
 
 # ---------------------------------------------------------------------------------------------
 # 1. Run configuration
@@ -118,237 +127,7 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Processes: one per GPU (or CPU slot) under torchrun, each training on its share of the batch
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Processes:
-    """Where this process stands among the W that torchrun started (W = 1 without torchrun)."""
-
-    rank: int = 0  # r: this process's number, 0 … W − 1
-    world: int = 1  # W: number of processes
-    device: torch.device = torch.device("cpu")
-    started_group: bool = False  # whether this call created the process group (and must destroy it)
-
-    @property
-    def main(self) -> bool:
-        """Rank 0 alone prints, draws, logs and writes checkpoints."""
-        return self.rank == 0
-
-
-def init_processes(run: TrainConfig) -> Processes:
-    """Join the process group that torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*.
-
-    NCCL between GPUs, gloo between CPU processes (the tests run two CPU processes with gloo)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        if run.fsdp:
-            raise ValueError("--fsdp needs a process group: start the run with torchrun, e.g. "
-                             "`torchrun --nproc_per_node=2 train.py ... --fsdp` (one process trains without it)")
-        return Processes(device=torch.device(run.device))
-    device = torch.device(run.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return Processes(dist.get_rank(), dist.get_world_size(), device, started)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The torch seed of one step on one process: a hash of (seed, rank, step). Reseeding every
-    step makes a resumed run draw exactly the numbers the uninterrupted one drew, without saving
-    generator states, and gives every rank its own numbers."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0])
-
-
-def accumulation_steps(run: TrainConfig, world: int) -> tuple[int, int]:
-    """(parts, A): the global batch is cut into `parts` micro-batches, A = parts / W per process."""
-    parts = run.micro_steps or world
-    if parts % world:
-        raise ValueError(f"--micro-steps {parts} cannot be shared by {world} processes; use a multiple of {world}")
-    return parts, parts // world
-
-
-def equal_part(total: int, part: int, parts: int, what: str) -> range:
-    """Item indices of micro-batch `part` of `parts` equal micro-batches of a step's `total` items.
-
-    Equal sizes are what make `loss / A` exact (a mean of equal-size means is the mean); unequal
-    ones are refused rather than silently weighted wrong (the gradient-accumulation bug class)."""
-    if total % parts:
-        raise ValueError(f"a step's {total} {what} cannot be cut into {parts} equal micro-batches "
-                         f"(micro-steps × processes); choose a batch size divisible by {parts}")
-    size = total // parts
-    return range(part * size, (part + 1) * size)
-
-
-def gradient_sync(objectives: nn.Module, enabled: bool):
-    """DDP and FSDP average gradients over processes during backward. On the non-final micro-steps
-    of an accumulation there is nothing to average yet: DDP's no_sync() and FSDP's
-    set_requires_gradient_sync(False) skip the communication, and the final micro-step's backward
-    averages the summed gradients once."""
-    if isinstance(objectives, DistributedDataParallel):
-        return nullcontext() if enabled else objectives.no_sync()
-    if isinstance(objectives, FSDPModule):
-        objectives.set_requires_gradient_sync(enabled)  # recurses into every FSDP unit
-    return nullcontext()
-
-
-def mean_over_processes(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """One all-reduce for all metrics: every rank then logs, and checks for NaN, the same numbers."""
-    names = sorted(values)
-    stacked = torch.stack([values[name].float() for name in names])  # (M,)
-    if dist.is_initialized():
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
-    return dict(zip(names, stacked.tolist()))
-
-
-def agreed(*flags: bool, device: torch.device) -> list[bool]:
-    """Each flag True on every rank if it is True on any: a stop signal or the time budget must end
-    every rank after the same step, or the others would wait forever in the next collective."""
-    if not dist.is_initialized():
-        return list(flags)
-    values = torch.tensor([float(flag) for flag in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
-
-
-@torch.no_grad()
-def broadcast_in_place_state(tensors: list[torch.Tensor]) -> None:
-    """Rank 0's copy of the state the forward pass updates in place (EMA codebook, BatchNorm
-    statistics) replaces the others' after each step, so every rank computes with the same model."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    for tensor in tensors:
-        if tensor.dtype == torch.bool:  # gloo cannot send bool tensors: go through uint8
-            payload = tensor.data.to(torch.uint8)
-            dist.broadcast(payload, src=0)
-            tensor.data.copy_(payload.bool())
-        else:
-            dist.broadcast(tensor.data, src=0)  # .data: a view of the same storage, outside autograd
-
-
-def wrap_model(objectives: nn.Module, stage: Stage, model: nn.Module, procs: Processes, run: TrainConfig) -> nn.Module:
-    """Single process: as is. torchrun: DDP (a full replica per process, gradients all-reduced), or
-    with --fsdp FSDP2: each of the stage's units (transformer blocks) and then the whole model are
-    `fully_shard`ed — a process keeps 1/W of every parameter, gradient and Adam moment, and gathers a
-    unit's parameters just before its forward and backward."""
-    if not dist.is_initialized():
-        return objectives
-    in_place = [t for t in stage.in_place_state(model) if isinstance(t, nn.Parameter)]
-    if not run.fsdp:
-        # find_unused_parameters: a phase may leave parameters without gradient (D before
-        # disc_start and in the tokenizer phase, sketch embeddings when no sketch task is trained).
-        # Buffers are synced after each step by broadcast_in_place_state, not at every forward.
-        no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                           inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
-        return DistributedDataParallel(objectives, device_ids=[procs.device] if procs.device.type == "cuda" else None,
-                                       find_unused_parameters=True, **no_forward_sync)
-    trained_in_place = [name for name, p in model.named_parameters() if p.requires_grad and
-                        any(p is q for q in in_place)]
-    if trained_in_place:
-        raise ValueError(f"--fsdp cannot shard {trained_in_place}: they are trained by gradient and also written "
-                         f"in place by the forward pass (vqgan --no-ema: dead-code restarts). Use DDP (drop "
-                         f"--fsdp) or the EMA codebook (--ema)")
-    # The in-place state stays whole on every rank (FSDP would drop writes to its gathered copy).
-    mesh = dist.device_mesh.init_device_mesh(procs.device.type, (procs.world,))
-    for unit in stage.fsdp_units(model):
-        fully_shard(unit, mesh=mesh, ignored_params=set(in_place))
-    fully_shard(objectives, mesh=mesh, ignored_params=set(in_place))
-    return objectives
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    """Atomic write: a temporary file in the same folder, flushed and fsync'ed, then os.replace.
-    A crash at any moment leaves either the old checkpoint or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    finally:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-    try:  # make the rename itself durable (POSIX: the new directory entry survives a power cut)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except OSError:  # e.g. Windows cannot open a folder; the rename is still atomic
-        pass
-
-
-def load_checkpoint(path: Path, *, stage: str, config: Any) -> dict:
-    """Load with weights_only=True (plain tensors and containers, no pickled code) and reject a
-    checkpoint of another stage or configuration, naming every mismatching field."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}. Start the run without --resume, or "
-                                f"set --out to the folder of the run to continue (it holds {stage}/ckpt.pt)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("stage") != stage:
-        raise ValueError(f"{path} is a checkpoint of stage {checkpoint.get('stage')!r}, not {stage!r}")
-    differences = vqgan.config_mismatch(config_to_dict(config), checkpoint["config"])
-    if differences:
-        raise ValueError(f"{path} was written with another configuration; mismatching fields: "
-                         + "; ".join(differences))
-    return checkpoint
-
-
-def config_to_dict(config: Any) -> dict:
-    """A dataclass as the plain dict a checkpoint stores (tuples as lists, as torch.load returns them)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-
-
-def gathered(state: Any) -> Any:
-    """A (nested) state dict with every FSDP shard (DTensor) all-gathered into a full CPU tensor.
-    Collective under FSDP: every rank must call it, even though only rank 0 writes the result."""
-    if isinstance(state, dict):
-        return {k: gathered(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [gathered(v) for v in state]
-    if isinstance(state, DTensor):
-        return state.full_tensor().cpu()
-    return state.detach().cpu() if isinstance(state, torch.Tensor) else state
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full (gathered) optimizer state; under FSDP each process keeps its shard of every
-    moment, cut exactly like the parameter it belongs to. The fused / foreach choice of the new run
-    (e.g. fused on a GPU) is kept, whatever the run that wrote the checkpoint used."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {"param_groups": state["param_groups"], "state": {
-        index: {k: distribute_tensor(v.to(params[index].device), params[index].device_mesh, params[index].placements,
-                                     src_data_rank=None)  # every rank holds the full tensor: take its shard
-                if isinstance(params[index], DTensor) and isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                for k, v in moments.items()}
-        for index, moments in state["state"].items()}}
-    kept = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, keep in zip(optimizer.param_groups, kept):
-        group.update(keep)
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """A process killed (SIGKILL) inside save_checkpoint leaves its temporary file; ckpt.pt is intact."""
-    for stale in folder.glob(".ckpt.pt.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Stages
+# 2. Stages
 # ---------------------------------------------------------------------------------------------
 
 
@@ -379,6 +158,7 @@ class Stage:
     tokens_per_batch: Callable[[Any], int] = field(default=lambda config: 0)  # global batch, for tokens/s
     warmup: Callable[[Any, int], float] = field(default=lambda config, step: 1.0)  # lr factor on top of the schedule
     fsdp_units: Callable[[nn.Module], list[nn.Module]] = field(default=lambda model: [])  # sharded one by one
+    units: Callable[[Any], int] = field(default=lambda config: 1)  # forward/backward passes per micro-batch (patches)
     # Tensors the forward pass changes in place rather than the optimizer: kept whole (never sharded)
     # and broadcast from rank 0 after every step.
     in_place_state: Callable[[nn.Module], list[torch.Tensor]] = field(default=lambda model: list(model.buffers()))
@@ -663,7 +443,7 @@ STAGES: dict[str, Stage] = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# 5. The training step and loop (shared by every stage)
+# 3. The training step and loop (shared by every stage)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -699,9 +479,15 @@ def check_finite(value: float, what: str, step: int, ckpt_path: Path) -> None:
 
 
 def train_step(objectives: nn.Module, model: nn.Module, optimizers: dict, phases: list[Phase],
-               micro_batches: list, *, step: int, config: Any, autocast, ckpt_path: Path) -> dict[str, float]:
+               micro_batches: list, *, step: int, config: Any, autocast, ckpt_path: Path,
+               units: int = 1) -> dict[str, float]:
     """One optimisation step on this process's A micro-batches: per phase, forward and backward
-    every micro-batch (gradients averaged over processes on the last), check, clip, step."""
+    every micro-batch (gradients averaged over processes on the last), check, clip, step.
+
+    units U > 1 (NÜWA-Infinity's render-and-optimize): each micro-batch is U forward/backward
+    passes in sequence — one per patch — sharing the micro-batch's `carry` (the context pool), with
+    carry["unit"] = u telling the loss which one. Each pass's graph is freed by its backward, so
+    memory is that of one unit; the gradients are those of the mean of the U unit losses."""
     A = len(micro_batches)
     carry = [{} for _ in micro_batches]  # what a later phase needs from an earlier one (VQGAN: x̂ for D)
     metrics: dict[str, float] = {}
@@ -712,14 +498,17 @@ def train_step(objectives: nn.Module, model: nn.Module, optimizers: dict, phases
         optimizer.zero_grad(set_to_none=True)  # also drops what an earlier phase's loss left here (gan_loss in D)
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
-            with gradient_sync(objectives, enabled=i == A - 1):  # no_sync() on the non-final micro-steps
-                losses = objectives(batch, phase=phase.name, step=step, carry=carry[i], autocast=autocast)
-                # Each micro-loss is a mean over an equal-size micro-batch: dividing by A makes the
-                # summed gradients those of the mean over this process's share; DDP / FSDP then
-                # average the W shares. Forgetting the 1/A multiplies the gradient by A.
-                (losses[phase.objective] / A).backward()
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() / A
+            for unit in range(units):
+                last = i == A - 1 and unit == units - 1
+                carry[i]["unit"] = unit
+                with gradient_sync(objectives, enabled=last):  # no_sync() on all but the final backward
+                    losses = objectives(batch, phase=phase.name, step=step, carry=carry[i], autocast=autocast)
+                    # Each micro-loss is a mean over an equal-size micro-batch: dividing by A makes the
+                    # summed gradients those of the mean over this process's share; DDP / FSDP then
+                    # average the W shares. Forgetting the 1/A multiplies the gradient by A.
+                    (losses[phase.objective] / (A * units)).backward()
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float() / (A * units)
         phase_metrics = mean_over_processes(sums)  # the logged loss is the mean over the whole global batch
         check_finite(phase_metrics[phase.objective], phase.objective, step, ckpt_path)
         if config.grad_clip > 0:
@@ -866,7 +655,7 @@ def train_processes(stage_name: str, config: Any, run: TrainConfig, procs: Proce
             micro_batches = [to_device(stage.batch(config, run.seed, step, procs.rank * A + i, parts), device)
                              for i in range(A)]  # this process's share of the global batch
             metrics = train_step(objectives, model, optimizers, stage.phases, micro_batches, step=step,
-                                 config=config, autocast=autocast, ckpt_path=ckpt_path)
+                                 config=config, autocast=autocast, ckpt_path=ckpt_path, units=stage.units(config))
             broadcast_in_place_state(in_place)
             metrics["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
             step += 1
@@ -925,7 +714,7 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The command line: one flag per dataclass field
+# 4. The command line: one flag per dataclass field
 # ---------------------------------------------------------------------------------------------
 
 
