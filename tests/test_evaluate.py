@@ -10,6 +10,7 @@ import torch
 from conftest import mnist_available, needs_mnist
 
 import evaluate
+import judge
 import train
 
 
@@ -88,22 +89,22 @@ def classifier_dir(tmp_path_factory):
     if not mnist_available():
         pytest.skip("MNIST not found; set NUWA_DATA")
     folder = tmp_path_factory.mktemp("classifier")
-    model = evaluate.train_classifier(evaluate.ClassifierConfig(), max_steps=QUICK_STEPS, progress=False)
-    evaluate.save_classifier(model, folder)
+    model = judge.train_classifier(judge.ClassifierConfig(), max_steps=QUICK_STEPS, progress=False)
+    judge.save_classifier(model, folder)
     return folder
 
 
 @needs_mnist
 def test_quickly_trained_classifier_reads_mnist_and_round_trips_through_its_file(classifier_dir):
-    model = evaluate.load_classifier(classifier_dir)
+    model = judge.load_classifier(classifier_dir)
     assert not model.training and model.info["steps"] == QUICK_STEPS
-    x, y = evaluate.digits_as_tensors("test")
-    assert evaluate.classifier_accuracy(model, x[:2000], y[:2000]) > 0.93  # 300 steps; the full run reaches 99 %
-    assert evaluate.classifier_accuracy(model, x[:2000], y[:2000], max_shift=3) > 0.9  # off-centre crops too
+    x, y = judge.digits_as_tensors("test")
+    assert judge.classifier_accuracy(model, x[:2000], y[:2000]) > 0.93  # 300 steps; the full run reaches 99 %
+    assert judge.classifier_accuracy(model, x[:2000], y[:2000], max_shift=3) > 0.9  # off-centre crops too
     with torch.no_grad():
-        assert model.embed(x[:5]).shape == (5, evaluate.ClassifierConfig.features)
+        assert model.embed(x[:5]).shape == (5, judge.ClassifierConfig.features)
         assert model(x[:5]).shape == (5, 10)
-        again = evaluate.load_classifier(classifier_dir / evaluate.CLASSIFIER_FILE)  # the file or its folder
+        again = judge.load_classifier(classifier_dir / judge.CLASSIFIER_FILE)  # the file or its folder
         torch.testing.assert_close(again(x[:5]), model(x[:5]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="28, 28"):
         model(torch.zeros(2, 1, 64, 64))
@@ -111,13 +112,13 @@ def test_quickly_trained_classifier_reads_mnist_and_round_trips_through_its_file
 
 def test_missing_corrupt_or_foreign_classifier_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="evaluate.py classifier --out"):
-        evaluate.load_classifier(tmp_path)
+        judge.load_classifier(tmp_path)
     (tmp_path / "classifier.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="corrupt or not a digit classifier"):
-        evaluate.load_classifier(tmp_path)
+        judge.load_classifier(tmp_path)
     torch.save({"stage": "vqgan", "model": {}}, tmp_path / "classifier.pt")
     with pytest.raises(ValueError, match="not a digit classifier file"):
-        evaluate.load_classifier(tmp_path)
+        judge.load_classifier(tmp_path)
     # The sub-command never overwrites a file it cannot read (that takes --retrain).
     with pytest.raises(ValueError, match="not a digit classifier file"):
         evaluate.main(["classifier", "--out", str(tmp_path)])
@@ -126,7 +127,7 @@ def test_missing_corrupt_or_foreign_classifier_files_are_clear_errors(tmp_path):
 def test_translate_moves_by_whole_pixels_with_black_borders():
     x = torch.zeros(1, 1, 28, 28)
     x[0, 0, 10, 12] = 1.0
-    moved = evaluate.translate(x, torch.tensor([[3, -2]]))
+    moved = judge.translate(x, torch.tensor([[3, -2]]))
     assert moved[0, 0, 13, 10].item() == pytest.approx(1.0, abs=1e-5) and moved.sum().item() == pytest.approx(1.0, abs=1e-4)
 
 
@@ -144,7 +145,7 @@ def test_the_full_classifier_run_reaches_99_percent_on_mnist_test(tmp_path):
     # The bar of SPEC §9 with the default configuration (5 epochs: about 3 minutes on one CPU thread).
     metrics = evaluate.main(["classifier", "--out", str(tmp_path)])
     assert metrics["test_accuracy"] >= 0.99 and not metrics["loaded"]
-    assert evaluate.load_classifier(tmp_path).info["test_accuracy"] == metrics["test_accuracy"]
+    assert judge.load_classifier(tmp_path).info["test_accuracy"] == metrics["test_accuracy"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def paste(canvas: torch.Tensor, digit: torch.Tensor, top: int, left: int) -> Non
 
 
 def centre_of_mass(image: torch.Tensor) -> tuple[float, float]:
-    ink = image * (image > evaluate.INK_THRESHOLD)
+    ink = image * (image > judge.INK_THRESHOLD)
     rows, cols = torch.arange(image.shape[0]).double(), torch.arange(image.shape[1]).double()
     return (ink.double().sum(1) @ rows / ink.sum()).item(), (ink.double().sum(0) @ cols / ink.sum()).item()
 
@@ -168,14 +169,14 @@ def centre_of_mass(image: torch.Tensor) -> tuple[float, float]:
 def mnist_digits():
     if not mnist_available():
         pytest.skip("MNIST not found; set NUWA_DATA")
-    return evaluate.digits_as_tensors("test")
+    return judge.digits_as_tensors("test")
 
 
 def test_connected_components_join_diagonal_neighbours_and_separate_gaps():
     mask = torch.zeros(1, 6, 8, dtype=torch.bool)
     mask[0, 0, 0] = mask[0, 1, 1] = mask[0, 2, 2] = True  # a diagonal line: one 8-connected component
     mask[0, 4:6, 5:8] = True  # a separate block
-    labels = evaluate.connected_components(mask)[0]
+    labels = judge.connected_components(mask)[0]
     assert labels[0, 0] == labels[1, 1] == labels[2, 2] != 0
     assert len(labels[4:6, 5:8].unique()) == 1 and labels[4, 5] not in (0, labels[0, 0])
     assert (labels[~mask[0]] == 0).all() and len(labels.unique()) == 3
@@ -187,34 +188,34 @@ def test_locate_digits_finds_a_digit_pasted_at_a_known_place(mnist_digits):
     frame = torch.zeros(64, 64)
     paste(frame, digit, 30, 5)
     frame[2:4, 60:62] = 1.0  # a 4-pixel speck: not a digit
-    [blobs] = evaluate.locate_digits(frame)
+    [blobs] = judge.locate_digits(frame)
     assert len(blobs) == 1
     cy, cx = centre_of_mass(digit)
     assert (blobs[0].y, blobs[0].x) == (pytest.approx(cy + 30), pytest.approx(cx + 5))
     assert blobs[0].single and blobs[0].box[0] >= 30 and blobs[0].box[1] >= 5
     # The crop puts the centre of mass where MNIST puts it, so it is the digit moved by under a pixel.
-    crop = evaluate.crop_digit(frame, blobs[0])
-    shift = torch.tensor([[14 - evaluate.nearest_pixel(cy), 14 - evaluate.nearest_pixel(cx)]])
-    torch.testing.assert_close(crop[None, None], evaluate.translate(digit[None, None], shift), atol=1e-5, rtol=0)
+    crop = judge.crop_digit(frame, blobs[0])
+    shift = torch.tensor([[14 - judge.nearest_pixel(cy), 14 - judge.nearest_pixel(cx)]])
+    torch.testing.assert_close(crop[None, None], judge.translate(digit[None, None], shift), atol=1e-5, rtol=0)
     # Two digits far apart are two blobs, biggest first.
     paste(frame, x[1, 0], 0, 36)
-    blobs = evaluate.locate_digits(frame[None, None].expand(3, 1, 64, 64))[2]
+    blobs = judge.locate_digits(frame[None, None].expand(3, 1, 64, 64))[2]
     assert len(blobs) == 2 and blobs[0].pixels >= blobs[1].pixels
     assert {round(b.x) for b in blobs} == {round(cx + 5), round(centre_of_mass(x[1, 0])[1] + 36)}
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        evaluate.locate_digits(frame * 255)
+        judge.locate_digits(frame * 255)
 
 
 def test_template_matching_finds_a_digit_drawn_over_another(mnist_digits):
     x, _ = mnist_digits
     alone = torch.zeros(64, 64)
     paste(alone, x[2, 0], 10, 10)
-    [[blob]] = evaluate.locate_digits(alone)
-    template = evaluate.template_of(alone, blob)
+    [[blob]] = judge.locate_digits(alone)
+    template = judge.template_of(alone, blob)
     merged = torch.zeros(64, 64)
     paste(merged, x[2, 0], 14, 13)  # moved by (4, 3) ...
     paste(merged, x[3, 0], 20, 20)  # ... and overlapped by another digit (maximum, as in Moving MNIST)
-    found = evaluate.match_template(merged, template, np.array([blob.y + 6, blob.x + 1]))  # a rough guess
+    found = judge.match_template(merged, template, np.array([blob.y + 6, blob.x + 1]))  # a rough guess
     np.testing.assert_allclose(found, [blob.y + 4, blob.x + 3], atol=1e-9)
 
 
@@ -222,14 +223,14 @@ def test_split_blob_cuts_touching_digits_along_their_ink(mnist_digits):
     x, _ = mnist_digits
     frame, left, right = torch.zeros(64, 64), torch.zeros(64, 64), torch.zeros(64, 64)
     paste(left, x[4, 0], 18, 4)
-    y0, x0, y1, x1 = evaluate.locate_digits(left)[0][0].box
+    y0, x0, y1, x1 = judge.locate_digits(left)[0][0].box
     paste(right, x[5, 0], 18, 4)
-    ry0, rx0, _, _ = evaluate.locate_digits(right)[0][0].box
+    ry0, rx0, _, _ = judge.locate_digits(right)[0][0].box
     right = torch.roll(right, x1 + 2 - rx0, dims=1)  # its ink starts 2 px right of the first digit's
     frame = torch.maximum(left, right)
-    [blobs] = evaluate.locate_digits(frame)
+    [blobs] = judge.locate_digits(frame)
     assert len(blobs) == 1  # the 5×5 dilation bridges a 2-pixel gap
-    parts = evaluate.split_blob(frame, blobs[0])
+    parts = judge.split_blob(frame, blobs[0])
     assert parts is not None and {p.split for p in parts} == {"ink"}
     expected = sorted([centre_of_mass(left), centre_of_mass(right)], key=lambda c: c[1])
     got = sorted([(p.y, p.x) for p in parts], key=lambda c: c[1])
@@ -247,14 +248,14 @@ def test_motion_read_from_real_clips_matches_their_captions(split):
         merged_frames = 0
         for index in range(count):
             item = clips[index]
-            frames = evaluate.as_frames(item["video"])
-            blobs = evaluate.locate_digits(frames)
-            followed = evaluate.track_digits(frames, blobs, num_digits)
+            frames = judge.as_frames(item["video"])
+            blobs = judge.locate_digits(frames)
+            followed = judge.track_digits(frames, blobs, num_digits)
             cuts = {b.split for _, chosen in followed for b in chosen if b is not None}
             if "kmeans" in cuts:  # strokes overlap in every frame: no exact reading exists (see caption-check)
                 continue
             merged_frames += sum(b is None for _, chosen in followed for b in chosen)
-            read = sorted(evaluate.read_motion(centres)[1] for centres, _ in followed)
+            read = sorted(judge.read_motion(centres)[1] for centres, _ in followed)
             assert read == sorted(item["motions"]), (split, num_digits, index, item["caption"])
         if num_digits == 2:
             assert merged_frames > 0  # the template-matching path was exercised
@@ -264,27 +265,27 @@ def test_motion_read_from_real_clips_matches_their_captions(split):
 def test_caption_reading_is_right_on_real_clips(classifier_dir):
     import data
 
-    classifier = evaluate.load_classifier(classifier_dir)
+    classifier = judge.load_classifier(classifier_dir)
     for split in ("test", "heldout"):
         clips = data.CaptionedMovingMNIST(split, num_frames=10, num_digits=1, length=10)
         for index in range(10):
             item = clips[index]
-            reading = evaluate.read_video(item["video"], classifier, num_digits=1)
+            reading = judge.read_video(item["video"], classifier, num_digits=1)
             assert reading.caption == item["caption"], (split, index)
             assert evaluate.score_reading(reading, item["digits"].tolist(), item["motions"]) == \
                 {"caption": True, "digit": True, "motion": True}
-            assert evaluate.video_digit(item["video"], classifier) == item["digits"][0]
+            assert judge.video_digit(item["video"], classifier) == item["digits"][0]
     clips = data.CaptionedMovingMNIST("heldout", num_frames=10, num_digits=2, length=12)
-    readable = [clips[i] for i in range(12) if evaluate.read_video(clips[i]["video"], classifier, 2).cut != "kmeans"]
+    readable = [clips[i] for i in range(12) if judge.read_video(clips[i]["video"], classifier, 2).cut != "kmeans"]
     assert len(readable) >= 8
     for item in readable:
-        reading = evaluate.read_video(item["video"], classifier, num_digits=2)
+        reading = judge.read_video(item["video"], classifier, num_digits=2)
         assert evaluate.score_reading(reading, item["digits"].tolist(), item["motions"])["caption"], item["caption"]
 
 
 def test_score_reading_ignores_order_and_separates_digits_from_motions():
-    track = lambda digit, motion: evaluate.DigitTrack(np.zeros((2, 2)), [True, True], digit, 1, motion)
-    reading = evaluate.VideoReading([], [track(7, "right"), track(3, "up then down")])
+    track = lambda digit, motion: judge.DigitTrack(np.zeros((2, 2)), [True, True], digit, 1, motion)
+    reading = judge.VideoReading([], [track(7, "right"), track(3, "up then down")])
     assert reading.caption == "digit 7 is moving right and digit 3 is moving up then down"
     assert evaluate.score_reading(reading, [3, 7], ["up then down", "right"]) == \
         {"caption": True, "digit": True, "motion": True}
@@ -292,7 +293,7 @@ def test_score_reading_ignores_order_and_separates_digits_from_motions():
         {"caption": False, "digit": True, "motion": True}  # right digits, right motions, wrong pairing
     assert evaluate.score_reading(reading, [3, 8], ["up then down", "right"]) == \
         {"caption": False, "digit": False, "motion": True}
-    assert evaluate.score_reading(evaluate.VideoReading([], []), [3], ["up"]) == \
+    assert evaluate.score_reading(judge.VideoReading([], []), [3], ["up"]) == \
         {"caption": False, "digit": False, "motion": False}
     assert evaluate.accuracies([{"caption": True, "digit": True, "motion": True},
                                 {"caption": False, "digit": True, "motion": False}]) == \
