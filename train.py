@@ -79,6 +79,7 @@ import torch.nn as nn  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 import data  # noqa: E402
+import infinity  # noqa: E402
 import nuwa  # noqa: E402
 import vqgan  # noqa: E402
 from distributed import (  # noqa: E402
@@ -428,6 +429,51 @@ def nuwa_tokens_per_batch(config: nuwa.NUWAConfig) -> int:
     return config.batch_size * per_frame * sum(lengths[t] for t in nuwa_tasks(config))
 
 
+# --- NÜWA-Infinity (arXiv 2207.09814 §3.4): render-and-optimize, one unit per patch -------------
+
+
+def infinity_tokenizer(config: infinity.InfinityConfig, device: torch.device) -> vqgan.VQGAN:
+    """The frozen frame VQ-GAN whose codes Infinity predicts; convolutional, so it tokenizes 64×W canvases."""
+    frame_tokens = data.CANVAS // config.token_px
+    return frozen_tokenizer(config.vqgan_ckpt, str(device), config.codebook_size, (frame_tokens, frame_tokens))
+
+
+def build_infinity(config: infinity.InfinityConfig, device: torch.device) -> infinity.Infinity:
+    infinity.training_directions(config)  # fail on a bad direction list before any work
+    return infinity.Infinity(config).to(device)
+
+
+def infinity_batch(config: infinity.InfinityConfig, seed: int, step: int, part: int, parts: int) -> dict:
+    """Canvases (or clips) of step `step`, and the seed that, with the step, draws the step's order."""
+    return {**infinity.training_batch(config, seed, step, part, parts), "seed": seed}
+
+
+def infinity_loss(model: infinity.Infinity, batch: dict, *, step: int, carry: dict, autocast) -> dict:
+    """Unit u of a micro-batch is patch u of the step's order (§3.4): the loss of that patch given
+    its pooled, detached context. Unit 0 tokenizes the canvases and opens the pool; both stay in
+    `carry` for the later units, and each unit's backward frees its graph before the next patch."""
+    if carry["unit"] == 0:
+        with torch.no_grad():
+            carry["tokens"] = infinity_tokenizer(model.config, model.bos.device).encode_video(batch["pixels"])
+    with autocast():
+        loss = infinity.unit_loss(model, carry["tokens"], batch["caption"], unit=carry["unit"], carry=carry,
+                                  seed=batch["seed"], step=step)
+    return {"loss": loss}
+
+
+def infinity_optimizers(model: infinity.Infinity, config: infinity.InfinityConfig, device: torch.device) -> dict:
+    """The same AdamW as NÜWA's (decay on matrices only), under the phase's name."""
+    return {"infinity": nuwa_optimizers(model, config, device)["nuwa"]}
+
+
+def visualise_infinity(model: infinity.Infinity, config: infinity.InfinityConfig, path: Path) -> Path:
+    return infinity.visualise(model, infinity_tokenizer(config, model.bos.device), path)
+
+
+def infinity_tokens_per_batch(config: infinity.InfinityConfig) -> int:
+    return config.batch_size * math.prod(infinity.training_grid(config))
+
+
 TOKENIZER = dict(build=build_tokenizer, optimizers=tokenizer_optimizers, phases=TOKENIZER_PHASES,
                  tokens_per_batch=tokens_per_frame_batch, fsdp_units=tokenizer_fsdp_units,
                  in_place_state=tokenizer_in_place_state)
@@ -440,6 +486,11 @@ STAGES: dict[str, Stage] = {
                   visualise=visualise_nuwa, tokens_per_batch=nuwa_tokens_per_batch,
                   warmup=lambda config, step: min(1.0, (step + 1) / max(1, config.warmup_steps)),  # linear warm-up
                   fsdp_units=lambda model: [*model.encoder, *model.decoder]),  # every transformer block
+    "infinity": Stage(preset=infinity.InfinityConfig.preset, build=build_infinity, optimizers=infinity_optimizers,
+                      batch=infinity_batch, phases=[Phase("infinity", infinity_loss, lambda model: list(model.parameters()))],
+                      visualise=visualise_infinity, tokens_per_batch=infinity_tokens_per_batch,
+                      warmup=lambda config, step: min(1.0, (step + 1) / max(1, config.warmup_steps)),
+                      fsdp_units=lambda model: list(model.blocks), units=infinity.num_patches),
 }
 
 # ---------------------------------------------------------------------------------------------

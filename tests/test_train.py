@@ -163,3 +163,29 @@ def test_bench_train_quick_prints_one_json_object_last():
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert [(r["stage"], r["preset"]) for r in summary["results"]] == [("vqgan", "tiny"), ("nuwa", "tiny")]
     assert all(r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 for r in summary["results"])
+
+
+@needs_mnist
+def test_infinity_stage_backpropagates_patch_by_patch_and_resumes_exactly(tmp_path, monkeypatch):
+    """Render-and-optimize through the shared loop: one forward/backward unit per patch of the
+    step's order (8 patches of a 64×128 canvas), and a resumed run repeats the uninterrupted losses."""
+    import infinity
+
+    tokenizer = run_stage("vqgan", tmp_path / "tok")
+    calls = []
+    unit_loss = infinity.unit_loss
+    monkeypatch.setattr(infinity, "unit_loss", lambda *a, **k: calls.append(k["unit"]) or unit_loss(*a, **k))
+    flags = ["--stage", "infinity", "--preset", "tiny", "--dim", "16", "--num-heads", "2", "--layers", "1",
+             "--batch-size", "2", "--codebook-size", "32", "--vqgan-ckpt", str(tokenizer), "--device", "cpu",
+             "--log-every", "1", "--sample-every", "0"]
+    train.main([*flags, "--max-steps", "3", "--out", str(tmp_path / "whole")])
+    patches = infinity.num_patches(infinity.InfinityConfig.preset("tiny"))
+    assert patches == 8 and calls == list(range(patches)) * 3
+    train.main([*flags, "--max-steps", "1", "--out", str(tmp_path / "parts")])
+    train.main([*flags, "--max-steps", "3", "--out", str(tmp_path / "parts"), "--resume"])
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "infinity" / "log.jsonl")]
+              for run in ("whole", "parts")]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    model = infinity.load_infinity(tmp_path / "whole" / "infinity" / "ckpt.pt")
+    assert model.config.dim == 16 and not model.training
+    assert (tmp_path / "whole" / "infinity" / "samples.png").stat().st_size > 0
