@@ -1,0 +1,387 @@
+"""Tests for infinity.py: the pool's bound and eviction, context = rule, given patches kept, pool =
+pool-free reference, render-and-optimize gradients, bad inputs, the ADC offset bias, the benchmark."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import infinity as inf
+from conftest import needs_mnist
+
+K = 11  # codebook size of the toy models
+EXTENTS = [(1, 1, 1), (1, 2, 1), (0, 1, 2)]
+
+
+def toy_model(**overrides) -> inf.Infinity:
+    """float64, width 16, patches of 2×2 tokens; a random offset bias so the ADC term is exercised."""
+    config = inf.InfinityConfig.preset("tiny", dim=16, num_heads=2, layers=2, codebook_size=K,
+                                       patch_size=(2, 2), **overrides)
+    torch.manual_seed(0)
+    model = inf.Infinity(config).double().eval()
+    with torch.no_grad():
+        model.offset_bias.normal_()
+    return model
+
+
+def walk(order, extent):
+    """Run a pool over an order with dummy states: (pool sizes, evicted per index, selected per index)."""
+    pool = inf.NearbyContextPool(order, extent)
+    sizes, evicted, selected = [], [], []
+    for index, patch in enumerate(order):
+        selected.append([q for q, _ in pool.select(patch)])
+        pool.add(patch, torch.zeros(1))
+        evicted.append(pool.evict(index))
+        sizes.append(len(pool))
+    return sizes, evicted, selected
+
+
+def given_for(direction, B, grid_shape, generator):
+    """Random source tokens on the side the outpainting direction starts from (one patch deep)."""
+    T, H, W = grid_shape
+    shape = (B, T, H, 2) if direction in ("right", "left") else (B, T, 2, W)
+    return inf.outpaint_given(torch.randint(K, shape, generator=generator), grid_shape, direction)
+
+
+# --- orders (ADC) ------------------------------------------------------------------------------
+
+
+def test_orders_by_hand():
+    grid = (1, 2, 3)
+    assert inf.patch_order("raster", grid) == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0), (0, 1, 1), (0, 1, 2)]
+    assert inf.patch_order("column", grid) == [(0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (0, 0, 2), (0, 1, 2)]
+    assert inf.patch_order("left", grid) == [(0, 0, 2), (0, 1, 2), (0, 0, 1), (0, 1, 1), (0, 0, 0), (0, 1, 0)]
+    assert inf.patch_order("up", grid) == [(0, 1, 0), (0, 1, 1), (0, 1, 2), (0, 0, 0), (0, 0, 1), (0, 0, 2)]
+    assert inf.patch_order("right", grid) == inf.patch_order("column", grid)
+    assert inf.patch_order("down", grid) == inf.patch_order("raster", grid)
+    video = inf.patch_order("video", (2, 1, 2))
+    assert video == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1)]  # frame by frame
+    for direction in inf.DIRECTIONS:  # every order is a permutation of the grid
+        assert sorted(inf.patch_order(direction, (2, 3, 4))) == sorted(inf.patch_order("raster", (2, 3, 4)))
+
+
+def test_training_order_is_deterministic_and_samples_every_direction():
+    config = inf.InfinityConfig.preset("tiny")
+    assert inf.num_patches(config) == 8  # 64×128 px = 16×32 tokens = 2×4 patches of 8×8
+    draws = [inf.training_order(config, 0, step) for step in range(60)]
+    assert draws == [inf.training_order(config, 0, step) for step in range(60)]
+    assert {d for d, _ in draws} == set(inf.training_directions(config))
+    assert all(order == inf.patch_order(d, (1, 2, 4)) for d, order in draws)
+
+
+# --- the Nearby Context Pool -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", inf.DIRECTIONS)
+@pytest.mark.parametrize("extent", EXTENTS)
+def test_pool_never_holds_more_than_the_bound(direction, extent):
+    for grid in [(1, 5, 40), (1, 40, 5), (4, 6, 7)]:  # much larger than the extents along some axis
+        sizes, _, _ = walk(inf.patch_order(direction, grid), extent)
+        bound = inf.pool_bound(direction, grid, extent)
+        assert max(sizes) <= bound, (grid, max(sizes), bound)
+        assert sizes[-1] == 0  # everything is evicted at the end
+        assert bound < 0.5 * len(sizes) or grid[0] > 1  # the bound is far below the canvas
+
+
+@pytest.mark.parametrize("extent", EXTENTS)
+def test_pool_is_flat_along_the_order_long_side(extent):
+    # Column orders: the pool does not grow with the width; row orders: not with the height.
+    for direction in ("column", "right", "left"):
+        peaks = [max(walk(inf.patch_order(direction, (1, 4, W)), extent)[0]) for W in (10, 20, 40)]
+        assert len(set(peaks)) == 1 and peaks[0] <= inf.pool_bound(direction, (1, 4, 40), extent)
+    for direction in ("raster", "down", "up", "video"):
+        peaks = [max(walk(inf.patch_order(direction, (1, H, 4)), extent)[0]) for H in (10, 20, 40)]
+        assert len(set(peaks)) == 1
+
+
+def brute_force_last_use(order, extent) -> dict:
+    """The last index whose context (by the rule) holds each patch; its own index if none does."""
+    last = {p: i for i, p in enumerate(order)}
+    for index in range(len(order)):
+        for q in inf.context_rule(order, index, extent):
+            last[q] = max(last[q], index)
+    return last
+
+
+@pytest.mark.parametrize("direction", inf.DIRECTIONS)
+@pytest.mark.parametrize("extent", EXTENTS)
+def test_each_patch_is_evicted_right_after_its_last_use(direction, extent):
+    order = inf.patch_order(direction, (2, 3, 5))
+    last = brute_force_last_use(order, extent)
+    assert inf.last_uses(order, extent) == last
+    _, evicted, _ = walk(order, extent)
+    evicted_at = {q: index for index, gone in enumerate(evicted) for q in gone}
+    assert evicted_at == last  # every patch evicted exactly once, right after its last use
+
+
+@pytest.mark.parametrize("direction", inf.DIRECTIONS)
+@pytest.mark.parametrize("extent", EXTENTS)
+def test_selected_context_equals_the_rule(direction, extent):
+    grid = (2, 3, 4)
+    order = inf.patch_order(direction, grid)
+    rank = {p: i for i, p in enumerate(order)}
+    _, _, selected = walk(order, extent)
+    for index, patch in enumerate(order):
+        # Brute force from coordinates: every patch of the grid earlier in the order and in the box.
+        expected = sorted((q for q in rank if rank[q] < index and all(
+            abs(a - b) <= e for a, b, e in zip(q, patch, extent))), key=rank.get)
+        assert selected[index] == expected == inf.context_rule(order, index, extent)
+
+
+def test_context_by_hand():
+    # The centre of a 3×3 grid, extents 1: raster sees the row above and its left neighbour;
+    # column order sees the column to its left and the patch above it.
+    raster, column = inf.patch_order("raster", (1, 3, 3)), inf.patch_order("column", (1, 3, 3))
+    centre = (0, 1, 1)
+    assert inf.context_rule(raster, raster.index(centre), (1, 1, 1)) == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0)]
+    assert inf.context_rule(column, column.index(centre), (1, 1, 1)) == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 0, 1)]
+
+
+# --- generation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", inf.OUTPAINTING)
+def test_given_patches_are_kept_exactly(direction):
+    model = toy_model()
+    gen = torch.Generator().manual_seed(1)
+    grid_shape = (1, 4, 6)
+    tokens, keep = given_for(direction, 2, grid_shape, gen)
+    keep[0, 0, 3, 5] = True  # plus one lone kept token inside a generated patch
+    tokens[0, 0, 3, 5] = 7
+    made = inf.generate(model, grid_shape, direction, given=(tokens, keep), temperature=1.0, generator=gen)
+    assert torch.equal(made[keep], tokens[keep])
+    assert not torch.equal(made[~keep], tokens[~keep])  # the rest was generated
+
+
+@pytest.mark.parametrize("direction", inf.DIRECTIONS)
+def test_pool_generation_equals_the_pool_free_reference(direction):
+    model = toy_model()
+    grid_shape = (2, 4, 6) if direction == "video" else (1, 4, 6)
+    given = given_for(direction, 2, grid_shape, torch.Generator().manual_seed(2)) if direction in inf.OUTPAINTING else None
+    captions = ["3 7", None]
+    traces = [inf.GenerationTrace(keep_logits=True) for _ in range(2)]
+    fast = inf.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0, trace=traces[0])
+    slow = inf.generate_reference(model, grid_shape, direction, given=given, captions=captions, temperature=0,
+                                  trace=traces[1])
+    assert torch.equal(fast, slow)  # greedy, float64: token-identical
+    assert traces[0].context_patches == traces[1].context_patches
+    for fast_logits, slow_logits in zip(traces[0].logits, traces[1].logits):  # every step of every patch
+        torch.testing.assert_close(fast_logits, slow_logits, rtol=1e-10, atol=1e-10)
+    # Sampling draws the same numbers from the same generator, so sampled canvases agree too.
+    sampled = [g(model, grid_shape, direction, given=given, captions=captions, temperature=1.0, top_k=5,
+                 generator=torch.Generator().manual_seed(3)) for g in (inf.generate, inf.generate_reference)]
+    assert torch.equal(*sampled)
+
+
+def test_generation_memory_is_that_of_the_pool():
+    model = toy_model()
+    traces = []
+    for W in (8, 32):  # 4 and 16 patch columns, 2 patch rows
+        traces.append(inf.GenerationTrace())
+        inf.generate(model, (1, 4, W), "column", temperature=0, trace=traces[-1])
+    assert max(traces[0].pool_bytes) == max(traces[1].pool_bytes) > 0
+    assert max(traces[1].pool_patches) <= inf.pool_bound("column", (1, 2, 16), model.config.extent)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def run_patches(model, tokens, order, captions, per_patch: bool):
+    pool = inf.NearbyContextPool(order, model.config.extent)
+    model.zero_grad()
+    losses = [inf.patch_loss(model, tokens, order, index, pool, captions) for index in range(len(order))] \
+        if not per_patch else []
+    if per_patch:
+        for index in range(len(order)):
+            loss = inf.patch_loss(model, tokens, order, index, pool, captions)
+            loss.backward()  # render-and-optimize: at once, the graph is one patch deep
+            losses.append(loss.detach())
+            assert all(not s.requires_grad and s.grad_fn is None for s in pool.states.values())
+    else:
+        sum(losses).backward()
+    return torch.stack([l.detach() for l in losses]), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_render_and_optimize_gradients_equal_the_summed_loss_with_detached_context():
+    model = toy_model().train()
+    tokens = torch.randint(K, (2, 1, 4, 6), generator=torch.Generator().manual_seed(4))
+    order = inf.patch_order("column", (1, 2, 3))
+    captions = ["3", None]
+    losses_a, grads_a = run_patches(model, tokens, order, captions, per_patch=True)
+    losses_b, grads_b = run_patches(model, tokens, order, captions, per_patch=False)
+    torch.testing.assert_close(losses_a, losses_b, rtol=0, atol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-12, atol=1e-14, msg=name)
+    # The detach matters: a pool that kept the graph gives other gradients (so this test can fail).
+    add = inf.NearbyContextPool.add
+    try:
+        def add_with_graph(pool, patch, states):
+            add(pool, patch, states)
+            pool.states[patch] = states
+        inf.NearbyContextPool.add = add_with_graph
+        _, grads_graph = run_patches(model, tokens, order, captions, per_patch=False)
+    finally:
+        inf.NearbyContextPool.add = add
+    assert not torch.allclose(grads_graph["token_embed.weight"], grads_b["token_embed.weight"])
+
+
+def test_patch_loss_is_the_mean_cross_entropy_of_the_patch():
+    model = toy_model()
+    tokens = torch.randint(K, (2, 1, 2, 4), generator=torch.Generator().manual_seed(5))
+    order = inf.patch_order("raster", (1, 1, 2))
+    pool = inf.NearbyContextPool(order, model.config.extent)
+    inf.patch_loss(model, tokens, order, 0, pool)
+    context, bias = inf.gather_context(model, order[1], pool.select(order[1]), 2)
+    logits, _ = model(inf.cut(tokens, order[1], (2, 2)), model.text_states(None, 2), context, bias)
+    expected = -logits.log_softmax(-1).gather(-1, inf.cut(tokens, order[1], (2, 2))[..., None]).mean()
+    torch.testing.assert_close(inf.patch_loss(model, tokens, order, 1, pool), expected)
+
+
+def test_overfits_one_canvas_and_regenerates_it():
+    config = inf.InfinityConfig.preset("tiny", dim=32, num_heads=2, layers=2, codebook_size=K, patch_size=(2, 2),
+                                       directions="raster")
+    torch.manual_seed(0)
+    model = inf.Infinity(config)
+    tokens = torch.randint(K, (1, 1, 4, 4), generator=torch.Generator().manual_seed(6))
+    order = inf.patch_order("raster", (1, 2, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        pool = inf.NearbyContextPool(order, config.extent)
+        for index in range(len(order)):
+            loss = inf.patch_loss(model, tokens, order, index, pool, ["5"])
+            loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    assert torch.equal(inf.generate(model.eval(), (1, 4, 4), "raster", captions=["5"], temperature=0), tokens)
+
+
+# --- the ADC offset bias -----------------------------------------------------------------------
+
+
+def test_offset_bias_changes_outputs_and_has_gradients():
+    model = toy_model().train()
+    tokens = torch.randint(K, (1, 1, 2, 4), generator=torch.Generator().manual_seed(7))
+    order = inf.patch_order("raster", (1, 1, 2))  # the second patch's context is its left neighbour
+    pool = inf.NearbyContextPool(order, model.config.extent)
+    inf.patch_loss(model, tokens, order, 0, pool)
+    selected = pool.select(order[1])  # before patch 1 is done: then patch 0 is evicted
+    model.zero_grad()
+    loss = inf.patch_loss(model, tokens, order, 1, pool)
+    loss.backward()
+    grad = model.offset_bias.grad  # (layers, nh, 3, 3, 3)
+    e_t, e_h, e_w = model.config.extent
+    used = grad[:, :, e_t, e_h, e_w - 1]  # offset (0, 0, −1)
+    assert (used != 0).all()  # every layer and head learns from the left neighbour's offset
+    assert grad.abs().sum() == used.abs().sum()  # and no other offset was involved
+    with torch.no_grad():
+        before = model(inf.cut(tokens, order[1], (2, 2)), model.text_states(None, 1),
+                       *inf.gather_context(model, order[1], selected, 1))[0]
+        model.offset_bias[:, :, e_t, e_h, e_w - 1] += 1.0
+        after = model(inf.cut(tokens, order[1], (2, 2)), model.text_states(None, 1),
+                      *inf.gather_context(model, order[1], selected, 1))[0]
+    assert (before - after).abs().max() > 1e-3
+
+
+def test_offset_bias_tells_apart_where_the_context_lies():
+    # The same context states placed to the left or above give different logits.
+    model = toy_model()
+    states = torch.randn(2, 2, 1, 2, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    patch = (0, 1, 1)
+    outputs = []
+    for neighbour in [(0, 1, 0), (0, 0, 1)]:
+        context, bias = inf.gather_context(model, patch, [(neighbour, states)], 1)
+        outputs.append(model(torch.zeros(1, 4, dtype=torch.long), model.text_states(None, 1), context, bias)[0])
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-3
+
+
+# --- bad inputs --------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = toy_model()
+    with pytest.raises(ValueError, match="smaller than one patch"):
+        inf.generate(model, (1, 1, 6), "column")
+    with pytest.raises(ValueError, match="unknown direction 'diagonal'"):
+        inf.generate(model, (1, 4, 6), "diagonal")
+    with pytest.raises(ValueError, match="does not divide into patches"):
+        inf.generate(model, (1, 4, 5), "column")
+    with pytest.raises(ValueError, match="needs given patches"):
+        inf.generate(model, (1, 4, 6), "right")
+    with pytest.raises(ValueError, match="needs given patches"):  # a mask that keeps nothing
+        inf.generate(model, (1, 4, 6), "left", given=(torch.zeros(1, 1, 4, 6, dtype=torch.long),
+                                                       torch.zeros(1, 1, 4, 6, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="batch sizes disagree"):
+        inf.generate(model, (1, 4, 6), "column", captions=["3"], batch_size=2)
+    with pytest.raises(ValueError, match="multiple of f = 4"):
+        inf.generate_canvas(model, None, 64, 130)
+    with pytest.raises(ValueError, match="does not fit"):
+        inf.outpaint_given(torch.zeros(1, 1, 3, 2, dtype=torch.long), (1, 4, 6), "right")
+    with pytest.raises(ValueError, match="unknown caption word"):
+        inf.generate(model, (1, 2, 2), "column", captions=["seven"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        inf.InfinityConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown direction"):
+        inf.training_order(inf.InfinityConfig.preset("tiny", directions="raster,sideways"), 0, 0)
+    order = inf.patch_order("column", (1, 2, 3))
+    pool = inf.NearbyContextPool(order, (1, 1, 1))
+    with pytest.raises(ValueError, match="out of order"):
+        pool.add(order[1], torch.zeros(1))
+    with pytest.raises(ValueError, match="expects index 0"):
+        inf.patch_loss(model, torch.zeros(1, 1, 4, 6, dtype=torch.long), order, 1, pool)
+
+
+# --- data and pictures -------------------------------------------------------------------------
+
+
+@needs_mnist
+def test_digit_canvases_are_deterministic_and_captioned():
+    canvases = inf.DigitCanvases("test", 64, 128, seed=0, length=20, none_prob=0.3)
+    again = inf.DigitCanvases("test", 64, 128, seed=0, length=20, none_prob=0.3)
+    captions = []
+    for index in range(20):
+        item = canvases[index]
+        assert item["image"].shape == (1, 64, 128) and 0 <= item["image"].min() and item["image"].max() <= 1
+        assert torch.equal(item["image"], again[index]["image"]) and item["caption"] == again[index]["caption"]
+        assert len(item["digits"]) == 128 // inf.SLOT_PX
+        if item["caption"] is not None:
+            assert item["caption"] == " ".join(str(d) for d in sorted(set(item["digits"].tolist())))
+        captions.append(item["caption"])
+    assert None in captions and any(c is not None for c in captions)
+    with pytest.raises(ValueError, match="at least"):
+        inf.DigitCanvases("test", 16, 128)
+
+
+@needs_mnist
+def test_training_batch_and_visualise(tmp_path):
+    import vqgan
+
+    config = inf.InfinityConfig.preset("tiny", dim=16, num_heads=2, layers=1, batch_size=2, canvas_width=64)
+    batch = inf.training_batch(config, 0, 3)
+    assert batch["pixels"].shape == (2, 1, 1, 64, 64) and len(batch["caption"]) == 2
+    assert torch.equal(batch["pixels"], inf.training_batch(config, 0, 3)["pixels"])
+    torch.manual_seed(0)
+    tokenizer = vqgan.VQGAN(vqgan.VQGANConfig.preset("tiny")).eval()  # untrained: shapes only
+    model = inf.Infinity(config)
+    path = inf.visualise(model, tokenizer, tmp_path / "infinity.png")
+    assert path.exists() and path.stat().st_size > 1000
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+
+
+def test_bench_infinity_reports_its_json_contract():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_infinity.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--dim", "16", "--layers", "1",
+                           "--height", "64", "--width", "64"], capture_output=True, text=True, check=True,
+                          timeout=300)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("widths", "patches", "s_per_patch", "pool_bytes", "peak_bytes", "time_ratio_4x",
+                "time_ratio_16x", "memory_ratio_4x", "memory_ratio_16x"):
+        assert key in result, key
+    assert result["widths"] == [64, 256, 1024]
+    assert result["memory_ratio_16x"] == pytest.approx(result["peak_bytes"][2] / result["peak_bytes"][0], rel=1e-3)
+    assert result["memory_ratio_16x"] <= 1.3  # the pool does not grow with the width
