@@ -8,6 +8,10 @@ Sub-commands (NÜWA §4; the task functions live in nuwa.py, this file adds pixe
   t2v         caption → video                   s2v         sketch video → video
   predict     first frames → the next frames    edit-video  video + new caption → re-generated video
 
+NÜWA-Infinity (infinity.py), with a checkpoint of `train.py --stage infinity`:
+  infinity    a canvas of any size (--width, --height, --direction), outpainting from --image
+              (--direction right / left / up / down), or a long video (--frames > 1)
+
 Inputs: images are 64×64 grey PNGs (`--image`), videos GIFs or .npy arrays (`--video`), sketches
 .npy class maps (`--sketch`: 0 = background, 1 + d = digit d). Without a file, `--index i` takes
 item i of the held-out Moving MNIST data (data.py), so every command runs out of the box.
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 import data
+import infinity
 import nuwa
 import vqgan
 
@@ -187,6 +192,57 @@ def write_outputs(samples, shown, captions, out: Path, task: str) -> list[Path]:
     return written
 
 
+# --- NÜWA-Infinity: canvases of any size, outpainting, long videos ------------------------------
+
+
+def save_canvases(canvases: torch.Tensor, path: Path) -> Path:
+    """Canvases (n, 1, H, W) in [0, 1] → one PNG at full resolution, stacked with grey gaps."""
+    from PIL import Image
+
+    gap = 4
+    n, _, H, W = canvases.shape
+    sheet = np.full((n * H + (n - 1) * gap, W), 0.5, dtype=np.float32)
+    for i, canvas in enumerate(canvases.cpu().numpy()):
+        sheet[i * (H + gap): i * (H + gap) + H] = canvas[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((sheet * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+def run_infinity(args) -> list[Path]:
+    """Generate with the Nearby Context Pool: memory stays that of a few patches whatever the size."""
+    if not Path(args.ckpt).exists():
+        raise FileNotFoundError(f"no NÜWA-Infinity checkpoint at {args.ckpt}; train one with "
+                                f"`python train.py --stage infinity --preset tiny --out out`")
+    model = infinity.load_infinity(args.ckpt, map_location=args.device)
+    tokenizer = vqgan.load_vqgan(args.vqgan or model.config.vqgan_ckpt, map_location=args.device).to(args.device).eval()
+    if tokenizer.codebook_size != model.config.codebook_size:
+        raise ValueError(f"VQ-GAN codebook {tokenizer.codebook_size} ≠ Infinity's {model.config.codebook_size}")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, generator=generator, progress=True)
+    captions = [args.caption] * args.n if args.caption else None
+    out = Path(args.out)
+    if args.frames > 1:  # a video, frame by frame
+        if args.direction not in ("video", "column"):
+            raise ValueError(f"a video (--frames {args.frames}) is generated frame by frame; drop --direction "
+                             f"{args.direction!r} (or pass --direction video)")
+        given = read_video(args.video, args.index, args.given)[:, :args.given].expand(args.n, -1, -1, -1, -1) \
+            if args.given else None
+        video = infinity.generate_video(model, tokenizer, args.frames, given_frames=given, captions=captions,
+                                        batch_size=args.n, **sampling).cpu()  # (n, T, 1, 64, 64)
+        labels = [f"sample {i}" + (f", first {args.given} frames given" if args.given else "") for i in range(args.n)]
+        return [data.save_gif(list(video), out / "infinity.gif", captions=labels),
+                data.save_grid(list(video), out / "infinity.png", captions=labels, max_frames=args.frames)]
+    source = None
+    if args.direction in infinity.OUTPAINTING:  # the given image sits where the direction starts
+        source = read_image(args.image, args.index)[:, 0].expand(args.n, -1, -1, -1)  # (n, 1, 64, 64)
+    elif args.image is not None:
+        raise ValueError(f"--image is for outpainting: pass --direction right, left, up or down, not {args.direction!r}")
+    canvases = infinity.generate_canvas(model, tokenizer, args.height, args.width, args.direction, source=source,
+                                        captions=captions, batch_size=args.n, **sampling)  # (n, 1, H, W)
+    return [save_canvases(canvases, out / f"infinity_{args.direction}_{args.height}x{args.width}.png")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
@@ -228,11 +284,35 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--keep-frames", type=int, default=1)
         if "box" in options:
             sub.add_argument("--box", default="16,16,48,48", help="edit box y0,x0,y1,x1 in pixels")
+    sub = tasks.add_parser("infinity", help="NÜWA-Infinity: a canvas of any size, outpainting, a long video")
+    sub.add_argument("--ckpt", default="out/infinity/ckpt.pt", help="train.py --stage infinity checkpoint")
+    sub.add_argument("--vqgan", default=None, help="override the recorded VQ-GAN checkpoint")
+    sub.add_argument("--out", default="out/samples")
+    sub.add_argument("-n", type=int, default=1, help="number of samples")
+    sub.add_argument("--width", type=int, default=512, help="canvas width in pixels (a multiple of the patch)")
+    sub.add_argument("--height", type=int, default=64, help="canvas height in pixels")
+    sub.add_argument("--frames", type=int, default=1, help="> 1: a video of this many frames, frame by frame")
+    sub.add_argument("--direction", default="column", choices=infinity.DIRECTIONS,
+                     help="patch order; right / left / up / down outpaint from --image")
+    sub.add_argument("--caption", default=None, help="digit names, e.g. \"3 7\" (default: none)")
+    sub.add_argument("--image", default=None, help="64×64 grey PNG to outpaint from; default: held-out item")
+    sub.add_argument("--video", default=None, help="GIF or .npy whose first --given frames start the video")
+    sub.add_argument("--given", type=int, default=0, help="frames given to a video (0: none)")
+    sub.add_argument("--index", type=int, default=0, help="held-out item used when no input file is given")
+    sub.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    sub.add_argument("--top-k", type=int, default=None)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
 
 def main(argv=None) -> list[Path]:
     args = build_parser().parse_args(argv)
+    if args.task == "infinity":
+        print(f"seed {args.seed}; NÜWA-Infinity; device {args.device}")
+        written = run_infinity(args)
+        print("wrote " + ", ".join(str(p) for p in written))
+        return written
     models = Models(args.ckpt, args.vqgan, args.seg, device=args.device)
     print(f"seed {args.seed}; task {args.task}; device {args.device}")
     samples, shown, captions = run_task(args, models)

@@ -53,3 +53,42 @@ def test_bad_inputs_fail_before_any_work(checkpoint, tmp_path):
         sample.main(["s2i", "--ckpt", str(checkpoint), "--out", str(tmp_path), "--sketch", str(bad_sketch)])
     with pytest.raises(FileNotFoundError, match="no NÜWA checkpoint"):
         sample.main(["t2i", "--ckpt", str(tmp_path / "missing.pt"), "--caption", "digit 1 is moving up"])
+
+
+@pytest.fixture(scope="module")
+def infinity_checkpoint(checkpoint):
+    out = checkpoint.parent.parent  # the tokenizer above has f = 8: 8×8 tokens per 64×64 frame
+    train.main(["--stage", "infinity", "--preset", "tiny", "--dim", "16", "--num-heads", "2", "--layers", "1",
+                "--codebook-size", "32", "--token-px", "8", "--patch-size", "4", "4", "--batch-size", "2",
+                "--max-steps", "2", "--sample-every", "0", "--vqgan-ckpt", str(out / "vqgan" / "ckpt.pt"),
+                "--out", str(out)])
+    return out / "infinity" / "ckpt.pt"
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--width", "256", "--caption", "3 7"], ["infinity_column_64x256.png"]),
+    (["--width", "128", "--direction", "left"], ["infinity_left_64x128.png"]),  # outpaints a held-out frame
+    (["--frames", "4", "--given", "1"], ["infinity.gif", "infinity.png"]),
+])
+def test_infinity_draws_canvases_outpaintings_and_videos(infinity_checkpoint, tmp_path, options, expected):
+    from PIL import Image
+
+    written = sample.main(["infinity", "--ckpt", str(infinity_checkpoint), "--out", str(tmp_path), "-n", "2",
+                           "--device", "cpu", *options])
+    assert [path.name for path in written] == expected and all(path.stat().st_size > 500 for path in written)
+    if expected[0].endswith("x256.png"):
+        assert Image.open(written[0]).size == (256, 2 * 64 + 4)  # two canvases at full resolution
+
+
+def test_infinity_bad_sizes_and_directions_are_clear_errors(infinity_checkpoint, tmp_path):
+    base = ["infinity", "--ckpt", str(infinity_checkpoint), "--out", str(tmp_path), "--device", "cpu"]
+    with pytest.raises(ValueError, match="does not divide into patches"):
+        sample.main([*base, "--width", "80"])  # 10 token columns: not whole patches of 4
+    with pytest.raises(ValueError, match="smaller than one patch|does not divide"):
+        sample.main([*base, "--width", "16", "--height", "16"])
+    with pytest.raises(SystemExit):  # argparse names the allowed directions
+        sample.main([*base, "--direction", "diagonal"])
+    with pytest.raises(ValueError, match="--image is for outpainting"):
+        sample.main([*base, "--image", "x.png"])
+    with pytest.raises(FileNotFoundError, match="no NÜWA-Infinity checkpoint"):
+        sample.main(["infinity", "--ckpt", str(tmp_path / "missing.pt")])
