@@ -49,6 +49,8 @@ import argparse
 import json
 import math
 import os
+import time
+from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning (see train.py: spinning is ruinous on a shared CPU).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -68,8 +70,10 @@ from judge import (  # noqa: E402
     VideoReading,
     classifier_accuracy,
     classifier_path,
+    classify_blobs,
     digits_as_tensors,
     load_classifier,
+    locate_digits,
     read_video,
     save_classifier,
     train_classifier,
@@ -471,11 +475,94 @@ def run_predict(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# 8b. infinity: does a canvas far wider than training still read as digits, slot by slot?
+# ---------------------------------------------------------------------------------------------
+LEGIBLE_CONFIDENCE = 0.9  # a slot reads as a digit when the classifier gives its biggest blob ≥ 90 %
+
+
+@torch.no_grad()
+def read_slots(canvases: torch.Tensor, classifier, slot: int) -> list[tuple[int, float]]:
+    """Cut canvases (B, 1, H, W) into slot-wide columns (the training canvases put one digit in each
+    32 px column) and read each: (digit, confidence) of its biggest ink blob, or (-1, 0.0) if none.
+    A slot is centred in a 64-px-wide black frame so the reader sees what it was built for."""
+    B, _, H, W = canvases.shape
+    if W % slot:
+        raise ValueError(f"canvas width {W} is not a multiple of the {slot} px slot")
+    frames = canvases[:, 0].unfold(-1, slot, slot).permute(0, 2, 1, 3).reshape(-1, H, slot)  # (B·W/slot, H, slot)
+    side = max(0, data.CANVAS - slot)
+    frames = F.pad(frames.float().cpu(), (side // 2, side - side // 2))  # (n, H, 64)
+    found = locate_digits(frames[:, None])
+    biggest = [(t, blobs[0]) for t, blobs in enumerate(found) if blobs]
+    classify_blobs(frames, biggest, classifier)
+    readings = [(-1, 0.0)] * len(frames)
+    for t, blob in biggest:
+        readings[t] = (blob.label, blob.confidence)
+    return readings
+
+
+def legibility(readings: list[tuple[int, float]], allowed: list[set[int] | None] | None = None) -> dict:
+    """Share of slots read as a digit with confidence ≥ LEGIBLE_CONFIDENCE; with `allowed` (one set
+    per slot, None for uncaptioned), also the share of legible slots whose digit the caption names."""
+    legible = [confidence >= LEGIBLE_CONFIDENCE for _, confidence in readings]
+    metrics = {"legible_share": sum(legible) / max(1, len(readings)),
+               "mean_confidence": float(np.mean([c for _, c in readings])) if readings else 0.0}
+    if allowed is not None:
+        named = [digit in names for (digit, _), names, ok in zip(readings, allowed, legible) if ok and names]
+        metrics["caption_match"] = sum(named) / len(named) if named else float("nan")
+    return metrics
+
+
+@torch.no_grad()
+def run_infinity(args: argparse.Namespace) -> dict:
+    """NÜWA-Infinity: generate canvases --height × --width (e.g. 64×512, 4× the training width) and
+    read every 32 px slot; next to the same reading of real held-out canvases of that size (the
+    ceiling) and of their tokenizer reconstructions (what the VQ-GAN alone keeps)."""
+    import infinity
+    import vqgan as vqgan_module
+
+    model = infinity.load_infinity(args.ckpt, map_location=args.device)
+    tokenizer = vqgan_module.load_vqgan(args.vqgan or model.config.vqgan_ckpt, map_location=args.device)
+    tokenizer = tokenizer.to(args.device).eval()
+    classifier = load_classifier(args.classifier, args.device)
+    sampling = sampling_options(args, args.device)
+    real = infinity.DigitCanvases("test", args.height, args.width, seed=0, length=args.num_canvases)
+    # Half the canvases are captioned with a real canvas's digit set, half are not (the "None" caption).
+    captions = [real[i]["caption"] if i % 2 == 0 else None for i in range(len(real))]
+    print(f"seed {args.seed}; {len(real)} canvases of {args.height}×{args.width} px, order {args.direction!r}; "
+          f"temperature {args.temperature}, top-k {args.top_k or 'off'}")
+    made, start = [], time.perf_counter()
+    for first in tqdm(range(0, len(real), args.batch_size), desc="canvases", unit="batch"):
+        batch = captions[first:first + args.batch_size]
+        made.append(infinity.generate_canvas(model, tokenizer, args.height, args.width, args.direction,
+                                             captions=batch, batch_size=len(batch), **sampling).cpu())
+    seconds = time.perf_counter() - start
+    made = torch.cat(made)  # (N, 1, H, W)
+    images = torch.stack([real[i]["image"] for i in range(len(real))])  # (N, 1, H, W)
+    recon = tokenizer.decode(tokenizer.encode(images.to(args.device))).float().clamp(0, 1).cpu()
+    slots = args.width // infinity.SLOT_PX
+    allowed = [set(map(int, c.split())) if c else None for c in captions for _ in range(slots)]
+    metrics = legibility(read_slots(made, classifier, infinity.SLOT_PX), allowed)
+    metrics.update({f"real_{k}": v for k, v in legibility(read_slots(images, classifier, infinity.SLOT_PX)).items()})
+    metrics.update({f"recon_{k}": v for k, v in legibility(read_slots(recon, classifier, infinity.SLOT_PX)).items()})
+    training = (model.config.canvas_height, model.config.canvas_width)
+    metrics.update(slots=slots * len(real), num_canvases=len(real), canvas=[args.height, args.width],
+                   training_canvas=list(training), direction=args.direction, seconds_per_canvas=seconds / len(real),
+                   temperature=args.temperature, top_k=args.top_k or None, seed=args.seed, ckpt=str(args.ckpt))
+    if args.grid:
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        rows = [infinity.tiles(c) for c in made[:4]] + [infinity.tiles(c) for c in images[:2]]
+        labels = [f"generated ({c or 'no caption'})" for c in captions[:4]] + ["real", "real"]
+        data.save_grid(rows, args.grid, captions=labels, max_frames=args.width // data.CANVAS)
+        print(f"wrote {args.grid}")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
 # 9. Command line
 # ---------------------------------------------------------------------------------------------
 
 SUBCOMMANDS = {"recon": run_recon, "classifier": run_classifier, "caption-check": run_caption_check,
-               "t2v": run_t2v, "predict": run_predict}
+               "t2v": run_t2v, "predict": run_predict, "infinity": run_infinity}
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -544,6 +631,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--given", type=int, default=10, help="real frames given (default 10)")
     predict.add_argument("--frames", type=int, default=20, help="frames in all, given + predicted (default 20)")
     add_common(predict)
+
+    wide = sub.add_parser("infinity", help="NÜWA-Infinity: share of a wide canvas's slots read as digits")
+    add_sampling(wide)
+    wide.set_defaults(ckpt="out/infinity/ckpt.pt", batch_size=4, top_k=16)
+    wide.add_argument("--num-canvases", "--num_canvases", dest="num_canvases", type=int, default=20)
+    wide.add_argument("--width", type=int, default=512, help="canvas width in px (training: 128)")
+    wide.add_argument("--height", type=int, default=64, help="canvas height in px")
+    wide.add_argument("--direction", default="column", help="patch order (infinity.DIRECTIONS)")
+    wide.add_argument("--classifier", default=DEFAULT_CLASSIFIER_DIR, help=f"folder of {CLASSIFIER_FILE}")
+    wide.add_argument("--grid", default="", help="also write a PNG of canvases to this path")
+    add_common(wide)
     return parser
 
 

@@ -404,3 +404,36 @@ def test_predict_runs_end_to_end_next_to_the_copy_last_baseline(nuwa_checkpoint,
     assert last["copy_last_mse"] == pytest.approx(expected, rel=1e-5)
     # The empty canvas scores the future frames' own energy.
     assert last["blank_mse"] == pytest.approx(video[:, 2:].pow(2).flatten(2).sum(2).mean().item(), rel=1e-5)
+
+
+def test_slots_of_real_canvases_read_as_their_digits_and_blank_slots_do_not(classifier_dir):
+    import infinity
+
+    classifier = judge.load_classifier(classifier_dir)
+    canvases = infinity.DigitCanvases("test", 64, 256, seed=0, length=3)
+    images = torch.stack([canvases[i]["image"] for i in range(3)])  # (3, 1, 64, 256): 8 slots each
+    readings = evaluate.read_slots(images, classifier, infinity.SLOT_PX)
+    truth = torch.cat([canvases[i]["digits"] for i in range(3)]).tolist()
+    assert len(readings) == 24
+    assert sum(digit == true for (digit, _), true in zip(readings, truth)) >= 18  # a quickly trained classifier
+    images[0, :, :, :infinity.SLOT_PX] = 0  # an empty first slot
+    assert evaluate.read_slots(images, classifier, infinity.SLOT_PX)[0] == (-1, 0.0)
+    named = evaluate.legibility([(3, 0.95), (7, 0.99), (5, 0.5), (-1, 0.0)], [{3}, {3}, {5}, None])
+    assert named == {"legible_share": 0.5, "mean_confidence": pytest.approx(0.61), "caption_match": 0.5}
+
+
+def test_infinity_subcommand_reports_generated_real_and_tokenizer_legibility(classifier_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(["--stage", "vqgan", *TOKENIZER, "--out", str(out)])  # f = 8: 8×8 tokens per frame
+    train.main(["--stage", "infinity", "--preset", "tiny", "--dim", "16", "--num-heads", "2", "--layers", "1",
+                "--codebook-size", "32", "--token-px", "8", "--patch-size", "4", "4", "--batch-size", "2",
+                "--max-steps", "1", "--sample-every", "0", "--vqgan-ckpt", str(out / "vqgan" / "ckpt.pt"),
+                "--out", str(out)])
+    evaluate.main(["infinity", "--ckpt", str(out / "infinity" / "ckpt.pt"), "--classifier", str(classifier_dir),
+                   "--num-canvases", "2", "--width", "256", "--device", "cpu", "--grid", str(tmp_path / "g.png"),
+                   "--json"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"legible_share", "caption_match", "real_legible_share", "recon_legible_share"} <= set(last)
+    assert last["slots"] == 16 and last["canvas"] == [64, 256] and last["training_canvas"] == [64, 128]
+    assert last["real_legible_share"] >= 0.6 and 0 <= last["legible_share"] <= 1
+    assert (tmp_path / "g.png").stat().st_size > 0
