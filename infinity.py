@@ -57,6 +57,7 @@ Deviations from the paper (each also marked `# DEVIATION` where it happens):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -244,7 +245,7 @@ class NearbyContextPool:
         return len(self.states)
 
     def nbytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.states.values())
+        return sum(s.nbytes for s in self.states.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,10 +459,10 @@ def num_patches(config: InfinityConfig) -> int:
 
 def training_directions(config: InfinityConfig) -> list[str]:
     directions = [d for d in config.directions.split(",") if d]
+    if not directions:
+        raise ValueError("config.directions names no direction")
     for direction in directions:
         check_direction(direction)
-    if not directions:
-        raise ValueError("config.directions lists no direction")
     return directions
 
 
@@ -493,10 +494,10 @@ def patch_loss(model: Infinity, tokens: torch.Tensor, order: list[Patch], index:
     return F.cross_entropy(logits.transpose(1, 2), targets)
 
 
-def unit_loss(model: Infinity, tokens: torch.Tensor, captions, *, unit: int, carry: dict, seed: int,
-              step: int) -> torch.Tensor:
-    """For train.py's units: unit 0 draws the step's order and opens a pool in `carry`; every unit
-    is `patch_loss` of patch order[unit]."""
+def unit_loss(model: Infinity, tokens: torch.Tensor, captions, *, unit: int, carry: dict, step: int,
+              seed: int = 0) -> torch.Tensor:
+    """For train.py's units: unit 0 draws the step's order and opens a pool in `carry`; unit u is
+    `patch_loss` of patch order[u]. tokens (B, T, H, W) stay the same for all units of a step."""
     if unit == 0:
         carry["direction"], carry["order"] = training_order(model.config, seed, step)
         carry["pool"] = NearbyContextPool(carry["order"], model.config.extent)
@@ -549,17 +550,11 @@ class DigitCanvases(Dataset):
                 "digits": torch.tensor(digits, dtype=torch.int64)}
 
 
-_SOURCES: dict[tuple, Dataset] = {}  # data sets are built once per process (loading MNIST takes seconds)
-
-
-def training_source(config: InfinityConfig, seed: int, split: str = "train") -> Dataset:
-    key = (config.data, config.canvas_height, config.canvas_width, config.frames, config.video_digits,
-           config.none_prob, seed, split)
-    if key not in _SOURCES:
-        _SOURCES[key] = (DigitCanvases(split, config.canvas_height, config.canvas_width, seed,
-                                       none_prob=config.none_prob) if config.data == "canvas" else
-                         data.MovingMNIST(split, num_frames=config.frames, num_digits=config.video_digits, seed=seed))
-    return _SOURCES[key]
+@functools.lru_cache(maxsize=4)  # built once per process: loading MNIST takes seconds
+def training_source(kind: str, height: int, width: int, frames: int, digits: int, none_prob: float, seed: int):
+    if kind == "video":
+        return data.MovingMNIST("train", num_frames=frames, num_digits=digits, seed=seed)
+    return DigitCanvases("train", height, width, seed, none_prob=none_prob)
 
 
 def training_batch(config: InfinityConfig, seed: int, step: int, part: int = 0, parts: int = 1) -> dict:
@@ -568,7 +563,8 @@ def training_batch(config: InfinityConfig, seed: int, step: int, part: int = 0, 
     if config.batch_size % parts:
         raise ValueError(f"batch_size {config.batch_size} does not split into {parts} micro-batches")
     b = config.batch_size // parts
-    source = training_source(config, seed)
+    source = training_source(config.data, config.canvas_height, config.canvas_width, config.frames,
+                             config.video_digits, config.none_prob, seed)
     items = [source[(step * config.batch_size + part * b + i) % len(source)] for i in range(b)]
     if config.data == "video":
         return {"pixels": torch.stack([item["video"] for item in items]), "caption": [None] * b}
@@ -589,9 +585,17 @@ class GenerationTrace:
     pool_bytes: list[int] = field(default_factory=list)  # bytes of pooled states, likewise
     context_patches: list[int] = field(default_factory=list)  # patches the patch attended to
     context_bytes: list[int] = field(default_factory=list)  # bytes of its gathered context and own states
-    evicted: list[list[Patch]] = field(default_factory=list)  # patches evicted after it
     seconds: list[float] = field(default_factory=list)  # wall time of the patch
     logits: list[torch.Tensor] = field(default_factory=list)
+
+    def record(self, pool, selected, context_bytes, logits, seconds) -> None:
+        self.pool_patches.append(len(pool))
+        self.pool_bytes.append(pool.nbytes())
+        self.context_patches.append(len(selected))
+        self.context_bytes.append(context_bytes)
+        self.seconds.append(seconds)
+        if self.keep_logits:
+            self.logits.append(logits)
 
 
 def prepare(model: Infinity, grid_shape, direction: str, given, captions, batch_size):
@@ -617,23 +621,7 @@ def prepare(model: Infinity, grid_shape, direction: str, given, captions, batch_
     return patch_order(direction, grid), B, forced, keep
 
 
-def single_thread(function):
-    """A patch is made of thousands of tiny kernels: on CPU, extra intra-op threads only add
-    synchronisation (the same measurement as nuwa.NUWA.generate)."""
-    def wrapper(model, *args, **kwargs):
-        threads = torch.get_num_threads()
-        if model.bos.device.type == "cpu":
-            torch.set_num_threads(1)
-        try:
-            return function(model, *args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-    wrapper.__doc__, wrapper.__name__ = function.__doc__, function.__name__
-    return wrapper
-
-
 @torch.no_grad()
-@single_thread
 def generate(model: Infinity, grid_shape: tuple[int, int, int], direction: str = "column", *, given=None,
              captions: list[str | None] | None = None, batch_size: int | None = None, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None, progress: bool = False,
@@ -647,36 +635,30 @@ def generate(model: Infinity, grid_shape: tuple[int, int, int], direction: str =
     order, B, forced, keep = prepare(model, grid_shape, direction, given, captions, batch_size)
     sampling = dict(temperature=temperature, top_k=top_k, generator=generator)
     size = model.config.patch_size
-    text = model.text_states(captions, B)  # (layers, 2, B, nh, L, hs), once per canvas
-    pool = NearbyContextPool(order, model.config.extent)
-    tokens = forced.clone()  # (B, T, H, W); its memory is the output's, O(canvas) at 8 bytes a token
-    for index, patch in enumerate(tqdm(order, desc="patches", unit="patch", disable=not progress, leave=False)):
-        start = time.perf_counter()
-        selected = pool.select(patch)
-        context, bias = gather_context(model, patch, selected, B)
-        made, states, logits = model.generate_patch(text, context, bias, cut(forced, patch, size),
-                                                    cut(keep, patch, size), sampling)
-        paste(tokens, patch, size, made)
-        pool.add(patch, states)
-        evicted = pool.evict(index)
-        if trace is not None:
-            record(trace, pool, selected, context, states, evicted, logits, time.perf_counter() - start)
-    return tokens
-
-
-def record(trace: GenerationTrace, pool, selected, context, states, evicted, logits, seconds) -> None:
-    trace.pool_patches.append(len(pool))
-    trace.pool_bytes.append(pool.nbytes())
-    trace.context_patches.append(len(selected))
-    trace.context_bytes.append(sum(s.numel() * s.element_size() for s in (context, states)))
-    trace.evicted.append(evicted)
-    trace.seconds.append(seconds)
-    if trace.keep_logits:
-        trace.logits.append(logits)
+    threads = torch.get_num_threads()
+    if model.bos.device.type == "cpu":  # thousands of tiny kernels: more threads only synchronise (as nuwa.py)
+        torch.set_num_threads(1)
+    try:
+        text = model.text_states(captions, B)  # (layers, 2, B, nh, L, hs), once per canvas
+        pool = NearbyContextPool(order, model.config.extent)
+        tokens = forced.clone()  # (B, T, H, W); the output, O(canvas) at 8 bytes a token
+        for index, patch in enumerate(tqdm(order, desc="patches", unit="patch", disable=not progress, leave=False)):
+            start = time.perf_counter()
+            selected = pool.select(patch)
+            context, bias = gather_context(model, patch, selected, B)
+            made, states, logits = model.generate_patch(text, context, bias, cut(forced, patch, size),
+                                                        cut(keep, patch, size), sampling)
+            paste(tokens, patch, size, made)
+            pool.add(patch, states)
+            pool.evict(index)
+            if trace is not None:
+                trace.record(pool, selected, context.nbytes + states.nbytes, logits, time.perf_counter() - start)
+        return tokens
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
-@single_thread
 def generate_reference(model: Infinity, grid_shape: tuple[int, int, int], direction: str = "column", *,
                        given=None, captions: list[str | None] | None = None, batch_size: int | None = None,
                        temperature: float = 1.0, top_k: int | None = None,
@@ -769,11 +751,6 @@ def generate_video(model: Infinity, vqgan, frames: int, *, given_frames: torch.T
     return vqgan.decode_video(tokens).float().clamp(0, 1)  # (B, T, 1, 64, 64)
 
 
-def tiles(canvas: torch.Tensor, width: int = data.CANVAS) -> torch.Tensor:
-    """A canvas (1, H, W) as a row of (W / width, 1, H, width) tiles, for data.save_grid."""
-    return torch.stack(canvas.split(width, dim=-1))
-
-
 VISUAL_CAPTION = "3 7"  # a two-class caption seen in training
 
 
@@ -797,7 +774,8 @@ def visualise(model: Infinity, vqgan, path) -> Path:
         half = W // 2
         right = generate_canvas(model, vqgan, H, 2 * W, "right", source=real[..., :half], **sampling)
         left = generate_canvas(model, vqgan, H, 2 * W, "left", source=real[..., half:], **sampling)
-        rows = [tiles(c.cpu()) for c in (wide[0], wide[1], real[0], right[0], left[0])]
+        # Each canvas as a row of 64-px tiles (W / 64, 1, H, 64): data.save_grid draws rows of frames.
+        rows = [torch.stack(c.cpu().split(data.CANVAS, dim=-1)) for c in (wide[0], wide[1], real[0], right[0], left[0])]
         labels = [f"{H}×{4 * W} px, caption {VISUAL_CAPTION!r}", f"{H}×{4 * W} px, no caption",
                   "a held-out canvas", f"its left {half} px given, outpainted right",
                   f"its right {half} px given, outpainted left"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_mnist
 
 import infinity as inf
-from conftest import needs_mnist
 
 K = 11  # codebook size of the toy models
 EXTENTS = [(1, 1, 1), (1, 2, 1), (0, 1, 2)]
