@@ -1,10 +1,11 @@
 """NÜWA-Infinity: autoregressive over autoregressive generation of canvases and videos of any size.
 
 Paper: Wu et al., "NÜWA-Infinity: Autoregressive over Autoregressive Generation for Infinite
-Visual Synthesis", arXiv 2207.09814 (NeurIPS 2022). Sections implemented: §3.1 (autoregressive over
-autoregressive: a global patch-level AR over a local token-level AR), §3.2 (Nearby Context Pool,
-NCP), §3.3 (Arbitrary Direction Controller, ADC: patch orders and the position of context patches),
-§3.4 (training by render-and-optimize). Tokens come from the frozen VQ-GAN of vqgan.py (NÜWA §3.1).
+Visual Synthesis", arXiv 2207.09814 (NeurIPS 2022). Implemented, named as in the paper's method
+section (cited by name below, not by number): "autoregressive over autoregressive" (AR over AR: a
+global patch-level AR over a local token-level AR), the Nearby Context Pool (NCP), the Arbitrary
+Direction Controller (ADC: patch orders, and where each context patch lies), and render-and-optimize
+training. Tokens come from the frozen VQ-GAN of vqgan.py (NÜWA §3.1).
 
 In plain words: a canvas (or a video) is a grid of VQ tokens, cut into patches of ph × pw tokens
 (one frame deep). A patch-level order (the ADC's direction) says which patch comes next. Inside the
@@ -12,9 +13,10 @@ current patch, a small causal transformer predicts the tokens one by one in rast
 the tokens already made in this patch it attends to (a) the caption and (b) the patches around it
 that came earlier in the order, within patch-offset extents (e_t, e_h, e_w). Those context patches
 come from the NCP, which keeps every finished patch's per-layer keys and values exactly as long as a
-later patch still needs them. Memory therefore depends on the extents and on the canvas's short
-side, never on its long side: a model trained on 64×128 canvases draws a 64×2048 strip with the
-same memory and time per patch. Each context patch's keys get a learned per-head bias indexed by
+later patch still needs them. Memory therefore depends on the extents and on the canvas's size
+across the order, never along it (a wide canvas in a column order, a tall one in a row order, a
+video frame by frame): a model trained on 64×128 canvases draws a 64×2048 strip column by column
+with the same memory and time per patch. Each context patch's keys get a learned per-head bias indexed by
 its offset (dt, dh, dw) from the current patch, so the model knows where the context lies whatever
 the order. Training walks the patches of a canvas in a sampled order and backpropagates each
 patch's loss at once, with the pooled context detached (render-and-optimize).
@@ -38,21 +40,30 @@ With states, information flows across the canvas through the layers, like Transf
 The price is that a context patch's states depend on *its* context, so the pool-free reference
 (`generate_reference`) recomputes every earlier patch from its tokens, in order, for every patch.
 
+The frozen VQ-GAN on canvases wider than 64 px (checked, not assumed): it is convolutional, so a
+64×W canvas is one 16×(W/4) token grid; its middle attention block and GroupNorm see the whole
+canvas, so tokens of a canvas differ from tokens of its 64-px tiles, but 64×128 and 64×512 strips
+reconstruct as well as 64×64 frames (measured MSE per 64×64 block: 4.0 and 4.7 vs 5.1). Its
+attention costs O((W/4)²) memory when decoding: at 64×2048 px, 8,192 positions (268 MB in float32).
+Decoding, not Infinity, is what grows with the canvas.
+
 Deviations from the paper (each also marked `# DEVIATION` where it happens):
 - Scale and data: 64×W grey canvases of MNIST digits (`DigitCanvases`) and Moving MNIST videos, not
-  LHQ landscapes at 38912×2048; a tiny model; the f = 4 VQ-GAN (16 tokens per 64 px, K = 512); patches
-  of 8×8 tokens (32×32 px), not 16×16 tokens of an F16 VQ-GAN.
+  the paper's landscapes (LHQC) and its 38912×2048 showcase; a tiny model; the f = 4 VQ-GAN (16 tokens
+  per 64 px, K = 512); patches of 8×8 tokens (32×32 px), not 16×16 tokens of an F16 VQ-GAN.
 - Captions are sets of digit names ("3 7": the digits drawn come from these classes). A left-to-right
-  list cannot be followed by a model that only knows relative positions; the paper's captions
-  describe a whole landscape, which is position-free too. No caption means the word "None" (NÜWA).
-- The NCP stores per-layer keys and values (the paper caches hidden states per layer; we store their
-  projections so no layer has to recompute them).
+  list cannot be followed by a model that only knows relative positions. No caption is the word
+  "None" (as in NÜWA), and training drops captions to "None" with probability none_prob.
+- What the NCP caches is our choice (above): per-layer keys and values of finished patches.
+- The ADC's "order-aware positional embeddings" are, here, a learned per-layer, per-head bias on
+  the attention logits indexed by the context patch's offset (dt, dh, dw). Cached keys cannot be
+  re-embedded for every new current patch; a bias on them can. There are no absolute patch positions
+  at all, which is what lets a model trained on 2×4 patches draw any width; tokens inside a patch
+  have learned positions.
 - Video patches are 8×8-token quarters of a frame like image patches, not whole frames; the `video`
   order goes frame by frame (raster inside a frame), so one model and one pool serve both.
-- Context position is the per-head offset bias only (no absolute patch positions), which is what
-  lets a model trained on 2×4 patches draw any width; tokens inside a patch have learned positions.
-- The context rule is a box of extents around the current patch (all earlier patches inside it);
-  the paper describes nearby context for its orders; the box is our precise reading.
+- The context rule is a box: every earlier patch within the extents. The paper describes nearby
+  context in words; the box is our precise reading.
 """
 
 from __future__ import annotations
@@ -91,7 +102,8 @@ class InfinityConfig:
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D (the usual transformer value)
     codebook_size: int = 512  # K, VQ-GAN codes (our tiny VQ-GAN; paper: an F16 VQ-GAN)
     token_px: int = 4  # f, pixels per token of the VQ-GAN (vqgan tiny preset: f = 4)
-    patch_size: tuple[int, int] = (8, 8)  # (ph, pw) tokens per patch = 32×32 px (paper: 16×16 tokens)
+    # DEVIATION (scale): 8×8 tokens = 32×32 px of our f = 4 VQ-GAN; the paper: 16×16 tokens of an F16 VQ-GAN.
+    patch_size: tuple[int, int] = (8, 8)  # (ph, pw) tokens per patch
     extent: tuple[int, int, int] = (1, 1, 1)  # (e_t, e_h, e_w) context extents in patches
     text_len: int = 4  # L, caption words after padding (our captions: one or two digit names)
     # --- training data (train.py --stage infinity)
@@ -100,7 +112,7 @@ class InfinityConfig:
     canvas_width: int = 128  # training canvas width in pixels: 2×4 patches of 32 px
     frames: int = 4  # T of training videos (data="video")
     video_digits: int = 1  # digits per Moving MNIST training clip (data="video")
-    directions: str = "raster,column,right,left,up,down"  # orders sampled in training (ADC, §3.3)
+    directions: str = "raster,column,right,left,up,down"  # orders sampled in training (ADC)
     none_prob: float = 0.25  # P(caption → "None") per training canvas, so captions are optional
     # --- optimisation; the model itself ignores these fields
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frozen tokenizer whose codes this model predicts
@@ -123,7 +135,7 @@ class InfinityConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Patches, orders (ADC §3.3) and the context rule (NCP §3.2)
+# 2. Patches, orders (ADC) and the context rule (NCP)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -156,6 +168,7 @@ def patch_order(direction: str, grid: Patch) -> list[Patch]:
     check_direction(direction)
     nT, nH, nW = grid
     rows, cols = list(range(nH)), list(range(nW))
+    # DEVIATION (ADC): video patches are quarters of a frame, so `video` is raster, frame by frame.
     if direction in ("raster", "down", "video", "up"):
         inner = [(i, j) for i in (rows[::-1] if direction == "up" else rows) for j in cols]
     else:
@@ -168,9 +181,10 @@ def within(q: Patch, p: Patch, extent) -> bool:
 
 
 def context_rule(order: list[Patch], index: int, extent) -> list[Patch]:
-    """The single source of truth (NCP §3.2): the context of patch order[index] is every patch that
+    """The single source of truth (NCP): the context of patch order[index] is every patch that
     comes earlier in the order and lies within the extents, |dt| ≤ e_t, |dh| ≤ e_h, |dw| ≤ e_w,
     listed in order. O(index); the pool computes the same set in O(pool size)."""
+    # DEVIATION (NCP): "nearby" read as this box of extents around the current patch.
     return [q for q in order[:index] if within(q, order[index], extent)]
 
 
@@ -206,7 +220,7 @@ def pool_bound(direction: str, grid: Patch, extent) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. The Nearby Context Pool (NCP, §3.2)
+# 3. The Nearby Context Pool (NCP)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -228,7 +242,8 @@ class NearbyContextPool:
     def add(self, patch: Patch, states: torch.Tensor) -> None:
         if patch != self.order[self.next_index]:
             raise ValueError(f"patch {patch} added out of order; expected {self.order[self.next_index]}")
-        # Render-and-optimize (§3.4): pooled context is a constant, no gradient flows into it.
+        # Render-and-optimize: pooled context is a constant, no gradient flows into it.
+        # DEVIATION (NCP): what is cached is per-layer keys/values (module docstring: why).
         self.states[patch] = states.detach()
         self.next_index += 1
 
@@ -321,8 +336,9 @@ class Infinity(nn.Module):
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, config.codebook_size, bias=False)
         self.apply(nuwa.NUWA._init_weights)
-        # ADC (§3.3): a learned bias per layer and head for each offset (dt, dh, dw) of a context
+        # ADC: a learned bias per layer and head for each offset (dt, dh, dw) of a context
         # patch, added to the attention logits of all its keys. Zero at first: no preference yet.
+        # DEVIATION (ADC): the paper learns order-aware positional embeddings; cached keys take a bias.
         e_t, e_h, e_w = config.extent
         self.offset_bias = nn.Parameter(torch.zeros(config.layers, config.num_heads, 2 * e_t + 1, 2 * e_h + 1,
                                                      2 * e_w + 1))
@@ -392,7 +408,7 @@ class Infinity(nn.Module):
         return self.head(self.norm(x)), torch.stack(own)  # (B, P, K), (layers, 2, B, nh, P, hs)
 
     def generate_patch(self, text, context, bias, forced, keep, sampling: dict):
-        """Token-level AR (§3.1): sample one patch token by token. forced/keep (B, P): kept tokens are
+        """Token-level AR: sample one patch token by token. forced/keep (B, P): kept tokens are
         written, not sampled. → tokens (B, P), states (layers, 2, B, nh, P, hs), logits (B, P, K)."""
         if bool(keep.all()):  # a given patch: one teacher-forced pass makes its states
             logits, states = self(forced, text, context, bias)
@@ -435,7 +451,7 @@ def paste(tokens: torch.Tensor, patch: Patch, patch_size, values: torch.Tensor) 
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Render-and-optimize training (§3.4) and the training data
+# 5. Render-and-optimize training  and the training data
 # ---------------------------------------------------------------------------------------------
 
 
@@ -467,7 +483,7 @@ def training_directions(config: InfinityConfig) -> list[str]:
 
 
 def training_order(config: InfinityConfig, seed: int, step: int) -> tuple[str, list[Patch]]:
-    """ADC in training (§3.3): the step's direction, drawn from (seed, step) so that every
+    """ADC in training: the step's direction, drawn from (seed, step) so that every
     micro-batch and process of a step walks the same order, and that order."""
     directions = training_directions(config)
     direction = directions[np.random.default_rng([seed, step]).integers(len(directions))]
@@ -476,7 +492,7 @@ def training_order(config: InfinityConfig, seed: int, step: int) -> tuple[str, l
 
 def patch_loss(model: Infinity, tokens: torch.Tensor, order: list[Patch], index: int,
                pool: NearbyContextPool, captions: list[str | None] | None = None) -> torch.Tensor:
-    """Render-and-optimize (§3.4), one patch: L = −(1/P) Σ_p log p(y_p | y_<p, context, caption) for
+    """Render-and-optimize, one patch: L = −(1/P) Σ_p log p(y_p | y_<p, context, caption) for
     the patch order[index] of tokens (B, T, H, W), its context from the pool (constants). Then its
     own states go to the pool, detached, and every patch no later patch needs is evicted. The
     caller backpropagates the returned loss at once, so the graph is one patch deep."""
@@ -545,6 +561,7 @@ class DigitCanvases(Dataset):
             window = canvas[y:y + data.DIGIT, x:x + data.DIGIT]
             np.maximum(window, image, out=window)
             digits.append(digit)
+        # DEVIATION (data): the caption is the set of digit classes, position-free like the model.
         caption = None if rng.random() < self.none_prob else " ".join(str(d) for d in sorted(set(digits)))
         return {"image": torch.from_numpy(canvas)[None], "caption": caption,
                 "digits": torch.tensor(digits, dtype=torch.int64)}
@@ -626,7 +643,7 @@ def generate(model: Infinity, grid_shape: tuple[int, int, int], direction: str =
              captions: list[str | None] | None = None, batch_size: int | None = None, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None, progress: bool = False,
              trace: GenerationTrace | None = None) -> torch.Tensor:
-    """AR over AR (§3.1): tokens (B, T, H, W) for a token grid of `grid_shape`, patch by patch in the
+    """AR over AR: tokens (B, T, H, W) for a token grid of `grid_shape`, patch by patch in the
     ADC order of `direction`, each patch token by token with its context from the NCP.
 
     given: (tokens, keep) both (B, T, H, W): kept tokens are copied exactly (outpainting; required by
@@ -716,10 +733,7 @@ def generate_canvas(model: Infinity, vqgan, height_px: int, width_px: int, direc
                     source: torch.Tensor | None = None, captions=None, batch_size: int | None = None,
                     **sampling) -> torch.Tensor:
     """Pixels (B, 1, height_px, width_px) in [0, 1]. `source` pixels (B, 1, h, w) are kept on the
-    side `direction` starts from (outpainting). The frozen VQ-GAN is convolutional, so a 64×W canvas
-    is one grid of 16×W/4 tokens; its middle attention and GroupNorm see the whole canvas, which
-    reconstructs 64×512 strips as well as 64×64 frames (measured: MSE 4.7 vs 5.1 per 64×64 block)
-    but costs O(W²) memory in that attention: decoding, not Infinity, is what grows."""
+    side `direction` starts from (outpainting). The whole canvas is one VQ-GAN grid (module docstring)."""
     f = model.config.token_px
     if height_px % f or width_px % f:
         raise ValueError(f"canvas {height_px}×{width_px} px is not a multiple of f = {f} px per token")
