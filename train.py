@@ -80,6 +80,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 import data  # noqa: E402
 import infinity  # noqa: E402
+import lip  # noqa: E402
 import nuwa  # noqa: E402
 import vqgan  # noqa: E402
 from distributed import (  # noqa: E402
@@ -429,6 +430,143 @@ def nuwa_tokens_per_batch(config: nuwa.NUWAConfig) -> int:
     return config.batch_size * per_frame * sum(lengths[t] for t in nuwa_tasks(config))
 
 
+# --- NÜWA-LIP (arXiv 2202.05009): DF-VQGAN (§3.1), then MP-S2S on its frozen tokens (§3.2-3.3) ---
+
+
+def build_dfvqgan(config: lip.DFVQGANConfig, device: torch.device) -> lip.DFVQGAN:
+    """A DF-VQGAN, optionally starting from a trained plain VQGAN (`init_vqgan`): same parameter names."""
+    model = lip.DFVQGAN(config)
+    if config.init_vqgan:
+        plain = vqgan.load_vqgan(config.init_vqgan)
+        try:
+            model.load_state_dict(plain.state_dict())
+        except RuntimeError as error:
+            raise ValueError(f"--init-vqgan {config.init_vqgan} is a VQGAN of another shape than this DF-VQGAN "
+                             f"(set the same --ch, --ch-mult, --codebook-size, ... or drop --init-vqgan): {error}") from error
+    return model.to(device)
+
+
+def dfvqgan_batch(config: lip.DFVQGANConfig, seed: int, step: int, part: int, parts: int) -> dict:
+    """The vqgan stage's frames, each with a mask from LIP's mix (none, all missing, random boxes) and
+    a skip gate (decode with the symmetrical connections or without), drawn from (seed, step, frame)."""
+    x = frame_batch(config, seed, step, part, parts)  # (b, 1, 64, 64)
+    b = len(x)
+    streams = [lip.item_rng(seed, step, part * b + i) for i in range(b)]  # frame i of the global batch
+    masks = torch.stack([lip.tokenizer_training_mask(rng, config) for rng in streams])  # (b, 1, 64, 64)
+    gates = torch.tensor([bool(rng.random() < config.skip_prob) for rng in streams])  # (b,)
+    return {"x": x, "mask": masks, "use_skips": gates}
+
+
+def dfvqgan_loss(model: lip.DFVQGAN, batch: dict, *, step: int, carry: dict, autocast) -> dict:
+    """E, B, G: rec + codebook + commitment (+ λ·gan), masked encoding, skips where gated."""
+    with autocast():
+        x_rec, losses = model(batch["x"], batch["mask"], use_skips=batch["use_skips"], step=step)
+    carry["x_rec"] = x_rec.detach()
+    return losses
+
+
+def dfvqgan_disc_loss(model: lip.DFVQGAN, batch: dict, *, step: int, carry: dict, autocast) -> dict:
+    with autocast():
+        return {"disc_loss": model.discriminator_loss(batch["x"], carry["x_rec"])}
+
+
+@torch.no_grad()
+def visualise_dfvqgan(model: lip.DFVQGAN, config: lip.DFVQGANConfig, path: Path) -> Path:
+    """PNG: per held-out frame, the frame, its masked version, and decode(encode(masked)) with and without skips."""
+    clips = data.MovingMNIST("test", num_frames=1, num_digits=2, length=VISUAL_CLIPS)
+    x = torch.stack([clips[i]["video"][0] for i in range(VISUAL_CLIPS)])  # (4, 1, 64, 64)
+    mask = torch.stack([data.random_box_mask(lip.item_rng(0, 0, i)) for i in range(VISUAL_CLIPS)])  # (4, 1, 64, 64)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    masked = x.masked_fill(mask, 0.0).to(device)
+    indices, skips = model.encode(masked, mask.to(device))
+    with_skips = model.decode(indices, skips, mask.to(device)).float().clamp(0, 1).cpu()  # (4, 1, 64, 64)
+    without = model.decode(indices).float().clamp(0, 1).cpu()
+    model.train(was_training)
+    rows = [torch.stack(r) for r in zip(x, masked.cpu() + 0.5 * mask, with_skips, without)]  # (4, 1, 64, 64) each
+    return data.save_grid(rows, path, captions=["frame | masked (grey = missing) | with skips | without skips"]
+                          + [""] * (VISUAL_CLIPS - 1))
+
+
+@functools.lru_cache(maxsize=2)
+def frozen_dfvqgan(path: str, device: str) -> lip.DFVQGAN:
+    """The trained DF-VQGAN, frozen: MP-S2S learns its tokens (LIP §3.1 then §3.2)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"DF-VQGAN checkpoint {path} not found; train it first "
+                                f"(python train.py --stage dfvqgan) or pass --dfvqgan-ckpt")
+    return lip.load_dfvqgan(path, map_location=device).requires_grad_(False)
+
+
+def build_lip(config: lip.LIPConfig, device: torch.device) -> lip.MPS2S:
+    return lip.MPS2S(config).to(device)
+
+
+def lip_batch(config: lip.LIPConfig, seed: int, step: int, part: int, parts: int) -> dict:
+    """The nuwa stage's t2i frames and captions (the same clips, the same frame t of step `step`), each
+    with a training mask (LIP boxes, half of the digit, half of the frame) drawn from (seed, step, item)."""
+    B = config.batch_size
+    picks = equal_part(B, part, parts, "frames (batch_size)")
+    captioned = captioned_clips("train", config.frames, config.num_digits, seed)
+    clips = data.collate([captioned[(step * B + i) % len(captioned)] for i in picks])
+    frame_pick = torch.Generator().manual_seed(step_seed(seed, 0, step))
+    t = int(torch.randint(config.frames, (1,), generator=frame_pick))  # as nuwa_batch draws it
+    frames = clips["video"][:, t]  # (b, 1, 64, 64)
+    masks = torch.stack([lip.training_mask(frame, lip.item_rng(seed, step, i), config.box_mask_prob,
+                                           config.half_digit_prob) for frame, i in zip(frames, picks)])  # (b, 1, 64, 64)
+    return {"image": frames, "mask": masks, "caption": clips["caption"]}
+
+
+def lip_loss(model: lip.MPS2S, batch: dict, *, step: int, carry: dict, autocast) -> dict:
+    """LIP §3.3: cross-entropy on the hole tokens of the frozen DF-VQGAN's tokens of the whole frame.
+    The mean is over the micro-batch's hole tokens, whose number varies: with accumulation the step
+    weighs micro-batches equally, not tokens (a mean of means; exact with one micro-batch)."""
+    tokenizer = frozen_dfvqgan(model.config.dfvqgan_ckpt, str(model.bos.device))
+    lip.check_pair(model.config, tokenizer.config)
+    with torch.no_grad():
+        tokens, _ = tokenizer.encode(batch["image"], batch["mask"])  # (b, h, w): the targets
+        hole = lip.token_mask(batch["mask"], tokens.shape[-2:])  # (b, h, w)
+    text = model.tokenizer.encode(batch["caption"]).to(tokens.device)  # (b, L)
+    with autocast():
+        loss = model.loss(text, tokens, hole, batch["image"], batch["mask"])
+    return {"loss": loss, "hole_fraction": hole.float().mean()}
+
+
+@torch.no_grad()
+def visualise_lip(model: lip.MPS2S, config: lip.LIPConfig, path: Path) -> Path:
+    """PNG: four held-out one-digit frames, half of each digit missing, inpainted under their captions."""
+    tokenizer = frozen_dfvqgan(config.dfvqgan_ckpt, str(model.bos.device))
+    clips = data.CaptionedMovingMNIST("heldout", num_frames=2, num_digits=1, length=VISUAL_CLIPS)
+    items = [clips[i] for i in range(VISUAL_CLIPS)]
+    image = torch.stack([item["video"][0] for item in items])  # (4, 1, 64, 64)
+    mask = torch.stack([lip.half_digit_mask(frame, lip.SIDES[i % 4]) for i, frame in enumerate(image)])
+    was_training = model.training
+    model.eval()
+    result, _ = lip.inpaint(model, tokenizer, image, mask, [item["caption"] for item in items], top_k=16,
+                            generator=torch.Generator(device=model.bos.device).manual_seed(0))
+    model.train(was_training)
+    rows = [torch.stack(r) for r in zip(image, image.masked_fill(mask, 0.0) + 0.5 * mask, result.cpu())]
+    return data.save_grid(rows, path, captions=[item["caption"] for item in items])
+
+
+DFVQGAN_STAGE = Stage(preset=lip.DFVQGANConfig.preset, build=build_dfvqgan, optimizers=tokenizer_optimizers,
+                      batch=dfvqgan_batch, phases=[
+                          Phase("vqgan", dfvqgan_loss, lambda model: model.tokenizer_parameters()),
+                          Phase("disc", dfvqgan_disc_loss, lambda model: list(model.discriminator.parameters()),
+                                objective="disc_loss",
+                                active=lambda config, step: config.disc_weight > 0 and step >= config.disc_start)],
+                      visualise=visualise_dfvqgan, tokens_per_batch=tokens_per_frame_batch,
+                      in_place_state=tokenizer_in_place_state,
+                      fsdp_units=lambda model: [])  # the masked passes call the encoder's layers, not encoder.forward
+LIP_STAGE = Stage(preset=lip.LIPConfig.preset, build=build_lip,
+                  optimizers=lambda model, config, device: {"lip": nuwa_optimizers(model, config, device)["nuwa"]},
+                  batch=lip_batch, phases=[Phase("lip", lip_loss, lambda model: list(model.parameters()))],
+                  visualise=visualise_lip, tokens_per_batch=lambda config: config.batch_size * config.token_h * config.token_w,
+                  warmup=lambda config, step: min(1.0, (step + 1) / max(1, config.warmup_steps)),
+                  fsdp_units=lambda model: [*model.text_encoder, *model.token_encoder, *model.pixel_encoder,
+                                            *model.decoder])
+
+
 # --- NÜWA-Infinity (arXiv 2207.09814 §3.4): render-and-optimize, one unit per patch -------------
 
 
@@ -486,6 +624,8 @@ STAGES: dict[str, Stage] = {
                   visualise=visualise_nuwa, tokens_per_batch=nuwa_tokens_per_batch,
                   warmup=lambda config, step: min(1.0, (step + 1) / max(1, config.warmup_steps)),  # linear warm-up
                   fsdp_units=lambda model: [*model.encoder, *model.decoder]),  # every transformer block
+    "dfvqgan": DFVQGAN_STAGE,  # NÜWA-LIP §3.1
+    "lip": LIP_STAGE,  # NÜWA-LIP §3.2-3.3, on a frozen DF-VQGAN
     "infinity": Stage(preset=infinity.InfinityConfig.preset, build=build_infinity, optimizers=infinity_optimizers,
                       batch=infinity_batch, phases=[Phase("infinity", infinity_loss, lambda model: list(model.parameters()))],
                       visualise=visualise_infinity, tokens_per_batch=infinity_tokens_per_batch,
