@@ -12,6 +12,11 @@ NÜWA-Infinity (infinity.py), with a checkpoint of `train.py --stage infinity`:
   infinity    a canvas of any size (--width, --height, --direction), outpainting from --image
               (--direction right / left / up / down), or a long video (--frames > 1)
 
+NÜWA-LIP (lip.py), with a checkpoint of `train.py --stage lip`:
+  inpaint     image + mask + caption → the missing pixels filled as the caption says
+              (--image FRAME.png --mask MASK.png, white = missing; --candidates K reranked by the
+              digit classifier of judge.py, our offline stand-in for CLIP)
+
 Inputs: images are 64×64 grey PNGs (`--image`), videos GIFs or .npy arrays (`--video`), sketches
 .npy class maps (`--sketch`: 0 = background, 1 + d = digit d). Without a file, `--index i` takes
 item i of the held-out Moving MNIST data (data.py), so every command runs out of the box.
@@ -30,6 +35,7 @@ import torch
 
 import data
 import infinity
+import lip
 import nuwa
 import vqgan
 
@@ -243,6 +249,86 @@ def run_infinity(args) -> list[Path]:
     return [save_canvases(canvases, out / f"infinity_{args.direction}_{args.height}x{args.width}.png")]
 
 
+# --- NÜWA-LIP: language-guided inpainting ---------------------------------------------------------
+
+
+def caption_digit(caption: str) -> int:
+    """The digit a caption names first: "digit 3 is moving up" → 3."""
+    words = caption.split()
+    if "digit" not in words[:-1] or not words[words.index("digit") + 1].isdigit():
+        raise ValueError(f"caption {caption!r} names no digit (expected 'digit D ...')")
+    return int(words[words.index("digit") + 1])
+
+
+def digit_scorer(classifier) -> lip.Scorer:
+    """Rerank inpaintings as LIP reranks with CLIP (§3.3), offline: a candidate's score is the digit
+    classifier's probability of the caption's digit for the biggest blob of ink in the frame (the
+    blob judge.read_video would follow), 0 when the frame shows no digit at all."""
+    import judge
+
+    def score(pixels: torch.Tensor, caption: str) -> torch.Tensor:
+        digit, scores = caption_digit(caption), []
+        for frame in pixels.float().cpu():  # (1, H, W)
+            blobs = judge.locate_digits(frame)[0]
+            if not blobs:
+                scores.append(0.0)
+                continue
+            crop = judge.crop_digit(frame[0], blobs[0])[None, None]  # (1, 1, 28, 28)
+            device = next(classifier.parameters()).device
+            scores.append(float(classifier(crop.to(device)).softmax(-1)[0, digit]))
+        return torch.tensor(scores)  # (K,)
+
+    return score
+
+
+def read_mask(path: str) -> torch.Tensor:
+    """A 64×64 PNG (white = missing, anything above mid-grey) → bool mask (1, 1, 64, 64)."""
+    from PIL import Image
+
+    mask = np.asarray(Image.open(path).convert("L")) > 127
+    if mask.shape != (data.CANVAS, data.CANVAS):
+        raise ValueError(f"{path}: expected a {data.CANVAS}×{data.CANVAS} mask, got {mask.shape}")
+    return torch.from_numpy(mask)[None, None]
+
+
+def run_inpaint(args) -> list[Path]:
+    """Inpaint one frame; writes inpaint.png (frame | mask | masked | result, then the other candidates)
+    and inpaint_result.png (the chosen frame at 64×64)."""
+    if (args.image is None) != (args.mask is None):
+        raise ValueError("pass both --image and --mask, or neither (then a held-out frame and half of its digit)")
+    if args.image is None:
+        item = heldout_item(args.index, 2)
+        image = item["video"][:1]  # (1, 1, 64, 64)
+        mask = lip.half_digit_mask(image[0], args.half)[None]  # (1, 1, 64, 64)
+        caption = args.caption or item["caption"]
+    else:
+        if not args.caption:
+            raise ValueError("--caption is needed with --image (words from: " + " ".join(data.VOCABULARY) + ")")
+        image, mask, caption = read_image(args.image, 0)[0], read_mask(args.mask), args.caption
+    if not Path(args.ckpt).exists():
+        raise FileNotFoundError(f"no NÜWA-LIP checkpoint at {args.ckpt}; train one with "
+                                f"`python train.py --stage dfvqgan` then `python train.py --stage lip`")
+    model, tokenizer = lip.load_lip(args.ckpt, dfvqgan_ckpt=args.dfvqgan, map_location=args.device)
+    scorer = None
+    if args.candidates > 1 and args.classifier:
+        import judge
+
+        scorer = digit_scorer(judge.load_classifier(args.classifier, args.device))
+    result, info = lip.inpaint(model, tokenizer, image, mask, [caption], candidates=args.candidates, scorer=scorer,
+                               temperature=args.temperature, top_k=args.top_k,
+                               generator=torch.Generator(device=args.device).manual_seed(args.seed))
+    best = int(info["best"][0])
+    others = [info["candidates"][0, k].cpu() for k in range(args.candidates) if k != best]
+    strip = torch.stack([image[0], mask[0].float(), image[0].masked_fill(mask[0], 0.5), result[0].cpu(), *others])
+    label = caption + (f" (best of {args.candidates} by the digit classifier)" if scorer else "")
+    out = Path(args.out)
+    written = [data.save_grid([strip], out / "inpaint.png", captions=[label], max_frames=len(strip))]
+    from PIL import Image
+
+    Image.fromarray(data.to_uint8_frames(result.cpu())[0]).save(out / "inpaint_result.png")
+    return written + [out / "inpaint_result.png"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
@@ -303,6 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--top-k", type=int, default=None)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sub = tasks.add_parser("inpaint", help="NÜWA-LIP: fill the masked pixels of a frame as the caption says")
+    sub.add_argument("--ckpt", default="out/lip/ckpt.pt", help="train.py --stage lip checkpoint")
+    sub.add_argument("--dfvqgan", default=None, help="override the recorded DF-VQGAN checkpoint")
+    sub.add_argument("--image", default=None, help="64×64 grey PNG; default: held-out item --index")
+    sub.add_argument("--mask", default=None, help="64×64 PNG, white = missing; default: half of the digit (--half)")
+    sub.add_argument("--half", default="bottom", choices=lip.SIDES, help="the default mask's missing half")
+    sub.add_argument("--caption", default=None, help=f"words from: {' '.join(data.VOCABULARY)}; default: the item's")
+    sub.add_argument("--candidates", type=int, default=1, help="K samples, reranked by --classifier when K > 1")
+    sub.add_argument("--classifier", default="out/classifier", help="digit classifier (evaluate.py classifier); "
+                                                                    "\"\" = no reranking")
+    sub.add_argument("--out", default="out/samples")
+    sub.add_argument("--index", type=int, default=0, help="held-out item used when no input file is given")
+    sub.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    sub.add_argument("--top-k", type=int, default=None)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
 
@@ -311,6 +413,11 @@ def main(argv=None) -> list[Path]:
     if args.task == "infinity":
         print(f"seed {args.seed}; NÜWA-Infinity; device {args.device}")
         written = run_infinity(args)
+        print("wrote " + ", ".join(str(p) for p in written))
+        return written
+    if args.task == "inpaint":
+        print(f"seed {args.seed}; NÜWA-LIP inpainting; device {args.device}")
+        written = run_inpaint(args)
         print("wrote " + ", ".join(str(p) for p in written))
         return written
     models = Models(args.ckpt, args.vqgan, args.seg, device=args.device)
