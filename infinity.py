@@ -765,6 +765,11 @@ def generate_video(model: Infinity, vqgan, frames: int, *, given_frames: torch.T
     return vqgan.decode_video(tokens).float().clamp(0, 1)  # (B, T, 1, 64, 64)
 
 
+def tiles(canvas: torch.Tensor, width: int = data.CANVAS) -> torch.Tensor:
+    """A canvas (1, H, W) as a row of tiles (W / width, 1, H, width): data.save_grid draws rows of frames."""
+    return torch.stack(canvas.split(width, dim=-1))
+
+
 VISUAL_CAPTION = "3 7"  # a two-class caption seen in training
 
 
@@ -788,8 +793,7 @@ def visualise(model: Infinity, vqgan, path) -> Path:
         half = W // 2
         right = generate_canvas(model, vqgan, H, 2 * W, "right", source=real[..., :half], **sampling)
         left = generate_canvas(model, vqgan, H, 2 * W, "left", source=real[..., half:], **sampling)
-        # Each canvas as a row of 64-px tiles (W / 64, 1, H, 64): data.save_grid draws rows of frames.
-        rows = [torch.stack(c.cpu().split(data.CANVAS, dim=-1)) for c in (wide[0], wide[1], real[0], right[0], left[0])]
+        rows = [tiles(c.cpu()) for c in (wide[0], wide[1], real[0], right[0], left[0])]
         labels = [f"{H}×{4 * W} px, caption {VISUAL_CAPTION!r}", f"{H}×{4 * W} px, no caption",
                   "a held-out canvas", f"its left {half} px given, outpainted right",
                   f"its right {half} px given, outpainted left"]

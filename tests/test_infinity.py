@@ -385,3 +385,9 @@ def test_bench_infinity_reports_its_json_contract():
     assert result["widths"] == [64, 256, 1024]
     assert result["memory_ratio_16x"] == pytest.approx(result["peak_bytes"][2] / result["peak_bytes"][0], rel=1e-3)
     assert result["memory_ratio_16x"] <= 1.3  # the pool does not grow with the width
+
+
+def test_tiles_cut_a_canvas_into_frames_for_save_grid():
+    canvas = torch.arange(2 * 256, dtype=torch.float32).view(1, 2, 256)
+    row = inf.tiles(canvas)
+    assert row.shape == (4, 1, 2, 64) and torch.equal(torch.cat(list(row), dim=-1), canvas)
