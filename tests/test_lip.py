@@ -319,6 +319,30 @@ def test_an_all_missing_mask_is_text_to_image(pair):
     assert torch.equal(result, other)  # nothing of the (entirely missing) frame was read
 
 
+def test_digit_scorer_is_the_classifier_probability_of_the_caption_digit():
+    import sample
+
+    class ThreeForInk(torch.nn.Module):  # a stand-in classifier: the more ink, the surer it is of a 3
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(0.1))
+
+        def forward(self, crops):
+            logits = torch.zeros(len(crops), 10)
+            logits[:, 3] = crops.flatten(1).sum(1) * self.scale
+            return logits
+
+    assert sample.caption_digit("digit 7 is moving up and digit 2 is moving left") == 7
+    with pytest.raises(ValueError, match="names no digit"):
+        sample.caption_digit("None")
+    pixels = torch.zeros(3, 1, 64, 64)
+    pixels[1, 0, 10:20, 10:16] = 1.0
+    pixels[2, 0, 10:30, 10:20] = 1.0
+    scores = sample.digit_scorer(ThreeForInk())(pixels, "digit 3 is moving up")
+    assert scores[0] == 0 and 0 < scores[1] < scores[2] <= 1  # no ink: 0; more ink: more likely a 3
+    assert sample.digit_scorer(ThreeForInk())(pixels, "digit 4 is moving up")[2] < scores[2]
+
+
 # --- masks ---------------------------------------------------------------------------------
 
 
@@ -433,3 +457,29 @@ def test_sample_inpaint_writes_pictures_and_rejects_bad_files(run_folder, tmp_pa
                      "--caption", "digit 5 is moving up", "--out", str(tmp_path / "bad")])
     with pytest.raises(ValueError, match="--image and --mask"):
         sample.main([*common, "--image", str(tmp_path / "frame.png"), "--out", str(tmp_path / "bad")])
+
+
+@needs_mnist
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_both_stages_train_under_torchrun(mode, run_folder, tmp_path):
+    """Two CPU processes (gloo), DDP or FSDP2: each stage trains 2 steps and writes one whole checkpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for stage, flags in (("dfvqgan", TINY_DFVQGAN), ("lip", [*TINY_LIP, "--dfvqgan-ckpt",
+                                                             str(run_folder / "dfvqgan" / "ckpt.pt")])):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                   "--stage", stage, "--preset", "tiny", "--max-steps", "2", "--sample-every", "0", "--device", "cpu",
+                   "--out", str(tmp_path), *flags, *(["--fsdp"] if mode == "fsdp" else [])]
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.stdout.count(f"stage {stage}; seed 0;") == 1  # rank 0 alone prints
+        checkpoint = torch.load(tmp_path / stage / "ckpt.pt", weights_only=True)
+        assert checkpoint["step"] == 2 and checkpoint["world"] == 2
+    model, tokenizer = lip.load_lip(tmp_path / "lip" / "ckpt.pt", dfvqgan_ckpt=str(tmp_path / "dfvqgan" / "ckpt.pt"))
+    assert not model.training and not tokenizer.training
