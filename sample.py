@@ -266,6 +266,7 @@ def digit_scorer(classifier) -> lip.Scorer:
     blob judge.read_video would follow), 0 when the frame shows no digit at all."""
     import judge
 
+    @torch.no_grad()
     def score(pixels: torch.Tensor, caption: str) -> torch.Tensor:
         digit, scores = caption_digit(caption), []
         for frame in pixels.float().cpu():  # (1, H, W)
@@ -285,7 +286,10 @@ def read_mask(path: str) -> torch.Tensor:
     """A 64×64 PNG (white = missing, anything above mid-grey) → bool mask (1, 1, 64, 64)."""
     from PIL import Image
 
-    mask = np.asarray(Image.open(path).convert("L")) > 127
+    try:
+        mask = np.asarray(Image.open(path).convert("L")) > 127
+    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: not a readable image ({error}); expected a 64×64 PNG, white = missing") from error
     if mask.shape != (data.CANVAS, data.CANVAS):
         raise ValueError(f"{path}: expected a {data.CANVAS}×{data.CANVAS} mask, got {mask.shape}")
     return torch.from_numpy(mask)[None, None]

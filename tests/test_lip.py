@@ -455,6 +455,10 @@ def test_sample_inpaint_writes_pictures_and_rejects_bad_files(run_folder, tmp_pa
     with pytest.raises(ValueError, match="64×64"):
         sample.main([*common, "--image", str(tmp_path / "frame.png"), "--mask", str(tmp_path / "small.png"),
                      "--caption", "digit 5 is moving up", "--out", str(tmp_path / "bad")])
+    (tmp_path / "garbage.png").write_bytes(b"not a picture")
+    with pytest.raises(ValueError, match="not a readable image"):
+        sample.main([*common, "--image", str(tmp_path / "frame.png"), "--mask", str(tmp_path / "garbage.png"),
+                     "--caption", "digit 5 is moving up", "--out", str(tmp_path / "bad")])
     with pytest.raises(ValueError, match="--image and --mask"):
         sample.main([*common, "--image", str(tmp_path / "frame.png"), "--out", str(tmp_path / "bad")])
 
