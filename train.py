@@ -400,7 +400,8 @@ VISUAL_CAPTIONS = ["digit 3 is moving up then down", "digit 4 is moving left the
 @torch.no_grad()
 def visualise_nuwa(model: nuwa.NUWA, config: nuwa.NUWAConfig, path: Path) -> Path:
     """PNG (+ GIF): text→video for two captions, then 10 → 10 prediction of a held-out clip
-    (the given frames are the tokenizer's reconstruction; the rest is sampled)."""
+    (the given frames are the tokenizer's reconstruction; the rest is sampled); text→image when
+    the run trains no video task."""
     device = model.bos.device
     frames = frozen_tokenizer(config.vqgan_ckpt, str(device), config.codebook_size, (config.token_h, config.token_w))
     was_training = model.training
@@ -419,7 +420,13 @@ def visualise_nuwa(model: nuwa.NUWA, config: nuwa.NUWAConfig, path: Path) -> Pat
                                     temperature=1.0, top_k=16, generator=generator)
         rows += [video[0], frames.decode_video(tokens).float().clamp(0, 1).cpu()[0]]
         labels += ["real clip", f"first {given} frames given, rest predicted"]
+    if "t2i" in config.tasks and not rows:  # an image-only run (e.g. --tasks t2i): one frame per caption
+        tokens = nuwa.text_to_image(model, VISUAL_CAPTIONS, temperature=1.0, top_k=16, generator=generator)
+        rows += list(frames.decode_video(tokens).float().clamp(0, 1).cpu())
+        labels += VISUAL_CAPTIONS
     model.train(was_training)
+    if not rows:  # sketch-image tasks only: nothing here draws them (sample.py s2i does)
+        return Path(path)
     data.save_gif(rows, Path(path).with_suffix(".gif"), captions=labels)
     return data.save_grid(rows, path, captions=labels, max_frames=config.predict_frames)
 

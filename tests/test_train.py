@@ -189,3 +189,15 @@ def test_infinity_stage_backpropagates_patch_by_patch_and_resumes_exactly(tmp_pa
     model = infinity.load_infinity(tmp_path / "whole" / "infinity" / "ckpt.pt")
     assert model.config.dim == 16 and not model.training
     assert (tmp_path / "whole" / "infinity" / "samples.png").stat().st_size > 0
+
+
+@needs_mnist
+def test_an_image_only_nuwa_run_draws_text_to_image_samples(tmp_path):
+    """`--tasks t2i` (NÜWA-LIP's baseline) has no video task to draw: the run must still end cleanly."""
+    tokenizer = run_stage("vqgan", tmp_path / "tok")
+    train.main(["--stage", "nuwa", "--preset", "tiny", "--tasks", "t2i", "--dim", "32", "--num-heads", "2",
+                "--encoder-layers", "1", "--decoder-layers", "1", "--codebook-size", "32", "--batch-size", "2",
+                "--max-steps", "1", "--sample-every", "0", "--vqgan-ckpt", str(tokenizer), "--seg-ckpt", "",
+                "--device", "cpu", "--out", str(tmp_path)])
+    assert (tmp_path / "nuwa" / "samples.png").stat().st_size > 0
+    assert torch.load(tmp_path / "nuwa" / "ckpt.pt", weights_only=True)["step"] == 1
