@@ -112,7 +112,9 @@ class InfinityConfig:
     canvas_width: int = 128  # training canvas width in pixels: 2×4 patches of 32 px
     frames: int = 4  # T of training videos (data="video")
     video_digits: int = 1  # digits per Moving MNIST training clip (data="video")
-    directions: str = "raster,column,right,left,up,down"  # orders sampled in training (ADC)
+    # Orders sampled in training (ADC), each equally often. `right` is the same order as `column` and
+    # `down` the same as `raster`, so the four distinct orders are listed once each.
+    directions: str = "raster,column,left,up"
     none_prob: float = 0.25  # P(caption → "None") per training canvas, so captions are optional
     # --- optimisation; the model itself ignores these fields
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frozen tokenizer whose codes this model predicts
@@ -367,20 +369,25 @@ class Infinity(nn.Module):
 
     def context_bias(self, offsets: list[Patch]) -> torch.Tensor:
         """ADC: offsets of the context patches → bias (layers, nh, C = len(offsets)·P) on their keys.
-        Offsets are clipped to the extents (the rule already keeps them inside)."""
+        The context rule keeps every offset inside the extents; one outside would be a bug there."""
         if not offsets:
             return self.offset_bias.new_zeros(self.config.layers, self.config.num_heads, 0)
         extent = torch.tensor(self.config.extent)
-        index = (torch.tensor(offsets).clamp(-extent, extent) + extent).tolist()  # (patches, 3)
+        offsets = torch.tensor(offsets)  # (patches, 3)
+        if bool((offsets.abs() > extent).any()):
+            raise ValueError(f"context offsets {offsets.tolist()} reach beyond the extents {self.config.extent}")
+        index = (offsets + extent).tolist()  # (patches, 3)
         per_patch = torch.stack([self.offset_bias[:, :, a, b, c] for a, b, c in index], -1)  # (layers, nh, patches)
         return per_patch.repeat_interleave(self.patch_tokens, dim=-1)  # (layers, nh, C)
 
     def inputs(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """Shift right inside the patch: [bos, y_0 … y_{P−2}] + position of the target y_p (as NÜWA).
-        (B, P) → (B, P, D)."""
+        """[bos, y_0 + pos(0), …, y_{P−1} + pos(P−1)]: every token at its own position, after a
+        learned start. Input i < P predicts y_i; the last input y_{P−1} predicts nothing but gives
+        the patch's last token its keys and values, so the pool holds all P tokens (a patch's
+        bottom-right token borders the patches to its right and below). (B, P) → (B, P + 1, D)."""
         B, P = patch_tokens.shape
-        x = torch.cat([self.bos.expand(B, 1, -1), self.token_embed(patch_tokens[:, :-1])], 1)  # (B, P, D)
-        return x + self.positions()  # (B, P, D)
+        tokens = self.token_embed(patch_tokens) + self.positions()  # (B, P, D)
+        return torch.cat([self.bos.expand(B, 1, -1), tokens], 1)  # (B, P + 1, D)
 
     def positions(self) -> torch.Tensor:
         ph, pw = self.config.patch_size
@@ -401,11 +408,11 @@ class Infinity(nn.Module):
         B, P = patch_tokens.shape
         assert P == self.patch_tokens, f"a patch has {self.patch_tokens} tokens, got {P}"
         prefix, prefix_bias = self.prefix(text, context, bias)
-        x, own = self.inputs(patch_tokens), []  # (B, P, D)
+        x, own = self.inputs(patch_tokens), []  # (B, P + 1, D)
         for layer, block in enumerate(self.blocks):
-            x, (k, v) = block(x, prefix[layer, 0], prefix[layer, 1], prefix_bias[layer], causal=True)  # (B, P, D)
-            own.append(torch.stack([k, v]))
-        return self.head(self.norm(x)), torch.stack(own)  # (B, P, K), (layers, 2, B, nh, P, hs)
+            x, (k, v) = block(x, prefix[layer, 0], prefix[layer, 1], prefix_bias[layer], causal=True)  # (B, P+1, D)
+            own.append(torch.stack([k, v])[:, :, :, 1:])  # the P tokens' keys and values (bos is not pooled)
+        return self.head(self.norm(x[:, :P])), torch.stack(own)  # (B, P, K), (layers, 2, B, nh, P, hs)
 
     def generate_patch(self, text, context, bias, forced, keep, sampling: dict):
         """Token-level AR: sample one patch token by token. forced/keep (B, P): kept tokens are
@@ -415,19 +422,21 @@ class Infinity(nn.Module):
             return forced, states, logits
         B, P = forced.shape
         prefix, prefix_bias = self.prefix(text, context, bias)
-        start = prefix.shape[4]  # the patch's own keys follow the prefix
-        buffers = torch.cat([prefix, self.empty_states(B, P)], dim=4)  # (layers, 2, B, nh, L+C+P, hs)
-        bias_rows = torch.cat([prefix_bias, prefix_bias.new_zeros(*prefix_bias.shape[:2], P)], -1)  # (layers, nh, L+C+P)
+        start = prefix.shape[4]  # bos, then the patch's own P tokens, follow the prefix
+        buffers = torch.cat([prefix, self.empty_states(B, P + 1)], dim=4)  # (layers, 2, B, nh, L+C+1+P, hs)
+        bias_rows = torch.cat([prefix_bias, prefix_bias.new_zeros(*prefix_bias.shape[:2], P + 1)], -1)  # (layers, nh, …)
         positions, tokens, logits = self.positions(), forced.clone(), []
-        for p in range(P):
-            x_p = self.bos.expand(B, 1, -1) if p == 0 else self.token_embed(tokens[:, p - 1:p])
-            x_p = x_p + positions[p]  # (B, 1, D)
+        for p in range(P + 1):  # input p is bos (p = 0) or y_{p−1} at its own position; the last predicts nothing
+            x_p = self.bos.expand(B, 1, -1) if p == 0 else self.token_embed(tokens[:, p - 1:p]) + positions[p - 1]
             for layer, block in enumerate(self.blocks):
                 x_p = block.step(x_p, start + p, buffers[layer, 0], buffers[layer, 1], bias_rows[layer])  # (B, 1, D)
+            if p == P:  # y_{P−1}'s keys and values are in the buffers now: the patch is complete
+                break
             logits.append(self.head(self.norm(x_p))[:, 0])  # (B, K)
             sampled = nuwa.sample_logits(logits[-1], **sampling)  # (B,)
             tokens[:, p] = torch.where(keep[:, p], forced[:, p], sampled)
-        return tokens, buffers[:, :, :, :, start:].clone(), torch.stack(logits, 1)  # (B, P), states, (B, P, K)
+        states = buffers[:, :, :, :, start + 1:].clone()  # (layers, 2, B, nh, P, hs): the tokens, not bos
+        return tokens, states, torch.stack(logits, 1)  # (B, P), states, (B, P, K)
 
 
 def gather_context(model: Infinity, patch: Patch, selected: list[tuple[Patch, torch.Tensor]], B: int):
@@ -635,6 +644,12 @@ def prepare(model: Infinity, grid_shape, direction: str, given, captions, batch_
             raise ValueError(f"given tokens and keep mask must both be {(B, *grid_shape)}, got "
                              f"{tuple(given[0].shape)} and {tuple(given[1].shape)}")
         forced, keep = given[0].to(device).long(), given[1].to(device).bool()
+        if bool(keep.all()):
+            raise ValueError("every token is given: there is nothing to generate (make the canvas larger than "
+                             "the given part)")
+        kept = forced[keep]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= model.config.codebook_size):
+            raise ValueError(f"given tokens must lie in [0, {model.config.codebook_size})")
     return patch_order(direction, grid), B, forced, keep
 
 
@@ -732,8 +747,10 @@ def outpaint_given(source: torch.Tensor, grid_shape: tuple[int, int, int], direc
 def generate_canvas(model: Infinity, vqgan, height_px: int, width_px: int, direction: str = "column", *,
                     source: torch.Tensor | None = None, captions=None, batch_size: int | None = None,
                     **sampling) -> torch.Tensor:
-    """Pixels (B, 1, height_px, width_px) in [0, 1]. `source` pixels (B, 1, h, w) are kept on the
-    side `direction` starts from (outpainting). The whole canvas is one VQ-GAN grid (module docstring)."""
+    """Pixels (B, 1, height_px, width_px) in [0, 1]. The *tokens* of `source` pixels (B, 1, h, w) are
+    kept exactly on the side `direction` starts from (outpainting); their pixels are re-decoded with
+    the rest, so they come back as the VQ-GAN reconstructs them in this larger canvas, not bit for
+    bit. The whole canvas is one VQ-GAN grid (module docstring)."""
     f = model.config.token_px
     if height_px % f or width_px % f:
         raise ValueError(f"canvas {height_px}×{width_px} px is not a multiple of f = {f} px per token")
