@@ -367,3 +367,23 @@ def test_demo_command_writes_gif_and_png(tmp_path):
         data.main(["--out", str(tmp_path), "-n", "2"])
     assert (tmp_path / "captioned_moving_mnist.gif").stat().st_size > 1000
     assert (tmp_path / "captioned_moving_mnist.png").stat().st_size > 1000
+
+
+def test_random_box_mask_finishes_when_no_box_fits_under_the_maximum():
+    """This stream (a DF-VQGAN training frame: one draw picks the mask kind, then the boxes) reaches
+    a total where almost every box overshoots 70 %: it used to draw for ever and hang a training run."""
+    import signal
+
+    import numpy as np
+
+    import data
+
+    rng = np.random.default_rng([0, 1851, 2])
+    rng.random()
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("random_box_mask hangs")))
+    signal.alarm(10)
+    try:
+        mask = data.random_box_mask(rng)
+    finally:
+        signal.alarm(0)
+    assert data.BOX_TOTAL_AREA[0] <= mask.float().mean() <= data.BOX_TOTAL_AREA[1]
