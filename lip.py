@@ -6,7 +6,7 @@ symmetrical connections), §3.2 MP-S2S (multi-perspective sequence to sequence),
 inference (loss on the defective tokens only; candidates reranked by a judge).
 
 In plain words. Inpainting is given a frame x whose pixels under a mask m are missing, and a
-caption; it must fill the hole as the caption says and leave the visible pixels alone. Encoding a
+caption; it must fill the hole as the caption says and keep the visible area as it was. Encoding a
 masked frame with a plain VQGAN goes wrong twice: hole pixels leak into the tokens of the visible
 area through the receptive field of every convolution and through attention ("receptive
 spreading"), and quantisation distorts the visible area ("information loss"). DF-VQGAN fixes both:
@@ -65,11 +65,15 @@ Deviations from the paper (each also marked `# DEVIATION` at its line):
 - The pixel-patch encoder sees the mask as a second channel (a black visible pixel and a missing
   one are both 0 in the masked frame); each perspective gets a learned type embedding. Ours.
 - Reranking: the paper ranks candidates with CLIP; offline we pass any `scorer` (sample.py uses the
-  digit classifier of evaluate.py: the probability of the caption's digit).
+  digit classifier of judge.py: the probability of the caption's digit).
 - Training-mask mix and the 50 % skip-less decoding rate are our numbers (the paper trains with a
   mix of no mask, full mask and random boxes, and without skips part of the time, no rates given).
 - `init_vqgan` (optional): DF-VQGAN may start from a trained plain VQGAN's weights (the parameter
   names are the same). Our option for short CPU runs; the README says when a run used it.
+- MP-S2S shares one token embedding between the visible-token encoder and the decoder input, and
+  puts a LayerNorm on each perspective before concatenating them. Ours.
+- The output is not pasted back into the input: visible pixels are the DF-VQGAN's decoding of the
+  visible features (within a small tolerance of the input), as in the paper.
 """
 
 from __future__ import annotations
@@ -234,6 +238,8 @@ def masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, m: torch.Tensor) -> t
         return full
     B, C, H, W = x.shape
     G = norm.num_groups
+    dtype = x.dtype  # under bf16 autocast F.group_norm computes in float32: so do the visible statistics
+    x = x.to(torch.promote_types(dtype, torch.float32))  # bf16 → float32; float32 / float64 unchanged
     keep = (~m).to(x.dtype).view(B, 1, 1, H * W)  # (B, 1, 1, H·W)
     grouped = x.masked_fill(m, 0.0).view(B, G, C // G, H * W)  # (B, G, C/G, H·W), holes exactly 0
     count = keep.sum(-1, keepdim=True).clamp_min(1.0) * (C // G)  # (B, 1, 1, 1) n_g
@@ -242,7 +248,7 @@ def masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, m: torch.Tensor) -> t
     visible = ((x.view(B, G, C // G, H * W) - mean) / torch.sqrt(var + norm.eps)).view(B, C, H, W)
     visible = visible * norm.weight.view(1, C, 1, 1) + norm.bias.view(1, C, 1, 1)  # (B, C, H, W)
     # DEVIATION (LIP §3.1): defective positions keep whole-map statistics (our reading of the paper).
-    return torch.where(m, full, visible)
+    return torch.where(m, full.to(visible.dtype), visible).to(dtype)
 
 
 def masked_res_block(block: vqgan.ResBlock, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -438,7 +444,8 @@ class MPS2S(nn.Module):
         self.text_pos = nuwa.PositionEmbedding3D((1, 1, config.text_len), D)
         self.text_encoder = nn.ModuleList(nuwa.EncoderLayer(config) for _ in range(config.text_layers))
         # Perspective 2: the visible tokens, hole tokens replaced by [MASK], bidirectional.
-        self.token_embed = nn.Embedding(config.codebook_size, D)  # shared with the decoder's input
+        # DEVIATION (LIP §3.2): one token embedding for the visible-token encoder and the decoder's input (ours).
+        self.token_embed = nn.Embedding(config.codebook_size, D)
         self.mask_embed = nn.Parameter(torch.zeros(D))  # the learned [MASK]
         self.token_pos = nuwa.PositionEmbedding3D(grid, D)
         self.token_encoder = nn.ModuleList(nuwa.EncoderLayer(config) for _ in range(config.token_layers))
@@ -448,6 +455,7 @@ class MPS2S(nn.Module):
         self.pixel_encoder = nn.ModuleList(nuwa.EncoderLayer(config) for _ in range(config.pixel_layers))
         # DEVIATION (LIP §3.2): a learned type embedding tells the decoder which perspective a key is from.
         self.perspective = nn.Parameter(torch.zeros(3, D))
+        # DEVIATION (LIP §3.2): a LayerNorm per perspective before concatenation, so no perspective's scale dominates (ours).
         self.memory_norm = nn.ModuleList(nn.LayerNorm(D) for _ in range(3))
         # The decoder: causal 3DNA self-attention, full cross-attention to the three perspectives.
         self.bos = nn.Parameter(torch.zeros(D))
@@ -600,6 +608,9 @@ def inpaint(model: MPS2S, tokenizer: DFVQGAN, image: torch.Tensor, mask: torch.T
     text-to-image. A mask with no missing pixel is a ValueError (nothing to inpaint).
     """
     captions = [captions] if isinstance(captions, str) else list(captions)
+    if tokenizer.training or model.training:
+        raise ValueError("inpaint needs models in eval mode (in training mode the DF-VQGAN's codebook would "
+                         "update itself from the masked frame): call .eval() first; lip.load_lip does")
     check_inpainting_inputs(tokenizer, image, mask, captions)
     if candidates < 1:
         raise ValueError(f"candidates must be ≥ 1, got {candidates}")

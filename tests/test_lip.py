@@ -306,6 +306,15 @@ def test_inpaint_bad_inputs_are_clear_errors(pair):
         lip.inpaint(model, tokenizer, x, mask, CAPTIONS[:2])
     with pytest.raises(ValueError, match="unknown caption word"):
         lip.inpaint(model, tokenizer, x, mask, "digit 3 is dancing")
+    codebook = tokenizer.quantizer.embedding.clone() if hasattr(tokenizer.quantizer, "embedding") else None
+    tokenizer.train()
+    try:  # in training mode the quantiser would update its codebook from the masked frame
+        with pytest.raises(ValueError, match="eval mode"):
+            lip.inpaint(model, tokenizer, x, mask, CAPTIONS[0])
+    finally:
+        tokenizer.eval()
+    if codebook is not None:
+        assert torch.equal(codebook, tokenizer.quantizer.embedding)
 
 
 def test_an_all_missing_mask_is_text_to_image(pair):
