@@ -638,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     wide.add_argument("--num-canvases", "--num_canvases", dest="num_canvases", type=int, default=20)
     wide.add_argument("--width", type=int, default=512, help="canvas width in px (training: 128)")
     wide.add_argument("--height", type=int, default=64, help="canvas height in px")
-    wide.add_argument("--direction", default="column", help="patch order (infinity.DIRECTIONS)")
+    wide.add_argument("--direction", default="column", choices=("column", "raster"),
+                      help="patch order of the canvases (outpainting needs given patches: sample.py infinity)")
     wide.add_argument("--classifier", default=DEFAULT_CLASSIFIER_DIR, help=f"folder of {CLASSIFIER_FILE}")
     wide.add_argument("--grid", default="", help="also write a PNG of canvases to this path")
     add_common(wide)

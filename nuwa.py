@@ -417,6 +417,9 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
                   top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of logits (B, K): greedy when temperature == 0, else softmax sampling
     restricted to the top-k codes and/or the smallest set whose probability reaches top_p."""
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature ≥ 0 (0 = greedy), top_k ≥ 1 and 0 < top_p ≤ 1 (or None); "
+                         f"got temperature={temperature}, top_k={top_k}, top_p={top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits.float() / temperature  # (B, K)

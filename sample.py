@@ -229,7 +229,7 @@ def run_infinity(args) -> list[Path]:
     captions = [args.caption] * args.n if args.caption else None
     out = Path(args.out)
     if args.frames > 1:  # a video, frame by frame
-        if args.direction not in ("video", "column"):
+        if args.direction not in (None, "video"):
             raise ValueError(f"a video (--frames {args.frames}) is generated frame by frame; drop --direction "
                              f"{args.direction!r} (or pass --direction video)")
         given = read_video(args.video, args.index, args.given)[:, :args.given].expand(args.n, -1, -1, -1, -1) \
@@ -239,6 +239,7 @@ def run_infinity(args) -> list[Path]:
         labels = [f"sample {i}" + (f", first {args.given} frames given" if args.given else "") for i in range(args.n)]
         return [data.save_gif(list(video), out / "infinity.gif", captions=labels),
                 data.save_grid(list(video), out / "infinity.png", captions=labels, max_frames=args.frames)]
+    args.direction = args.direction or "column"
     source = None
     if args.direction in infinity.OUTPAINTING:  # the given image sits where the direction starts
         source = read_image(args.image, args.index)[:, 0].expand(args.n, -1, -1, -1)  # (n, 1, 64, 64)
@@ -382,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--width", type=int, default=512, help="canvas width in pixels (a multiple of the patch)")
     sub.add_argument("--height", type=int, default=64, help="canvas height in pixels")
     sub.add_argument("--frames", type=int, default=1, help="> 1: a video of this many frames, frame by frame")
-    sub.add_argument("--direction", default="column", choices=infinity.DIRECTIONS,
-                     help="patch order; right / left / up / down outpaint from --image")
+    sub.add_argument("--direction", default=None, choices=infinity.DIRECTIONS,
+                     help="patch order (default: column for a canvas, video for --frames > 1); right / left "
+                          "outpaint a 64 px high --image sideways, up / down need --width 64")
     sub.add_argument("--caption", default=None, help="digit names, e.g. \"3 7\" (default: none)")
     sub.add_argument("--image", default=None, help="64×64 grey PNG to outpaint from; default: held-out item")
     sub.add_argument("--video", default=None, help="GIF or .npy whose first --given frames start the video")

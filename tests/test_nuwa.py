@@ -178,3 +178,11 @@ def test_generation_cache_does_not_grow_with_video_length():
         model.generate(cond, (frames, 3, 4), temperature=0, caches=caches)
         sizes.append(nuwa.cache_nbytes(caches))
     assert sizes[0] == sizes[1] > 0
+
+
+def test_sampling_settings_out_of_range_are_clear_errors():
+    logits = torch.zeros(2, 5)
+    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match="sampling needs temperature"):
+            nuwa.sample_logits(logits, **bad)
+    assert nuwa.sample_logits(logits, temperature=0).tolist() == [0, 0]
