@@ -17,8 +17,9 @@ later patch still needs them. Memory therefore depends on the extents and on the
 across the order, never along it (a wide canvas in a column order, a tall one in a row order, a
 video frame by frame): a model trained on 64×128 canvases draws a 64×2048 strip column by column
 with the same memory and time per patch. Each context patch's keys get a learned per-head bias indexed by
-its offset (dt, dh, dw) from the current patch, so the model knows where the context lies whatever
-the order. Training walks the patches of a canvas in a sampled order and backpropagates each
+its offset (dt, dh, dw) from the current patch, so each head can weigh context by where it lies
+(left, above, the frame before) whatever the order. A bias only reweights attention: what a head
+reads carries no offset of its own, so it learns "how much from where", not "what is where". Training walks the patches of a canvas in a sampled order and backpropagates each
 patch's loss at once, with the pooled context detached (render-and-optimize).
 
 Sections: 1. configuration · 2. patches, orders (ADC) and the context rule · 3. the Nearby Context
