@@ -36,18 +36,18 @@ over the layers, every visible feature is a function of visible pixels only: exa
 
 Measured (benchmarks/bench_lip.py --n 200 --candidates 4, a 2-core CPU shared with other training
 runs): 200 held-out one-digit frames with half of the digit's ink box missing, sampling at
-temperature 1 and top-k 16. DF-VQGAN: 300 s fine-tuning of the plain tiny VQGAN (345 steps,
---dead-code-threshold 0); MP-S2S: 600 s (1,244 steps); NÜWA's zero-shot completion (nuwa.edit_image)
-with a t2i model trained for 600 s (2,850 steps) at the same time, on the same frames and captions.
+temperature 1 and top-k 16. DF-VQGAN: the plain tiny VQGAN fine-tuned for 1,500 steps (770 s,
+--dead-code-threshold 0); MP-S2S: 600 s (2,231 steps); NÜWA's zero-shot completion
+(nuwa.edit_image) with a t2i model trained for 600 s (2,850 steps) on the same frames and captions.
 How often the digit classifier reads the caption's digit in the whole frame:
-    real frame 99.5 % · masked input 46.5 % (the floor) · LIP 45.5 % (K = 1), 79.5 % (best of 4)
+    real frame 99.5 % · masked input 46.5 % (the floor) · LIP 44.5 % (K = 1), 73.5 % (best of 4)
     · NÜWA 35.5 % (K = 1), 59.5 % (best of 4).
-Visible pixels, mean squared error per pixel: inpainted frames LIP 0.0015 vs NÜWA 0.0028; the
-tokenizers' round trip of whole frames: DF-VQGAN with skips 0.00069 vs plain VQGAN 0.00044 — this
-short fine-tune has not made the skips pay off on their own yet (an earlier 674-step run: 0.00040).
-LIP's visible pixels differ from the DF-VQGAN reconstruction of the visible input by 0.0032 per
-pixel on average (mean |Δ|). Known limits: K = 1 does not beat the floor (the visible half alone);
-strokes drawn into the hole often do not join the visible ones; only reranking makes LIP useful.
+Visible pixels, mean squared error per pixel: inpainted frames LIP 0.0008 vs NÜWA 0.0028; the
+masked frame's round trip: DF-VQGAN with skips 0.00042, without 0.00061, plain VQGAN 0.00069 (and
+0.00044 even when the plain VQGAN is given the real hole). LIP's visible pixels differ from the
+DF-VQGAN reconstruction of the visible input by 0.0029 per pixel on average (mean |Δ|). Known
+limits: K = 1 does not beat the floor (the visible half alone); strokes drawn into the hole often
+do not join the visible ones; best-of-K is picked by the same classifier that scores it.
 
 Sections: 1. configurations and presets · 2. mask-aware layers (relative estimation) · 3. DF-VQGAN
 · 4. MP-S2S · 5. inpainting · 6. masks for training and evaluation · 7. loading checkpoints.
