@@ -47,6 +47,11 @@ def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        # A known crash inside torch 2.13's CPU process group, not in our code: a worker aborts (SIGABRT)
+        # in C++ with no Python traceback, in about 1 of 10 runs of the gradient test, on the commit
+        # before this retry too (measured 2026-11-25). One more try; every result is still checked.
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 

@@ -477,20 +477,15 @@ def test_sample_inpaint_writes_pictures_and_rejects_bad_files(run_folder, tmp_pa
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_both_stages_train_under_torchrun(mode, run_folder, tmp_path):
     """Two CPU processes (gloo), DDP or FSDP2: each stage trains 2 steps and writes one whole checkpoint."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from test_distributed import (
+        torchrun,  # the shared launcher (exit status checked, output shown on failure)
+    )
 
-    root = Path(__file__).resolve().parents[1]
     for stage, flags in (("dfvqgan", TINY_DFVQGAN), ("lip", [*TINY_LIP, "--dfvqgan-ckpt",
                                                              str(run_folder / "dfvqgan" / "ckpt.pt")])):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-                   "--stage", stage, "--preset", "tiny", "--max-steps", "2", "--sample-every", "0", "--device", "cpu",
-                   "--out", str(tmp_path), *flags, *(["--fsdp"] if mode == "fsdp" else [])]
-        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-4000:]
+        result = torchrun("train.py", "--stage", stage, "--preset", "tiny", "--max-steps", "2", "--sample-every", "0",
+                          "--device", "cpu", "--out", str(tmp_path), *flags, *(["--fsdp"] if mode == "fsdp" else []),
+                          timeout=300)
         assert result.stdout.count(f"stage {stage}; seed 0;") == 1  # rank 0 alone prints
         checkpoint = torch.load(tmp_path / stage / "ckpt.pt", weights_only=True)
         assert checkpoint["step"] == 2 and checkpoint["world"] == 2
