@@ -135,12 +135,13 @@ class DFVQGANConfig:
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        """f, as the plain VQGAN of the same network computes it."""
+        return self.vqgan_config().downsample
 
     @property
     def token_shape(self) -> tuple[int, int]:
-        side = self.resolution // self.downsample
-        return (side, side)
+        """(h, w) token grid of one frame, as the plain VQGAN of the same network computes it."""
+        return self.vqgan_config().token_shape
 
     def vqgan_config(self) -> vqgan.VQGANConfig:
         """The plain VQGAN configuration of the same network: DF-VQGAN reuses its modules."""
