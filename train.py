@@ -190,6 +190,11 @@ def captioned_clips(split: str, frames: int, digits: int, seed: int) -> data.Cap
     return data.CaptionedMovingMNIST(split, num_frames=frames, num_digits=digits, seed=seed)
 
 
+def linear_warmup(config: Any, step: int) -> float:
+    """The transformers' learning-rate factor: from 1 / warmup_steps up to 1 over the first steps."""
+    return min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+
 # --- VQ-GAN and VQ-GAN-Seg (NÜWA §3.1; Esser et al. §3.2) --------------------------------------
 
 
@@ -569,7 +574,7 @@ LIP_STAGE = Stage(preset=lip.LIPConfig.preset, build=build_lip,
                   optimizers=lambda model, config, device: {"lip": nuwa_optimizers(model, config, device)["nuwa"]},
                   batch=lip_batch, phases=[Phase("lip", lip_loss, lambda model: list(model.parameters()))],
                   visualise=visualise_lip, tokens_per_batch=lambda config: config.batch_size * config.token_h * config.token_w,
-                  warmup=lambda config, step: min(1.0, (step + 1) / max(1, config.warmup_steps)),
+                  warmup=linear_warmup,
                   fsdp_units=lambda model: [*model.text_encoder, *model.token_encoder, *model.pixel_encoder,
                                             *model.decoder])
 
@@ -629,14 +634,14 @@ STAGES: dict[str, Stage] = {
     "nuwa": Stage(preset=nuwa.NUWAConfig.preset, build=build_nuwa, optimizers=nuwa_optimizers, batch=nuwa_batch,
                   phases=[Phase("nuwa", nuwa_loss, lambda model: list(model.parameters()))],
                   visualise=visualise_nuwa, tokens_per_batch=nuwa_tokens_per_batch,
-                  warmup=lambda config, step: min(1.0, (step + 1) / max(1, config.warmup_steps)),  # linear warm-up
+                  warmup=linear_warmup,
                   fsdp_units=lambda model: [*model.encoder, *model.decoder]),  # every transformer block
     "dfvqgan": DFVQGAN_STAGE,  # NÜWA-LIP §3.1
     "lip": LIP_STAGE,  # NÜWA-LIP §3.2-3.3, on a frozen DF-VQGAN
     "infinity": Stage(preset=infinity.InfinityConfig.preset, build=build_infinity, optimizers=infinity_optimizers,
                       batch=infinity_batch, phases=[Phase("infinity", infinity_loss, lambda model: list(model.parameters()))],
                       visualise=visualise_infinity, tokens_per_batch=infinity_tokens_per_batch,
-                      warmup=lambda config, step: min(1.0, (step + 1) / max(1, config.warmup_steps)),
+                      warmup=linear_warmup,
                       fsdp_units=lambda model: list(model.blocks), units=infinity.num_patches),
 }
 
