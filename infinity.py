@@ -821,6 +821,9 @@ def visualise(model: Infinity, vqgan, path) -> Path:
 
 def load_infinity(path, *, map_location="cpu") -> Infinity:
     """The model stored at `path` by `train.py --stage infinity`, in eval mode."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no NÜWA-Infinity checkpoint at {path}; train one with "
+                                f"`python train.py --stage infinity --preset tiny --out out`")
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if checkpoint.get("stage") != "infinity":
         raise ValueError(f"{path} is a checkpoint of stage {checkpoint.get('stage')!r}, not 'infinity'")
