@@ -211,6 +211,47 @@ def test_data_dependent_init_and_usage_statistics():
     assert (torch.cdist(model.quantizer.codebook.data, z).min(1).values < 1.0).all()
 
 
+def test_cell_encoder_tokens_depend_on_their_own_cell_only():
+    """CellEncoder: a token is a function of its f×f pixels alone. Every empty cell of every frame
+    gets the same token, and changing pixels changes no token outside the cells they are in."""
+    torch.manual_seed(0)
+    model = vqgan.VQGAN(small_config(cell_encoder=True)).eval()
+    f = model.config.downsample
+    x = blobs(batch=3)
+    with torch.no_grad():
+        tokens = model.encode(x)  # (3, h, w)
+        empty = x.unfold(2, f, f).unfold(3, f, f).amax((-1, -2))[:, 0] == 0  # (3, h, w) all-black cells
+        assert empty.sum() > 10 and tokens[empty].unique().numel() == 1
+        assert model.encode(torch.zeros_like(x)).unique().tolist() == tokens[empty].unique().tolist()
+        changed = x.clone()
+        changed[:, :, :f, :2 * f] = torch.rand(3, 1, f, 2 * f)  # new pixels in the first two cells only
+        moved = model.encode(changed)
+    outside = torch.ones_like(tokens, dtype=torch.bool)
+    outside[:, 0, :2] = False
+    assert torch.equal(moved[outside], tokens[outside])
+    # The global encoder mixes the whole frame (receptive field, GroupNorm statistics, attention).
+    plain = vqgan.VQGAN(small_config()).eval()
+    with torch.no_grad():
+        z, z_changed = plain.encoder(x), plain.encoder(changed)
+    assert not torch.allclose(z[:, :, -1, -1], z_changed[:, :, -1, -1])
+
+
+def test_restarts_draw_distinct_encoder_outputs():
+    """With 90 % of the batch one repeated vector (empty cells of a cell encoder), restarted codes are
+    drawn from the distinct vectors, so they do not all pile onto that one vector."""
+    torch.manual_seed(0)
+    quantizer = vqgan.VectorQuantizer(small_config(codebook_size=32, embed_dim=8))
+    z = torch.zeros(200, 8)
+    z[:20] = torch.randn(20, 8)  # 20 distinct vectors, 180 copies of the zero vector
+    quantizer.train()
+    quantizer.initialise(z)
+    assert torch.unique(quantizer.codebook.data, dim=0).shape[0] == 21  # every distinct vector is a code
+    quantizer.cluster_size.fill_(0.0)  # all dead
+    quantizer.restart_dead_codes(z)
+    on_zero = (quantizer.codebook.data.abs().amax(1) == 0).sum().item()
+    assert on_zero < 8  # drawn from 21 distinct vectors: about 32 / 21 land on zero, not 29 of 32
+
+
 # --- learning ------------------------------------------------------------------------------
 
 
