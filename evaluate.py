@@ -67,6 +67,7 @@ from judge import (  # noqa: E402
     DEFAULT_CLASSIFIER_DIR,
     SHIFTED_TEST_SHIFT,
     ClassifierConfig,
+    PairConfig,
     VideoReading,
     classifier_accuracy,
     classifier_path,
@@ -74,9 +75,11 @@ from judge import (  # noqa: E402
     digits_as_tensors,
     load_classifier,
     locate_digits,
+    pair_accuracy,
     read_video,
     save_classifier,
     train_classifier,
+    train_pair_classifier,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +223,18 @@ def run_classifier(args: argparse.Namespace) -> dict:
                "shifted_test_accuracy": classifier_accuracy(model, x, y, max_shift=SHIFTED_TEST_SHIFT),
                "train_seconds": model.info.get("train_seconds"), "steps": model.info.get("steps"),
                "loaded": loaded, "path": str(path)}
+    changed = not loaded
     if not loaded:
         model.info.update(test_accuracy=metrics["test_accuracy"], shifted_test_accuracy=metrics["shifted_test_accuracy"])
+    if model.pair is None:  # also for a file written before the pair classifier existed
+        print(f"training the pair classifier (overlapping digits) on {torch.get_num_threads()} CPU thread(s)")
+        model.pair = train_pair_classifier(PairConfig(steps=args.pair_steps, seed=args.seed),
+                                           max_seconds=args.max_seconds, device=args.device)
+        model.pair.info["pair_accuracy"] = pair_accuracy(model.pair)
+        changed = True
+    metrics.update(pair_accuracy=model.pair.info.get("pair_accuracy"),
+                   pair_train_seconds=model.pair.info.get("train_seconds"), pair_steps=model.pair.info.get("steps"))
+    if changed:
         save_classifier(model, path)
     return metrics
 
@@ -607,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--max-seconds", "--max_seconds", dest="max_seconds", type=float, default=0.0,
                             help="stop training after this many seconds (0 = run all epochs)")
     classifier.add_argument("--retrain", action="store_true", help="train even when the file exists")
+    classifier.add_argument("--pair-steps", "--pair_steps", dest="pair_steps", type=int, default=PairConfig.steps,
+                            help="steps of the pair classifier, which reads two overlapping digits")
     classifier.add_argument("--seed", type=int, default=ClassifierConfig.seed)
     add_common(classifier)
 

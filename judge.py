@@ -20,7 +20,8 @@ Here the judges are trained on our own data, and evaluate.py, sample.py and the 
 Split out of evaluate.py (a judge is a model of its own, with a training recipe and a reading
 algorithm; evaluate.py is the metrics and the command line that use it).
 
-Sections: 1. the digit classifier · 2. reading a video: locate, classify, track, name the motion.
+Sections: 1. the digit classifier · 1b. the pair classifier (two overlapping digits read as one
+picture) · 2. reading a video: locate, classify, track, name the motion.
 
 Glossary: T frames, H W pixels (64 × 64 frames; digits are 28 × 28), D digits per clip.
 
@@ -98,6 +99,7 @@ class DigitClassifier(nn.Module):
         )
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.features, NUM_CLASSES))
         self.info: dict = {}  # how it was trained and how well it does (filled by train / load)
+        self.pair: PairClassifier | None = None  # reads two overlapping digits (section 1b); stored alongside
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != (1, data.DIGIT, data.DIGIT):
@@ -207,8 +209,11 @@ def save_classifier(model: DigitClassifier, path_or_dir) -> Path:
     from distributed import save_checkpoint
 
     path = classifier_path(path_or_dir)
+    pair = getattr(model, "pair", None)
     save_checkpoint({"kind": CLASSIFIER_KIND, "config": asdict(model.config),
-                     "model": model.state_dict(), "info": model.info}, path)
+                     "model": {k: v for k, v in model.state_dict().items() if not k.startswith("pair.")}, "info": model.info,
+                     "pair": None if pair is None else {"config": asdict(pair.config), "model": pair.state_dict(),
+                                                        "info": pair.info}}, path)
     return path
 
 
@@ -231,10 +236,137 @@ def load_classifier(path_or_dir=DEFAULT_CLASSIFIER_DIR, device: str = "cpu") -> 
         config = ClassifierConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
         model = DigitClassifier(config)
         model.load_state_dict(checkpoint["model"])
+        model.pair = None  # files written before the pair classifier existed have none
+        if checkpoint.get("pair") is not None:
+            known = {f.name for f in fields(PairConfig)}
+            model.pair = PairClassifier(PairConfig(**{k: v for k, v in checkpoint["pair"]["config"].items() if k in known}))
+            model.pair.load_state_dict(checkpoint["pair"]["model"])
+            model.pair.info = dict(checkpoint["pair"].get("info", {}))
+            model.pair.to(device).eval()
     except (KeyError, TypeError, RuntimeError) as err:
         raise ValueError(f"{path} does not hold a usable digit classifier ({err}). Fix: delete it and {fix}.") from err
     model.info = dict(checkpoint.get("info", {}))
     return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1b. The pair classifier: two digits whose strokes overlap, read as one picture
+# ---------------------------------------------------------------------------------------------
+# Two digits moving the same way keep their relative place: when they touch in the first frame they
+# touch in every frame, and no cut of the ink separates crossing strokes. Such a blob is read whole:
+# a CNN trained on pairs of MNIST digits drawn over each other (pixel-wise maximum, as Moving MNIST
+# combines them) names the unordered pair, one of 55 (a ≤ b). The same idea as MultiMNIST (Sabour et
+# al. 2017, §6), with our data's rule of combination.
+
+PAIR_CROP = 56  # px: two touching 28×28 digits fit in 56×56
+PAIRS = [(a, b) for a in range(NUM_CLASSES) for b in range(a, NUM_CLASSES)]  # the 55 unordered pairs
+PAIR_INDEX = {pair: i for i, pair in enumerate(PAIRS)}
+PAIR_PLACE = (10, 27)  # corner range (px) of the first digit on the 64×64 canvas
+PAIR_OFFSET = 14  # px: the second digit's corner lies within ±this of the first's: they touch or cross
+
+
+@dataclass
+class PairConfig:
+    conv1: int = 32  # channels of the first 5×5 convolution
+    conv2: int = 64  # channels of the second 5×5 convolution
+    conv3: int = 128  # channels of the 3×3 convolution
+    features: int = 256  # width of the hidden layer
+    dropout: float = 0.25
+    # --- training; the network ignores these fields
+    steps: int = 4000  # batches of freshly drawn pairs
+    batch_size: int = 128
+    lr: float = 2e-3  # Adam peak learning rate, one-cycle schedule as the digit classifier's
+    seed: int = 0
+
+
+class PairClassifier(nn.Module):
+    """(N, 1, 56, 56) crops centred on the blob's centre of mass → 55 logits over unordered pairs."""
+
+    def __init__(self, config: PairConfig):
+        super().__init__()
+        self.config = config
+        self.net = nn.Sequential(
+            nn.Conv2d(1, config.conv1, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, c1, 26, 26)
+            nn.Conv2d(config.conv1, config.conv2, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, c2, 11, 11)
+            nn.Conv2d(config.conv2, config.conv3, 3), nn.ReLU(), nn.MaxPool2d(2),  # (N, c3, 4, 4)
+            nn.Flatten(), nn.Linear(config.conv3 * 16, config.features), nn.ReLU(),
+            nn.Dropout(config.dropout), nn.Linear(config.features, len(PAIRS)))
+        self.info: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != (1, PAIR_CROP, PAIR_CROP):
+            raise ValueError(f"the pair classifier reads (N, 1, {PAIR_CROP}, {PAIR_CROP}) crops, got {tuple(x.shape)}")
+        return self.net(x)  # (N, 55)
+
+
+def centre_crops(canvases: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) → (N, 1, 56, 56) crops with each canvas's centre of mass at the crop's centre."""
+    N, H, W = canvases.shape
+    mass = canvases.sum((1, 2)).clamp_min(1e-9)  # (N,)
+    cy = (canvases.sum(2) @ torch.arange(H, dtype=canvases.dtype)) / mass  # (N,)
+    cx = (canvases.sum(1) @ torch.arange(W, dtype=canvases.dtype)) / mass  # (N,)
+    S = PAIR_CROP
+    padded = F.pad(canvases, (S, S, S, S))  # (N, H + 2S, W + 2S)
+    crops = [padded[i, nearest_pixel(float(cy[i])) + S // 2:][:S, nearest_pixel(float(cx[i])) + S // 2:][:, :S]
+             for i in range(N)]
+    return torch.stack(crops)[:, None]
+
+
+def draw_pairs(x: torch.Tensor, y: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n canvases (n, 64, 64) of two random digits of (x, y) drawn over each other, and their pair labels (n,)."""
+    first, second = torch.randint(len(x), (n,), generator=generator), torch.randint(len(x), (n,), generator=generator)
+    jitter = ClassifierConfig(max_shift=0)  # rotation and scale as the digit classifier's; placement below
+    a, b = augment(x[first], jitter, generator)[:, 0], augment(x[second], jitter, generator)[:, 0]  # (n, 28, 28)
+    side, free = data.CANVAS, data.CANVAS - data.DIGIT
+    corner_a = torch.randint(PAIR_PLACE[0], PAIR_PLACE[1], (n, 2), generator=generator)
+    corner_b = (corner_a + torch.randint(-PAIR_OFFSET, PAIR_OFFSET + 1, (n, 2), generator=generator)).clamp(0, free)
+    canvases = torch.zeros(n, side, side)
+    for k in range(n):
+        for digit, (top, left) in ((a[k], corner_a[k].tolist()), (b[k], corner_b[k].tolist())):
+            window = canvases[k, top:top + data.DIGIT, left:left + data.DIGIT]
+            torch.maximum(window, digit, out=window)
+    labels = torch.tensor([PAIR_INDEX[tuple(sorted((int(y[first[k]]), int(y[second[k]]))))] for k in range(n)])
+    return canvases, labels
+
+
+def train_pair_classifier(config: PairConfig, *, max_seconds: float = 0.0, max_steps: int = 0,
+                          device: str = "cpu", progress: bool = True) -> PairClassifier:
+    """Adam on cross-entropy over freshly drawn pairs of MNIST training digits; eval mode on return."""
+    torch.manual_seed(config.seed)
+    x, y = digits_as_tensors("train")
+    model = PairClassifier(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    total = min(max_steps, config.steps) if max_steps else config.steps
+    start, step = time.perf_counter(), 0
+    bar = tqdm(total=total, desc="pair classifier", unit="step", disable=not progress)
+    model.train()
+    while step < total and not (max_seconds and time.perf_counter() - start >= max_seconds):
+        done = max(step / total, (time.perf_counter() - start) / max_seconds if max_seconds else 0.0)
+        for group in optimizer.param_groups:  # one-cycle: 10 % warm-up, then cosine to 0
+            group["lr"] = config.lr * min(done / 0.1, 0.5 * (1 + math.cos(math.pi * done)))
+        canvases, labels = draw_pairs(x, y, config.batch_size, generator)
+        loss = F.cross_entropy(model(centre_crops(canvases).to(device)), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.info = {"train_seconds": round(time.perf_counter() - start, 1), "steps": step}
+    return model.eval()
+
+
+@torch.no_grad()
+def pair_accuracy(model: PairClassifier, n: int = 5000, seed: int = 0) -> float:
+    """Share of n pairs of MNIST *test* digits (fixed seed) named right."""
+    x, y = digits_as_tensors("test")
+    canvases, labels = draw_pairs(x, y, n, torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    predicted = torch.cat([model(centre_crops(canvases[i:i + 500]).to(device)).argmax(1).cpu()
+                           for i in range(0, n, 500)])
+    return (predicted == labels).float().mean().item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,6 +653,103 @@ def track_digits(frames: torch.Tensor, blobs: list[list[Blob]], num_digits: int)
     return [(centres[k], chosen[k]) for k in range(num_digits)]
 
 
+def shifted(frame: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """The frame (H, W) moved by (dy, dx) whole pixels, black coming in at the edges."""
+    H, W = frame.shape
+    out = torch.zeros_like(frame)
+    out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = frame[max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out
+
+
+STEP_SHIFTS = [(0, 0)] + [(sign * n, 0) for n in range(1, 6) for sign in (1, -1)] + \
+              [(0, sign * n) for n in range(1, 6) for sign in (1, -1)]  # a digit's step: ≤ 5 px along one axis
+
+
+SECOND_STEP_COST = 4.0  # grey levels summed over pixels: two digits moving alike have one step, not two
+
+
+def two_steps(before: torch.Tensor, after: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The two whole-pixel steps (dy, dx) that best carry frame `before` (H, W) to frame `after`, and
+    the centre (y, x) in `after` of the ink each step explains better than the other.
+
+    Each digit moves rigidly by its own step along one axis, and the frame is the pixel-wise maximum
+    of the digits, so every ink pixel of `after` is its digit's pixel of `before`, moved by that
+    digit's step. The pair of steps (s₁, s₂) of STEP_SHIFTS minimising
+
+        Σ_{ink of after} min_k |after − move(before, s_k)| + Σ_{ink of before} min_k |before − move⁻¹(after, s_k)|
+
+    plus SECOND_STEP_COST when s₁ ≠ s₂, explains both frames (two digits moving alike give s₁ = s₂)."""
+    forward = torch.stack([(after - shifted(before, dy, dx)).abs() for dy, dx in STEP_SHIFTS])  # (S, H, W)
+    backward = torch.stack([(before - shifted(after, -dy, -dx)).abs() for dy, dx in STEP_SHIFTS])  # (S, H, W)
+    forward, backward = forward[:, after > INK_THRESHOLD], backward[:, before > INK_THRESHOLD]  # (S, n), (S, m)
+    cost = (torch.minimum(forward[:, None], forward[None]).sum(-1)
+            + torch.minimum(backward[:, None], backward[None]).sum(-1))  # (S, S)
+    # A second step always explains a few more pixels; it must pay for itself (Occam's razor).
+    cost = cost + SECOND_STEP_COST * (1 - torch.eye(len(STEP_SHIFTS)))
+    first, second = divmod(int(cost.argmin()), len(STEP_SHIFTS))
+    # Where each step's digit is in `after`: the centre of the ink pixels it explains better than the other.
+    points = (after > INK_THRESHOLD).nonzero().double()  # (n, 2)
+    centres = []
+    for mine, other in ((first, second), (second, first)):
+        owned = forward[mine] < forward[other]  # (n,)
+        centres.append(points[owned].mean(0).numpy() if owned.any() else points.mean(0).numpy())
+    steps = [np.array(STEP_SHIFTS[k], dtype=np.float64) for k in (first, second)]
+    return steps, centres
+
+
+TURN_COST = 40.0  # px: a digit reverses only at a wall (at most once or twice a clip), so turns cost
+AXIS_COST = 80.0  # px: and it never changes axis
+
+
+def turn_cost(step: np.ndarray, following: np.ndarray) -> float:
+    """What it costs one digit to take `step` and then `following`: a reversal or a change of axis."""
+    if not step.any() or not following.any():
+        return 0.0
+    if (step[0] != 0) != (following[0] != 0):
+        return AXIS_COST
+    return TURN_COST if (step * following).sum() < 0 else 0.0
+
+
+def tracks_from_steps(frames: torch.Tensor, centres: np.ndarray) -> np.ndarray:
+    """Tracks (D=2, T, 2) of two digits that overlap in every frame, rebuilt from whole-pixel steps.
+
+    The k-means cuts give each digit a rough centre per frame, but crossing strokes pull a centre
+    around by a few pixels: enough to invent a bounce. Instead, take the two steps of `two_steps`
+    for every pair of frames and decide which digit took which (keep or swap) by dynamic programming
+    (Viterbi over the T − 1 choices): the cost of a choice is how far each step's explained ink lies
+    from that digit's rough centre, plus TURN_COST / AXIS_COST for every reversal or change of axis
+    it makes a digit perform. Then add each digit's steps up."""
+    T = len(frames)
+    found = [two_steps(frames[t], frames[t + 1]) for t in range(T - 1)]
+    options = []  # per step, per choice (0 keep, 1 swap): (the steps of digit 0 and 1, the choice's own cost)
+    for t, (steps, owners) in enumerate(found):
+        choices = []
+        for order in ((0, 1), (1, 0)):
+            distance = sum(np.linalg.norm(centres[k, t + 1] - owners[order[k]]) for k in range(2))
+            choices.append(([steps[order[0]], steps[order[1]]], distance))
+        options.append(choices)
+    total = [cost for _, cost in options[0]]  # best cost of each choice at the current step
+    back: list[list[int]] = []
+    for t in range(1, T - 1):
+        new_total, pointers = [], []
+        for steps, cost in options[t]:
+            arrive = [total[p] + sum(turn_cost(options[t - 1][p][0][k], steps[k]) for k in range(2)) for p in range(2)]
+            best = int(np.argmin(arrive))
+            new_total.append(arrive[best] + cost)
+            pointers.append(best)
+        total, back = new_total, back + [pointers]
+    choice = [int(np.argmin(total))]
+    for pointers in reversed(back):
+        choice.insert(0, pointers[choice[0]])
+    tracks = np.zeros_like(centres)  # (2, T, 2)
+    tracks[:, 0] = centres[:, 0]
+    for t in range(T - 1):
+        steps = options[t][choice[t]][0]
+        for k in range(2):
+            tracks[k, t + 1] = tracks[k, t] + steps[k]
+    return tracks
+
+
 def read_motion(centres: np.ndarray) -> tuple[int, str | None]:
     """(axis, motion phrase) of a track of centres (T, 2): the axis it travelled further along, and
     data.motion_phrase — the rule that wrote the captions — applied to the track rounded to pixels
@@ -562,7 +791,8 @@ class VideoReading:
 
     blobs: list[list[Blob]]  # per frame, biggest first, each with the classifier's label
     tracks: list[DigitTrack]  # one per digit; empty when the digits were never seen apart
-    cut: str = ""  # "ink" / "kmeans" when the digits touched in every frame and had to be cut apart
+    cut: str = ""  # "ink" / "kmeans" when the digits touched in every frame and had to be cut apart;
+    # after a "kmeans" cut the two digits are named by the pair classifier when the classifier has one
 
     @property
     def digits(self) -> list[int]:
@@ -594,14 +824,40 @@ def read_video(video: torch.Tensor, classifier: DigitClassifier, num_digits: int
     located = [(t, blob) for t, frame_blobs in enumerate(blobs) for blob in frame_blobs]
     cut = [(t, blob) for _, chosen in followed for t, blob in enumerate(chosen) if blob is not None and blob.split]
     classify_blobs(frames, located + cut, classifier)
+    kinds = {blob.split for _, chosen in followed for blob in chosen if blob is not None}
+    cut = "kmeans" if "kmeans" in kinds else "ink" if "ink" in kinds else ""
+    if cut == "kmeans" and num_digits == 2:  # crossing strokes: follow the pixels' steps, not the cuts' centres
+        steps = tracks_from_steps(frames, np.stack([centres for centres, _ in followed]))
+        followed = [(steps[k], chosen) for k, (_, chosen) in enumerate(followed)]
     tracks = []
     for centres, chosen in followed:
         axis, motion = read_motion(centres)
         seen_apart = [blob for blob in chosen if blob is not None]
         tracks.append(DigitTrack(centres, [blob is not None for blob in chosen], majority_digit(seen_apart),
                                  axis, motion))
-    kinds = {blob.split for _, chosen in followed for blob in chosen if blob is not None}
-    return VideoReading(blobs, tracks, "kmeans" if "kmeans" in kinds else "ink" if "ink" in kinds else "")
+    if cut == "kmeans" and num_digits == 2 and getattr(classifier, "pair", None) is not None:
+        pair = read_pair(frames, blobs, classifier.pair)
+        # Which track is which digit: the order the k-means halves' own labels agree with more.
+        support = [Counter() for _ in followed]
+        for k, (_, chosen) in enumerate(followed):
+            for blob in chosen:
+                if blob is not None:
+                    support[k][blob.label] += blob.confidence
+        a, b = pair
+        order = (a, b) if support[0][a] + support[1][b] >= support[0][b] + support[1][a] else (b, a)
+        for track, digit in zip(tracks, order):
+            track.digit = digit
+    return VideoReading(blobs, tracks, cut)
+
+
+@torch.no_grad()
+def read_pair(frames: torch.Tensor, blobs: list[list[Blob]], pair_classifier: PairClassifier) -> tuple[int, int]:
+    """The two digits (a ≤ b) of a clip whose digits overlap in every frame: the pair classifier on each
+    frame's biggest blob (the two digits together), its log-probabilities summed over the frames."""
+    whole = [frame * frame_blobs[0].region for frame, frame_blobs in zip(frames, blobs) if frame_blobs]  # (H, W) each
+    device = next(pair_classifier.parameters()).device
+    log_probs = pair_classifier(centre_crops(torch.stack(whole)).to(device)).log_softmax(-1).sum(0)  # (55,)
+    return PAIRS[int(log_probs.argmax())]
 
 
 def video_digit(video: torch.Tensor, classifier: DigitClassifier) -> int:
