@@ -50,7 +50,8 @@ Deviations from the paper (each also marked `# DEVIATION` where it happens):
   preset on the CPU (global: 300 s, 943 steps; cell: 420 s, 2,169 steps, as its steps are cheaper):
   the global encoder spreads the empty cells (93 % of all) over 312 codes, 3.6 nats of noise per
   empty cell that a transformer must model; the cell encoder puts them on one code (0.003 nats)
-  and reconstructs as well (frame MSE 3.2 vs 3.6).
+  and reconstructs about as well (`evaluate.py recon`, 1,000 test sequences × 20 frames: frame MSE
+  6.43 vs 6.11, PSNR 28.3 vs 28.6 dB, SSIM 0.985 vs 0.987, codebook usage 77 % vs 100 %).
 - No perceptual loss by default: no pretrained VGG / LPIPS weights exist offline. The term is
   pluggable (`model.perceptual = a module returning a scalar distance`) and weighted by
   `perceptual_weight`, which is 0 in the tiny and small presets.
