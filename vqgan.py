@@ -44,7 +44,9 @@ Deviations from the paper (each also marked `# DEVIATION` where it happens):
   but f = 8 cannot reach the tiny preset's bars (frame MSE ≤ 10, PSNR ≥ 26 dB) in 300 s on 2 CPU
   cores: replaying the CPU's step budget on a GPU, the best f = 8 variants ended at a frame MSE of
   17-25 after ~1,000 steps of 32 frames and still 13-19 after 3,000, while f = 4 was at 5-7 after 600.
-  So the tiny preset is f = 4; `--ch_mult 1 2 4 4` gives f = 8 for whoever has more compute.
+  So the tiny preset is f = 4; `--ch_mult 1 2 4 4` gives f = 8 for whoever has more compute. With
+  the cell encoder below, f = 8 is what `make demo` uses: blurrier (frame MSE 34), but its 640-token
+  clips are what a tiny NÜWA learns to draw digits from on a CPU (README, results table).
 - `cell_encoder=True` swaps VQGAN's encoder, which sees the whole frame, for a per-cell one (each
   token reads only its own f×f pixels; `CellEncoder`). Measured on 16 held-out 10-frame clips, tiny
   preset on the CPU (global: 300 s, 943 steps; cell: 420 s, 2,169 steps, as its steps are cheaper):
