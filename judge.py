@@ -146,6 +146,14 @@ def digits_as_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.array(images)).float().div_(255.0)[:, None], torch.from_numpy(np.array(labels))
 
 
+def one_cycle(done: float, warmup: float) -> float:
+    """Learning-rate factor at fraction `done` of the budget: linear warm-up over the first `warmup`,
+    then a cosine from 1 down to 0 (both classifiers train on this schedule)."""
+    if done < warmup:
+        return done / warmup
+    return 0.5 * (1 + math.cos(math.pi * (done - warmup) / (1 - warmup)))
+
+
 def train_classifier(config: ClassifierConfig, *, max_seconds: float = 0.0, max_steps: int = 0,
                      device: str = "cpu", progress: bool = True) -> DigitClassifier:
     """Adam on cross-entropy over augmented MNIST training digits; returns the model in eval mode.
@@ -169,10 +177,8 @@ def train_classifier(config: ClassifierConfig, *, max_seconds: float = 0.0, max_
             if step >= total or (max_seconds and elapsed >= max_seconds):
                 break
             done = max(step / total, elapsed / max_seconds if max_seconds else 0.0)  # fraction of the budget
-            warm = done / config.warmup if done < config.warmup else 1.0
-            cosine = 0.5 * (1 + math.cos(math.pi * max(0.0, done - config.warmup) / (1 - config.warmup)))
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * min(warm, cosine)
+                group["lr"] = config.lr * one_cycle(done, config.warmup)
             batch = order[first:first + config.batch_size]
             loss = F.cross_entropy(model(augment(x[batch], config, generator).to(device)), y[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -278,7 +284,8 @@ class PairConfig:
     # --- training; the network ignores these fields
     steps: int = 4000  # batches of freshly drawn pairs
     batch_size: int = 128
-    lr: float = 2e-3  # Adam peak learning rate, one-cycle schedule as the digit classifier's
+    lr: float = 2e-3  # Adam peak learning rate of the one-cycle schedule
+    warmup: float = 0.1  # fraction of the run spent warming up
     seed: int = 0
 
 
@@ -346,8 +353,8 @@ def train_pair_classifier(config: PairConfig, *, max_seconds: float = 0.0, max_s
     model.train()
     while step < total and not (max_seconds and time.perf_counter() - start >= max_seconds):
         done = max(step / total, (time.perf_counter() - start) / max_seconds if max_seconds else 0.0)
-        for group in optimizer.param_groups:  # one-cycle: 10 % warm-up, then cosine to 0
-            group["lr"] = config.lr * min(done / 0.1, 0.5 * (1 + math.cos(math.pi * done)))
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * one_cycle(done, config.warmup)
         canvases, labels = draw_pairs(x, y, config.batch_size, generator)
         loss = F.cross_entropy(model(centre_crops(canvases).to(device)), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -825,12 +832,13 @@ def read_video(video: torch.Tensor, classifier: DigitClassifier, num_digits: int
         num_digits = max(counts, key=lambda n: (counts[n], -n)) if counts else 1
     followed = track_digits(frames, blobs, num_digits)
     located = [(t, blob) for t, frame_blobs in enumerate(blobs) for blob in frame_blobs]
-    cut = [(t, blob) for _, chosen in followed for t, blob in enumerate(chosen) if blob is not None and blob.split]
-    classify_blobs(frames, located + cut, classifier)
-    kinds = {blob.split for _, chosen in followed for blob in chosen if blob is not None}
+    cut_out = [(t, blob) for _, chosen in followed for t, blob in enumerate(chosen) if blob is not None and blob.split]
+    classify_blobs(frames, located + cut_out, classifier)
+    kinds = {blob.split for _, blob in cut_out}
     cut = "kmeans" if "kmeans" in kinds else "ink" if "ink" in kinds else ""
-    if cut == "kmeans" and num_digits == 2:  # crossing strokes: follow the pixels' steps, not the cuts' centres
-        steps = tracks_from_steps(frames, np.stack([centres for centres, _ in followed]))
+    crossing = cut == "kmeans" and num_digits == 2  # strokes overlap in every frame: no clean cut exists
+    if crossing:  # follow the pixels' whole steps, not the k-means halves' centres
+        steps = tracks_from_steps(frames, np.stack([centres for centres, _ in followed]))  # (2, T, 2)
         followed = [(steps[k], chosen) for k, (_, chosen) in enumerate(followed)]
     tracks = []
     for centres, chosen in followed:
@@ -838,19 +846,23 @@ def read_video(video: torch.Tensor, classifier: DigitClassifier, num_digits: int
         seen_apart = [blob for blob in chosen if blob is not None]
         tracks.append(DigitTrack(centres, [blob is not None for blob in chosen], majority_digit(seen_apart),
                                  axis, motion))
-    if cut == "kmeans" and num_digits == 2 and getattr(classifier, "pair", None) is not None:
-        pair = read_pair(frames, blobs, classifier.pair)
-        # Which track is which digit: the order the k-means halves' own labels agree with more.
-        support = [Counter() for _ in followed]
-        for k, (_, chosen) in enumerate(followed):
-            for blob in chosen:
-                if blob is not None:
-                    support[k][blob.label] += blob.confidence
-        a, b = pair
-        order = (a, b) if support[0][a] + support[1][b] >= support[0][b] + support[1][a] else (b, a)
-        for track, digit in zip(tracks, order):
-            track.digit = digit
+    if crossing and getattr(classifier, "pair", None) is not None:
+        give_pair_to_tracks(read_pair(frames, blobs, classifier.pair), tracks, [chosen for _, chosen in followed])
     return VideoReading(blobs, tracks, cut)
+
+
+def give_pair_to_tracks(pair: tuple[int, int], tracks: list[DigitTrack], chosen: list[list[Blob | None]]) -> None:
+    """Set the two tracks' digits to the pair's, in the order that the labels of each track's k-means
+    halves (weighted by confidence) agree with more."""
+    support = [Counter() for _ in tracks]
+    for k, blobs in enumerate(chosen):
+        for blob in blobs:
+            if blob is not None:
+                support[k][blob.label] += blob.confidence
+    a, b = pair
+    order = (a, b) if support[0][a] + support[1][b] >= support[0][b] + support[1][a] else (b, a)
+    for track, digit in zip(tracks, order):
+        track.digit = digit
 
 
 @torch.no_grad()
