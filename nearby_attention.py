@@ -154,6 +154,30 @@ def nearby_rule(q_index: Tensor, kv_index: Tensor, q_shape: Shape3, kv_shape: Sh
     return allowed & raster_causal(q_index, kv_index, bos) if causal else allowed
 
 
+def offset_count(extent: Shape3) -> int:
+    """Entries of a relative position table: one per 3D offset of the window, plus one for bos."""
+    return math.prod(2 * e + 1 for e in extent) + 1
+
+
+def relative_offset(q_index: Tensor, kv_index: Tensor, q_shape: Shape3, kv_shape: Shape3, extent: Shape3) -> Tensor:
+    """Which entry of a relative position table the pair (query p, key at grid position s) reads.
+
+    The offset is (a − i', b − j', c − k'): the key's (a, b, c) minus the query's projection, each in
+    [−e, e] inside the window, flattened as ((Δt + e_t)·(2e_h + 1) + Δh + e_h)·(2e_w + 1) + Δw + e_w.
+    Outside the window the offset is clamped (those pairs are masked anyway). bos, which has no
+    position, reads the last entry, offset_count(extent) − 1: callers substitute it.
+    The reference, dense, blocked, flex and decode paths all index their tables with this function
+    (the reference from its own loops), as they all build masks from `nearby_rule`.
+    """
+    query = raster_to_coords(q_index, q_shape)
+    key = raster_to_coords(kv_index, kv_shape)
+    index = None
+    for i, a, n, m, e in zip(query, key, q_shape, kv_shape, extent):
+        offset = (a - project(i, n, m)).clamp(-e, e) + e  # in 0 .. 2e
+        index = offset if index is None else index * (2 * e + 1) + offset
+    return index
+
+
 def nearby_mask(q_shape, kv_shape, extent, causal: bool, bos: bool = False, *,
                 device: torch.device | str | None = None) -> Tensor:
     """The 3DNA attention mask, True = may attend: BoolTensor (Nq, Nk). The single source of truth.
@@ -185,14 +209,18 @@ def nearby_mask(q_shape, kv_shape, extent, causal: bool, bos: bool = False, *,
 # ---------------------------------------------------------------------------------------------
 
 def nearby_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent, causal: bool,
-                               bos: bool = False) -> Tensor:
-    """y_ijk = softmax(q_ijk · K_N^T / √hs) · V_N, one query at a time. The spec, not for speed.
+                               bos: bool = False, bias: Tensor | None = None) -> Tensor:
+    """y_ijk = softmax(q_ijk · K_N^T / √hs + b_N) · V_N, one query at a time. The spec, not for speed.
 
-    Written from the paper's set definition with plain Python loops; it does not use `nearby_mask`,
-    so the tests compare two independent readings of the rule. q (B, nh, Nq, hs), k/v (B, nh, Nk, hs).
+    Written from the paper's set definition with plain Python loops; it does not use `nearby_mask`
+    or `relative_offset`, so the tests compare two independent readings of the rule. q (B, nh, Nq, hs),
+    k/v (B, nh, Nk, hs). bias (nh, offset_count(extent)), optional: a learned score per head and 3D
+    offset (a − i', b − j', c − k') of the key from the query's projection, last entry for bos
+    (DEVIATION from NÜWA §3.2, which has absolute positions only; see NearbyAttention).
     """
     q_shape, kv_shape, extent = _check_geometry(q_shape, kv_shape, extent, causal, bos)
     _check_qkv(q, k, v, q_shape, kv_shape)
+    _check_bias(bias, q, extent)
     (T, H, W), (T2, H2, W2), (e_t, e_h, e_w) = q_shape, kv_shape, extent
     scale = 1.0 / math.sqrt(q.shape[-1])  # the 1/√d of scaled dot-product attention
     rows = []
@@ -200,6 +228,7 @@ def nearby_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shap
         i, j, k_ = p // (H * W), (p // W) % H, p % W  # the query's (i, j, k): y_p's position
         i2, j2, k2 = i * T2 // T, j * H2 // H, k_ * W2 // W  # its projection (i', j', k')
         keys = [0] if bos else []  # key indices r this query may read; bos is always one
+        entries = [(2 * e_t + 1) * (2 * e_h + 1) * (2 * e_w + 1)] if bos else []  # bias entry of each key
         for a in range(max(0, i2 - e_t), min(T2, i2 + e_t + 1)):  # |a - i'| <= e_t, clipped
             for b in range(max(0, j2 - e_h), min(H2, j2 + e_h + 1)):  # |b - j'| <= e_h
                 for c in range(max(0, k2 - e_w), min(W2, k2 + e_w + 1)):  # |c - k'| <= e_w
@@ -207,8 +236,12 @@ def nearby_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shap
                     r = s + 1 if bos else s  # the key that holds it (shifted by one after bos)
                     if not causal or r <= p:  # causal: only keys up to the query's own input
                         keys.append(r)
+                        # The offset (a − i', b − j', c − k'), each shifted into 0 .. 2e, flattened.
+                        entries.append(((a - i2 + e_t) * (2 * e_h + 1) + b - j2 + e_h) * (2 * e_w + 1) + c - k2 + e_w)
         index = torch.tensor(keys, device=q.device)
         scores = q[:, :, p:p + 1] @ k[:, :, index].transpose(-1, -2) * scale  # (B, nh, 1, L)
+        if bias is not None:
+            scores = scores + bias[:, torch.tensor(entries, device=q.device)][None, :, None, :]  # + (1, nh, 1, L)
         rows.append(scores.softmax(dim=-1) @ v[:, :, index])  # (B, nh, 1, hs)
     return torch.cat(rows, dim=2)  # (B, nh, Nq, hs)
 
@@ -224,9 +257,29 @@ def _cached_mask(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: bool
     return nearby_mask(q_shape, kv_shape, extent, causal, bos, device=device)
 
 
-def _dense_attention(q, k, v, q_shape, kv_shape, extent, causal, bos) -> Tensor:
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _cached_offsets(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, bos: bool, device: torch.device) -> Tensor:
+    """relative_offset of every (query, key) pair, (Nq, Nk) long; with bos, key 0 reads the bos entry."""
+    offsets = relative_offset(torch.arange(math.prod(q_shape), device=device)[:, None],
+                              torch.arange(math.prod(kv_shape), device=device)[None, :],
+                              q_shape, kv_shape, extent)  # (Nq, Nk) over grid positions s
+    if bos:  # key r holds y_{r-1}: shift by one column, bos first
+        offsets = torch.cat([torch.full_like(offsets[:, :1], offset_count(extent) - 1), offsets[:, :-1]], dim=1)
+    return offsets
+
+
+def biased_mask(bias: Tensor, offsets: Tensor, allowed: Tensor) -> Tensor:
+    """The additive attention mask of a relative position bias: bias[h, offset] where allowed, −∞
+    elsewhere. bias (nh, V), offsets (...) long, allowed (...) bool → (nh, ...) in bias's dtype."""
+    return bias[:, offsets].masked_fill(~allowed, -math.inf)
+
+
+def _dense_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, bias=None) -> Tensor:
     """O(Nq·Nk) time and mask memory: simple and obviously right, the baseline to beat."""
     mask = _cached_mask(q_shape, kv_shape, extent, causal, bos, q.device)  # (Nq, Nk)
+    if bias is not None:
+        offsets = _cached_offsets(q_shape, kv_shape, extent, bos, q.device)  # (Nq, Nk)
+        mask = biased_mask(bias.to(q.dtype), offsets, mask)[None]  # (1, nh, Nq, Nk) float
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Nq, hs)
 
 
@@ -281,11 +334,12 @@ class _BlockedPlan:
     kv_gather: Tensor  # (n_tiles, L') key index r of every key of every tile (bos first, if any)
     mask: Tensor  # (1, n_tiles, Q, L') the per-tile mask, broadcast over B·nh (4D: the fused kernels want it)
     chunk: int  # tiles per chunk
+    offsets: Tensor | None  # (n_tiles, Q, L') relative_offset of every pair, when a bias is used
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _blocked_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: bool, bos: bool,
-                  tile: Shape3, device: torch.device) -> _BlockedPlan:
+                  tile: Shape3, device: torch.device, relative: bool = False) -> _BlockedPlan:
     """Index tables and the per-tile mask; cached, since a model reuses a few geometries."""
     tile = tuple(min(t, s) for t, s in zip(tile, q_shape))  # a tile never exceeds the grid
     plans = [_axis_plan(s, s2, t, e, causal and axis == 0)
@@ -307,6 +361,11 @@ def _blocked_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: boo
     if causal:
         mask &= raster_causal(q_slots[:, :, None], kv_box[:, None, :], bos)  # (n_tiles, Q, L)
     kv_gather = kv_box  # without bos, grid position s is key s
+    offsets = None
+    if relative:  # which bias entry each (query slot, key) pair reads
+        offsets = relative_offset(q_slots[:, :, None], kv_box[:, None, :], q_shape, kv_shape, extent)  # (n_tiles, Q, L)
+        if bos:
+            offsets = torch.cat([torch.full_like(offsets[:, :, :1], offset_count(extent) - 1), offsets], dim=2)
     if bos:
         # Key r holds y_{r-1}, so position s is key s + 1; y_{N-1} is no key: its clamped index is a
         # duplicate that the rule always masks (s = N - 1 < p never holds). bos leads every box.
@@ -317,7 +376,8 @@ def _blocked_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: boo
     slot_of = torch.empty(math.prod(q_shape), dtype=torch.long)  # (Nq,)
     slot_of[q_slots[real]] = torch.arange(real.numel())[real.flatten()]
     chunk = max(1, BLOCKED_CHUNK_QUERIES.get(torch.device(device).type, BLOCKED_CHUNK_QUERIES["cpu"]) // n_slots)
-    return _BlockedPlan(*(x.to(device) for x in (q_slots, real, slot_of, kv_gather, mask[None])), chunk)
+    return _BlockedPlan(*(x.to(device) for x in (q_slots, real, slot_of, kv_gather, mask[None])), chunk,
+                        None if offsets is None else offsets.to(device))
 
 
 def _gather_tiles(x: Tensor, index: Tensor) -> Tensor:
@@ -333,13 +393,33 @@ def _chunk_tiles(q, k, v, plan: _BlockedPlan, tiles: slice) -> tuple[Tensor, Ten
     return q_tiles, k_tiles, v_tiles
 
 
+def _chunk_mask(plan: _BlockedPlan, tiles: slice, bias: Tensor | None) -> Tensor:
+    """One chunk's mask: boolean (1, c, Q, L') shared by every head, or with a relative position
+    bias (nh, V) the additive per-head mask (1, nh·c, Q, L') (heads outer, tiles inner)."""
+    if bias is None:
+        return plan.mask[:, tiles]  # (1, c, Q, L')
+    return biased_mask(bias, plan.offsets[tiles], plan.mask[0, tiles]).flatten(0, 1)[None]  # (1, nh·c, Q, L')
+
+
+def _tile_attention(q_tiles: Tensor, k_tiles: Tensor, v_tiles: Tensor, mask: Tensor) -> Tensor:
+    """The fused kernel over tiles (B·nh, c, ·, hs). A per-head mask (1, nh·c, Q, L') cannot broadcast
+    over B·nh, so the tiles are regrouped as (B, nh·c, ·, hs) (a view: B·nh is batch-major)."""
+    BH, c = q_tiles.shape[:2]
+    if mask.shape[1] == c:
+        return F.scaled_dot_product_attention(q_tiles, k_tiles, v_tiles, attn_mask=mask)  # (B·nh, c, Q, hs)
+    B = BH * c // mask.shape[1]
+    q_tiles, k_tiles, v_tiles = (x.reshape(B, -1, *x.shape[2:]) for x in (q_tiles, k_tiles, v_tiles))
+    out = F.scaled_dot_product_attention(q_tiles, k_tiles, v_tiles, attn_mask=mask)  # (B, nh·c, Q, hs)
+    return out.view(BH, c, *out.shape[2:])  # (B·nh, c, Q, hs)
+
+
 class _BlockedAttention(torch.autograd.Function):
     """Chunked tile attention that recomputes each chunk in backward (memory O(N), not O(N·L))."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: _BlockedPlan) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, plan: _BlockedPlan) -> Tensor:
         # q, k, v are (B·nh, N, hs). Only they are saved: no gathered box outlives its chunk.
-        ctx.save_for_backward(q, k, v)
+        ctx.save_for_backward(q, k, v, bias)
         ctx.plan = plan
         out = q.new_empty(q.shape[0], *plan.q_slots.shape, q.shape[2])  # (B·nh, n_tiles, Q, hs)
         # Forward keeps no gradients, so its chunks can be FORWARD_CHUNKS_PER_BACKWARD times larger
@@ -348,44 +428,55 @@ class _BlockedAttention(torch.autograd.Function):
         for c in range(0, plan.q_slots.shape[0], chunk):
             tiles = slice(c, c + chunk)
             # The mask (1, c, Q, L') broadcasts over B·nh: each tile has its own, like a head would.
-            out[:, tiles] = F.scaled_dot_product_attention(*_chunk_tiles(q, k, v, plan, tiles),
-                                                           attn_mask=plan.mask[:, tiles])  # (B·nh, c, Q, hs)
+            out[:, tiles] = _tile_attention(*_chunk_tiles(q, k, v, plan, tiles),
+                                            _chunk_mask(plan, tiles, bias))  # (B·nh, c, Q, hs)
         return out.flatten(1, 2).index_select(1, plan.slot_of)  # (B·nh, Nq, hs): raster order, no extras
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        q, k, v = ctx.saved_tensors
+        q, k, v, bias = ctx.saved_tensors
         plan = ctx.plan
         # Sum tile gradients in at least float32: bos alone collects one term from every tile, and
         # bfloat16 sums of that many terms lose most of their digits.
         acc = torch.promote_types(q.dtype, torch.float32)
         grad_q, grad_k, grad_v = (torch.zeros_like(x, dtype=acc) for x in (q, k, v))  # (B·nh, N, hs)
+        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=acc)  # (nh, V)
         for c in range(0, plan.q_slots.shape[0], plan.chunk):
             tiles = slice(c, c + plan.chunk)
-            # Re-gather the chunk and recompute its attention, with the tiles as autograd leaves.
+            # Re-gather the chunk and recompute its attention, with the tiles (and the chunk's
+            # additive mask, if biased) as autograd leaves.
             leaves = [x.requires_grad_() for x in _chunk_tiles(q, k, v, plan, tiles)]
+            mask = _chunk_mask(plan, tiles, bias)
+            if bias is not None:
+                leaves.append(mask.requires_grad_())
             with torch.enable_grad():
-                out = F.scaled_dot_product_attention(*leaves, attn_mask=plan.mask[:, tiles])  # (B·nh, c, Q, hs)
+                out = _tile_attention(*leaves[:3], mask)  # (B·nh, c, Q, hs)
             # The upstream gradient of every slot; the extra slots (dropped in forward) get zero.
             grad_tiles = _gather_tiles(grad_out, plan.q_slots[tiles])  # (B·nh, c, Q, hs)
             grad_tiles = grad_tiles * plan.real[tiles, :, None].to(grad_tiles.dtype)
-            dq, dk, dv = torch.autograd.grad(out, leaves, grad_tiles)  # tile gradients
+            dq, dk, dv, *d_mask = torch.autograd.grad(out, leaves, grad_tiles)  # tile gradients
+            if bias is not None:
+                # Each mask entry is bias[h, offset]: its gradient adds to that entry (masked pairs
+                # have zero weight, so zero gradient).
+                heads = bias.shape[0]
+                grad_bias.index_add_(1, plan.offsets[tiles].flatten(), d_mask[0].reshape(heads, -1).to(acc))
             # A gather's gradient is a scatter-add: a key in several boxes sums their gradients.
             # The CPU kernel returns gradients laid out (B·nh, M, c, hs); reading them in that order
             # (index transposed to match) is a view, where flattening (c, M) would copy them.
             for grad, index, tile_grad in ((grad_q, plan.q_slots, dq), (grad_k, plan.kv_gather, dk),
                                            (grad_v, plan.kv_gather, dv)):
                 grad.index_add_(1, index[tiles].t().flatten(), tile_grad.transpose(1, 2).flatten(1, 2).to(acc))
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None
+        grad_bias = None if bias is None else grad_bias.to(bias.dtype)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_bias, None
 
 
-def _blocked_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile: Shape3) -> Tensor:
+def _blocked_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile: Shape3, bias=None) -> Tensor:
     """Tiles of Q queries × their box of L keys through the fused kernel: O(N·L) time, O(N) memory."""
     B, nh, n_q, hs = q.shape
-    plan = _blocked_plan(q_shape, kv_shape, extent, causal, bos, tile, q.device)
+    plan = _blocked_plan(q_shape, kv_shape, extent, causal, bos, tile, q.device, bias is not None)
     q, k, v = (x.reshape(B * nh, x.shape[2], hs) for x in (q, k, v))  # (B·nh, N, hs)
-    out = _BlockedAttention.apply(q, k, v, plan)  # (B·nh, Nq, hs)
+    out = _BlockedAttention.apply(q, k, v, None if bias is None else bias.to(q.dtype), plan)  # (B·nh, Nq, hs)
     return out.view(B, nh, n_q, hs)  # (B, nh, Nq, hs)
 
 
@@ -452,11 +543,29 @@ def _flex_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: bool, 
     return q_order, kv_order, torch.argsort(q_order), block_mask
 
 
-def _flex_attention(q, k, v, q_shape, kv_shape, extent, causal, bos) -> Tensor:
+def flex_score_mod(q_order: Tensor, kv_order: Tensor, q_shape: Shape3, kv_shape: Shape3, extent: Shape3,
+                   bos: bool, bias: Tensor):
+    """A relative position bias as FlexAttention's score_mod over tile-ordered tokens (orders as
+    returned by `flex_mask_mod`): score + bias[h, relative_offset(query, key)], bos its own entry."""
+
+    def score_mod(score, batch, head, q_idx, kv_idx):
+        q_index, r = q_order[q_idx], kv_order[kv_idx]
+        if not bos:
+            return score + bias[head, relative_offset(q_index, r, q_shape, kv_shape, extent)]
+        entry = relative_offset(q_index, (r - 1).clamp(min=0), q_shape, kv_shape, extent)
+        return score + bias[head, torch.where(r == 0, offset_count(extent) - 1, entry)]
+
+    return score_mod
+
+
+def _flex_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, bias=None) -> Tensor:
     """Tile-ordered tokens through compiled FlexAttention; the un-permuted result is raster order."""
     q_order, kv_order, q_inverse, block_mask = _flex_plan(q_shape, kv_shape, extent, causal, bos, q.device)
     q, k, v = q[:, :, q_order], k[:, :, kv_order], v[:, :, kv_order]  # (B, nh, N, hs), tile order
-    out = _compiled_flex_attention()(q, k, v, block_mask=block_mask)  # (B, nh, Nq, hs), tile order
+    score_mod = None
+    if bias is not None:
+        score_mod = flex_score_mod(q_order, kv_order, q_shape, kv_shape, extent, bos, bias.to(q.dtype))
+    out = _compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, nh, Nq, hs)
     return out[:, :, q_inverse]  # (B, nh, Nq, hs), raster order
 
 
@@ -477,23 +586,34 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, q_shape: Shape3, kv_shape: Shape
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, heads or head size")
 
 
+def _check_bias(bias: Tensor | None, q: Tensor, extent: Shape3) -> None:
+    """A relative position table must have one row per head and one entry per offset (+ bos)."""
+    if bias is not None and tuple(bias.shape) != (q.shape[1], offset_count(extent)):
+        raise ValueError(f"relative position bias must be (heads, offset_count(extent)) = "
+                         f"({q.shape[1]}, {offset_count(extent)}) for extent {extent}; got {tuple(bias.shape)}")
+
+
 def nearby_attention(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent, causal: bool,
-                     bos: bool = False, backend: str = "blocked", *, tile=BLOCKED_TILE) -> Tensor:
+                     bos: bool = False, backend: str = "blocked", *, tile=BLOCKED_TILE,
+                     bias: Tensor | None = None) -> Tensor:
     """3DNA: q (B, nh, Nq, hs) attends to k, v (B, nh, Nk, hs) within `nearby_mask`; -> (B, nh, Nq, hs).
 
     backend: "reference" (loops), "dense" (O(N²) mask), "blocked" (linear; CPU and GPU), "flex"
     (FlexAttention: CUDA; the CPU runs its forward only, compiled). `tile`: the blocked query tile.
+    bias: optional relative position table (nh, offset_count(extent)) added to the scores (see
+    `relative_offset`); every backend adds the same entries as the reference.
     """
     q_shape, kv_shape, extent = _check_geometry(q_shape, kv_shape, extent, causal, bos)
     _check_qkv(q, k, v, q_shape, kv_shape)
+    _check_bias(bias, q, extent)
     if backend == "reference":
-        return nearby_attention_reference(q, k, v, q_shape, kv_shape, extent, causal, bos)
+        return nearby_attention_reference(q, k, v, q_shape, kv_shape, extent, causal, bos, bias)
     if backend == "dense":
-        return _dense_attention(q, k, v, q_shape, kv_shape, extent, causal, bos)
+        return _dense_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, bias)
     if backend == "blocked":
-        return _blocked_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, _as_shape("tile", tile, 1))
+        return _blocked_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, _as_shape("tile", tile, 1), bias)
     if backend == "flex":
-        return _flex_attention(q, k, v, q_shape, kv_shape, extent, causal, bos)
+        return _flex_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, bias)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -529,6 +649,7 @@ class NearbyCache:
 class _StepPlan:
     index: Tensor  # (H·W, L) where each key of each position's window lives (cache buffer or context)
     allowed: Tensor  # (H·W, 1, 1, L) bool: on the grid and allowed by the rule, ready for the fused kernel
+    offsets: Tensor  # (H·W, L) the relative position entry of each key (relative_offset; bos: the last)
 
 
 def _box_around(centre: tuple[Tensor, Tensor, Tensor], shape: Shape3, offsets: tuple[Tensor, Tensor, Tensor]):
@@ -561,7 +682,9 @@ def _self_step_plan(frame_shape: tuple[int, int], extent: Shape3, lookback: int,
     buffer = 1 + (((slot - lookback + f) % n_slots) * H + r) * W + c  # where s lives (0 is bos)
     index = torch.cat([torch.zeros_like(p)[:, None], buffer.flatten(1)], dim=1)  # (H·W, 1 + L)
     allowed = torch.cat([torch.ones_like(allowed.flatten(1)[:, :1]), allowed.flatten(1)], dim=1)  # (H·W, 1 + L)
-    return _StepPlan(index.to(device), allowed[:, None, None, :].to(device))
+    offsets = relative_offset(p[:, None, None, None], s, local, local, extent).flatten(1)  # (H·W, L)
+    offsets = torch.cat([torch.full_like(offsets[:, :1], offset_count(extent) - 1), offsets], dim=1)  # bos first
+    return _StepPlan(index.to(device), allowed[:, None, None, :].to(device), offsets.to(device))
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
@@ -575,7 +698,8 @@ def _cross_step_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, frame: i
     (a, b, c), inside = _box_around(centre, kv_shape, offsets)
     s = (a * kv_shape[1] + b) * kv_shape[2] + c  # (H·W, L_t, L_h, L_w) context positions
     allowed = inside & nearby_rule(p[:, None, None, None], s, q_shape, kv_shape, extent, causal=False)
-    return _StepPlan(s.flatten(1).to(device), allowed.flatten(1)[:, None, None, :].to(device))
+    offsets = relative_offset(p[:, None, None, None], s, q_shape, kv_shape, extent).flatten(1)  # (H·W, L)
+    return _StepPlan(s.flatten(1).to(device), allowed.flatten(1)[:, None, None, :].to(device), offsets.to(device))
 
 
 MODULE_EXTENT = "module"  # default of the per-call `extent` argument: use the extent given at construction
@@ -586,10 +710,15 @@ class NearbyAttention(nn.Module):
 
     extent=None means full attention (the paper's extent ∞, used for text conditions).
     context_dim given means cross-attention; cross-attention is never causal.
+    relative_bias=True adds a learned score per head and 3D offset inside the window (Swin and
+    Neighborhood Attention do this inside theirs). DEVIATION (NÜWA §3.2): the paper has absolute
+    positions only. A bias lets a head read "the same place one frame back" from the first step,
+    which the tiny models need to learn motion (README, learning probes). It applies to windowed
+    calls only; full attention (extent None, text) has no grid to take offsets on.
     """
 
     def __init__(self, dim: int, num_heads: int, extent: tuple[int, int, int] | None, *, causal: bool = False,
-                 context_dim: int | None = None, backend: str = "blocked"):
+                 context_dim: int | None = None, backend: str = "blocked", relative_bias: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
@@ -605,6 +734,11 @@ class NearbyAttention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, dim, bias=False)  # W^K
         self.v_proj = nn.Linear(kv_dim, dim, bias=False)  # W^V
         self.out_proj = nn.Linear(dim, dim, bias=False)  # mixes the concatenated heads
+        # (nh, offset_count(extent)): one score per head and window offset, the last for bos; zero
+        # at the start, so an untrained layer attends exactly as without it.
+        self.position_bias = None
+        if relative_bias and self.extent is not None:
+            self.position_bias = nn.Parameter(torch.zeros(num_heads, offset_count(self.extent)))
 
     def _heads(self, x: Tensor) -> Tensor:
         """(B, N, D) -> (B, nh, N, hs)."""
@@ -621,7 +755,15 @@ class NearbyAttention(nn.Module):
         cross-attention read text in full (extent None) and sketches nearby, with the same weights."""
         if isinstance(extent, str) and extent == MODULE_EXTENT:
             return self.extent
-        return None if extent is None else _as_shape("extent", extent, 0)
+        extent = None if extent is None else _as_shape("extent", extent, 0)
+        if extent is not None and self.position_bias is not None and extent != self.extent:
+            raise ValueError(f"this layer's relative position table covers the extent {self.extent}; it cannot "
+                             f"attend with extent {extent}")
+        return extent
+
+    def _bias(self, extent) -> Tensor | None:
+        """The relative position table of a windowed call; None for full attention or without one."""
+        return None if extent is None else self.position_bias
 
     def _context_shape(self, context: Tensor | None, kv_shape, extent) -> Shape3:
         """The context grid: given, or (1, 1, L) for a flat (text) context under full attention."""
@@ -661,7 +803,7 @@ class NearbyAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, Nq, hs)
         else:
             y = nearby_attention(q, k, v, q_shape, kv_shape, extent, self.causal, bos,
-                                 backend=self.backend)  # (B, nh, Nq, hs)
+                                 backend=self.backend, bias=self._bias(extent))  # (B, nh, Nq, hs)
         return self._merge(y)  # (B, Nq, D)
 
     def new_cache(self) -> NearbyCache:
@@ -681,13 +823,17 @@ class NearbyAttention(nn.Module):
             raise ValueError(f"step takes one token (B, 1, D) at 0 <= p < {math.prod(q_shape)}; got "
                              f"{tuple(x_p.shape)} at p={p}")
         q = self._heads(self.q_proj(x_p))  # (B, nh, 1, hs)
+        extent = self._extent(extent)
         if self.is_cross:
-            keys, values, allowed = self._cross_window(p, q_shape, cache, context, kv_shape, self._extent(extent))
+            keys, values, allowed, offsets = self._cross_window(p, q_shape, cache, context, kv_shape, extent)
         elif self.causal:
-            keys, values, allowed = self._self_window(x_p, p, q_shape, cache, self._extent(extent))
+            keys, values, allowed, offsets = self._self_window(x_p, p, q_shape, cache, extent)
         else:
             raise ValueError("step() decodes causal self-attention or cross-attention; a non-causal "
                              "self-attention layer would need tokens not generated yet")
+        bias = self._bias(extent)
+        if bias is not None:  # the window's entries of the table, −∞ where the rule forbids: (1, nh, 1, L)
+            allowed = biased_mask(bias.to(q.dtype), offsets, allowed[0, 0])[None, :, None, :]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)  # (B, nh, 1, hs)
         return self._merge(y)  # (B, 1, D)
 
@@ -698,7 +844,7 @@ class NearbyAttention(nn.Module):
             # Full causal attention keeps every key: r <= p. Memory grows with p (extent ∞).
             cache.past_k = k if p == 0 else torch.cat([cache.past_k, k], dim=2)  # (B, nh, p + 1, hs)
             cache.past_v = v if p == 0 else torch.cat([cache.past_v, v], dim=2)  # (B, nh, p + 1, hs)
-            return cache.past_k, cache.past_v, None
+            return cache.past_k, cache.past_v, None, None
         T, H, W = q_shape
         # y_p reads frames i - e_t .. i only, so e_t + 1 frames (fewer if the video is shorter) suffice.
         n_slots = min(extent[0] + 1, T)
@@ -718,7 +864,8 @@ class NearbyAttention(nn.Module):
         i, position = divmod(p, H * W)
         plan = _self_step_plan((H, W), extent, min(i, extent[0]), i % n_slots, n_slots, x_p.device)
         index = plan.index[position]  # (1 + L,)
-        return cache.keys.index_select(2, index), cache.values.index_select(2, index), plan.allowed[position]
+        return (cache.keys.index_select(2, index), cache.values.index_select(2, index), plan.allowed[position],
+                plan.offsets[position])  # (B, nh, 1 + L, hs) twice, (1, 1, 1 + L), (1 + L,)
 
     def _cross_window(self, p: int, q_shape: Shape3, cache: NearbyCache, context, kv_shape, extent):
         """Project the context once (first call), then gather y_p's projected window from it."""
@@ -727,9 +874,9 @@ class NearbyAttention(nn.Module):
             cache.context_k = self._heads(self.k_proj(context))  # (B, nh, Nk, hs)
             cache.context_v = self._heads(self.v_proj(context))  # (B, nh, Nk, hs)
         if extent is None:
-            return cache.context_k, cache.context_v, None  # full attention to the whole context
+            return cache.context_k, cache.context_v, None, None  # full attention to the whole context
         i, position = divmod(p, q_shape[1] * q_shape[2])
         plan = _cross_step_plan(q_shape, cache.context_shape, extent, i, cache.context_k.device)
         index = plan.index[position]  # (L,) the box around y_p's projected position
         return (cache.context_k.index_select(2, index), cache.context_v.index_select(2, index),
-                plan.allowed[position])  # (B, nh, L, hs) twice, (1, 1, L)
+                plan.allowed[position], plan.offsets[position])  # (B, nh, L, hs) twice, (1, 1, L), (L,)

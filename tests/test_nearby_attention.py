@@ -238,6 +238,129 @@ def test_coverage_every_in_window_earlier_position_matters(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# The relative position bias: a learned score per head and window offset
+# ---------------------------------------------------------------------------------------------
+
+def random_bias(heads, extent, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(heads, na.offset_count(extent), generator=generator, dtype=torch.float64)
+
+
+def test_relative_offset_counts_from_the_projection():
+    # Query (1, 2, 3) on a 2×4×6 grid projects to (0, 1, 1) on a 1×2×2 grid; key (0, 0, 1) lies at
+    # offset (0, −1, 0), entry ((0 + 1)·3 + (−1 + 1))·3 + 0 + 1 = 10 with extents (1, 1, 1).
+    q_index = torch.tensor((1 * 4 + 2) * 6 + 3)
+    assert int(na.relative_offset(q_index, torch.tensor(1), (2, 4, 6), (1, 2, 2), (1, 1, 1))) == 10
+    assert na.offset_count((1, 1, 1)) == 28  # 27 offsets + bos
+
+
+def _out_and_all_grads(fn, q, k, v, bias, seed=1):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, bias)]
+    out = fn(*leaves)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return [out.detach(), *torch.autograd.grad((out * weights.to(out)).sum(), leaves)]
+
+
+@pytest.mark.parametrize("backend,tile", [("dense", None), ("blocked", "case"), ("blocked", "default")])
+@pytest.mark.parametrize("name", CASES)
+def test_biased_backend_equals_reference(name, backend, tile):
+    # Forward and the gradients of q, k, v and the table, float64, against the loop reference.
+    q_shape, kv_shape, extent, causal, bos, case_tile = CASES[name]
+    q, k, v = random_qkv(q_shape, kv_shape)
+    bias = random_bias(q.shape[1], extent)
+    kwargs = {} if tile in (None, "default") else {"tile": case_tile}
+    expected = _out_and_all_grads(lambda q, k, v, b: na.nearby_attention_reference(
+        q, k, v, q_shape, kv_shape, extent, causal, bos, b), q, k, v, bias)
+    got = _out_and_all_grads(lambda q, k, v, b: na.nearby_attention(
+        q, k, v, q_shape, kv_shape, extent, causal, bos, backend=backend, bias=b, **kwargs), q, k, v, bias)
+    for what, g, e in zip(("output", "dq", "dk", "dv", "dbias"), got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=TOL, msg=lambda m, w=what: f"{w}: {m}")
+    if name != "extent_zero":  # there each query reads bos alone: a softmax over one key has no gradient
+        assert expected[4].abs().sum() > 0  # the table does receive gradient
+
+
+def test_reference_bias_is_an_additive_score():
+    # An independent reading: masked softmax over q·k/√d + bias[h, offset] built with nearby_mask
+    # and a brute-force offset from the coordinates.
+    q_shape, kv_shape, extent = (2, 3, 4), (2, 3, 4), (1, 1, 2)
+    q, k, v = random_qkv(q_shape, kv_shape)
+    bias = random_bias(q.shape[1], extent)
+    n = math.prod(q_shape)
+    entries = torch.full((n, n + 1), na.offset_count(extent) - 1)  # bos column stays the bos entry
+    for p, (i, j, c) in enumerate(itertools.product(*map(range, q_shape))):
+        for s, (a, b, d) in enumerate(itertools.product(*map(range, kv_shape))):
+            offset = [max(-e, min(e, x)) + e for x, e in zip((a - i, b - j, d - c), extent)]
+            entries[p, s + 1] = (offset[0] * 3 + offset[1]) * 5 + offset[2]
+    mask = na.nearby_mask(q_shape, kv_shape, extent, True, True)
+    # Key r holds y_{r-1} (bos at r = 0): its entry is column r; y_{N-1} is no key.
+    table = bias[:, entries[:, :n]]  # (nh, N, N)
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + table
+    expected = logits.masked_fill(~mask, -math.inf).softmax(-1) @ v
+    got = na.nearby_attention_reference(q, k, v, q_shape, kv_shape, extent, True, True, bias)
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+
+
+def test_bias_of_the_wrong_size_is_a_clear_error():
+    shape = (2, 3, 4)
+    q, k, v = random_qkv(shape, shape)
+    with pytest.raises(ValueError, match=r"relative position bias must be \(heads, offset_count\(extent\)\) = \(3, 28\)"):
+        na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False, bias=torch.zeros(3, 27, dtype=torch.float64))
+    layer = na.NearbyAttention(12, 3, (1, 1, 1), relative_bias=True)
+    with pytest.raises(ValueError, match="covers the extent"):
+        layer(torch.randn(1, 24, 12), shape, extent=(2, 1, 1))
+
+
+def _biased_module(extent, **kwargs):
+    layer = _module(extent, **kwargs)
+    biased = na.NearbyAttention(12, 3, extent, causal=kwargs.get("causal", False),
+                                context_dim=kwargs.get("context_dim"), relative_bias=True).double()
+    biased.load_state_dict(layer.state_dict(), strict=False)
+    if biased.position_bias is not None:
+        with torch.no_grad():
+            biased.position_bias.copy_(random_bias(3, extent))
+    return biased
+
+
+@pytest.mark.parametrize("extent", [(1, 1, 2), (2, 0, 1), (6, 1, 1), None])
+def test_biased_self_decode_step_equals_forward(extent):
+    shape = (4, 3, 5)
+    layer = _biased_module(extent, causal=True)
+    x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x, shape, bos=True)
+        reference = na.NearbyAttention(12, 3, extent, causal=True, relative_bias=True, backend="reference").double()
+        reference.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(reference(x, shape, bos=True), full, rtol=0, atol=TOL)
+        cache = layer.new_cache()
+        steps = torch.cat([layer.step(x[:, p:p + 1], p, shape, cache) for p in range(x.shape[1])], dim=1)
+    torch.testing.assert_close(steps, full, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("extent,kv_shape", [((1, 1, 1), (2, 5, 3)), ((0, 2, 1), (6, 2, 4)), ((3, 4, 4), (2, 2, 3))])
+def test_biased_cross_decode_step_equals_forward(extent, kv_shape):
+    shape = (4, 3, 5)
+    layer = _biased_module(extent, context_dim=8)
+    x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
+    context = torch.randn(2, math.prod(kv_shape), 8, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x, shape, context=context, kv_shape=kv_shape, bos=True)
+        cache = layer.new_cache()
+        steps = [layer.step(x[:, :1], 0, shape, cache, context=context, kv_shape=kv_shape)]
+        steps += [layer.step(x[:, p:p + 1], p, shape, cache) for p in range(1, x.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=TOL)
+
+
+def test_zero_bias_changes_nothing():
+    # A fresh table is zero: an untrained biased layer attends exactly like the paper's.
+    shape = (3, 4, 5)
+    x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
+    plain = _module((1, 1, 2), causal=True)
+    biased = na.NearbyAttention(12, 3, (1, 1, 2), causal=True, relative_bias=True).double()
+    biased.load_state_dict(plain.state_dict(), strict=False)
+    torch.testing.assert_close(biased(x, shape, bos=True), plain(x, shape, bos=True), rtol=0, atol=TOL)
+
+
+# ---------------------------------------------------------------------------------------------
 # The module and its decode step
 # ---------------------------------------------------------------------------------------------
 
@@ -333,32 +456,39 @@ def test_bad_inputs_raise_clear_errors():
 FLEX_CASES = ["causal_bos", "self_noncausal", "cross_shrink", "cross_grow"]
 
 
-def _flex_matches_reference(name, device, dtype, atol, grads=True):
+def _flex_matches_reference(name, device, dtype, atol, grads=True, biased=False):
     q_shape, kv_shape, extent, causal, bos, _ = CASES[name]
     q, k, v = random_qkv(q_shape, kv_shape, head_size=16)
-    reference = lambda *x: na.nearby_attention_reference(*x, q_shape, kv_shape, extent, causal, bos)
-    flex = lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos, backend="flex")
-    moved = [x.to(device=device, dtype=dtype) for x in (q, k, v)]
-    if grads:
-        expected, got = out_and_grads(reference, q, k, v), out_and_grads(flex, *moved)
+    bias = random_bias(q.shape[1], extent)
+    reference = lambda q, k, v, b=bias: na.nearby_attention_reference(q, k, v, q_shape, kv_shape, extent, causal, bos,
+                                                                      b if biased else None)
+    flex = lambda q, k, v, b=bias: na.nearby_attention(q, k, v, q_shape, kv_shape, extent, causal, bos,
+                                                       backend="flex", bias=b if biased else None)
+    moved = [x.to(device=device, dtype=dtype) for x in (q, k, v, bias)]
+    if grads and biased:
+        expected, got = _out_and_all_grads(reference, q, k, v, bias), _out_and_all_grads(flex, *moved)
+    elif grads:
+        expected, got = out_and_grads(reference, q, k, v), out_and_grads(flex, *moved[:3])
     else:
-        expected, got = [reference(q, k, v)], [flex(*moved)]
+        expected, got = [reference(q, k, v)], [flex(*moved[:3], moved[3])]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.double().cpu(), e, rtol=0, atol=atol)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["causal_bos", "cross_grow"])
-def test_flex_forward_equals_reference_on_cpu(name):
+@pytest.mark.parametrize("biased", [False, True])
+def test_flex_forward_equals_reference_on_cpu(name, biased):
     # FlexAttention has no CPU backward (torch 2.13), so only the forward is checked here.
-    _flex_matches_reference(name, "cpu", torch.float32, 1e-5, grads=False)
+    _flex_matches_reference(name, "cpu", torch.float32, 1e-5, grads=False, biased=biased)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("name", FLEX_CASES)
-def test_flex_equals_reference_on_cuda(name):
-    _flex_matches_reference(name, "cuda", torch.float32, 2e-3)  # Triton's float32 dots may use tf32
+@pytest.mark.parametrize("biased", [False, True])
+def test_flex_equals_reference_on_cuda(name, biased):
+    _flex_matches_reference(name, "cuda", torch.float32, 2e-3, biased=biased)  # Triton's float32 dots may use tf32
 
 
 @pytest.mark.gpu
