@@ -214,13 +214,14 @@ def nearby_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shap
 
     Written from the paper's set definition with plain Python loops; it does not use `nearby_mask`
     or `relative_offset`, so the tests compare two independent readings of the rule. q (B, nh, Nq, hs),
-    k/v (B, nh, Nk, hs). bias (nh, offset_count(extent)), optional: a learned score per head and 3D
-    offset (a − i', b − j', c − k') of the key from the query's projection, last entry for bos
-    (DEVIATION from NÜWA §3.2, which has absolute positions only; see NearbyAttention).
+    k/v (B, nh, Nk, hs). bias, optional: a relative position table, one score per 3D offset
+    (a − i', b − j', c − k') of the key from the query's projection, the last entry for bos; shaped
+    (nh, V) or per query (B, nh, Nq, V), V = offset_count(extent) (DEVIATION from NÜWA §3.2, which has
+    absolute positions only; see NearbyAttention).
     """
     q_shape, kv_shape, extent = _check_geometry(q_shape, kv_shape, extent, causal, bos)
     _check_qkv(q, k, v, q_shape, kv_shape)
-    _check_bias(bias, q, extent)
+    bias = bias_table(bias, q, extent)
     (T, H, W), (T2, H2, W2), (e_t, e_h, e_w) = q_shape, kv_shape, extent
     scale = 1.0 / math.sqrt(q.shape[-1])  # the 1/√d of scaled dot-product attention
     rows = []
@@ -241,7 +242,7 @@ def nearby_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shap
         index = torch.tensor(keys, device=q.device)
         scores = q[:, :, p:p + 1] @ k[:, :, index].transpose(-1, -2) * scale  # (B, nh, 1, L)
         if bias is not None:
-            scores = scores + bias[:, torch.tensor(entries, device=q.device)][None, :, None, :]  # + (1, nh, 1, L)
+            scores = scores + bias[:, :, p, torch.tensor(entries, device=q.device)][:, :, None, :]  # + (B, nh, 1, L)
         rows.append(scores.softmax(dim=-1) @ v[:, :, index])  # (B, nh, 1, hs)
     return torch.cat(rows, dim=2)  # (B, nh, Nq, hs)
 
@@ -268,10 +269,13 @@ def _cached_offsets(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, bos: bool
     return offsets
 
 
-def biased_mask(bias: Tensor, offsets: Tensor, allowed: Tensor) -> Tensor:
-    """The additive attention mask of a relative position bias: bias[h, offset] where allowed, −∞
-    elsewhere. bias (nh, V), offsets (...) long, allowed (...) bool → (nh, ...) in bias's dtype."""
-    return bias[:, offsets].masked_fill(~allowed, -math.inf)
+def biased_mask(table: Tensor, offsets: Tensor, allowed: Tensor) -> Tensor:
+    """The additive attention mask of a relative position table: table[b, h, p, offset of (p, key)]
+    where the rule allows the pair, −∞ elsewhere. table (B, nh, Nq, V), offsets (Nq, Nk) long,
+    allowed (Nq, Nk) bool (or anything broadcasting to (B, nh, Nq, Nk)) → (B, nh, Nq, Nk)."""
+    B, nh, n_q, _ = table.shape
+    entries = table.gather(3, offsets.expand(B, nh, n_q, offsets.shape[-1]))  # (B, nh, Nq, Nk)
+    return entries.masked_fill(~allowed, -math.inf)
 
 
 def _dense_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, bias=None) -> Tensor:
@@ -279,7 +283,7 @@ def _dense_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, bias=None)
     mask = _cached_mask(q_shape, kv_shape, extent, causal, bos, q.device)  # (Nq, Nk)
     if bias is not None:
         offsets = _cached_offsets(q_shape, kv_shape, extent, bos, q.device)  # (Nq, Nk)
-        mask = biased_mask(bias.to(q.dtype), offsets, mask)[None]  # (1, nh, Nq, Nk) float
+        mask = biased_mask(bias, offsets, mask)  # (B, nh, Nq, Nk) float
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Nq, hs)
 
 
@@ -393,24 +397,13 @@ def _chunk_tiles(q, k, v, plan: _BlockedPlan, tiles: slice) -> tuple[Tensor, Ten
     return q_tiles, k_tiles, v_tiles
 
 
-def _chunk_mask(plan: _BlockedPlan, tiles: slice, bias: Tensor | None) -> Tensor:
-    """One chunk's mask: boolean (1, c, Q, L') shared by every head, or with a relative position
-    bias (nh, V) the additive per-head mask (1, nh·c, Q, L') (heads outer, tiles inner)."""
-    if bias is None:
+def _chunk_mask(plan: _BlockedPlan, tiles: slice, table: Tensor | None) -> Tensor:
+    """One chunk's mask: boolean (1, c, Q, L') shared by every sequence and head, or with a relative
+    position table (B·nh, Nq, V) the additive mask (B·nh, c, Q, L') of its entries."""
+    if table is None:
         return plan.mask[:, tiles]  # (1, c, Q, L')
-    return biased_mask(bias, plan.offsets[tiles], plan.mask[0, tiles]).flatten(0, 1)[None]  # (1, nh·c, Q, L')
-
-
-def _tile_attention(q_tiles: Tensor, k_tiles: Tensor, v_tiles: Tensor, mask: Tensor) -> Tensor:
-    """The fused kernel over tiles (B·nh, c, ·, hs). A per-head mask (1, nh·c, Q, L') cannot broadcast
-    over B·nh, so the tiles are regrouped as (B, nh·c, ·, hs) (a view: B·nh is batch-major)."""
-    BH, c = q_tiles.shape[:2]
-    if mask.shape[1] == c:
-        return F.scaled_dot_product_attention(q_tiles, k_tiles, v_tiles, attn_mask=mask)  # (B·nh, c, Q, hs)
-    B = BH * c // mask.shape[1]
-    q_tiles, k_tiles, v_tiles = (x.reshape(B, -1, *x.shape[2:]) for x in (q_tiles, k_tiles, v_tiles))
-    out = F.scaled_dot_product_attention(q_tiles, k_tiles, v_tiles, attn_mask=mask)  # (B, nh·c, Q, hs)
-    return out.view(BH, c, *out.shape[2:])  # (B·nh, c, Q, hs)
+    rows = _gather_tiles(table, plan.q_slots[tiles])  # (B·nh, c, Q, V): each slot's row of the table
+    return biased_mask(rows, plan.offsets[tiles], plan.mask[:, tiles])  # (B·nh, c, Q, L')
 
 
 class _BlockedAttention(torch.autograd.Function):
@@ -428,8 +421,8 @@ class _BlockedAttention(torch.autograd.Function):
         for c in range(0, plan.q_slots.shape[0], chunk):
             tiles = slice(c, c + chunk)
             # The mask (1, c, Q, L') broadcasts over B·nh: each tile has its own, like a head would.
-            out[:, tiles] = _tile_attention(*_chunk_tiles(q, k, v, plan, tiles),
-                                            _chunk_mask(plan, tiles, bias))  # (B·nh, c, Q, hs)
+            out[:, tiles] = F.scaled_dot_product_attention(*_chunk_tiles(q, k, v, plan, tiles),
+                                                           attn_mask=_chunk_mask(plan, tiles, bias))  # (B·nh, c, Q, hs)
         return out.flatten(1, 2).index_select(1, plan.slot_of)  # (B·nh, Nq, hs): raster order, no extras
 
     @staticmethod
@@ -441,7 +434,7 @@ class _BlockedAttention(torch.autograd.Function):
         # bfloat16 sums of that many terms lose most of their digits.
         acc = torch.promote_types(q.dtype, torch.float32)
         grad_q, grad_k, grad_v = (torch.zeros_like(x, dtype=acc) for x in (q, k, v))  # (B·nh, N, hs)
-        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=acc)  # (nh, V)
+        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=acc)  # (B·nh, Nq, V)
         for c in range(0, plan.q_slots.shape[0], plan.chunk):
             tiles = slice(c, c + plan.chunk)
             # Re-gather the chunk and recompute its attention, with the tiles (and the chunk's
@@ -451,16 +444,20 @@ class _BlockedAttention(torch.autograd.Function):
             if bias is not None:
                 leaves.append(mask.requires_grad_())
             with torch.enable_grad():
-                out = _tile_attention(*leaves[:3], mask)  # (B·nh, c, Q, hs)
+                out = F.scaled_dot_product_attention(*leaves[:3], attn_mask=mask)  # (B·nh, c, Q, hs)
             # The upstream gradient of every slot; the extra slots (dropped in forward) get zero.
             grad_tiles = _gather_tiles(grad_out, plan.q_slots[tiles])  # (B·nh, c, Q, hs)
             grad_tiles = grad_tiles * plan.real[tiles, :, None].to(grad_tiles.dtype)
             dq, dk, dv, *d_mask = torch.autograd.grad(out, leaves, grad_tiles)  # tile gradients
             if bias is not None:
-                # Each mask entry is bias[h, offset]: its gradient adds to that entry (masked pairs
-                # have zero weight, so zero gradient).
-                heads = bias.shape[0]
-                grad_bias.index_add_(1, plan.offsets[tiles].flatten(), d_mask[0].reshape(heads, -1).to(acc))
+                # Each mask entry is table[b, h, p, offset]: its gradient adds to that entry (masked
+                # pairs have zero weight, so zero gradient), first into each slot's row, then the
+                # rows into the table (extra slots carry zero gradient).
+                BH, c, Q, _ = d_mask[0].shape
+                offsets = plan.offsets[tiles].expand(BH, -1, -1, -1)  # (B·nh, c, Q, L')
+                rows = torch.zeros(BH, c, Q, bias.shape[-1], dtype=acc, device=bias.device)
+                rows.scatter_add_(3, offsets, d_mask[0].to(acc))  # (B·nh, c, Q, V)
+                grad_bias.index_add_(1, plan.q_slots[tiles].flatten(), rows.flatten(1, 2))
             # A gather's gradient is a scatter-add: a key in several boxes sums their gradients.
             # The CPU kernel returns gradients laid out (B·nh, M, c, hs); reading them in that order
             # (index transposed to match) is a view, where flattening (c, M) would copy them.
@@ -476,7 +473,9 @@ def _blocked_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile: Sh
     B, nh, n_q, hs = q.shape
     plan = _blocked_plan(q_shape, kv_shape, extent, causal, bos, tile, q.device, bias is not None)
     q, k, v = (x.reshape(B * nh, x.shape[2], hs) for x in (q, k, v))  # (B·nh, N, hs)
-    out = _BlockedAttention.apply(q, k, v, None if bias is None else bias.to(q.dtype), plan)  # (B·nh, Nq, hs)
+    if bias is not None:
+        bias = bias.reshape(B * nh, n_q, bias.shape[-1])  # (B·nh, Nq, V)
+    out = _BlockedAttention.apply(q, k, v, bias, plan)  # (B·nh, Nq, hs)
     return out.view(B, nh, n_q, hs)  # (B, nh, Nq, hs)
 
 
@@ -545,15 +544,16 @@ def _flex_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: bool, 
 
 def flex_score_mod(q_order: Tensor, kv_order: Tensor, q_shape: Shape3, kv_shape: Shape3, extent: Shape3,
                    bos: bool, bias: Tensor):
-    """A relative position bias as FlexAttention's score_mod over tile-ordered tokens (orders as
-    returned by `flex_mask_mod`): score + bias[h, relative_offset(query, key)], bos its own entry."""
+    """A relative position table (B, nh, Nq, V) as FlexAttention's score_mod over tile-ordered tokens
+    (orders as returned by `flex_mask_mod`): score + table[b, h, p, relative_offset(p, key)], bos its
+    own entry."""
 
     def score_mod(score, batch, head, q_idx, kv_idx):
         q_index, r = q_order[q_idx], kv_order[kv_idx]
         if not bos:
-            return score + bias[head, relative_offset(q_index, r, q_shape, kv_shape, extent)]
+            return score + bias[batch, head, q_index, relative_offset(q_index, r, q_shape, kv_shape, extent)]
         entry = relative_offset(q_index, (r - 1).clamp(min=0), q_shape, kv_shape, extent)
-        return score + bias[head, torch.where(r == 0, offset_count(extent) - 1, entry)]
+        return score + bias[batch, head, q_index, torch.where(r == 0, offset_count(extent) - 1, entry)]
 
     return score_mod
 
@@ -564,7 +564,7 @@ def _flex_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, bias=None) 
     q, k, v = q[:, :, q_order], k[:, :, kv_order], v[:, :, kv_order]  # (B, nh, N, hs), tile order
     score_mod = None
     if bias is not None:
-        score_mod = flex_score_mod(q_order, kv_order, q_shape, kv_shape, extent, bos, bias.to(q.dtype))
+        score_mod = flex_score_mod(q_order, kv_order, q_shape, kv_shape, extent, bos, bias.contiguous())
     out = _compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, nh, Nq, hs)
     return out[:, :, q_inverse]  # (B, nh, Nq, hs), raster order
 
@@ -586,11 +586,18 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, q_shape: Shape3, kv_shape: Shape
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, heads or head size")
 
 
-def _check_bias(bias: Tensor | None, q: Tensor, extent: Shape3) -> None:
-    """A relative position table must have one row per head and one entry per offset (+ bos)."""
-    if bias is not None and tuple(bias.shape) != (q.shape[1], offset_count(extent)):
-        raise ValueError(f"relative position bias must be (heads, offset_count(extent)) = "
-                         f"({q.shape[1]}, {offset_count(extent)}) for extent {extent}; got {tuple(bias.shape)}")
+def bias_table(bias: Tensor | None, q: Tensor, extent: Shape3) -> Tensor | None:
+    """A relative position table as (B, nh, Nq, V) in q's dtype: one per head (nh, V), or per query
+    (B, nh, Nq, V) (or anything broadcasting to it); V = offset_count(extent). Wrong sizes are errors."""
+    if bias is None:
+        return None
+    B, nh, n_q, _ = q.shape
+    table = bias[None, :, None, :] if bias.dim() == 2 else bias
+    V = offset_count(extent)
+    if table.dim() != 4 or table.shape[-1] != V or any(t not in (1, n) for t, n in zip(table.shape[:3], (B, nh, n_q))):
+        raise ValueError(f"relative position bias must be (heads, offset_count(extent)) = ({nh}, {V}) or per query "
+                         f"(B, heads, Nq, {V}) = ({B}, {nh}, {n_q}, {V}) for extent {extent}; got {tuple(bias.shape)}")
+    return table.to(q.dtype).expand(B, nh, n_q, V)
 
 
 def nearby_attention(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent, causal: bool,
@@ -600,12 +607,13 @@ def nearby_attention(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent,
 
     backend: "reference" (loops), "dense" (O(N²) mask), "blocked" (linear; CPU and GPU), "flex"
     (FlexAttention: CUDA; the CPU runs its forward only, compiled). `tile`: the blocked query tile.
-    bias: optional relative position table (nh, offset_count(extent)) added to the scores (see
-    `relative_offset`); every backend adds the same entries as the reference.
+    bias: optional relative position table added to the scores, (nh, V) or per query (B, nh, Nq, V)
+    with V = offset_count(extent) (see `relative_offset`); every backend adds the same entries as the
+    reference, and its gradient flows back to the table.
     """
     q_shape, kv_shape, extent = _check_geometry(q_shape, kv_shape, extent, causal, bos)
     _check_qkv(q, k, v, q_shape, kv_shape)
-    _check_bias(bias, q, extent)
+    bias = bias_table(bias, q, extent)
     if backend == "reference":
         return nearby_attention_reference(q, k, v, q_shape, kv_shape, extent, causal, bos, bias)
     if backend == "dense":
@@ -702,6 +710,11 @@ def _cross_step_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, frame: i
     return _StepPlan(s.flatten(1).to(device), allowed.flatten(1)[:, None, None, :].to(device), offsets.to(device))
 
 
+# The relative tables are stored divided by this gain. Adam moves every parameter by about lr per
+# step whatever its scale, so a stored score reaches 5 in ~1,700 steps at lr 3e-3, and attention
+# stays blurred over the window all that time; times the gain, in ~170. (Measured with the copy probe,
+# benchmarks/bench_learn.py; README.) A reparametrisation: the function is b + q·rᵀ/√hs either way.
+RELATIVE_GAIN = 10.0
 MODULE_EXTENT = "module"  # default of the per-call `extent` argument: use the extent given at construction
 
 
@@ -710,15 +723,23 @@ class NearbyAttention(nn.Module):
 
     extent=None means full attention (the paper's extent ∞, used for text conditions).
     context_dim given means cross-attention; cross-attention is never causal.
-    relative_bias=True adds a learned score per head and 3D offset inside the window (Swin and
-    Neighborhood Attention do this inside theirs). DEVIATION (NÜWA §3.2): the paper has absolute
-    positions only. A bias lets a head read "the same place one frame back" from the first step,
-    which the tiny models need to learn motion (README, learning probes). It applies to windowed
-    calls only; full attention (extent None, text) has no grid to take offsets on.
+
+    Relative positions inside the window. DEVIATION (NÜWA §3.2): the paper has absolute positions only.
+    - relative_bias=True adds a learned score b[h, o] per head and 3D offset o of the key from the
+      query's (projected) position (Swin and Neighborhood Attention do this inside their windows):
+      a head can read "the same place one frame back" whatever the content.
+    - relative_keys=True also adds q · r[h, o] / √hs, a learned vector per head and offset (Shaw et
+      al. 2018's relative key embeddings): what a query holds chooses *where* it looks, e.g. a
+      caption's direction chooses the neighbour a moving block comes from.
+    Both are zero at the start (the layer attends as the paper's), live in one table per call,
+    (B, nh, Nq, V) = b + q·rᵀ/√hs, that every backend and the decode step index with
+    `relative_offset`, and apply to windowed calls only: full attention (extent None, text) has no
+    grid to take offsets on. The tiny models need them to learn motion (README, learning probes).
     """
 
     def __init__(self, dim: int, num_heads: int, extent: tuple[int, int, int] | None, *, causal: bool = False,
-                 context_dim: int | None = None, backend: str = "blocked", relative_bias: bool = False):
+                 context_dim: int | None = None, backend: str = "blocked", relative_bias: bool = False,
+                 relative_keys: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
@@ -734,11 +755,14 @@ class NearbyAttention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, dim, bias=False)  # W^K
         self.v_proj = nn.Linear(kv_dim, dim, bias=False)  # W^V
         self.out_proj = nn.Linear(dim, dim, bias=False)  # mixes the concatenated heads
-        # (nh, offset_count(extent)): one score per head and window offset, the last for bos; zero
-        # at the start, so an untrained layer attends exactly as without it.
-        self.position_bias = None
+        # b (nh, V) and r (nh, V, hs), V = offset_count(extent): one score / one key vector per head
+        # and window offset, the last for bos; zero at the start, so an untrained layer attends
+        # exactly as without them.
+        self.position_bias = self.relative_keys = None
         if relative_bias and self.extent is not None:
             self.position_bias = nn.Parameter(torch.zeros(num_heads, offset_count(self.extent)))
+        if relative_keys and self.extent is not None:
+            self.relative_keys = nn.Parameter(torch.zeros(num_heads, offset_count(self.extent), self.head_size))
 
     def _heads(self, x: Tensor) -> Tensor:
         """(B, N, D) -> (B, nh, N, hs)."""
@@ -756,14 +780,23 @@ class NearbyAttention(nn.Module):
         if isinstance(extent, str) and extent == MODULE_EXTENT:
             return self.extent
         extent = None if extent is None else _as_shape("extent", extent, 0)
-        if extent is not None and self.position_bias is not None and extent != self.extent:
+        has_table = self.position_bias is not None or self.relative_keys is not None
+        if extent is not None and has_table and extent != self.extent:
             raise ValueError(f"this layer's relative position table covers the extent {self.extent}; it cannot "
                              f"attend with extent {extent}")
         return extent
 
-    def _bias(self, extent) -> Tensor | None:
-        """The relative position table of a windowed call; None for full attention or without one."""
-        return None if extent is None else self.position_bias
+    def _bias(self, q: Tensor, extent) -> Tensor | None:
+        """The relative position table of a windowed call, b + q·rᵀ/√hs: (nh, V) or (B, nh, Nq, V);
+        None for full attention or without one."""
+        if extent is None or (self.position_bias is None and self.relative_keys is None):
+            return None
+        table = None if self.position_bias is None else RELATIVE_GAIN * self.position_bias.to(q.dtype)  # (nh, V)
+        if self.relative_keys is not None:
+            keys = RELATIVE_GAIN * self.relative_keys.to(q.dtype)  # (nh, V, hs)
+            by_query = torch.einsum("bhqd,hvd->bhqv", q, keys) / math.sqrt(self.head_size)
+            table = by_query if table is None else by_query + table[None, :, None, :]  # (B, nh, Nq, V)
+        return table
 
     def _context_shape(self, context: Tensor | None, kv_shape, extent) -> Shape3:
         """The context grid: given, or (1, 1, L) for a flat (text) context under full attention."""
@@ -803,7 +836,7 @@ class NearbyAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, Nq, hs)
         else:
             y = nearby_attention(q, k, v, q_shape, kv_shape, extent, self.causal, bos,
-                                 backend=self.backend, bias=self._bias(extent))  # (B, nh, Nq, hs)
+                                 backend=self.backend, bias=self._bias(q, extent))  # (B, nh, Nq, hs)
         return self._merge(y)  # (B, Nq, D)
 
     def new_cache(self) -> NearbyCache:
@@ -831,9 +864,9 @@ class NearbyAttention(nn.Module):
         else:
             raise ValueError("step() decodes causal self-attention or cross-attention; a non-causal "
                              "self-attention layer would need tokens not generated yet")
-        bias = self._bias(extent)
-        if bias is not None:  # the window's entries of the table, −∞ where the rule forbids: (1, nh, 1, L)
-            allowed = biased_mask(bias.to(q.dtype), offsets, allowed[0, 0])[None, :, None, :]
+        bias = bias_table(self._bias(q, extent), q, extent) if extent is not None else None  # (B, nh, 1, V)
+        if bias is not None:  # the window's entries of the table, −∞ where the rule forbids: (B, nh, 1, L)
+            allowed = biased_mask(bias, offsets[None], allowed)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)  # (B, nh, 1, hs)
         return self._merge(y)  # (B, 1, D)
 

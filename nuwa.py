@@ -63,6 +63,11 @@ class NUWAConfig:
     dropout: float = 0.0  # residual dropout (paper: not stated; off at our scale)
     cond_drop_prob: float = 0.0  # P(condition → "None") in training, for guidance (paper: 0, no CFG)
     backend: str = "blocked"  # 3DNA implementation used in full passes (see nearby_attention.py)
+    # --- what makes a small model learn video (README, "learning probes"); False = the paper
+    relative_bias: bool = False  # a learned score per head and 3D offset in every 3DNA window
+    relative_keys: bool = False  # + q · r_offset: the query chooses the offset it reads (Shaw et al.)
+    tie_head: bool = False  # the output head shares the target token embedding's matrix
+    identity_init: bool = False  # decoder self-attention's value and output projections start as identity
     # --- training (train.py --stage nuwa); the model itself ignores these fields
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frame tokenizer whose codes this model predicts
     seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
@@ -70,6 +75,7 @@ class NUWAConfig:
     frames: int = 10  # T of text→video and sketch→video clips (paper: 10)
     num_digits: int = 1  # digits per captioned training clip (data.CaptionedMovingMNIST: 1 or 2)
     predict_frames: int = 20  # V2V clips: the first half is given, the second predicted (10 → 10)
+    v2v_loss_on_given: bool = False  # V2V loss also on the given half (True) or on the predicted half only
     batch_size: int = 8  # clips per task per step (paper: 128 in total)
     lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
     weight_decay: float = 0.01  # AdamW weight decay (paper: not stated)
@@ -180,6 +186,12 @@ def check_shape_fits(shape, max_shape) -> None:
                          f"{tuple(max_shape)} of this model/checkpoint")
 
 
+def relative_positions(config) -> dict:
+    """NearbyAttention's relative-position switches. NÜWA's layers are shared with LIP and Infinity,
+    whose configs have no such fields: for them, the paper's absolute positions only."""
+    return {name: getattr(config, name, False) for name in ("relative_bias", "relative_keys")}
+
+
 class MLP(nn.Sequential):
     def __init__(self, config: NUWAConfig):
         hidden = config.mlp_ratio * config.dim
@@ -196,7 +208,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.norm_attn, self.norm_mlp = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
         self.attn = NearbyAttention(config.dim, config.num_heads, config.extent, causal=False,
-                                    backend=config.backend)
+                                    backend=config.backend, **relative_positions(config))
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, shape, extent) -> torch.Tensor:
@@ -212,9 +224,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.norm_self, self.norm_cross, self.norm_mlp = (nn.LayerNorm(config.dim) for _ in range(3))
         self.self_attn = NearbyAttention(config.dim, config.num_heads, config.extent, causal=True,
-                                         backend=config.backend)
-        self.cross_attn = NearbyAttention(config.dim, config.num_heads, config.extent,
-                                          context_dim=config.dim, backend=config.backend)
+                                         backend=config.backend, **relative_positions(config))
+        self.cross_attn = NearbyAttention(config.dim, config.num_heads, config.extent, context_dim=config.dim,
+                                          backend=config.backend, **relative_positions(config))
         self.mlp = MLP(config)
 
     def forward(self, x, shape, memory, memory_shape, cross_extent) -> torch.Tensor:
@@ -259,6 +271,17 @@ class NUWA(nn.Module):
         self.decoder_norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, config.codebook_size, bias=False)
         self.apply(self._init_weights)
+        if config.tie_head:
+            # DEVIATION (NÜWA §3.3 does not say): logits are h · e_k, the embedding of code k, so a layer
+            # that copies a neighbour's embedding into the stream predicts that neighbour's code.
+            self.head.weight = self.token_embed.weight
+        if config.identity_init:
+            # DEVIATION (the paper does not state its initialisation): W^V = W^O = I in decoder
+            # self-attention, so a head passes on the (normalised) embedding of the token it reads from
+            # the first step; learning to copy is then learning *where* to look (probes, README).
+            for layer in self.decoder:
+                for linear in (layer.self_attn.v_proj, layer.self_attn.out_proj):
+                    nn.init.eye_(linear.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -437,6 +460,20 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only (the usual transformer practice). Relative
+    position tables are lookup tables, like biases and LayerNorm gains: no decay pulls them to zero."""
+    def decays(name: str, parameter: torch.Tensor) -> bool:
+        return parameter.dim() >= 2 and not name.endswith(("position_bias", "relative_keys"))
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+
+
+# What a checkpoint written before these fields existed was trained with: the paper's choices.
+LEGACY_DEFAULTS = {"relative_bias": False, "relative_keys": False, "tie_head": False, "identity_init": False, "v2v_loss_on_given": True}
+
+
 def load_nuwa(path, *, map_location="cpu") -> NUWA:
     """The NÜWA model stored at `path` by `train.py --stage nuwa`, in eval mode."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
@@ -447,9 +484,16 @@ def load_nuwa(path, *, map_location="cpu") -> NUWA:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{path} has config fields NUWAConfig does not know: {unknown}")
+    # Checkpoints written before these fields existed were trained the paper's way.
+    values = {**LEGACY_DEFAULTS, **values}
     config = NUWAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     model = NUWA(config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not match the model its config describes (relative_bias="
+                         f"{config.relative_bias}, extent={config.extent}, tie_head={config.tie_head}): "
+                         f"{error}") from error
     return model.to(map_location).eval()
 
 

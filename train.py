@@ -342,9 +342,7 @@ def build_nuwa(config: nuwa.NUWAConfig, device: torch.device) -> nuwa.NUWA:
 
 def nuwa_optimizers(model: nuwa.NUWA, config: nuwa.NUWAConfig, device: torch.device) -> dict:
     """AdamW with weight decay on matrices only (the usual transformer practice); fused on GPUs."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    groups = nuwa.parameter_groups(model, config.weight_decay)
     return {"nuwa": torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")}
 
 
@@ -393,8 +391,15 @@ def nuwa_loss(model: nuwa.NUWA, batch: dict, *, step: int, carry: dict, autocast
         with torch.no_grad():
             targets = frames.encode_video(task_batch["video"])  # (b, T, h, w)
             cond = nuwa_condition(model, task, task_batch)
+        loss_mask = None
+        if task == "v2v" and not config.v2v_loss_on_given:
+            # DEVIATION (NÜWA §3.4 sums the loss over every target token): the given half is always
+            # given at test time, so only the predicted half is trained; the model's capacity and
+            # gradient go to continuing motion instead of drawing frame 0 from nothing.
+            loss_mask = torch.zeros_like(targets, dtype=torch.bool)  # (b, T, h, w)
+            loss_mask[:, config.predict_frames // 2:] = True
         with autocast():
-            losses[f"{task}_loss"] = model.loss(cond, targets)
+            losses[f"{task}_loss"] = model.loss(cond, targets, loss_mask)
     losses["loss"] = sum(losses.values())
     return losses
 

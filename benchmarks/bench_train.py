@@ -56,11 +56,17 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((tflops for part, tflops in PEAK_BF16_TFLOPS.items() if part in name), None)
 
 
-def untrained_tokenizers(folder: Path) -> dict[str, str]:
+# `make demo`'s NÜWA run: the f = 8 cell tokenizer (8×8 tokens per frame), text→video and 10 → 10
+# prediction, 4 clips per task per step, no sketch tasks.
+DEMO_TOKENIZER = dict(cell_encoder=True, ch_mult=(1, 2, 4, 4))
+DEMO_NUWA = dict(token_h=8, token_w=8, batch_size=4, tasks="t2v,v2v", seg_ckpt="")
+
+
+def untrained_tokenizers(folder: Path, **tokenizer) -> dict[str, str]:
     """NÜWA's frozen frame and sketch tokenizers (the tiny VQ-GAN grid: 16×16 tokens, K = 512)."""
     paths = {}
     for name, seg in (("vqgan_ckpt", False), ("seg_ckpt", True)):
-        config = vqgan.VQGANConfig.preset("tiny", seg=seg)
+        config = vqgan.VQGANConfig.preset("tiny", seg=seg, **({} if seg else tokenizer))
         paths[name] = str(folder / f"{name}.pt")
         train.save_checkpoint({"stage": "seg" if seg else "vqgan", "config": train.config_to_dict(config),
                                "model": vqgan.VQGAN(config).state_dict()}, Path(paths[name]))
@@ -102,6 +108,20 @@ def measure(stage_name: str, preset: str, device: torch.device, warmup: int, ste
             "tflops_per_s": round(flops / step_s / 1e12, 4)}
 
 
+def parse_sets(items: list[str]) -> dict:
+    """--set FIELD=VALUE pairs, typed by the NÜWA config field's default."""
+    import nuwa
+    defaults = nuwa.NUWAConfig()
+    overrides = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        if not hasattr(defaults, name):
+            raise SystemExit(f"--set {item}: NUWAConfig has no field {name!r}")
+        kind = type(getattr(defaults, name))
+        overrides[name] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny presets, 1 warm-up + 2 timed steps")
@@ -110,6 +130,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 2 quick, 10)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak FLOP/s for MFU")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
+    parser.add_argument("--demo", action="store_true",
+                        help="NÜWA only, at `make demo`'s shapes (f = 8 tokenizer, t2v + v2v, batch 4)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a NÜWA config field, e.g. --set backend=dense (repeatable)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,11 +148,16 @@ def main() -> None:
           f"peak {peak or 'unknown'} TFLOP/s; {warmup} warm-up + {steps} timed steps per row")
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        nuwa_overrides = untrained_tokenizers(Path(folder))
+        nuwa_overrides = untrained_tokenizers(Path(folder), **(DEMO_TOKENIZER if args.demo else {}))
+        if args.demo:
+            nuwa_overrides.update(DEMO_NUWA)
+        nuwa_overrides.update(parse_sets(args.set))
         for preset in presets:
-            for stage_name in ("vqgan", "nuwa"):
+            for stage_name in (("nuwa",) if args.demo else ("vqgan", "nuwa")):
                 row = measure(stage_name, preset, device, warmup, steps, nuwa_overrides if stage_name == "nuwa" else {})
                 row["mfu"] = round(row["tflops_per_s"] / peak, 4) if peak else None
+                if stage_name == "nuwa":
+                    row["settings"] = {k: v for k, v in nuwa_overrides.items() if not k.endswith("ckpt")}
                 results.append(row)
                 print(f"{stage_name:>6} {preset:>6}: {row['tokens_per_step']:>7} tokens/step  {row['step_s']:8.3f} s/step"
                       f"  {row['tokens_per_s']:>10.0f} tokens/s  {row['flops_per_step'] / 1e9:9.2f} GFLOP/step"

@@ -241,9 +241,12 @@ def test_coverage_every_in_window_earlier_position_matters(backend):
 # The relative position bias: a learned score per head and window offset
 # ---------------------------------------------------------------------------------------------
 
-def random_bias(heads, extent, seed=2):
+def random_bias(heads, extent, seed=2, per_query=None):
+    """A table per head (nh, V), or per query (B, nh, Nq, V) when per_query = (B, Nq)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(heads, na.offset_count(extent), generator=generator, dtype=torch.float64)
+    shape = (heads, na.offset_count(extent)) if per_query is None else (per_query[0], heads, per_query[1],
+                                                                          na.offset_count(extent))
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
 
 
 def test_relative_offset_counts_from_the_projection():
@@ -261,13 +264,15 @@ def _out_and_all_grads(fn, q, k, v, bias, seed=1):
     return [out.detach(), *torch.autograd.grad((out * weights.to(out)).sum(), leaves)]
 
 
+@pytest.mark.parametrize("per_query", [False, True])
 @pytest.mark.parametrize("backend,tile", [("dense", None), ("blocked", "case"), ("blocked", "default")])
 @pytest.mark.parametrize("name", CASES)
-def test_biased_backend_equals_reference(name, backend, tile):
-    # Forward and the gradients of q, k, v and the table, float64, against the loop reference.
+def test_biased_backend_equals_reference(name, backend, tile, per_query):
+    # Forward and the gradients of q, k, v and the table (one per head, or one per query), float64,
+    # against the loop reference.
     q_shape, kv_shape, extent, causal, bos, case_tile = CASES[name]
     q, k, v = random_qkv(q_shape, kv_shape)
-    bias = random_bias(q.shape[1], extent)
+    bias = random_bias(q.shape[1], extent, per_query=(q.shape[0], q.shape[2]) if per_query else None)
     kwargs = {} if tile in (None, "default") else {"tile": case_tile}
     expected = _out_and_all_grads(lambda q, k, v, b: na.nearby_attention_reference(
         q, k, v, q_shape, kv_shape, extent, causal, bos, b), q, k, v, bias)
@@ -305,20 +310,42 @@ def test_bias_of_the_wrong_size_is_a_clear_error():
     q, k, v = random_qkv(shape, shape)
     with pytest.raises(ValueError, match=r"relative position bias must be \(heads, offset_count\(extent\)\) = \(3, 28\)"):
         na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False, bias=torch.zeros(3, 27, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"per query \(B, heads, Nq, 28\) = \(2, 3, 24, 28\)"):
+        na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False, bias=torch.zeros(2, 3, 23, 28, dtype=torch.float64))
     layer = na.NearbyAttention(12, 3, (1, 1, 1), relative_bias=True)
     with pytest.raises(ValueError, match="covers the extent"):
         layer(torch.randn(1, 24, 12), shape, extent=(2, 1, 1))
 
 
-def _biased_module(extent, **kwargs):
+def _biased_module(extent, backend="blocked", **kwargs):
+    """A module with both relative tables (static b and query-dependent r), filled at random."""
     layer = _module(extent, **kwargs)
-    biased = na.NearbyAttention(12, 3, extent, causal=kwargs.get("causal", False),
-                                context_dim=kwargs.get("context_dim"), relative_bias=True).double()
+    biased = na.NearbyAttention(12, 3, extent, causal=kwargs.get("causal", False), backend=backend,
+                                context_dim=kwargs.get("context_dim"), relative_bias=True, relative_keys=True).double()
     biased.load_state_dict(layer.state_dict(), strict=False)
     if biased.position_bias is not None:
         with torch.no_grad():
             biased.position_bias.copy_(random_bias(3, extent))
+            biased.relative_keys.copy_(torch.randn(biased.relative_keys.shape, dtype=torch.float64,
+                                                   generator=torch.Generator().manual_seed(5)))
     return biased
+
+
+def test_module_relative_tables_backends_agree_with_gradients():
+    # The module's table b + q·rᵀ/√hs through every backend: outputs and every parameter's gradient.
+    shape = (3, 4, 5)
+    x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    results = []
+    for backend in ("reference", "dense", "blocked"):
+        layer = _biased_module((1, 1, 2), backend=backend, causal=True)
+        out = layer(x, shape, bos=True)
+        grads = torch.autograd.grad((out * out.detach().cos()).sum(), list(layer.parameters()))
+        results.append([out.detach(), *grads])
+    for got in results[1:]:
+        for g, e in zip(got, results[0]):
+            torch.testing.assert_close(g, e, rtol=0, atol=TOL)
+    names = [name for name, _ in layer.named_parameters()]
+    assert results[0][1 + names.index("relative_keys")].abs().sum() > 0
 
 
 @pytest.mark.parametrize("extent", [(1, 1, 2), (2, 0, 1), (6, 1, 1), None])
@@ -328,8 +355,7 @@ def test_biased_self_decode_step_equals_forward(extent):
     x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
     with torch.no_grad():
         full = layer(x, shape, bos=True)
-        reference = na.NearbyAttention(12, 3, extent, causal=True, relative_bias=True, backend="reference").double()
-        reference.load_state_dict(layer.state_dict())
+        reference = _biased_module(extent, backend="reference", causal=True)
         torch.testing.assert_close(reference(x, shape, bos=True), full, rtol=0, atol=TOL)
         cache = layer.new_cache()
         steps = torch.cat([layer.step(x[:, p:p + 1], p, shape, cache) for p in range(x.shape[1])], dim=1)

@@ -1,5 +1,7 @@
 """Tests for nuwa.py: causality, cached = uncached generation, forced tokens, guidance, tasks."""
 
+import math
+
 import pytest
 import torch
 
@@ -24,9 +26,25 @@ def conditions(model):
     return {"text": nuwa.text_condition(model.tokenizer, CAPTIONS), "sketch": nuwa.sketch_condition(sketch)}
 
 
+# The paper's absolute positions only, and the learning aids (relative bias, tied head, identity init).
+SCHEMES = {"paper": dict(relative_bias=False, tie_head=False, identity_init=False),
+           "aids": dict(relative_bias=True, tie_head=True, identity_init=True)}
+
+
+def trained_looking(model: nuwa.NUWA) -> nuwa.NUWA:
+    """Random relative tables (a fresh one is zero and would hide an indexing mistake)."""
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("position_bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return model
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("kind", ["text", "sketch"])
-def test_end_to_end_causality(kind):
-    model = toy_model()
+def test_end_to_end_causality(kind, scheme):
+    model = trained_looking(toy_model(**SCHEMES[scheme]))
     cond = conditions(model)[kind]
     targets = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(2))
     logits = model(cond, targets)  # (B, N, K)
@@ -40,9 +58,10 @@ def test_end_to_end_causality(kind):
             assert delta[q + 1] > 0  # ... and the next position does see it
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("kind", ["text", "sketch"])
-def test_cached_equals_uncached_greedy(kind):
-    model = toy_model()
+def test_cached_equals_uncached_greedy(kind, scheme):
+    model = trained_looking(toy_model(**SCHEMES[scheme]))
     cond = conditions(model)[kind]
     cached = model.generate(cond, (3, 3, 4), temperature=0, use_cache=True)
     uncached = model.generate(cond, (3, 3, 4), temperature=0, use_cache=False)
@@ -186,3 +205,45 @@ def test_sampling_settings_out_of_range_are_clear_errors():
         with pytest.raises(ValueError, match="sampling needs temperature"):
             nuwa.sample_logits(logits, **bad)
     assert nuwa.sample_logits(logits, temperature=0).tolist() == [0, 0]
+
+
+def test_learning_aids_are_what_they_say():
+    model = toy_model(**SCHEMES["aids"])
+    assert model.head.weight is model.token_embed.weight  # tied: logits are h · e_k
+    layer = model.decoder[0]
+    eye = torch.eye(model.config.dim, dtype=torch.float64)
+    assert torch.equal(layer.self_attn.v_proj.weight, eye) and torch.equal(layer.self_attn.out_proj.weight, eye)
+    assert not torch.equal(layer.cross_attn.v_proj.weight, eye)  # only the self-attention copies
+    extent = model.config.extent
+    for attention in (layer.self_attn, layer.cross_attn, model.encoder[0].attn):
+        assert attention.position_bias.shape == (model.config.num_heads, math.prod(2 * e + 1 for e in extent) + 1)
+    paper = toy_model(**SCHEMES["paper"])
+    assert paper.head.weight is not paper.token_embed.weight
+    assert all(not name.endswith("position_bias") for name, _ in paper.named_parameters())
+
+
+def test_the_relative_table_gets_gradient_and_changes_the_logits():
+    model = toy_model(**SCHEMES["aids"]).train()
+    cond = conditions(model)["text"]
+    targets = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(2))
+    model.loss(cond, targets).backward()
+    assert model.decoder[0].self_attn.position_bias.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        before = model(cond, targets)
+        after = trained_looking(model)(cond, targets)
+    assert (after - before).abs().amax() > 1e-3  # (the cached step reads it too: cached = uncached above)
+
+
+def test_old_checkpoints_load_the_paper_way_and_mismatches_name_the_field(tmp_path):
+    from dataclasses import asdict
+    paper = toy_model(**SCHEMES["paper"])
+    old_config = {k: v for k, v in asdict(paper.config).items() if k not in nuwa.LEGACY_DEFAULTS}
+    torch.save({"stage": "nuwa", "config": old_config, "model": paper.state_dict()}, tmp_path / "old.pt")
+    loaded = nuwa.load_nuwa(tmp_path / "old.pt")
+    assert not loaded.config.relative_bias and not loaded.config.tie_head and loaded.config.v2v_loss_on_given
+    # A state dict whose tables do not fit the config it records is refused, naming the field.
+    torch.save({"stage": "nuwa", "config": {**old_config, "relative_bias": True}, "model": paper.state_dict()},
+               tmp_path / "mismatch.pt")
+    with pytest.raises(ValueError, match="relative_bias=True"):
+        nuwa.load_nuwa(tmp_path / "mismatch.pt")
