@@ -440,6 +440,13 @@ def frame_scores(prediction: torch.Tensor, truth: torch.Tensor) -> dict[str, tor
     return {name: value.view(B, T) for name, value in scores.items()}
 
 
+def both_digits_found(frame: torch.Tensor, digits: torch.Tensor, classifier) -> bool:
+    """Does the reader find exactly the clip's two digits in one frame (1, 64, 64)? A prediction that
+    keeps its digits legible to the end passes; one that dissolves them does not."""
+    reading = read_video(frame[None], classifier, num_digits=len(digits))
+    return sorted(reading.digits) == sorted(digits.tolist())
+
+
 def copy_last_frame(video: torch.Tensor, given: int) -> torch.Tensor:
     """The baseline predictor: the last given frame, repeated. (B, T, …) → frames given … T−1 (B, T − given, …)."""
     if not 0 < given < video.shape[1]:
@@ -457,14 +464,17 @@ def run_predict(args: argparse.Namespace) -> dict:
     if not 0 < args.given < args.frames:
         raise ValueError(f"need 0 < --given < --frames, got {args.given} and {args.frames}")
     models = load_models(args)
+    classifier = load_classifier(args.classifier, args.device)
     sampling = sampling_options(args, args.device)
     clips = data.MovingMNIST("test", num_frames=args.frames, num_digits=2, seed=0, length=args.num_videos)
+    found: dict[str, int] = {}  # both digits read in the last frame, per candidate
     print(f"seed {args.seed}; {args.given} → {args.frames - args.given} frames; temperature "
           f"{args.temperature}, top-k {args.top_k or 'off'}")
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(clips), desc="predict", unit="video")
     for first in range(0, len(clips), args.batch_size):
-        video = torch.stack([clips[i]["video"] for i in range(first, min(first + args.batch_size, len(clips)))])
+        items = [clips[i] for i in range(first, min(first + args.batch_size, len(clips)))]
+        video = torch.stack([item["video"] for item in items])
         tokens = models.tokens(video)  # (B, T, h, w): every real frame tokenized
         predicted = nuwa.predict_video(models.nuwa, tokens[:, :args.given], args.frames, **sampling)  # (B, T, h, w)
         truth = video[:, args.given:]  # (B, T - given, 1, 64, 64)
@@ -475,13 +485,20 @@ def run_predict(args: argparse.Namespace) -> dict:
                       # copy-last by fading out. Below this line, a prediction has learnt something.
                       "blank_": torch.zeros_like(truth),
                       "recon_": models.pixels(tokens)[:, args.given:]}  # the tokenizer's ceiling
+        candidates["real_"] = truth  # the reader's own ceiling on the last frame
         for prefix, prediction in candidates.items():
-            for name, value in frame_scores(prediction, truth).items():
-                sums[prefix + name] = sums.get(prefix + name, 0) + value.sum(0)  # (T - given,)
+            if prefix != "real_":
+                for name, value in frame_scores(prediction, truth).items():
+                    sums[prefix + name] = sums.get(prefix + name, 0) + value.sum(0)  # (T - given,)
+            if prefix != "blank_":
+                found[prefix] = found.get(prefix, 0) + sum(
+                    both_digits_found(prediction[b, -1].float().clamp(0, 1).cpu(), item["digits"], classifier)
+                    for b, item in enumerate(items))
         bar.update(len(video))
     bar.close()
     metrics = {name: (total.sum() / (len(clips) * total.numel())).item() for name, total in sums.items()}
     metrics["mse_per_frame"] = [round(v, 3) for v in (sums["mse"] / len(clips)).tolist()]
+    metrics.update({f"{prefix}last_frame_both_digits": count / len(clips) for prefix, count in found.items()})
     metrics.update(num_videos=len(clips), given=args.given, frames=args.frames, temperature=args.temperature,
                    top_k=args.top_k or None, seed=args.seed, ckpt=str(args.ckpt))
     return metrics
@@ -647,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling(predict)
     predict.add_argument("--given", type=int, default=10, help="real frames given (default 10)")
     predict.add_argument("--frames", type=int, default=20, help="frames in all, given + predicted (default 20)")
+    predict.add_argument("--classifier", default=DEFAULT_CLASSIFIER_DIR,
+                         help=f"folder of {CLASSIFIER_FILE} (reads the digits of the last predicted frame)")
     add_common(predict)
 
     wide = sub.add_parser("infinity", help="NÜWA-Infinity: share of a wide canvas's slots read as digits")

@@ -21,18 +21,21 @@ Causal self-attention (the decoder) intersects the window with "strictly earlier
 or itself"; the decoder input is [bos, y_0, …, y_{N−2}] (see `nearby_mask`).
 
 Sections, in reading order:
-1. Geometry and the rule: `project`, `nearby_rule`, `nearby_mask` (the single source of truth).
+1. Geometry and the rule: `project`, `nearby_rule`, `nearby_mask` (the single source of truth), and
+   `relative_offset`, which entry of a relative position table a (query, key) pair reads.
 2. `nearby_attention_reference`: loops over every query and its neighbourhood (the spec).
 3. Dense backend: one fused attention call with the (N, N) boolean mask. O(N²).
 4. Blocked backend: query tiles attend to their tile plus a halo of the extents. O(N).
 5. Flex backend: FlexAttention with a block-sparse mask, tokens ordered tile by tile (CUDA).
 6. `nearby_attention`: input checks and the choice of backend.
-7. `NearbyAttention`: the nn.Module (projections, heads, self or cross) and its decode step over a
-   rolling KV cache of the last e_t + 1 frames; each step gathers its window through a table built
-   once per frame (`_self_step_plan`, `_cross_step_plan`), from the same `nearby_rule`.
+7. `NearbyAttention`: the nn.Module (projections, heads, self or cross, relative tables) and its
+   decode step over a rolling KV cache of the last e_t + 1 frames; each step gathers its window
+   through a table built once per frame (`_self_step_plan`, `_cross_step_plan`), from the same
+   `nearby_rule`.
 
 Glossary: B batch, nh heads, hs head size, D = nh·hs width, (T, H, W) query grid, (T', H', W')
-key/value (condition) grid, N = T·H·W and Nq / Nk query / key counts, (e_t, e_h, e_w) extents,
+key/value (condition) grid, V = offset_count(extent) entries of a relative table (one per window
+offset, plus bos), N = T·H·W and Nq / Nk query / key counts, (e_t, e_h, e_w) extents,
 p a query's raster index, r a key's index, s the grid position of the token a key holds
 (s = r without bos, s = r − 1 with bos), Q / L queries per tile / keys per tile (blocked).
 
@@ -44,6 +47,13 @@ Deviations from the paper (and choices the paper leaves open):
   uses y_p's window (not the window of the token y_{p−1} it reads). The paper does not spell this out.
 - DEVIATION (NÜWA §3.2): the paper has no generation cache. We add a per-layer KV cache that keeps
   bos and the last e_t + 1 frames only (rolling), so decoding memory does not grow with T.
+- DEVIATION (NÜWA §3.2): optional relative positions inside the window. A table of one score per
+  head and 3D offset (a − i', b − j', c − k') of the key from the query's projection, b + q·rᵀ/√hs
+  (a learned bias as in Swin / Neighborhood Attention, plus Shaw et al.'s relative keys), is added
+  to the scores; `relative_offset` says which entry each pair reads, and every backend, the decode
+  step and the reference add the same entries (tested in float64, forward and gradients). The
+  paper has absolute position embeddings only; without relative ones the tiny models never learn
+  to copy from the previous frame (README, learning probes).
 - The blocked and flex backends are engineering, not approximations: they compute the same
   function as the reference (tested in float64).
 - Projections have no biases, as in the paper's Q = X·W^Q, K = C·W^K, V = C·W^V.

@@ -23,6 +23,14 @@ Deviations from the paper (each also marked at its line):
   word (the paper does not say how it pads); this keeps text a fixed 1×1×L grid.
 - Positional embedding of decoder input p is that of the target position p it predicts (the paper
   sums three tables per position; which position the shifted input carries is our choice).
+- Relative positions inside every 3DNA window (NearbyAttention's relative_bias and relative_keys: a
+  score b[h, o] + q·r[h, o] per head and 3D offset o), on top of the paper's absolute tables; the
+  output head tied to the token embedding; decoder self-attention's W^V and W^O starting as the
+  identity. Without them the tiny model never learns to copy a token from the previous frame, so no
+  digit moves (learning probes, README). `train.py --no-relative-bias --no-relative-keys
+  --no-tie-head --no-identity-init` trains the paper's model.
+- Video prediction (V2V) is trained on the predicted half only (`v2v_loss_on_given` False); the paper
+  sums the loss over every token.
 - Classifier-free guidance is an option we add (off by default, the paper does not use it); the
   unconditional pass uses the condition "None" and is fed exactly the same decoder input.
 """
@@ -46,6 +54,10 @@ from nearby_attention import NearbyAttention
 # ---------------------------------------------------------------------------------------------
 
 
+# The paper's model: absolute positions only, an untied head, its own initialisation (NUWAConfig).
+PAPER_SCHEME = dict(relative_bias=False, relative_keys=False, tie_head=False, identity_init=False)
+
+
 @dataclass
 class NUWAConfig:
     dim: int = 128  # D, model width (paper: 1280)
@@ -63,11 +75,11 @@ class NUWAConfig:
     dropout: float = 0.0  # residual dropout (paper: not stated; off at our scale)
     cond_drop_prob: float = 0.0  # P(condition → "None") in training, for guidance (paper: 0, no CFG)
     backend: str = "blocked"  # 3DNA implementation used in full passes (see nearby_attention.py)
-    # --- what makes a small model learn video (README, "learning probes"); False = the paper
-    relative_bias: bool = False  # a learned score per head and 3D offset in every 3DNA window
-    relative_keys: bool = False  # + q · r_offset: the query chooses the offset it reads (Shaw et al.)
-    tie_head: bool = False  # the output head shares the target token embedding's matrix
-    identity_init: bool = False  # decoder self-attention's value and output projections start as identity
+    # --- what makes a small model learn video (README, "learning probes"); all False = the paper
+    relative_bias: bool = True  # a learned score per head and 3D offset in every 3DNA window
+    relative_keys: bool = True  # + q · r_offset: the query chooses the offset it reads (Shaw et al.)
+    tie_head: bool = True  # the output head shares the target token embedding's matrix
+    identity_init: bool = True  # decoder self-attention's value and output projections start as identity
     # --- training (train.py --stage nuwa); the model itself ignores these fields
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frame tokenizer whose codes this model predicts
     seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
@@ -91,7 +103,7 @@ class NUWAConfig:
             "small": dict(dim=256, num_heads=8, encoder_layers=4, decoder_layers=8),  # one GPU
             "paper": dict(dim=1280, num_heads=20, encoder_layers=12, decoder_layers=24,
                           codebook_size=12_288, sketch_codebook_size=12_288, token_h=21, token_w=21,
-                          max_frames=10, extent=(3, 3, 3)),  # NÜWA §4.1; only built on "meta"
+                          max_frames=10, extent=(3, 3, 3), **PAPER_SCHEME),  # NÜWA §4.1; only built on "meta"
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
@@ -471,7 +483,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 # What a checkpoint written before these fields existed was trained with: the paper's choices.
-LEGACY_DEFAULTS = {"relative_bias": False, "relative_keys": False, "tie_head": False, "identity_init": False, "v2v_loss_on_given": True}
+LEGACY_DEFAULTS = {**PAPER_SCHEME, "v2v_loss_on_given": True}
 
 
 def load_nuwa(path, *, map_location="cpu") -> NUWA:
@@ -492,8 +504,8 @@ def load_nuwa(path, *, map_location="cpu") -> NUWA:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
         raise ValueError(f"{path} does not match the model its config describes (relative_bias="
-                         f"{config.relative_bias}, extent={config.extent}, tie_head={config.tie_head}): "
-                         f"{error}") from error
+                         f"{config.relative_bias}, relative_keys={config.relative_keys}, extent={config.extent}, "
+                         f"tie_head={config.tie_head}): {error}") from error
     return model.to(map_location).eval()
 
 

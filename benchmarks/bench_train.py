@@ -66,7 +66,9 @@ def untrained_tokenizers(folder: Path, **tokenizer) -> dict[str, str]:
     """NÜWA's frozen frame and sketch tokenizers (the tiny VQ-GAN grid: 16×16 tokens, K = 512)."""
     paths = {}
     for name, seg in (("vqgan_ckpt", False), ("seg_ckpt", True)):
-        config = vqgan.VQGANConfig.preset("tiny", seg=seg, **({} if seg else tokenizer))
+        config = vqgan.VQGANConfig.preset("tiny", seg=seg)
+        for field, value in ({} if seg else tokenizer).items():
+            setattr(config, field, value)
         paths[name] = str(folder / f"{name}.pt")
         train.save_checkpoint({"stage": "seg" if seg else "vqgan", "config": train.config_to_dict(config),
                                "model": vqgan.VQGAN(config).state_dict()}, Path(paths[name]))

@@ -493,14 +493,21 @@ def test_t2v_runs_end_to_end_and_reports_the_documented_keys(nuwa_checkpoint, cl
     assert metrics["digit_accuracy"] == last["digit_accuracy"]
 
 
-def test_predict_runs_end_to_end_next_to_the_copy_last_baseline(nuwa_checkpoint, capsys):
+def test_predict_runs_end_to_end_next_to_the_copy_last_baseline(nuwa_checkpoint, classifier_dir, capsys):
     import data
 
     evaluate.main(["predict", "--ckpt", str(nuwa_checkpoint), "--num-videos", "3", "--batch-size", "2",
-                   "--given", "2", "--frames", "4", "--device", "cpu", "--json"])
+                   "--given", "2", "--frames", "4", "--device", "cpu", "--classifier", str(classifier_dir), "--json"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for prefix in ("", "copy_last_", "recon_", "blank_"):
         assert {prefix + name for name in ("mse", "mae", "psnr", "ssim")} <= set(last)
+    for prefix in ("", "copy_last_", "recon_", "real_"):
+        assert 0 <= last[prefix + "last_frame_both_digits"] <= 1
+    # The reader's count on the real last frames, recomputed here clip by clip.
+    classifier = judge.load_classifier(classifier_dir)
+    clips = data.MovingMNIST("test", num_frames=4, num_digits=2, seed=0, length=3)
+    real = sum(evaluate.both_digits_found(clips[i]["video"][-1], clips[i]["digits"], classifier) for i in range(3))
+    assert last["real_last_frame_both_digits"] == pytest.approx(real / 3)
     assert last["num_videos"] == 3 and len(last["mse_per_frame"]) == 2 and last["mse"] > 0
     # The baseline, recomputed here from the same clips of our test set.
     video = torch.stack([data.MovingMNIST("test", num_frames=4, num_digits=2, seed=0, length=3)[i]["video"]

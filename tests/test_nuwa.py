@@ -27,16 +27,16 @@ def conditions(model):
 
 
 # The paper's absolute positions only, and the learning aids (relative bias, tied head, identity init).
-SCHEMES = {"paper": dict(relative_bias=False, tie_head=False, identity_init=False),
-           "aids": dict(relative_bias=True, tie_head=True, identity_init=True)}
+SCHEMES = {"paper": nuwa.PAPER_SCHEME,
+           "aids": dict(relative_bias=True, relative_keys=True, tie_head=True, identity_init=True)}
 
 
 def trained_looking(model: nuwa.NUWA) -> nuwa.NUWA:
-    """Random relative tables (a fresh one is zero and would hide an indexing mistake)."""
+    """Random relative tables b and r (fresh ones are zero and would hide an indexing mistake)."""
     generator = torch.Generator().manual_seed(9)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith("position_bias"):
+            if name.endswith(("position_bias", "relative_keys")):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
     return model
 
@@ -83,7 +83,10 @@ def test_cached_equals_uncached_with_sampling_and_forcing():
 
 
 def test_guidance_passes_share_their_input():
-    model = toy_model()
+    # The paper's scheme: an untrained model with the learning aids (identity-initialised copying,
+    # tied head) greedily repeats its previous token whatever the condition, so guidance could not
+    # be seen to change anything.
+    model = toy_model(**SCHEMES["paper"])
     cond = conditions(model)["text"]
     scale = 3.0
     tokens = model.generate(cond, (3, 3, 4), temperature=0, guidance_scale=scale)
@@ -241,7 +244,8 @@ def test_old_checkpoints_load_the_paper_way_and_mismatches_name_the_field(tmp_pa
     old_config = {k: v for k, v in asdict(paper.config).items() if k not in nuwa.LEGACY_DEFAULTS}
     torch.save({"stage": "nuwa", "config": old_config, "model": paper.state_dict()}, tmp_path / "old.pt")
     loaded = nuwa.load_nuwa(tmp_path / "old.pt")
-    assert not loaded.config.relative_bias and not loaded.config.tie_head and loaded.config.v2v_loss_on_given
+    assert not loaded.config.relative_bias and not loaded.config.relative_keys and not loaded.config.tie_head
+    assert not loaded.config.identity_init and loaded.config.v2v_loss_on_given
     # A state dict whose tables do not fit the config it records is refused, naming the field.
     torch.save({"stage": "nuwa", "config": {**old_config, "relative_bias": True}, "model": paper.state_dict()},
                tmp_path / "mismatch.pt")

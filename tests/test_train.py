@@ -165,6 +165,14 @@ def test_bench_train_quick_prints_one_json_object_last():
     assert all(r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 for r in summary["results"])
 
 
+def test_bench_train_set_flags_are_typed_and_unknown_fields_refused():
+    bench = load_bench_train()
+    assert bench.parse_sets(["backend=dense", "relative_keys=false", "batch_size=2"]) == {
+        "backend": "dense", "relative_keys": False, "batch_size": 2}
+    with pytest.raises(SystemExit, match="no field 'speed'"):
+        bench.parse_sets(["speed=11"])
+
+
 @needs_mnist
 def test_infinity_stage_backpropagates_patch_by_patch_and_resumes_exactly(tmp_path, monkeypatch):
     """Render-and-optimize through the shared loop: one forward/backward unit per patch of the
