@@ -213,16 +213,18 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
         pass
 
 
-def load_checkpoint(path: Path, *, stage: str, config: Any) -> dict:
+def load_checkpoint(path: Path, *, stage: str, config: Any, legacy: dict | None = None) -> dict:
     """Load with weights_only=True (plain tensors and containers, no pickled code) and reject a
-    checkpoint of another stage or configuration, naming every mismatching field."""
+    checkpoint of another stage or configuration, naming every mismatching field. `legacy`: the
+    values of fields added after a checkpoint was written (what it was trained with)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}. Start the run without --resume, or "
                                 f"set --out to the folder of the run to continue (it holds {stage}/ckpt.pt)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint.get("stage") != stage:
         raise ValueError(f"{path} is a checkpoint of stage {checkpoint.get('stage')!r}, not {stage!r}")
-    differences = vqgan.config_mismatch(config_to_dict(config), checkpoint["config"])
+    stored = {**config_to_dict_values(legacy or {}), **checkpoint["config"]}
+    differences = vqgan.config_mismatch(config_to_dict(config), stored)
     if differences:
         raise ValueError(f"{path} was written with another configuration; mismatching fields: "
                          + "; ".join(differences))
@@ -231,7 +233,11 @@ def load_checkpoint(path: Path, *, stage: str, config: Any) -> dict:
 
 def config_to_dict(config: Any) -> dict:
     """A dataclass as the plain dict a checkpoint stores (tuples as lists, as torch.load returns them)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    return config_to_dict_values(asdict(config))
+
+
+def config_to_dict_values(values: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def gathered(state: Any) -> Any:

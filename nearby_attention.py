@@ -51,7 +51,8 @@ Deviations from the paper (and choices the paper leaves open):
   head and 3D offset (a − i', b − j', c − k') of the key from the query's projection, b + q·rᵀ/√hs
   (a learned bias as in Swin / Neighborhood Attention, plus Shaw et al.'s relative keys), is added
   to the scores; `relative_offset` says which entry each pair reads, and every backend, the decode
-  step and the reference add the same entries (tested in float64, forward and gradients). The
+  step and the reference add the same entries (tested in float64, forward and gradients; flex in
+  float32: its CPU forward here, with gradients on CUDA). The
   paper has absolute position embeddings only; without relative ones the tiny models never learn
   to copy from the previous frame (README, learning probes).
 - The blocked and flex backends are engineering, not approximations: they compute the same
@@ -176,8 +177,9 @@ def relative_offset(q_index: Tensor, kv_index: Tensor, q_shape: Shape3, kv_shape
     [−e, e] inside the window, flattened as ((Δt + e_t)·(2e_h + 1) + Δh + e_h)·(2e_w + 1) + Δw + e_w.
     Outside the window the offset is clamped (those pairs are masked anyway). bos, which has no
     position, reads the last entry, offset_count(extent) − 1: callers substitute it.
-    The reference, dense, blocked, flex and decode paths all index their tables with this function
-    (the reference from its own loops), as they all build masks from `nearby_rule`.
+    The dense, blocked, flex and decode paths index their tables with this function, as they build
+    their masks from `nearby_rule`; the reference computes the same offsets in its own loops, so the
+    tests compare two independent readings.
     """
     query = raster_to_coords(q_index, q_shape)
     key = raster_to_coords(kv_index, kv_shape)
@@ -723,7 +725,8 @@ def _cross_step_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, frame: i
 # The relative tables are stored divided by this gain. Adam moves every parameter by about lr per
 # step whatever its scale, so a stored score reaches 5 in ~1,700 steps at lr 3e-3, and attention
 # stays blurred over the window all that time; times the gain, in ~170. (Measured with the copy probe,
-# benchmarks/bench_learn.py; README.) A reparametrisation: the function is b + q·rᵀ/√hs either way.
+# benchmarks/bench_learn.py; README.) A reparametrisation: the function is b + q·rᵀ/√hs either way,
+# but stored tables mean gain × value, so changing it changes every saved model.
 RELATIVE_GAIN = 10.0
 MODULE_EXTENT = "module"  # default of the per-call `extent` argument: use the extent given at construction
 
@@ -765,9 +768,9 @@ class NearbyAttention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, dim, bias=False)  # W^K
         self.v_proj = nn.Linear(kv_dim, dim, bias=False)  # W^V
         self.out_proj = nn.Linear(dim, dim, bias=False)  # mixes the concatenated heads
-        # b (nh, V) and r (nh, V, hs), V = offset_count(extent): one score / one key vector per head
-        # and window offset, the last for bos; zero at the start, so an untrained layer attends
-        # exactly as without them.
+        # DEVIATION (NÜWA §3.2, see the class docstring): b (nh, V) and r (nh, V, hs), V =
+        # offset_count(extent): one score / one key vector per head and window offset, the last for
+        # bos; zero at the start, so an untrained layer attends exactly as without them.
         self.position_bias = self.relative_keys = None
         if relative_bias and self.extent is not None:
             self.position_bias = nn.Parameter(torch.zeros(num_heads, offset_count(self.extent)))
@@ -874,7 +877,8 @@ class NearbyAttention(nn.Module):
         else:
             raise ValueError("step() decodes causal self-attention or cross-attention; a non-causal "
                              "self-attention layer would need tokens not generated yet")
-        bias = bias_table(self._bias(q, extent), q, extent) if extent is not None else None  # (B, nh, 1, V)
+        bias = self._bias(q, extent)
+        bias = None if bias is None else bias_table(bias, q, extent)  # (B, nh, 1, V)
         if bias is not None:  # the window's entries of the table, −∞ where the rule forbids: (B, nh, 1, L)
             allowed = biased_mask(bias, offsets[None], allowed)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)  # (B, nh, 1, hs)

@@ -24,13 +24,14 @@ Deviations from the paper (each also marked at its line):
 - Positional embedding of decoder input p is that of the target position p it predicts (the paper
   sums three tables per position; which position the shifted input carries is our choice).
 - Relative positions inside every 3DNA window (NearbyAttention's relative_bias and relative_keys: a
-  score b[h, o] + q·r[h, o] per head and 3D offset o), on top of the paper's absolute tables; the
-  output head tied to the token embedding; decoder self-attention's W^V and W^O starting as the
+  score b[h, o] + q·r[h, o]/√hs per head and 3D offset o), on top of the paper's absolute tables;
+  the output head tied to the token embedding; decoder self-attention's W^V and W^O starting as the
   identity. Without them the tiny model never learns to copy a token from the previous frame, so no
-  digit moves (learning probes, README). `train.py --no-relative-bias --no-relative-keys
-  --no-tie-head --no-identity-init` trains the paper's model.
+  digit moves (learning probes, README).
 - Video prediction (V2V) is trained on the predicted half only (`v2v_loss_on_given` False); the paper
   sums the loss over every token.
+- The `paper` preset (and PAPER_SCHEME) turns all of these off: `train.py --no-relative-bias
+  --no-relative-keys --no-tie-head --no-identity-init --v2v-loss-on-given` trains the paper's model.
 - Classifier-free guidance is an option we add (off by default, the paper does not use it); the
   unconditional pass uses the condition "None" and is fed exactly the same decoder input.
 """
@@ -54,8 +55,10 @@ from nearby_attention import NearbyAttention
 # ---------------------------------------------------------------------------------------------
 
 
-# The paper's model: absolute positions only, an untied head, its own initialisation (NUWAConfig).
-PAPER_SCHEME = dict(relative_bias=False, relative_keys=False, tie_head=False, identity_init=False)
+# The paper's model: absolute positions only, an untied head, no copying initialisation (the paper
+# states none; ours is GPT-2's, `_init_weights`), V2V trained on every token (NUWAConfig).
+PAPER_SCHEME = dict(relative_bias=False, relative_keys=False, tie_head=False, identity_init=False,
+                    v2v_loss_on_given=True)
 
 
 @dataclass
@@ -199,8 +202,9 @@ def check_shape_fits(shape, max_shape) -> None:
 
 
 def relative_positions(config) -> dict:
-    """NearbyAttention's relative-position switches. NÜWA's layers are shared with LIP and Infinity,
-    whose configs have no such fields: for them, the paper's absolute positions only."""
+    """NearbyAttention's relative-position switches (DEVIATION, NÜWA §3.2: the paper has absolute
+    positions only; see the module docstring). NÜWA's layers are shared with LIP and Infinity, whose
+    configs have no such fields: for them, the paper's absolute positions only."""
     return {name: getattr(config, name, False) for name in ("relative_bias", "relative_keys")}
 
 
@@ -289,8 +293,9 @@ class NUWA(nn.Module):
             self.head.weight = self.token_embed.weight
         if config.identity_init:
             # DEVIATION (the paper does not state its initialisation): W^V = W^O = I in decoder
-            # self-attention, so a head passes on the (normalised) embedding of the token it reads from
-            # the first step; learning to copy is then learning *where* to look (probes, README).
+            # self-attention, so each head passes on its slice of the normalised stream of the token it
+            # reads (its embedding and position, at the first layer) from the first step: learning to
+            # copy is then learning *where* to look (probes, README).
             for layer in self.decoder:
                 for linear in (layer.self_attn.v_proj, layer.self_attn.out_proj):
                     nn.init.eye_(linear.weight)
@@ -474,7 +479,8 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on weight matrices only (the usual transformer practice). Relative
-    position tables are lookup tables, like biases and LayerNorm gains: no decay pulls them to zero."""
+    position tables are not decayed either: a table entry is trained only by the pairs at its
+    offset, and decay would pull the sharp scores that copying needs back towards a blurred window."""
     def decays(name: str, parameter: torch.Tensor) -> bool:
         return parameter.dim() >= 2 and not name.endswith(("position_bias", "relative_keys"))
     named = list(model.named_parameters())
@@ -483,7 +489,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 # What a checkpoint written before these fields existed was trained with: the paper's choices.
-LEGACY_DEFAULTS = {**PAPER_SCHEME, "v2v_loss_on_given": True}
+LEGACY_DEFAULTS = PAPER_SCHEME
 
 
 def load_nuwa(path, *, map_location="cpu") -> NUWA:

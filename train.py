@@ -164,6 +164,9 @@ class Stage:
     # Tensors the forward pass changes in place rather than the optimizer: kept whole (never sharded)
     # and broadcast from rank 0 after every step.
     in_place_state: Callable[[nn.Module], list[torch.Tensor]] = field(default=lambda model: list(model.buffers()))
+    # Config fields added after older checkpoints were written, with the values those were trained
+    # with: --resume compares a checkpoint's config as if it had them.
+    legacy_defaults: dict = field(default_factory=dict)
 
 
 class StageObjectives(nn.Module):
@@ -382,7 +385,8 @@ def nuwa_condition(model: nuwa.NUWA, task: str, batch: dict) -> nuwa.Condition:
 
 def nuwa_loss(model: nuwa.NUWA, batch: dict, *, step: int, carry: dict, autocast) -> dict:
     """NÜWA §3.4: L = Σ_tasks CE(next token), summed over the tasks of the mix (each a mean over
-    its b·N target tokens, so the micro-batch means decompose exactly)."""
+    its b·N scored target tokens, b·N/2 for V2V on its predicted half; equal micro-batches score
+    equally many, so the micro-batch means decompose exactly)."""
     config = model.config
     frames = frozen_tokenizer(config.vqgan_ckpt, str(model.bos.device), config.codebook_size,
                               (config.token_h, config.token_w))
@@ -640,7 +644,8 @@ STAGES: dict[str, Stage] = {
                   phases=[Phase("nuwa", nuwa_loss, lambda model: list(model.parameters()))],
                   visualise=visualise_nuwa, tokens_per_batch=nuwa_tokens_per_batch,
                   warmup=linear_warmup,
-                  fsdp_units=lambda model: [*model.encoder, *model.decoder]),  # every transformer block
+                  fsdp_units=lambda model: [*model.encoder, *model.decoder],  # every transformer block
+                  legacy_defaults=nuwa.LEGACY_DEFAULTS),
     "dfvqgan": DFVQGAN_STAGE,  # NÜWA-LIP §3.1
     "lip": LIP_STAGE,  # NÜWA-LIP §3.2-3.3, on a frozen DF-VQGAN
     "infinity": Stage(preset=infinity.InfinityConfig.preset, build=build_infinity, optimizers=infinity_optimizers,
@@ -790,7 +795,8 @@ def train_processes(stage_name: str, config: Any, run: TrainConfig, procs: Proce
     torch.manual_seed(run.seed)  # the same initial weights on every rank
     model = stage.build(config, device)
     step, seconds_before = 0, 0.0
-    checkpoint = load_checkpoint(ckpt_path, stage=stage_name, config=config) if run.resume else None
+    checkpoint = (load_checkpoint(ckpt_path, stage=stage_name, config=config, legacy=stage.legacy_defaults)
+                  if run.resume else None)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])  # whole, before any sharding
         step, seconds_before = checkpoint["step"], checkpoint.get("seconds", 0.0)

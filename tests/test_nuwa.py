@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import nearby_attention
 import nuwa
 
 K, KS = 16, 8  # codebook sizes of the toy models
@@ -37,7 +38,10 @@ def trained_looking(model: nuwa.NUWA) -> nuwa.NUWA:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith(("position_bias", "relative_keys")):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+                # Divided by the gain the layers multiply them by: scores stay in a range where a wrong
+                # entry changes the output.
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                                / nearby_attention.RELATIVE_GAIN)
     return model
 
 
@@ -251,3 +255,14 @@ def test_old_checkpoints_load_the_paper_way_and_mismatches_name_the_field(tmp_pa
                tmp_path / "mismatch.pt")
     with pytest.raises(ValueError, match="relative_bias=True"):
         nuwa.load_nuwa(tmp_path / "mismatch.pt")
+
+
+def test_parameter_groups_list_every_parameter_once_and_decay_weight_matrices_only():
+    model = toy_model(**SCHEMES["aids"])
+    decayed, kept = (group["params"] for group in nuwa.parameter_groups(model, 0.01))
+    ids = [id(p) for p in decayed + kept]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # the tied matrix once
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith(("position_bias", "relative_keys")) or p.dim() < 2 for p in kept)
+    assert any(names[id(p)].endswith("relative_keys") for p in kept)
+    assert all(p.dim() >= 2 for p in decayed)

@@ -2,6 +2,7 @@
 are checked on load; saves are atomic; the flags cover every field; the schedule; NaN stops a run;
 benchmarks/bench_train.py measures. Runs across processes, resume and signals: test_distributed.py."""
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -62,6 +63,47 @@ def test_resume_continues_and_another_config_is_rejected_naming_the_field(tmp_pa
         vqgan.load_vqgan(path, config=other)
     with pytest.raises(ValueError, match="stage 'vqgan', not 'seg'"):
         train.load_checkpoint(path, stage="seg", config=other)
+
+
+def test_resume_reads_a_checkpoint_older_than_a_config_field_as_trained_the_old_way(tmp_path):
+    # A NÜWA checkpoint written before relative_bias & co. existed was trained the paper's way.
+    import nuwa
+    paper = nuwa.NUWAConfig.preset("tiny", **nuwa.PAPER_SCHEME)
+    old = {k: v for k, v in train.config_to_dict(paper).items() if k not in nuwa.LEGACY_DEFAULTS}
+    train.save_checkpoint({"stage": "nuwa", "config": old, "model": {}}, tmp_path / "ckpt.pt")
+    stage = train.STAGES["nuwa"]
+    train.load_checkpoint(tmp_path / "ckpt.pt", stage="nuwa", config=paper, legacy=stage.legacy_defaults)
+    with pytest.raises(ValueError, match="relative_bias: expected True, found False"):
+        train.load_checkpoint(tmp_path / "ckpt.pt", stage="nuwa", config=nuwa.NUWAConfig.preset("tiny"),
+                              legacy=stage.legacy_defaults)
+
+
+def test_v2v_is_scored_on_its_predicted_half_only(monkeypatch):
+    import nuwa
+    seen = {}
+
+    class Recorder:
+        config = nuwa.NUWAConfig.preset("tiny", tasks="v2v", predict_frames=4, seg_ckpt="")
+        tokenizer = nuwa.TextTokenizer()
+        bos = torch.zeros(1)
+
+        def loss(self, cond, targets, loss_mask=None):
+            seen["targets"], seen["mask"] = targets, loss_mask
+            return torch.zeros(())
+
+    class Frames:
+        def encode_video(self, video):
+            return torch.zeros(video.shape[0], video.shape[1], 2, 2, dtype=torch.long)
+
+    monkeypatch.setattr(train, "frozen_tokenizer", lambda *args: Frames())
+    train.nuwa_loss(Recorder(), {"v2v": {"video": torch.zeros(3, 4, 1, 8, 8)}}, step=0, carry={},
+                    autocast=contextlib.nullcontext)
+    assert seen["mask"].shape == seen["targets"].shape
+    assert not seen["mask"][:, :2].any() and seen["mask"][:, 2:].all()  # frames 2, 3 of 4: the predicted half
+    Recorder.config.v2v_loss_on_given = True  # the paper's loss, over every token
+    train.nuwa_loss(Recorder(), {"v2v": {"video": torch.zeros(3, 4, 1, 8, 8)}}, step=0, carry={},
+                    autocast=contextlib.nullcontext)
+    assert seen["mask"] is None
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
