@@ -69,6 +69,7 @@ from judge import (  # noqa: E402
     ClassifierConfig,
     PairConfig,
     VideoReading,
+    as_frames,
     classifier_accuracy,
     classifier_path,
     classify_blobs,
@@ -76,6 +77,7 @@ from judge import (  # noqa: E402
     load_classifier,
     locate_digits,
     pair_accuracy,
+    read_pair,
     read_video,
     save_classifier,
     train_classifier,
@@ -442,9 +444,19 @@ def frame_scores(prediction: torch.Tensor, truth: torch.Tensor) -> dict[str, tor
 
 def both_digits_found(frame: torch.Tensor, digits: torch.Tensor, classifier) -> bool:
     """Does the reader find exactly the clip's two digits in one frame (1, 64, 64)? A prediction that
-    keeps its digits legible to the end passes; one that dissolves them does not."""
-    reading = read_video(frame[None], classifier, num_digits=len(digits))
-    return sorted(reading.digits) == sorted(digits.tolist())
+    keeps its digits legible to the end passes; one that dissolves them does not. Two or more ink
+    blobs: the classifier names the two biggest; one blob (the digits overlap): the pair classifier
+    names both, when the classifier file has one."""
+    frames = as_frames(frame)  # (1, H, W)
+    blobs = locate_digits(frames)[0]  # biggest first
+    if len(blobs) >= 2:
+        classify_blobs(frames, [(0, blob) for blob in blobs[:2]], classifier)
+        found = [blob.label for blob in blobs[:2]]
+    elif blobs and getattr(classifier, "pair", None) is not None:
+        found = list(read_pair(frames, [blobs], classifier.pair))
+    else:
+        return False
+    return sorted(found) == sorted(digits.tolist())
 
 
 def copy_last_frame(video: torch.Tensor, given: int) -> torch.Tensor:
