@@ -190,6 +190,11 @@ def relative_offset(q_index: Tensor, kv_index: Tensor, q_shape: Shape3, kv_shape
     return index
 
 
+def bos_first(offsets: Tensor, extent: Shape3) -> Tensor:
+    """Entries (..., L) of keys that hold grid positions, with bos's entry (the last) put in front: (..., 1 + L)."""
+    return torch.cat([torch.full_like(offsets[..., :1], offset_count(extent) - 1), offsets], dim=-1)
+
+
 def nearby_mask(q_shape, kv_shape, extent, causal: bool, bos: bool = False, *,
                 device: torch.device | str | None = None) -> Tensor:
     """The 3DNA attention mask, True = may attend: BoolTensor (Nq, Nk). The single source of truth.
@@ -277,7 +282,7 @@ def _cached_offsets(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, bos: bool
                               torch.arange(math.prod(kv_shape), device=device)[None, :],
                               q_shape, kv_shape, extent)  # (Nq, Nk) over grid positions s
     if bos:  # key r holds y_{r-1}: shift by one column, bos first
-        offsets = torch.cat([torch.full_like(offsets[:, :1], offset_count(extent) - 1), offsets[:, :-1]], dim=1)
+        offsets = bos_first(offsets[:, :-1], extent)  # (Nq, Nk) over keys r
     return offsets
 
 
@@ -381,7 +386,7 @@ def _blocked_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: boo
     if relative:  # which bias entry each (query slot, key) pair reads
         offsets = relative_offset(q_slots[:, :, None], kv_box[:, None, :], q_shape, kv_shape, extent)  # (n_tiles, Q, L)
         if bos:
-            offsets = torch.cat([torch.full_like(offsets[:, :, :1], offset_count(extent) - 1), offsets], dim=2)
+            offsets = bos_first(offsets, extent)  # (n_tiles, Q, 1 + L), as kv_gather below
     if bos:
         # Key r holds y_{r-1}, so position s is key s + 1; y_{N-1} is no key: its clamped index is a
         # duplicate that the rule always masks (s = N - 1 < p never holds). bos leads every box.
@@ -703,7 +708,7 @@ def _self_step_plan(frame_shape: tuple[int, int], extent: Shape3, lookback: int,
     index = torch.cat([torch.zeros_like(p)[:, None], buffer.flatten(1)], dim=1)  # (H·W, 1 + L)
     allowed = torch.cat([torch.ones_like(allowed.flatten(1)[:, :1]), allowed.flatten(1)], dim=1)  # (H·W, 1 + L)
     offsets = relative_offset(p[:, None, None, None], s, local, local, extent).flatten(1)  # (H·W, L)
-    offsets = torch.cat([torch.full_like(offsets[:, :1], offset_count(extent) - 1), offsets], dim=1)  # bos first
+    offsets = bos_first(offsets, extent)  # (H·W, 1 + L), as index
     return _StepPlan(index.to(device), allowed[:, None, None, :].to(device), offsets.to(device))
 
 

@@ -44,6 +44,12 @@ def out_and_grads(fn, q, k, v, seed=1):
     return [out.detach(), *grads]
 
 
+def _module(extent, *, causal=False, context_dim=None, backend="blocked", dim=12, heads=3, seed=0):
+    torch.manual_seed(seed)
+    return na.NearbyAttention(dim, heads, extent, causal=causal, context_dim=context_dim,
+                              backend=backend).double()
+
+
 def brute_force_mask(q_shape, kv_shape, extent, causal, bos):
     """The SPEC §4 definition, spelled out with loops over every (query, key) pair."""
     (T, H, W), (T2, H2, W2), (e_t, e_h, e_w) = q_shape, kv_shape, extent
@@ -349,34 +355,6 @@ def test_module_relative_tables_backends_agree_with_gradients():
     assert results[0][1 + names.index("relative_keys")].abs().sum() > 0
 
 
-@pytest.mark.parametrize("extent", [(1, 1, 2), (2, 0, 1), (6, 1, 1)])
-def test_biased_self_decode_step_equals_forward(extent):
-    shape = (4, 3, 5)
-    layer = _biased_module(extent, causal=True)
-    x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
-    with torch.no_grad():
-        full = layer(x, shape, bos=True)
-        reference = _biased_module(extent, backend="reference", causal=True)
-        torch.testing.assert_close(reference(x, shape, bos=True), full, rtol=0, atol=TOL)
-        cache = layer.new_cache()
-        steps = torch.cat([layer.step(x[:, p:p + 1], p, shape, cache) for p in range(x.shape[1])], dim=1)
-    torch.testing.assert_close(steps, full, rtol=0, atol=TOL)
-
-
-@pytest.mark.parametrize("extent,kv_shape", [((1, 1, 1), (2, 5, 3)), ((0, 2, 1), (6, 2, 4)), ((3, 4, 4), (2, 2, 3))])
-def test_biased_cross_decode_step_equals_forward(extent, kv_shape):
-    shape = (4, 3, 5)
-    layer = _biased_module(extent, context_dim=8)
-    x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
-    context = torch.randn(2, math.prod(kv_shape), 8, dtype=torch.float64)
-    with torch.no_grad():
-        full = layer(x, shape, context=context, kv_shape=kv_shape, bos=True)
-        cache = layer.new_cache()
-        steps = [layer.step(x[:, :1], 0, shape, cache, context=context, kv_shape=kv_shape)]
-        steps += [layer.step(x[:, p:p + 1], p, shape, cache) for p in range(1, x.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=TOL)
-
-
 def test_zero_bias_changes_nothing():
     # Fresh tables are zero: an untrained layer with both attends exactly like the paper's.
     shape = (3, 4, 5)
@@ -391,12 +369,6 @@ def test_zero_bias_changes_nothing():
 # The module and its decode step
 # ---------------------------------------------------------------------------------------------
 
-def _module(extent, *, causal=False, context_dim=None, backend="blocked", dim=12, heads=3, seed=0):
-    torch.manual_seed(seed)
-    return na.NearbyAttention(dim, heads, extent, causal=causal, context_dim=context_dim,
-                              backend=backend).double()
-
-
 def test_module_backends_agree():
     shape = (3, 4, 5)
     x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
@@ -406,23 +378,29 @@ def test_module_backends_agree():
     assert outs[0].shape == x.shape
 
 
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "relative"])
 @pytest.mark.parametrize("extent", [(1, 1, 2), (2, 0, 1), (6, 1, 1), (1, 4, 9), None])
-def test_self_decode_step_equals_forward(extent):
+def test_self_decode_step_equals_forward(extent, biased):
+    # "relative": random relative tables b and r, which the step reads from its per-frame plans.
     shape = (4, 3, 5)
-    layer = _module(extent, causal=True)
+    layer = _biased_module(extent, causal=True) if biased else _module(extent, causal=True)
     x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
     with torch.no_grad():
         full = layer(x, shape, bos=True)
+        if biased:  # the full pass itself against the loop reference, tables included
+            reference = _biased_module(extent, backend="reference", causal=True)
+            torch.testing.assert_close(reference(x, shape, bos=True), full, rtol=0, atol=TOL)
         cache = layer.new_cache()
         steps = torch.cat([layer.step(x[:, p:p + 1], p, shape, cache) for p in range(x.shape[1])], dim=1)
     torch.testing.assert_close(steps, full, rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "relative"])
 @pytest.mark.parametrize("extent,kv_shape", [((1, 1, 1), (2, 5, 3)), ((0, 2, 1), (6, 2, 4)), ((3, 4, 4), (2, 2, 3)),
                                              (None, (1, 1, 7))])
-def test_cross_decode_step_equals_forward(extent, kv_shape):
+def test_cross_decode_step_equals_forward(extent, kv_shape, biased):
     shape = (4, 3, 5)
-    layer = _module(extent, context_dim=8)
+    layer = _biased_module(extent, context_dim=8) if biased else _module(extent, context_dim=8)
     x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
     context = torch.randn(2, math.prod(kv_shape), 8, dtype=torch.float64)
     with torch.no_grad():
