@@ -237,6 +237,7 @@ def config_to_dict(config: Any) -> dict:
 
 
 def config_to_dict_values(values: dict) -> dict:
+    """Config values as a checkpoint stores them: tuples as lists."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
