@@ -28,10 +28,15 @@ Deviations from the paper (each also marked at its line):
   the output head tied to the token embedding; decoder self-attention's W^V and W^O starting as the
   identity. Without them the tiny model never learns to copy a token from the previous frame, so no
   digit moves (learning probes, README).
+- Pixel code embeddings (`pixel_codes`): a code's embedding, and so its tied logit, is a free vector
+  plus a learned projection of the f × f pixels the tokenizer draws for it. A digit moving 3.6 px
+  per frame is redrawn by new codes in every frame; what the model learns about a stroke then
+  carries over to the codes that draw shifted copies of it (real-token probe, README).
 - Video prediction (V2V) is trained on the predicted half only (`v2v_loss_on_given` False); the paper
   sums the loss over every token.
 - The `paper` preset (and PAPER_SCHEME) turns all of these off: `train.py --no-relative-bias
-  --no-relative-keys --no-tie-head --no-identity-init --v2v-loss-on-given` trains the paper's model.
+  --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --v2v-loss-on-given` trains
+  the paper's model.
 - Classifier-free guidance is an option we add (off by default, the paper does not use it); the
   unconditional pass uses the condition "None" and is fed exactly the same decoder input.
 """
@@ -58,7 +63,7 @@ from nearby_attention import NearbyAttention
 # The paper's model: absolute positions only, an untied head, no copying initialisation (the paper
 # states none; ours is GPT-2's, `_init_weights`), V2V trained on every token (NUWAConfig).
 PAPER_SCHEME = dict(relative_bias=False, relative_keys=False, tie_head=False, identity_init=False,
-                    v2v_loss_on_given=True)
+                    pixel_codes=False, v2v_loss_on_given=True)
 
 
 @dataclass
@@ -83,6 +88,7 @@ class NUWAConfig:
     relative_keys: bool = True  # + q · r_offset: the query chooses the offset it reads (Shaw et al.)
     tie_head: bool = True  # the output head shares the target token embedding's matrix
     identity_init: bool = True  # decoder self-attention's value and output projections start as identity
+    pixel_codes: bool = True  # a code's embedding (and tied logit) includes a projection of its pixels
     # --- training (train.py --stage nuwa); the model itself ignores these fields
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frame tokenizer whose codes this model predicts
     seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
@@ -286,6 +292,16 @@ class NUWA(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
         self.decoder_norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, config.codebook_size, bias=False)
+        if config.pixel_codes:
+            # DEVIATION (NÜWA §3.3 embeds a code by a free vector): e_k = E[k] + W · pixels_k, where
+            # pixels_k is the f × f cell the tokenizer draws for code k (VQGAN.code_patches, copied in by
+            # `set_code_pixels` before training and stored with the model). Codes that look alike start
+            # alike, and with the tied head the logit of code k is a score of its pixels, so what the
+            # model learns about one stroke transfers to the hundreds of codes that draw shifted copies
+            # of it (a digit moving 3.6 px per frame is redrawn by new codes in every frame).
+            cell = (data.CANVAS // config.token_h) * (data.CANVAS // config.token_w)
+            self.register_buffer("code_pixels", torch.zeros(config.codebook_size, cell))  # (K, f·f)
+            self.pixel_embed = nn.Linear(cell, D, bias=False)
         self.apply(self._init_weights)
         if config.tie_head:
             # DEVIATION (NÜWA §3.3 does not say): logits are h · e_k, the embedding of code k, so a layer
@@ -336,7 +352,7 @@ class NUWA(nn.Module):
         targets (B, T, h, w) → (B, N, D)."""
         B, T, h, w = targets.shape
         tokens = targets.reshape(B, -1)  # (B, N) raster order
-        shifted = self.token_embed(tokens[:, :-1])  # (B, N-1, D)
+        shifted = F.embedding(tokens[:, :-1], self.code_vectors())  # (B, N-1, D)
         x = torch.cat([self.bos.expand(B, 1, -1), shifted], dim=1)  # (B, N, D)
         # DEVIATION (NÜWA §3.3): input p carries the position of the target p it predicts (our choice).
         return x + self.target_pos((T, h, w))  # (B, N, D)
@@ -350,7 +366,34 @@ class NUWA(nn.Module):
     def decode_logits(self, x, shape, memory, memory_shape, cross_extent) -> torch.Tensor:
         for layer in self.decoder:
             x = layer(x, tuple(shape), memory, memory_shape, cross_extent)  # (B, N, D)
-        return self.head(self.decoder_norm(x))  # (B, N, K)
+        return self.logits(x)  # (B, N, K)
+
+    # --- codes: embeddings in, logits out -----------------------------------------------------
+
+    def code_vectors(self) -> torch.Tensor:
+        """The embedding of every code (K, D): E[k], plus W · pixels_k with pixel_codes."""
+        if not self.config.pixel_codes:
+            return self.token_embed.weight  # (K, D)
+        return self.token_embed.weight + self.pixel_embed(self.code_pixels.to(self.pixel_embed.weight.dtype))
+
+    def logits(self, x: torch.Tensor, code_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's output stream (..., D) → next-code logits (..., K)."""
+        x = self.decoder_norm(x)
+        if self.config.tie_head and self.config.pixel_codes:
+            return F.linear(x, self.code_vectors() if code_vectors is None else code_vectors)  # h · e_k
+        return self.head(x)  # (..., K); tied without pixels: head.weight is E
+
+    @torch.no_grad()
+    def set_code_pixels(self, pixels: torch.Tensor) -> None:
+        """Copy in what each code looks like: (K, f·f) pixels from the frame tokenizer
+        (vqgan.VQGAN.code_patches). Stored with the model, so a checkpoint carries them."""
+        if not self.config.pixel_codes:
+            raise ValueError("this model has pixel_codes=False: it has no code pixels to set")
+        if tuple(pixels.shape) != tuple(self.code_pixels.shape):
+            raise ValueError(f"code pixels of shape {tuple(pixels.shape)} do not fit this model's "
+                             f"{tuple(self.code_pixels.shape)} (codebook_size × the f × f pixels of a "
+                             f"{self.config.token_h} × {self.config.token_w} token grid on {data.CANVAS} px)")
+        self.code_pixels.copy_(pixels)
 
     def loss(self, cond: Condition, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """NÜWA Eq. 10: L = − Σ_p log p(y_p | y_<p, C), averaged over the (optionally masked) targets."""
@@ -423,12 +466,14 @@ class NUWA(nn.Module):
         if use_cache and caches is None:
             caches = [self.new_caches() for _ in passes]
         positions = self.target_pos(target_shape)  # (N, D)
+        vectors = self.code_vectors()  # (K, D), once for all steps
         for p in tqdm(range(N), desc="tokens", unit="tok", disable=not progress, leave=False):
             if use_cache:
                 # Input p is bos (p = 0) or the embedding of y_{p-1}, plus position p; same for all passes.
-                x_p = self.bos.expand(B, 1, -1) if p == 0 else self.token_embed(tokens[:, p - 1:p])
+                x_p = self.bos.expand(B, 1, -1) if p == 0 else F.embedding(tokens[:, p - 1:p], vectors)
                 x_p = x_p + positions[p]  # (B, 1, D)
-                logits = [self.step_logits(x_p, p, target_shape, c, *enc) for c, enc in zip(caches, passes)]
+                logits = [self.step_logits(x_p, p, target_shape, c, *enc, code_vectors=vectors)
+                          for c, enc in zip(caches, passes)]
             else:
                 x = self.decoder_input(tokens.view(B, T, h, w))  # (B, N, D); positions ≥ p unused (causal)
                 logits = [self.decode_logits(x, target_shape, *enc)[:, p] for enc in passes]
@@ -442,10 +487,11 @@ class NUWA(nn.Module):
     def new_caches(self) -> list:
         return [(layer.self_attn.new_cache(), layer.cross_attn.new_cache()) for layer in self.decoder]
 
-    def step_logits(self, x_p, p, shape, caches, memory, memory_shape, cross_extent) -> torch.Tensor:
+    def step_logits(self, x_p, p, shape, caches, memory, memory_shape, cross_extent, *,
+                    code_vectors: torch.Tensor | None = None) -> torch.Tensor:
         for layer, layer_caches in zip(self.decoder, caches):
             x_p = layer.step(x_p, p, shape, layer_caches, memory, memory_shape, cross_extent)  # (B, 1, D)
-        return self.head(self.decoder_norm(x_p))[:, 0]  # (B, K)
+        return self.logits(x_p, code_vectors)[:, 0]  # (B, K)
 
 
 def cache_nbytes(caches: list) -> int:
@@ -511,7 +557,7 @@ def load_nuwa(path, *, map_location="cpu") -> NUWA:
     except RuntimeError as error:
         raise ValueError(f"{path} does not match the model its config describes (relative_bias="
                          f"{config.relative_bias}, relative_keys={config.relative_keys}, extent={config.extent}, "
-                         f"tie_head={config.tie_head}): {error}") from error
+                         f"tie_head={config.tie_head}, pixel_codes={config.pixel_codes}): {error}") from error
     return model.to(map_location).eval()
 
 

@@ -340,7 +340,11 @@ def frozen_tokenizer(path: str, device: str, codebook_size: int, token_shape: tu
 
 def build_nuwa(config: nuwa.NUWAConfig, device: torch.device) -> nuwa.NUWA:
     nuwa_tasks(config)  # fail on a bad task list before any work
-    return nuwa.NUWA(config).to(device)
+    model = nuwa.NUWA(config).to(device)
+    if config.pixel_codes:  # what each code looks like, from the tokenizer NÜWA is trained on
+        frames = frozen_tokenizer(config.vqgan_ckpt, str(device), config.codebook_size, (config.token_h, config.token_w))
+        model.set_code_pixels(frames.code_patches())
+    return model
 
 
 def nuwa_optimizers(model: nuwa.NUWA, config: nuwa.NUWAConfig, device: torch.device) -> dict:

@@ -510,6 +510,24 @@ class VQGAN(nn.Module):
         """Tokens z (B, h, w) → x̂ = G(B[z]) (B, C, H, W); class logits for VQ-GAN-Seg."""
         return self.decoder(self.quantizer.lookup(indices))  # (B, C, H, W)
 
+    @torch.no_grad()
+    def code_patches(self) -> torch.Tensor:
+        """What each code looks like: code k decoded alone in the middle of an empty frame, cropped to
+        its own f × f cell. Returns (K, f·f) pixels; NÜWA's pixel code embeddings read them."""
+        if self.config.in_channels != 1:
+            raise ValueError("code_patches is defined for frame tokenizers (one grey channel), not VQ-GAN-Seg")
+        f, (h, w) = self.config.downsample, self.config.token_shape
+        size = self.config.resolution
+        empty = self.encode(torch.zeros(1, 1, size, size, device=self.quantizer.codebook.device))  # (1, h, w)
+        background = int(empty.flatten().mode().values)  # the code of an empty cell
+        grids = torch.full((self.codebook_size, h, w), background, dtype=torch.long, device=empty.device)
+        grids[:, h // 2, w // 2] = torch.arange(self.codebook_size, device=empty.device)  # code k at the centre
+        cells = []
+        for chunk in grids.split(64):
+            frames = self.decode(chunk).clamp(0, 1)  # (k, 1, H, W)
+            cells.append(frames[:, 0, (h // 2) * f:(h // 2 + 1) * f, (w // 2) * f:(w // 2 + 1) * f])
+        return torch.cat(cells).flatten(1)  # (K, f·f)
+
     def forward(self, x: torch.Tensor, *, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, H, W) → (x̂ (B, C, H, W), losses). `losses["loss"]` is the tokenizer's objective;
         the GAN term joins from `step >= disc_start` in training mode. Also reports codebook usage,

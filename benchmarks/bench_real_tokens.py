@@ -10,6 +10,7 @@ it moves), background tokens, and all tokens. The last line is one JSON object.
 
     python benchmarks/bench_real_tokens.py --vqgan out/demo/vqgan/ckpt.pt --max-seconds 420
     python benchmarks/bench_real_tokens.py --vqgan out/demo/vqgan/ckpt.pt --paper   # absolute positions only
+    python benchmarks/bench_real_tokens.py --vqgan out/vqgan/ckpt.pt --set pixel_codes=false   # one aid off
 
 Measured figures: README ("Learning probes").
 """
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_learn  # noqa: E402
 import data  # noqa: E402
 import nuwa  # noqa: E402
 import vqgan  # noqa: E402
@@ -65,7 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--paper", action="store_true", help="the paper's scheme (no relative tables, untied head)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="NUWAConfig overrides, as in bench_learn.py (e.g. pixel_codes=false)")
     args = parser.parse_args(argv)
+    overrides = bench_learn.parse_overrides(args.set)
     torch.set_num_threads(args.threads)
     tokenizer = vqgan.load_vqgan(args.vqgan).eval()
     train_tokens, train_captions = tokenized_clips(tokenizer, "train", 3000, args.frames)
@@ -75,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     scheme = nuwa.PAPER_SCHEME if args.paper else {}
     model = nuwa.NUWA(nuwa.NUWAConfig.preset("tiny", codebook_size=tokenizer.codebook_size, token_h=h, token_w=w,
-                                              **scheme))
+                                              **scheme, **overrides))
+    if model.config.pixel_codes:
+        model.set_code_pixels(tokenizer.code_patches())
     optimizer = torch.optim.AdamW(nuwa.parameter_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(1)
     curve, step, start = [], 0, time.perf_counter()

@@ -29,12 +29,15 @@ def conditions(model):
 
 # The paper's absolute positions only, and the learning aids (relative bias, tied head, identity init).
 SCHEMES = {"paper": nuwa.PAPER_SCHEME,
-           "aids": dict(relative_bias=True, relative_keys=True, tie_head=True, identity_init=True)}
+           "aids": dict(relative_bias=True, relative_keys=True, tie_head=True, identity_init=True, pixel_codes=True)}
 
 
 def trained_looking(model: nuwa.NUWA) -> nuwa.NUWA:
-    """Random relative tables b and r (fresh ones are zero and would hide an indexing mistake)."""
+    """Random relative tables b and r (fresh ones are zero and would hide an indexing mistake), and
+    random code pixels (fresh ones are zero until a tokenizer sets them)."""
     generator = torch.Generator().manual_seed(9)
+    if model.config.pixel_codes:
+        model.set_code_pixels(torch.rand(model.code_pixels.shape, generator=generator, dtype=torch.float64))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith(("position_bias", "relative_keys")):
@@ -226,6 +229,7 @@ def test_learning_aids_are_what_they_say():
         assert attention.position_bias.shape == (model.config.num_heads, math.prod(2 * e + 1 for e in extent) + 1)
     paper = toy_model(**SCHEMES["paper"])
     assert paper.head.weight is not paper.token_embed.weight
+    assert not hasattr(paper, "code_pixels") and not hasattr(paper, "pixel_embed")
     assert all(not name.endswith("position_bias") for name, _ in paper.named_parameters())
 
 
@@ -249,7 +253,7 @@ def test_old_checkpoints_load_the_paper_way_and_mismatches_name_the_field(tmp_pa
     torch.save({"stage": "nuwa", "config": old_config, "model": paper.state_dict()}, tmp_path / "old.pt")
     loaded = nuwa.load_nuwa(tmp_path / "old.pt")
     assert not loaded.config.relative_bias and not loaded.config.relative_keys and not loaded.config.tie_head
-    assert not loaded.config.identity_init and loaded.config.v2v_loss_on_given
+    assert not loaded.config.identity_init and not loaded.config.pixel_codes and loaded.config.v2v_loss_on_given
     # A state dict whose tables do not fit the config it records is refused, naming the field.
     torch.save({"stage": "nuwa", "config": {**old_config, "relative_bias": True}, "model": paper.state_dict()},
                tmp_path / "mismatch.pt")
@@ -266,3 +270,38 @@ def test_parameter_groups_list_every_parameter_once_and_decay_weight_matrices_on
     assert all(names[id(p)].endswith(("position_bias", "relative_keys")) or p.dim() < 2 for p in kept)
     assert any(names[id(p)].endswith("relative_keys") for p in kept)
     assert all(p.dim() >= 2 for p in decayed)
+
+
+def test_pixel_codes_embed_and_score_each_code_by_its_pixels():
+    model = trained_looking(toy_model(**SCHEMES["aids"]))
+    vectors = model.token_embed.weight + model.code_pixels @ model.pixel_embed.weight.t()  # e_k = E[k] + W·pixels_k
+    assert torch.allclose(model.code_vectors(), vectors)
+    cond = conditions(model)["text"]
+    targets = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(2))
+    x = model.decoder_input(targets)
+    assert torch.allclose(x[:, 1], vectors[targets.view(2, -1)[:, 0]] + model.target_pos((3, 3, 4))[1])
+    # Tied head: logits are h · e_k with the same vectors; new pixels change them.
+    before = model(cond, targets)
+    model.set_code_pixels(torch.rand(model.code_pixels.shape, dtype=torch.float64))
+    assert (model(cond, targets) - before).abs().amax() > 1e-3
+    with pytest.raises(ValueError, match="do not fit this model"):
+        model.set_code_pixels(torch.zeros(K, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="pixel_codes=False"):
+        toy_model(**SCHEMES["paper"]).set_code_pixels(torch.zeros(K, 5))
+
+
+def test_code_patches_draw_each_code_in_its_own_cell():
+    import vqgan
+
+    torch.manual_seed(0)
+    tokenizer = vqgan.VQGAN(vqgan.VQGANConfig(codebook_size=8)).eval()
+    patches = tokenizer.code_patches()  # (K, f·f)
+    f = tokenizer.config.downsample
+    assert patches.shape == (8, f * f) and 0 <= patches.min() and patches.max() <= 1
+    h, w = tokenizer.config.token_shape
+    code = 5
+    grid = torch.full((1, h, w), int(tokenizer.encode(torch.zeros(1, 1, 64, 64)).flatten().mode().values))
+    grid[0, h // 2, w // 2] = code
+    frame = tokenizer.decode(grid).clamp(0, 1)[0, 0]
+    cell = frame[(h // 2) * f:(h // 2 + 1) * f, (w // 2) * f:(w // 2 + 1) * f]
+    assert torch.allclose(patches[code], cell.flatten(), atol=1e-4)  # float32, decoded in a batch of 8 vs 1
