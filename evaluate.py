@@ -388,9 +388,9 @@ def run_t2v(args: argparse.Namespace) -> dict:
     classifier = load_classifier(args.classifier, args.device)
     config = models.nuwa.config
     frames, num_digits = args.frames or config.frames, args.num_digits or config.num_digits
-    sampling = sampling_options(args, args.device)
+    sampling = {**sampling_options(args, args.device), "guidance_scale": args.guidance}
     print(f"seed {args.seed}; {frames} frames, {num_digits} digit(s); temperature {args.temperature}, "
-          f"top-k {args.top_k or 'off'}")
+          f"top-k {args.top_k or 'off'}, guidance {args.guidance or 'off'}")
     metrics, all_scores, real_scores, generated, real = {}, [], [], [], []
     bar = tqdm(total=len(CAPTION_SPLITS) * args.num_videos, desc="t2v", unit="video")
     for name, split in CAPTION_SPLITS.items():
@@ -424,7 +424,7 @@ def run_t2v(args: argparse.Namespace) -> dict:
     metrics["fld_real_floor"] = fld_or_nan(reading_features(other), reading_features(real))
     metrics["real_caption_accuracy"] = accuracies(real_scores)["caption_accuracy"]  # the judge on the truth
     metrics.update(frames=frames, num_digits=num_digits, temperature=args.temperature, top_k=args.top_k or None,
-                   seed=args.seed, ckpt=str(args.ckpt))
+                   guidance=args.guidance, seed=args.seed, ckpt=str(args.ckpt))
     return metrics
 
 
@@ -670,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     t2v.add_argument("--frames", type=int, default=0, help="frames per video (0 = the checkpoint's `frames`)")
     t2v.add_argument("--num-digits", "--num_digits", dest="num_digits", type=int, default=0, choices=[0, 1, 2],
                      help="digits per caption (0 = the checkpoint's `num_digits`)")
+    t2v.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale s (logits l_None + s·(l_caption − l_None); needs a model "
+                          "trained with cond_drop_prob > 0; default off)")
     add_common(t2v)
 
     predict = sub.add_parser("predict", help="video prediction: MSE, MAE, PSNR, SSIM vs copy-last-frame")
