@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_learn, for --set
 import train  # noqa: E402
 import vqgan  # noqa: E402
 
@@ -111,16 +112,17 @@ def measure(stage_name: str, preset: str, device: torch.device, warmup: int, ste
 
 
 def parse_sets(items: list[str]) -> dict:
-    """--set FIELD=VALUE pairs, typed by the NÜWA config field's default."""
+    """--set FIELD=VALUE pairs, typed by the NÜWA config field's default (as bench_learn.py types
+    them; training fields such as batch_size are allowed here: they change the measured step)."""
+    import bench_learn
     import nuwa
     defaults = nuwa.NUWAConfig()
     overrides = {}
     for item in items:
-        name, _, text = item.partition("=")
-        if not hasattr(defaults, name):
-            raise SystemExit(f"--set {item}: NUWAConfig has no field {name!r}")
-        kind = type(getattr(defaults, name))
-        overrides[name] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+        name, sep, text = item.partition("=")
+        if not sep or not hasattr(defaults, name):
+            raise SystemExit(f"--set {item}: expected FIELD=VALUE with a NUWAConfig field")
+        overrides[name] = bench_learn.parse_value(text, getattr(defaults, name))
     return overrides
 
 
