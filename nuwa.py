@@ -93,6 +93,7 @@ class NUWAConfig:
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frame tokenizer whose codes this model predicts
     seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
     tasks: str = "t2v,t2i,v2v,s2v,s2i"  # tasks summed in every step (NÜWA §3.4 mixes T2I, V2V, T2V)
+    t2i_steps: int = 0  # curriculum option: text→image alone for the first t2i_steps steps, then `tasks`
     frames: int = 10  # T of text→video and sketch→video clips (paper: 10)
     num_digits: int = 1  # digits per captioned training clip (data.CaptionedMovingMNIST: 1 or 2)
     predict_frames: int = 20  # V2V clips: the first half is given, the second predicted (10 → 10)

@@ -157,7 +157,7 @@ class Stage:
     batch: Callable[[Any, int, int, int, int], Any]  # (config, seed, step, part, parts) → micro-batch (CPU)
     phases: list[Phase]
     visualise: Callable[[nn.Module, Any, Path], Path]  # (model, config, png path) → path written
-    tokens_per_batch: Callable[[Any], int] = field(default=lambda config: 0)  # global batch, for tokens/s
+    tokens_per_batch: Callable[..., int] = field(default=lambda config, step=0: 0)  # (config, step) → global batch, for tokens/s
     warmup: Callable[[Any, int], float] = field(default=lambda config, step: 1.0)  # lr factor on top of the schedule
     fsdp_units: Callable[[nn.Module], list[nn.Module]] = field(default=lambda model: [])  # sharded one by one
     units: Callable[[Any], int] = field(default=lambda config: 1)  # forward/backward passes per micro-batch (patches)
@@ -304,7 +304,7 @@ def visualise_sketches(model: vqgan.VQGAN, config: vqgan.VQGANConfig, path: Path
     return data.save_grid(rows, path, captions=[t for _ in range(VISUAL_CLIPS) for t in ("sketch", "reconstruction")])
 
 
-def tokens_per_frame_batch(config: vqgan.VQGANConfig) -> int:
+def tokens_per_frame_batch(config: vqgan.VQGANConfig, step: int = 0) -> int:
     h, w = config.token_shape
     return config.batch_size * h * w
 
@@ -321,7 +321,15 @@ def nuwa_tasks(config: nuwa.NUWAConfig) -> list[str]:
         raise ValueError(f"unknown or no NÜWA task(s) {unknown or tasks}; choose from {list(NUWA_TASKS)}")
     if any(t.startswith("s2") for t in tasks) and not config.seg_ckpt:
         raise ValueError("sketch tasks need a VQ-GAN-Seg checkpoint: set --seg-ckpt or drop s2i/s2v from --tasks")
+    if config.t2i_steps < 0 or (config.t2i_steps and "t2i" not in tasks):
+        raise ValueError(f"t2i_steps={config.t2i_steps} needs t2i among the tasks ({config.tasks!r}) and must be ≥ 0")
     return tasks
+
+
+def nuwa_step_tasks(config: nuwa.NUWAConfig, step: int) -> list[str]:
+    """The tasks of step `step`: text→image alone for the first t2i_steps steps (the curriculum
+    option: learn to draw a digit before learning to move it), then the whole mix."""
+    return ["t2i"] if step < config.t2i_steps else nuwa_tasks(config)
 
 
 @functools.lru_cache(maxsize=4)
@@ -357,7 +365,7 @@ def nuwa_batch(config: nuwa.NUWAConfig, seed: int, step: int, part: int, parts: 
     """Micro-batch {task: pixel batch} of step `step`. The caption/sketch tasks share the step's
     captioned clips (an image task uses one frame t of them, drawn from (seed, step) so that every
     micro-batch and rank uses the same t); V2V uses two-digit Moving MNIST clips."""
-    tasks, B = nuwa_tasks(config), config.batch_size
+    tasks, B = nuwa_step_tasks(config, step), config.batch_size
     picks = equal_part(B, part, parts, "clips per task (batch_size)")
     captioned = captioned_clips("train", config.frames, config.num_digits, seed)
     clips = data.collate([captioned[(step * B + i) % len(captioned)] for i in picks])
@@ -449,10 +457,10 @@ def visualise_nuwa(model: nuwa.NUWA, config: nuwa.NUWAConfig, path: Path) -> Pat
     return data.save_grid(rows, path, captions=labels, max_frames=config.predict_frames)
 
 
-def nuwa_tokens_per_batch(config: nuwa.NUWAConfig) -> int:
+def nuwa_tokens_per_batch(config: nuwa.NUWAConfig, step: int = 0) -> int:
     per_frame = config.token_h * config.token_w
     lengths = {"t2i": 1, "s2i": 1, "t2v": config.frames, "s2v": config.frames, "v2v": config.predict_frames}
-    return config.batch_size * per_frame * sum(lengths[t] for t in nuwa_tasks(config))
+    return config.batch_size * per_frame * sum(lengths[t] for t in nuwa_step_tasks(config, step))
 
 
 # --- NÜWA-LIP (arXiv 2202.05009): DF-VQGAN (§3.1), then MP-S2S on its frozen tokens (§3.2-3.3) ---
@@ -586,7 +594,7 @@ DFVQGAN_STAGE = Stage(preset=lip.DFVQGANConfig.preset, build=build_dfvqgan, opti
 LIP_STAGE = Stage(preset=lip.LIPConfig.preset, build=build_lip,
                   optimizers=lambda model, config, device: {"lip": nuwa_optimizers(model, config, device)["nuwa"]},
                   batch=lip_batch, phases=[Phase("lip", lip_loss, lambda model: list(model.parameters()))],
-                  visualise=visualise_lip, tokens_per_batch=lambda config: config.batch_size * config.token_h * config.token_w,
+                  visualise=visualise_lip, tokens_per_batch=lambda config, step=0: config.batch_size * config.token_h * config.token_w,
                   warmup=linear_warmup,
                   fsdp_units=lambda model: [*model.text_encoder, *model.token_encoder, *model.pixel_encoder,
                                             *model.decoder])
@@ -633,7 +641,7 @@ def visualise_infinity(model: infinity.Infinity, config: infinity.InfinityConfig
     return infinity.visualise(model, infinity_tokenizer(config, model.bos.device), path)
 
 
-def infinity_tokens_per_batch(config: infinity.InfinityConfig) -> int:
+def infinity_tokens_per_batch(config: infinity.InfinityConfig, step: int = 0) -> int:
     return config.batch_size * math.prod(infinity.training_grid(config))
 
 
@@ -876,9 +884,9 @@ def train_processes(stage_name: str, config: Any, run: TrainConfig, procs: Proce
                                  config=config, autocast=autocast, ckpt_path=ckpt_path, units=stage.units(config))
             broadcast_in_place_state(in_place)
             metrics["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
-            step += 1
             seconds = time.perf_counter() - tick
-            tokens_per_s = stage.tokens_per_batch(config) / seconds
+            tokens_per_s = stage.tokens_per_batch(config, step) / seconds
+            step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", s_per_step=f"{seconds:.2f}", tokens_per_s=f"{tokens_per_s:.0f}")
             if log and (step % run.log_every == 0 or step == 1):

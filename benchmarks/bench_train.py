@@ -120,8 +120,10 @@ def parse_sets(items: list[str]) -> dict:
     overrides = {}
     for item in items:
         name, sep, text = item.partition("=")
-        if not sep or not hasattr(defaults, name):
-            raise SystemExit(f"--set {item}: expected FIELD=VALUE with a NUWAConfig field")
+        if not sep:
+            raise SystemExit(f"--set {item}: expected FIELD=VALUE")
+        if not hasattr(defaults, name):
+            raise SystemExit(f"--set {item}: NUWAConfig has no field {name!r}")
         overrides[name] = bench_learn.parse_value(text, getattr(defaults, name))
     return overrides
 

@@ -207,10 +207,21 @@ def test_bench_train_quick_prints_one_json_object_last():
     assert all(r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 for r in summary["results"])
 
 
+@needs_mnist
+def test_the_text_to_image_curriculum_draws_images_first_then_the_mix():
+    import nuwa
+    config = nuwa.NUWAConfig.preset("tiny", tasks="t2i,t2v", t2i_steps=2, frames=3, seg_ckpt="", token_h=8, token_w=8)
+    assert [sorted(train.nuwa_batch(config, 0, step, 0, 1)) for step in range(3)] == [["t2i"], ["t2i"], ["t2i", "t2v"]]
+    assert train.nuwa_tokens_per_batch(config, 1) == config.batch_size * 64  # tokens/s counts the phase's tasks
+    assert train.nuwa_tokens_per_batch(config, 2) == config.batch_size * 64 * 4
+    with pytest.raises(ValueError, match="t2i_steps=2 needs t2i"):
+        train.nuwa_tasks(nuwa.NUWAConfig.preset("tiny", tasks="t2v", t2i_steps=2, seg_ckpt=""))
+
+
 def test_bench_train_set_flags_are_typed_and_unknown_fields_refused():
     bench = load_bench_train()
-    assert bench.parse_sets(["backend=dense", "relative_keys=false", "batch_size=2"]) == {
-        "backend": "dense", "relative_keys": False, "batch_size": 2}
+    assert bench.parse_sets(["backend=dense", "relative_keys=false", "batch_size=2", "extent=1,2,2"]) == {
+        "backend": "dense", "relative_keys": False, "batch_size": 2, "extent": (1, 2, 2)}
     with pytest.raises(SystemExit, match="no field 'speed'"):
         bench.parse_sets(["speed=11"])
 
