@@ -99,6 +99,7 @@ class NUWAConfig:
     predict_frames: int = 20  # V2V clips: the first half is given, the second predicted (10 → 10)
     v2v_loss_on_given: bool = False  # V2V loss also on the given half (True) or on the predicted half only
     batch_size: int = 8  # clips per task per step (paper: 128 in total)
+    v2v_batch_size: int = 0  # V2V clips per step (20 frames each: the costliest task); 0 = batch_size
     lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
     weight_decay: float = 0.01  # AdamW weight decay (paper: not stated)
     warmup_steps: int = 100  # linear learning-rate warm-up (paper: not stated)

@@ -321,6 +321,8 @@ def nuwa_tasks(config: nuwa.NUWAConfig) -> list[str]:
         raise ValueError(f"unknown or no NÜWA task(s) {unknown or tasks}; choose from {list(NUWA_TASKS)}")
     if any(t.startswith("s2") for t in tasks) and not config.seg_ckpt:
         raise ValueError("sketch tasks need a VQ-GAN-Seg checkpoint: set --seg-ckpt or drop s2i/s2v from --tasks")
+    if config.v2v_batch_size < 0:
+        raise ValueError(f"v2v_batch_size must be ≥ 0 (0 = batch_size), got {config.v2v_batch_size}")
     if config.t2i_steps < 0 or (config.t2i_steps and "t2i" not in tasks):
         raise ValueError(f"t2i_steps={config.t2i_steps} needs t2i among the tasks ({config.tasks!r}) and must be ≥ 0")
     return tasks
@@ -378,8 +380,9 @@ def nuwa_batch(config: nuwa.NUWAConfig, seed: int, step: int, part: int, parts: 
         "s2v": {"video": clips["video"], "sketch": clips["sketch"]},
     }
     if "v2v" in tasks:
-        moving = moving_clips("train", config.predict_frames, 2, seed)
-        batch["v2v"] = {"video": torch.stack([moving[(step * B + i) % len(moving)]["video"] for i in picks])}
+        moving, B_v = moving_clips("train", config.predict_frames, 2, seed), v2v_clips(config)
+        v2v_picks = equal_part(B_v, part, parts, "V2V clips (v2v_batch_size)")
+        batch["v2v"] = {"video": torch.stack([moving[(step * B_v + i) % len(moving)]["video"] for i in v2v_picks])}
     return {task: batch[task] for task in tasks}
 
 
@@ -460,7 +463,13 @@ def visualise_nuwa(model: nuwa.NUWA, config: nuwa.NUWAConfig, path: Path) -> Pat
 def nuwa_tokens_per_batch(config: nuwa.NUWAConfig, step: int = 0) -> int:
     per_frame = config.token_h * config.token_w
     lengths = {"t2i": 1, "s2i": 1, "t2v": config.frames, "s2v": config.frames, "v2v": config.predict_frames}
-    return config.batch_size * per_frame * sum(lengths[t] for t in nuwa_step_tasks(config, step))
+    return per_frame * sum(lengths[t] * (v2v_clips(config) if t == "v2v" else config.batch_size)
+                           for t in nuwa_step_tasks(config, step))
+
+
+def v2v_clips(config: nuwa.NUWAConfig) -> int:
+    """V2V clips per step: its own v2v_batch_size, or batch_size like every other task."""
+    return config.v2v_batch_size or config.batch_size
 
 
 # --- NÜWA-LIP (arXiv 2202.05009): DF-VQGAN (§3.1), then MP-S2S on its frozen tokens (§3.2-3.3) ---

@@ -208,12 +208,17 @@ def test_bench_train_quick_prints_one_json_object_last():
 
 
 @needs_mnist
-def test_the_text_to_image_curriculum_draws_images_first_then_the_mix():
+def test_the_text_to_image_curriculum_and_per_task_batch_sizes():
     import nuwa
     config = nuwa.NUWAConfig.preset("tiny", tasks="t2i,t2v", t2i_steps=2, frames=3, seg_ckpt="", token_h=8, token_w=8)
     assert [sorted(train.nuwa_batch(config, 0, step, 0, 1)) for step in range(3)] == [["t2i"], ["t2i"], ["t2i", "t2v"]]
     assert train.nuwa_tokens_per_batch(config, 1) == config.batch_size * 64  # tokens/s counts the phase's tasks
     assert train.nuwa_tokens_per_batch(config, 2) == config.batch_size * 64 * 4
+    mixed = nuwa.NUWAConfig.preset("tiny", tasks="t2i,v2v", batch_size=4, v2v_batch_size=2, predict_frames=4,
+                                   seg_ckpt="", token_h=8, token_w=8)
+    batch = train.nuwa_batch(mixed, 0, 0, 0, 1)
+    assert len(batch["t2i"]["caption"]) == 4 and batch["v2v"]["video"].shape[0] == 2  # each task its own batch
+    assert train.nuwa_tokens_per_batch(mixed) == 4 * 64 + 2 * 4 * 64
     with pytest.raises(ValueError, match="t2i_steps=2 needs t2i"):
         train.nuwa_tasks(nuwa.NUWAConfig.preset("tiny", tasks="t2v", t2i_steps=2, seg_ckpt=""))
 
