@@ -389,8 +389,11 @@ def run_t2v(args: argparse.Namespace) -> dict:
     config = models.nuwa.config
     frames, num_digits = args.frames or config.frames, args.num_digits or config.num_digits
     sampling = {**sampling_options(args, args.device), "guidance_scale": args.guidance}
+    if args.redraw_empty:
+        sampling["blank_codes"] = models.vqgan.blank_codes()
     print(f"seed {args.seed}; {frames} frames, {num_digits} digit(s); temperature {args.temperature}, "
-          f"top-k {args.top_k or 'off'}, guidance {args.guidance or 'off'}")
+          f"top-k {args.top_k or 'off'}, guidance {args.guidance or 'off'}, redraw empty frame 0 "
+          f"{'on' if args.redraw_empty else 'off'}")
     metrics, all_scores, real_scores, generated, real = {}, [], [], [], []
     bar = tqdm(total=len(CAPTION_SPLITS) * args.num_videos, desc="t2v", unit="video")
     for name, split in CAPTION_SPLITS.items():
@@ -424,7 +427,7 @@ def run_t2v(args: argparse.Namespace) -> dict:
     metrics["fld_real_floor"] = fld_or_nan(reading_features(other), reading_features(real))
     metrics["real_caption_accuracy"] = accuracies(real_scores)["caption_accuracy"]  # the judge on the truth
     metrics.update(frames=frames, num_digits=num_digits, temperature=args.temperature, top_k=args.top_k or None,
-                   guidance=args.guidance, seed=args.seed, ckpt=str(args.ckpt))
+                   guidance=args.guidance, redraw_empty=args.redraw_empty, seed=args.seed, ckpt=str(args.ckpt))
     return metrics
 
 
@@ -673,6 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     t2v.add_argument("--guidance", type=float, default=None,
                      help="classifier-free guidance scale s (logits l_None + s·(l_caption − l_None); needs a model "
                           "trained with cond_drop_prob > 0; default off)")
+    t2v.add_argument("--redraw-empty", "--redraw_empty", dest="redraw_empty", action="store_true",
+                     help="draw frame 0 again while it holds no ink (nuwa.text_to_image's blank_codes)")
     add_common(t2v)
 
     predict = sub.add_parser("predict", help="video prediction: MSE, MAE, PSNR, SSIM vs copy-last-frame")

@@ -572,9 +572,27 @@ def frame_shape(model: NUWA, frames: int) -> tuple[int, int, int]:
     return (frames, model.config.token_h, model.config.token_w)
 
 
-def text_to_image(model: NUWA, captions: list[str], **sampling) -> torch.Tensor:
-    """T2I: caption → one frame of tokens (B, 1, h, w)."""
-    return model.generate(text_condition(model.tokenizer, captions), frame_shape(model, 1), **sampling)
+def text_to_image(model: NUWA, captions: list[str], *, blank_codes: torch.Tensor | None = None,
+                  redraws: int = 8, **sampling) -> torch.Tensor:
+    """T2I: caption → one frame of tokens (B, 1, h, w).
+
+    blank_codes (K,) bool, optional (vqgan.VQGAN.blank_codes): a frame drawn with blank codes only is
+    drawn again, up to `redraws` more times. OUR ADDITION (not in the paper): every training frame
+    shows a digit, but a 3DNA query sees only the few rows above it, so no position knows whether
+    the frame has any ink yet and the model can finish a frame empty (which T2V then copies to every
+    frame). Redrawing samples from the model's own distribution conditioned on "not empty"."""
+    cond = text_condition(model.tokenizer, captions)
+    frames = model.generate(cond, frame_shape(model, 1), **sampling)  # (B, 1, h, w)
+    if blank_codes is None:
+        return frames
+    blank_codes = blank_codes.to(frames.device)
+    for _ in range(redraws):
+        empty = blank_codes[frames].flatten(1).all(1)  # (B,)
+        if not empty.any():
+            break
+        again = Condition(cond.kind, cond.tokens[empty.to(cond.tokens.device)])
+        frames[empty] = model.generate(again, frame_shape(model, 1), **sampling)
+    return frames
 
 
 def sketch_to_image(model: NUWA, sketch_tokens: torch.Tensor, **sampling) -> torch.Tensor:
@@ -599,9 +617,18 @@ def edit_image(model: NUWA, image_tokens: torch.Tensor, captions: list[str], edi
     return model.generate(cond, tuple(image_tokens.shape[1:]), forced=(image_tokens, ~edit_mask), **sampling)
 
 
-def text_to_video(model: NUWA, captions: list[str], frames: int, **sampling) -> torch.Tensor:
-    """T2V: caption → (B, T, h, w)."""
-    return model.generate(text_condition(model.tokenizer, captions), frame_shape(model, frames), **sampling)
+def text_to_video(model: NUWA, captions: list[str], frames: int, *, blank_codes: torch.Tensor | None = None,
+                  redraws: int = 8, **sampling) -> torch.Tensor:
+    """T2V: caption → (B, T, h, w). With blank_codes, frame 0 is drawn as text_to_image draws it
+    (again while empty), then kept as a forced prefix while the rest is sampled."""
+    cond = text_condition(model.tokenizer, captions)
+    if blank_codes is None:
+        return model.generate(cond, frame_shape(model, frames), **sampling)
+    first = text_to_image(model, captions, blank_codes=blank_codes, redraws=redraws, **sampling)  # (B, 1, h, w)
+    forced = first.expand(-1, frames, -1, -1).clone()  # (B, T, h, w); only frame 0 is kept
+    keep = torch.zeros_like(forced, dtype=torch.bool)
+    keep[:, 0] = True
+    return model.generate(cond, frame_shape(model, frames), forced=(forced, keep), **sampling)
 
 
 def sketch_to_video(model: NUWA, sketch_tokens: torch.Tensor, **sampling) -> torch.Tensor:

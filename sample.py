@@ -156,6 +156,8 @@ def run_task(args, models: Models) -> tuple[torch.Tensor, torch.Tensor | None, l
     if args.task in ("t2i", "t2v") or args.task.startswith("edit"):
         model.tokenizer.encode(captions)  # unknown words: an error before any work starts
     shown = None
+    if args.task in ("t2i", "t2v") and args.redraw_empty:
+        sampling.update(blank_codes=models.vqgan.blank_codes())  # frame 0 drawn again while empty
     if args.task == "t2i":
         tokens = nuwa.text_to_image(model, captions, **sampling)
     elif args.task == "t2v":
@@ -359,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         if "caption" in options:
             sub.add_argument("--caption", required=True, help=f"words from: {' '.join(data.VOCABULARY)}")
+        if task in ("t2i", "t2v"):
+            sub.add_argument("--redraw-empty", action="store_true",
+                             help="draw the first frame again while it holds no ink (a local window cannot tell)")
         if "sketch" in options:
             sub.add_argument("--sketch", default=None, help=".npy class map(s); default: held-out item")
         if "image" in options:

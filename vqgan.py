@@ -511,17 +511,27 @@ class VQGAN(nn.Module):
         return self.decoder(self.quantizer.lookup(indices))  # (B, C, H, W)
 
     @torch.no_grad()
+    def empty_code(self) -> int:
+        """The code of an empty cell: the commonest code of an all-black frame."""
+        size = self.config.resolution
+        empty = self.encode(torch.zeros(1, self.config.in_channels, size, size, device=self.quantizer.codebook.device))
+        return int(empty.flatten().mode().values)
+
+    @torch.no_grad()
+    def blank_codes(self, threshold: float = 0.25) -> torch.Tensor:
+        """(K,) bool: codes whose own cell draws no pixel brighter than `threshold` (empty cells)."""
+        return self.code_patches().amax(1) < threshold
+
+    @torch.no_grad()
     def code_patches(self) -> torch.Tensor:
         """What each code looks like: code k decoded alone in the middle of an empty frame, cropped to
         its own f × f cell. Returns (K, f·f) pixels; NÜWA's pixel code embeddings read them."""
         if self.config.in_channels != 1:
             raise ValueError("code_patches is defined for frame tokenizers (one grey channel), not VQ-GAN-Seg")
         f, (h, w) = self.config.downsample, self.config.token_shape
-        size = self.config.resolution
-        empty = self.encode(torch.zeros(1, 1, size, size, device=self.quantizer.codebook.device))  # (1, h, w)
-        background = int(empty.flatten().mode().values)  # the code of an empty cell
-        grids = torch.full((self.codebook_size, h, w), background, dtype=torch.long, device=empty.device)
-        grids[:, h // 2, w // 2] = torch.arange(self.codebook_size, device=empty.device)  # code k at the centre
+        device = self.quantizer.codebook.device
+        grids = torch.full((self.codebook_size, h, w), self.empty_code(), dtype=torch.long, device=device)
+        grids[:, h // 2, w // 2] = torch.arange(self.codebook_size, device=device)  # code k at the centre
         cells = []
         for chunk in grids.split(64):
             frames = self.decode(chunk).clamp(0, 1)  # (k, 1, H, W)

@@ -305,3 +305,24 @@ def test_code_patches_draw_each_code_in_its_own_cell():
     frame = tokenizer.decode(grid).clamp(0, 1)[0, 0]
     cell = frame[(h // 2) * f:(h // 2 + 1) * f, (w // 2) * f:(w // 2 + 1) * f]
     assert torch.allclose(patches[code], cell.flatten(), atol=1e-4)  # float32, decoded in a batch of 8 vs 1
+
+
+def test_empty_first_frames_are_drawn_again():
+    model = trained_looking(toy_model())
+    captions = ["digit 3 is moving left"] * 8
+    plain = nuwa.text_to_image(model, captions, generator=torch.Generator().manual_seed(0))
+    # Let one code that only some of these frames hold be the only "ink": the others come out empty.
+    ink = next(c for c in range(K) if 0 < int((plain == c).flatten(1).any(1).sum()) < len(captions))
+    blank = torch.ones(K, dtype=torch.bool)
+    blank[ink] = False
+    assert blank[plain].flatten(1).all(1).any()  # without redrawing some frames come out empty
+    generator = torch.Generator().manual_seed(0)
+    redrawn = nuwa.text_to_image(model, captions, blank_codes=blank, redraws=50, generator=generator)
+    assert not blank[redrawn].flatten(1).all(1).any()
+    video = nuwa.text_to_video(model, captions, 3, blank_codes=blank, redraws=50,
+                               generator=torch.Generator().manual_seed(1))
+    assert video.shape == (8, 3, 3, 4) and not blank[video[:, :1]].flatten(1).all(1).any()
+    # Never-blank codes: nothing is redrawn and the frame is the plain sample of the same generator.
+    never = torch.zeros(K, dtype=torch.bool)
+    again = nuwa.text_to_image(model, captions, blank_codes=never, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, plain)
