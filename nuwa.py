@@ -294,16 +294,6 @@ class NUWA(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
         self.decoder_norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, config.codebook_size, bias=False)
-        if config.pixel_codes:
-            # DEVIATION (NÜWA §3.3 embeds a code by a free vector): e_k = E[k] + W · pixels_k, where
-            # pixels_k is the f × f cell the tokenizer draws for code k (VQGAN.code_patches, copied in by
-            # `set_code_pixels` before training and stored with the model). Codes that look alike start
-            # alike, and with the tied head the logit of code k is a score of its pixels, so what the
-            # model learns about one stroke transfers to the hundreds of codes that draw shifted copies
-            # of it (a digit moving 3.6 px per frame is redrawn by new codes in every frame).
-            cell = (data.CANVAS // config.token_h) * (data.CANVAS // config.token_w)
-            self.register_buffer("code_pixels", torch.zeros(config.codebook_size, cell))  # (K, f·f)
-            self.pixel_embed = nn.Linear(cell, D, bias=False)
         self.apply(self._init_weights)
         if config.tie_head:
             # DEVIATION (NÜWA §3.3 does not say): logits are h · e_k, the embedding of code k, so a layer
@@ -317,6 +307,18 @@ class NUWA(nn.Module):
             for layer in self.decoder:
                 for linear in (layer.self_attn.v_proj, layer.self_attn.out_proj):
                     nn.init.eye_(linear.weight)
+        if config.pixel_codes:
+            # DEVIATION (NÜWA §3.3 embeds a code by a free vector): e_k = E[k] + W · pixels_k, where
+            # pixels_k is the f × f cell the tokenizer draws for code k (VQGAN.code_patches, copied in by
+            # `set_code_pixels` before training and stored with the model). Codes that look alike start
+            # alike, and with the tied head the logit of code k is a score of its pixels, so what the
+            # model learns about one stroke transfers to the hundreds of codes that draw shifted copies
+            # of it (a digit moving 3.6 px per frame is redrawn by new codes in every frame).
+            cell = (data.CANVAS // config.token_h) * (data.CANVAS // config.token_w)
+            self.register_buffer("code_pixels", torch.zeros(config.codebook_size, cell))  # (K, f·f)
+            self.pixel_embed = nn.Linear(cell, D, bias=False)
+            # Built last, so every other weight starts as in a model without pixel codes (paired ablations).
+            self._init_weights(self.pixel_embed)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
