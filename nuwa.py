@@ -34,6 +34,10 @@ Deviations from the paper (each also marked at its line):
   carries over to the codes that draw shifted copies of it (real-token probe, README).
 - Video prediction (V2V) is trained on the predicted half only (`v2v_loss_on_given` False); the paper
   sums the loss over every token.
+- The opening frames get more training (train.py's `t2v_start` task and `start_steps` phase): clips
+  cut to their first `start_frames` frames, under the whole clip's caption. Only frame 1 shows
+  where the digit goes first, and only the caption says it; a causal decoder scores those frames
+  exactly as in the whole clip, so this re-weights Eq. 10's terms without changing the model.
 - The `paper` preset (and PAPER_SCHEME) turns all of these off: `train.py --no-relative-bias
   --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --v2v-loss-on-given` trains
   the paper's model.
@@ -94,12 +98,15 @@ class NUWAConfig:
     seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
     tasks: str = "t2v,t2i,v2v,s2v,s2i"  # tasks summed in every step (NÜWA §3.4 mixes T2I, V2V, T2V)
     t2i_steps: int = 0  # curriculum option: text→image alone for the first t2i_steps steps, then `tasks`
+    start_steps: int = 0  # curriculum option: then t2v_start alone for start_steps steps, then `tasks`
     frames: int = 10  # T of text→video and sketch→video clips (paper: 10)
     num_digits: int = 1  # digits per captioned training clip (data.CaptionedMovingMNIST: 1 or 2)
     predict_frames: int = 20  # V2V clips: the first half is given, the second predicted (10 → 10)
     v2v_loss_on_given: bool = False  # V2V loss also on the given half (True) or on the predicted half only
     batch_size: int = 8  # clips per task per step (paper: 128 in total)
     v2v_batch_size: int = 0  # V2V clips per step (20 frames each: the costliest task); 0 = batch_size
+    start_frames: int = 2  # task t2v_start: the first start_frames frames of a clip, under its whole caption
+    start_batch_size: int = 0  # t2v_start clips per step; 0 = batch_size
     lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
     weight_decay: float = 0.01  # AdamW weight decay (paper: not stated)
     warmup_steps: int = 100  # linear learning-rate warm-up (paper: not stated)

@@ -49,6 +49,9 @@ Deviations from the papers (and from one-process training):
 - VQGAN's adaptive weight λ and the discriminator's BatchNorm statistics are computed per
   micro-batch (as the reference code does per GPU), so for the GAN terms accumulation and more
   processes are not exactly a bigger batch; all other losses are means and decompose exactly.
+- NÜWA's task mix gains options the paper does not have (each marked at its line): a curriculum
+  (`t2i_steps`, then `start_steps` of the opening-frames task `t2v_start`), V2V scored on its
+  predicted half only, and per-task batch sizes.
 """
 
 from __future__ import annotations
@@ -311,7 +314,8 @@ def tokens_per_frame_batch(config: vqgan.VQGANConfig, step: int = 0) -> int:
 
 # --- NÜWA (§3.3-3.4): multi-task training of the 3D encoder-decoder on frozen tokenizers -------
 
-NUWA_TASKS = ("t2i", "t2v", "v2v", "s2i", "s2v")  # text→image/video, video prediction, sketch→image/video
+# text→image/video, video prediction, sketch→image/video, and t2v_start: the opening frames of text→video
+NUWA_TASKS = ("t2i", "t2v", "v2v", "s2i", "s2v", "t2v_start")
 
 
 def nuwa_tasks(config: nuwa.NUWAConfig) -> list[str]:
@@ -323,15 +327,25 @@ def nuwa_tasks(config: nuwa.NUWAConfig) -> list[str]:
         raise ValueError("sketch tasks need a VQ-GAN-Seg checkpoint: set --seg-ckpt or drop s2i/s2v from --tasks")
     if config.v2v_batch_size < 0:
         raise ValueError(f"v2v_batch_size must be ≥ 0 (0 = batch_size), got {config.v2v_batch_size}")
+    if config.start_batch_size < 0 or not 1 <= config.start_frames <= config.frames:
+        raise ValueError(f"t2v_start needs 1 ≤ start_frames ≤ frames ({config.frames}) and start_batch_size ≥ 0 "
+                         f"(0 = batch_size); got start_frames={config.start_frames}, "
+                         f"start_batch_size={config.start_batch_size}")
+    if config.start_steps < 0:
+        raise ValueError(f"start_steps must be ≥ 0, got {config.start_steps}")
     if config.t2i_steps < 0 or (config.t2i_steps and "t2i" not in tasks):
         raise ValueError(f"t2i_steps={config.t2i_steps} needs t2i among the tasks ({config.tasks!r}) and must be ≥ 0")
     return tasks
 
 
 def nuwa_step_tasks(config: nuwa.NUWAConfig, step: int) -> list[str]:
-    """The tasks of step `step`: text→image alone for the first t2i_steps steps (the curriculum
-    option: learn to draw a digit before learning to move it), then the whole mix."""
-    return ["t2i"] if step < config.t2i_steps else nuwa_tasks(config)
+    """The tasks of step `step`, a curriculum of three phases (our option, not the paper's):
+    text→image alone for the first t2i_steps steps (draw a digit), then the opening frames
+    (t2v_start) alone for start_steps steps (draw it and move it where the caption says first),
+    then the whole mix `tasks`."""
+    if step < config.t2i_steps:
+        return ["t2i"]
+    return ["t2v_start"] if step < config.t2i_steps + config.start_steps else nuwa_tasks(config)
 
 
 @functools.lru_cache(maxsize=4)
@@ -383,12 +397,25 @@ def nuwa_batch(config: nuwa.NUWAConfig, seed: int, step: int, part: int, parts: 
         moving, B_v = moving_clips("train", config.predict_frames, 2, seed), v2v_clips(config)
         v2v_picks = equal_part(B_v, part, parts, "V2V clips (v2v_batch_size)")
         batch["v2v"] = {"video": torch.stack([moving[(step * B_v + i) % len(moving)]["video"] for i in v2v_picks])}
+    if "t2v_start" in tasks:
+        # OUR ADDITION (not in NÜWA §3.4): more clips through the opening frames. Where a digit goes
+        # first is written only in the caption ("left then right" or "right then left"), and only the
+        # first moving frame shows it: a 10-frame clip scores that choice in about 1 of its 640
+        # tokens, and the tiny model never learned it (flipping every direction word of a caption
+        # left the loss unchanged). The decoder is causal, so a clip's first start_frames frames
+        # under the whole clip's caption score exactly the first terms of its text→video loss: this
+        # weights the opening frames more, without changing the model. Clips from a second stream.
+        B_s = start_clips(config)
+        start_picks = equal_part(B_s, part, parts, "t2v_start clips (start_batch_size)")
+        offset = len(captioned) // 2
+        opening = data.collate([captioned[(offset + step * B_s + i) % len(captioned)] for i in start_picks])
+        batch["t2v_start"] = {"video": opening["video"][:, :config.start_frames], "caption": opening["caption"]}
     return {task: batch[task] for task in tasks}
 
 
 def nuwa_condition(model: nuwa.NUWA, task: str, batch: dict) -> nuwa.Condition:
     """The encoder's input for a task: caption, sketch tokens, or "None" (video prediction)."""
-    if task in ("t2i", "t2v"):
+    if task in ("t2i", "t2v", "t2v_start"):
         return nuwa.text_condition(model.tokenizer, batch["caption"])
     if task in ("s2i", "s2v"):
         config = model.config
@@ -462,14 +489,20 @@ def visualise_nuwa(model: nuwa.NUWA, config: nuwa.NUWAConfig, path: Path) -> Pat
 
 def nuwa_tokens_per_batch(config: nuwa.NUWAConfig, step: int = 0) -> int:
     per_frame = config.token_h * config.token_w
-    lengths = {"t2i": 1, "s2i": 1, "t2v": config.frames, "s2v": config.frames, "v2v": config.predict_frames}
-    return per_frame * sum(lengths[t] * (v2v_clips(config) if t == "v2v" else config.batch_size)
-                           for t in nuwa_step_tasks(config, step))
+    lengths = {"t2i": 1, "s2i": 1, "t2v": config.frames, "s2v": config.frames, "v2v": config.predict_frames,
+               "t2v_start": config.start_frames}
+    clips = {"v2v": v2v_clips(config), "t2v_start": start_clips(config)}
+    return per_frame * sum(lengths[t] * clips.get(t, config.batch_size) for t in nuwa_step_tasks(config, step))
 
 
 def v2v_clips(config: nuwa.NUWAConfig) -> int:
     """V2V clips per step: its own v2v_batch_size, or batch_size like every other task."""
     return config.v2v_batch_size or config.batch_size
+
+
+def start_clips(config: nuwa.NUWAConfig) -> int:
+    """t2v_start clips per step: its own start_batch_size, or batch_size."""
+    return config.start_batch_size or config.batch_size
 
 
 # --- NÜWA-LIP (arXiv 2202.05009): DF-VQGAN (§3.1), then MP-S2S on its frozen tokens (§3.2-3.3) ---

@@ -131,6 +131,29 @@ def test_loss_mask_counts_only_masked_positions():
     assert torch.allclose(model.loss(cond, targets, mask), full[:, 12:].mean())
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_clips_opening_frames_score_exactly_the_first_terms_of_its_loss(scheme):
+    """train.py's t2v_start task trains on a clip's first frames only: with a causal decoder that is
+    the full clip's loss restricted to those frames (values and gradients, float64)."""
+    model = trained_looking(toy_model(**SCHEMES[scheme]))
+    cond = conditions(model)["text"]
+    targets = torch.randint(K, (2, 5, 3, 4), generator=torch.Generator().manual_seed(3))
+    opening = targets[:, :2]
+    mask = torch.zeros_like(targets, dtype=torch.bool)
+    mask[:, :2] = True
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    short = model.loss(cond, opening)
+    short_grads = torch.autograd.grad(short, parameters, allow_unused=True)
+    full = model.loss(cond, targets, mask)
+    full_grads = torch.autograd.grad(full, parameters, allow_unused=True)
+    torch.testing.assert_close(short, full, rtol=1e-12, atol=1e-12)
+    for a, b in zip(short_grads, full_grads):
+        if a is None or b is None:
+            assert a is None and b is None or (a if b is None else b).abs().max() == 0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_all_eight_tasks_keep_their_given_tokens():
     model = toy_model()
     gen = dict(temperature=1.0, generator=torch.Generator().manual_seed(0))

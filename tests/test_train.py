@@ -221,6 +221,34 @@ def test_the_text_to_image_curriculum_and_per_task_batch_sizes():
     assert train.nuwa_tokens_per_batch(mixed) == 4 * 64 + 2 * 4 * 64
     with pytest.raises(ValueError, match="t2i_steps=2 needs t2i"):
         train.nuwa_tasks(nuwa.NUWAConfig.preset("tiny", tasks="t2v", t2i_steps=2, seg_ckpt=""))
+    # Three phases: text→image, then the opening frames alone (their own batch), then the mix.
+    phased = nuwa.NUWAConfig.preset("tiny", tasks="t2i,t2v", t2i_steps=1, start_steps=2, start_batch_size=5,
+                                    frames=3, seg_ckpt="", token_h=8, token_w=8)
+    assert [sorted(train.nuwa_batch(phased, 0, step, 0, 1)) for step in range(4)] == [
+        ["t2i"], ["t2v_start"], ["t2v_start"], ["t2i", "t2v"]]
+    assert [train.nuwa_tokens_per_batch(phased, step) for step in (1, 3)] == [5 * 2 * 64, phased.batch_size * 64 * 4]
+    with pytest.raises(ValueError, match="start_steps must be ≥ 0"):
+        train.nuwa_tasks(nuwa.NUWAConfig.preset("tiny", tasks="t2v", start_steps=-1, seg_ckpt=""))
+
+
+@needs_mnist
+def test_the_opening_frames_task_draws_its_own_clips_under_whole_clip_captions():
+    import nuwa
+    config = nuwa.NUWAConfig.preset("tiny", tasks="t2v,t2v_start", frames=6, start_frames=2, start_batch_size=3,
+                                    batch_size=2, seg_ckpt="", token_h=8, token_w=8)
+    batch = train.nuwa_batch(config, 0, 5, 0, 1)
+    opening = batch["t2v_start"]
+    assert tuple(opening["video"].shape) == (3, 2, 1, 64, 64) and len(opening["caption"]) == 3
+    clips = train.captioned_clips("train", 6, 1, 0)
+    index = len(clips) // 2 + 5 * 3  # its own stream of clips: not the t2v batch's
+    assert opening["caption"][0] == clips[index]["caption"]  # the caption of all 6 frames
+    torch.testing.assert_close(opening["video"][0], clips[index]["video"][:2])
+    assert opening["caption"] != batch["t2v"]["caption"][:3]
+    assert train.nuwa_tokens_per_batch(config) == 2 * 6 * 64 + 3 * 2 * 64
+    with pytest.raises(ValueError, match="1 ≤ start_frames ≤ frames"):
+        train.nuwa_tasks(nuwa.NUWAConfig.preset("tiny", tasks="t2v_start", start_frames=11, seg_ckpt=""))
+    with pytest.raises(ValueError, match="start_batch_size ≥ 0"):
+        train.nuwa_tasks(nuwa.NUWAConfig.preset("tiny", tasks="t2v_start", start_batch_size=-1, seg_ckpt=""))
 
 
 def test_bench_train_set_flags_are_typed_and_unknown_fields_refused():
