@@ -6,6 +6,7 @@
     python evaluate.py caption-check --out out/classifier --json    # the caption metric on real clips
     python evaluate.py t2v --ckpt out/nuwa/ckpt.pt --json           # text → video: captions, FLD
     python evaluate.py predict --ckpt out/nuwa/ckpt.pt --json       # 10 → 10 video prediction
+    python evaluate.py word-use --ckpt out/nuwa/ckpt.pt             # does it read the direction words?
 
 Papers: NÜWA (arXiv 2111.12417) reports FID, CLIPSIM and FVD, computed with pretrained networks
 (Inception, CLIP, I3D) that do not exist offline. Here every judge is trained on our own data
@@ -18,12 +19,15 @@ Papers: NÜWA (arXiv 2111.12417) reports FID, CLIPSIM and FVD, computed with pre
 - Fréchet LeNet Distance (FLD): the Fréchet distance of FID (Heusel et al. 2017) computed on the
   classifier's penultimate features of digit crops instead of Inception features. It is a stand-in
   for FID and is never called FID: the numbers are not comparable with any published FID.
+- `word-use` needs no judge: the likelihood of real clips under their caption and under the
+  caption with its direction (or digit) words changed. A model that ignores a word scores both alike.
 - `recon` measures the tokenizer (NÜWA §3.1), the ceiling of every generation: what is lost in
   x → z → x̂ can never come back. `predict` scores NÜWA's V2V task (10 given frames → 10 sampled),
   always next to the copy-last-frame baseline.
 
 Sections: 1. image metrics · 2. `recon` · 3. `classifier` · 5. caption scores and
-`caption-check` · 6. FLD · 7. `t2v` · 8. `predict` · 9. the command line. (Section 4, reading a
+`caption-check` · 6. FLD · 7. `t2v` · 8. `predict` · 8a. `word-use` · 8b. `infinity` · 9. the
+command line. (Section 4, reading a
 video, and the classifier itself moved to judge.py.)
 
 Glossary: B batch, T frames, H W pixels (64 × 64 frames; digits are 28 × 28), D digits per clip,
@@ -520,6 +524,54 @@ def run_predict(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# 8a. word-use: does the model listen to each kind of caption word? (a likelihood test)
+# ---------------------------------------------------------------------------------------------
+
+# What each kind of word is changed to. Flipping every direction word keeps the caption valid and
+# the axis the same ("left then right" ↔ "right then left"); the digit word becomes the next digit.
+WORD_CHANGES = {"direction": {"left": "right", "right": "left", "up": "down", "down": "up"},
+                "digit": {str(d): str((d + 1) % 10) for d in range(10)}}
+
+
+def changed_caption(caption: str, kind: str) -> str:
+    return " ".join(WORD_CHANGES[kind].get(word, word) for word in caption.split())
+
+
+@torch.no_grad()
+def run_word_use(args: argparse.Namespace) -> dict:
+    """Teacher-forced nats of real test clips under their own caption and under the caption with one
+    kind of word changed. A model that reads a word gives its clip a higher likelihood under the
+    true word: the gap (changed − true, nats per frame, summed over the frame's tokens) and the
+    share of clips better explained by the true caption (chance 0.5) say how much. No sampling and
+    no judge: it isolates the text → video link. Where a digit goes first is decided in frame 1
+    (only the caption says it); from frame 2 on the frames themselves show the motion."""
+    import nuwa
+
+    models = load_models(args)
+    model, tokenizer = models.nuwa.eval(), models.vqgan
+    frames = args.frames or model.config.frames
+    clips = data.CaptionedMovingMNIST("test", num_frames=frames, num_digits=1, seed=0, length=args.num_videos)
+    nats = {kind: torch.zeros(len(clips), frames) for kind in ("true", *WORD_CHANGES)}  # (n, T) per caption
+    for first in tqdm(range(0, len(clips), args.batch_size), desc="word-use", unit="batch"):
+        items = [clips[i] for i in range(first, min(first + args.batch_size, len(clips)))]
+        tokens = tokenizer.encode_video(torch.stack([item["video"] for item in items]).to(args.device))  # (b, T, h, w)
+        for kind in nats:
+            captions = [item["caption"] if kind == "true" else changed_caption(item["caption"], kind) for item in items]
+            cond = nuwa.text_condition(model.tokenizer, captions)
+            logits = model(cond._replace(tokens=cond.tokens.to(args.device)), tokens)  # (b, N, K)
+            per_token = F.cross_entropy(logits.float().transpose(1, 2), tokens.flatten(1), reduction="none")  # (b, N)
+            nats[kind][first:first + len(items)] = per_token.view(len(items), frames, -1).sum(-1).cpu()
+    metrics = {"true_nats_per_frame": [round(v, 3) for v in nats["true"].mean(0).tolist()]}
+    for kind in WORD_CHANGES:
+        gap = nats[kind] - nats["true"]  # (n, T)
+        metrics[kind] = {"gap_nats_per_frame": [round(v, 3) for v in gap.mean(0).tolist()],
+                         "gap_nats": gap.sum(1).mean().item(),
+                         "true_preferred": (gap.sum(1) > 0).float().mean().item()}
+    metrics.update(frames=frames, num_videos=len(clips), ckpt=str(args.ckpt))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
 # 8b. infinity: does a canvas far wider than training still read as digits, slot by slot?
 # ---------------------------------------------------------------------------------------------
 LEGIBLE_CONFIDENCE = 0.9  # a slot reads as a digit when the classifier gives its biggest blob ≥ 90 %
@@ -607,7 +659,7 @@ def run_infinity(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 SUBCOMMANDS = {"recon": run_recon, "classifier": run_classifier, "caption-check": run_caption_check,
-               "t2v": run_t2v, "predict": run_predict, "infinity": run_infinity}
+               "t2v": run_t2v, "predict": run_predict, "word-use": run_word_use, "infinity": run_infinity}
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -687,6 +739,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--classifier", default=DEFAULT_CLASSIFIER_DIR,
                          help=f"folder of {CLASSIFIER_FILE} (reads the digits of the last predicted frame)")
     add_common(predict)
+
+    words = sub.add_parser("word-use", help="does text→video read the caption's direction and digit words? "
+                           "(nats of real clips under true and changed captions)")
+    words.add_argument("--ckpt", default="out/nuwa/ckpt.pt", help="NÜWA checkpoint (train.py --stage nuwa)")
+    words.add_argument("--vqgan", default=None, help="override the VQ-GAN checkpoint the NÜWA checkpoint records")
+    words.add_argument("--num-videos", "--num_videos", dest="num_videos", type=int, default=64,
+                       help="one-digit test clips (default 64)")
+    words.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16)
+    words.add_argument("--frames", type=int, default=0, help="frames per clip (0 = the checkpoint's `frames`)")
+    add_common(words, threads=0)
 
     wide = sub.add_parser("infinity", help="NÜWA-Infinity: share of a wide canvas's slots read as digits")
     add_sampling(wide)

@@ -6,7 +6,11 @@ digit (the background is one code and is learnt in a few steps)? It tokenizes 3,
 training clips and 64 held-out ones once, then trains for a wall-clock budget and prints, every
 50 steps, the teacher-forced cross-entropy on the held-out clips split into: ink tokens of frame 0
 (drawing the caption's digit from nothing), ink tokens of frames 1 … T−1 (carrying the digit on as
-it moves), background tokens, and all tokens. The last line is one JSON object.
+it moves), background tokens, and all tokens; and `direction_gap`: how many more nats frame 1 of
+a held-out clip costs under its caption with every direction word flipped (evaluate.py word-use):
+0 when the model does not read where the digit goes first. The last line is one JSON object.
+`--train-frames k` trains on the clips' first k frames only, under the whole clip's caption (as
+train.py's t2v_start task does).
 
     python benchmarks/bench_real_tokens.py --vqgan out/demo/vqgan/ckpt.pt --max-seconds 420
     python benchmarks/bench_real_tokens.py --vqgan out/demo/vqgan/ckpt.pt --paper   # absolute positions only
@@ -29,7 +33,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_learn  # noqa: E402
+
 import data  # noqa: E402
+import evaluate  # noqa: E402
 import nuwa  # noqa: E402
 import vqgan  # noqa: E402
 
@@ -52,10 +58,20 @@ def split_losses(model: nuwa.NUWA, tokens: torch.Tensor, captions: list[str], ba
     logits = model(nuwa.text_condition(model.tokenizer, captions), tokens)  # (B, N, K)
     loss = F.cross_entropy(logits.transpose(1, 2), tokens.flatten(1), reduction="none")  # (B, N)
     loss = loss.view(*tokens.shape[:2], -1)  # (B, T, h·w)
-    model.train(was_training)
     ink = tokens.flatten(2) != background  # (B, T, h·w)
+    flipped = [evaluate.changed_caption(caption, "direction") for caption in captions]
+    opening = tokens[:, :2]  # frames 0 and 1: a causal decoder scores them alike in any longer clip
+    cell_count = opening[0, 0].numel()
+
+    def frame1_nats(texts: list[str]) -> torch.Tensor:  # (B,) nats of frame 1, summed over its tokens
+        logits = model(nuwa.text_condition(model.tokenizer, texts), opening)[:, cell_count:]  # (B, h·w, K)
+        return F.cross_entropy(logits.transpose(1, 2), opening[:, 1].flatten(1), reduction="none").sum(1)
+
+    gap = frame1_nats(flipped) - frame1_nats(captions)  # (B,)
+    model.train(was_training)
     return {"frame0_ink": loss[:, 0][ink[:, 0]].mean().item(), "later_ink": loss[:, 1:][ink[:, 1:]].mean().item(),
-            "background": loss[~ink].mean().item(), "all": loss.mean().item()}
+            "background": loss[~ink].mean().item(), "all": loss.mean().item(),
+            "direction_gap": gap.mean().item()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--frames", type=int, default=10)
+    parser.add_argument("--train-frames", type=int, default=0,
+                        help="train on the first k frames only, under the whole clip's caption (0 = all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--paper", action="store_true", help="the paper's scheme (no relative tables, untied head)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -98,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         for group in optimizer.param_groups:  # linear warm-up over 10 steps, then constant
             group["lr"] = args.lr * min(1.0, (step + 1) / 10)
         cond = nuwa.text_condition(model.tokenizer, [train_captions[i] for i in picks])
-        loss = model.loss(cond, train_tokens[picks])
+        loss = model.loss(cond, train_tokens[picks][:, :args.train_frames or None])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

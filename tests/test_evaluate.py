@@ -549,3 +549,31 @@ def test_infinity_subcommand_reports_generated_real_and_tokenizer_legibility(cla
     assert last["slots"] == 16 and last["canvas"] == [64, 256] and last["training_canvas"] == [64, 128]
     assert last["real_legible_share"] >= 0.6 and 0 <= last["legible_share"] <= 1
     assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_word_use_changes_one_kind_of_word_and_reports_the_gap_it_measures(nuwa_checkpoint):
+    import data
+    import nuwa
+    import sample
+
+    caption = "digit 3 is moving left then right and digit 9 is moving up"
+    assert evaluate.changed_caption(caption, "direction") == "digit 3 is moving right then left and digit 9 is moving down"
+    assert evaluate.changed_caption(caption, "digit") == "digit 4 is moving left then right and digit 0 is moving up"
+    metrics = evaluate.main(["word-use", "--ckpt", str(nuwa_checkpoint), "--num-videos", "3", "--batch-size", "2",
+                             "--device", "cpu"])
+    assert metrics["frames"] == 3 and metrics["num_videos"] == 3 and len(metrics["true_nats_per_frame"]) == 3
+    # The direction gap of the first clip, recomputed here by hand: nats under the flipped caption − true.
+    models = sample.Models(str(nuwa_checkpoint), None, device="cpu")
+    clips = data.CaptionedMovingMNIST("test", num_frames=3, num_digits=1, seed=0, length=3)
+    tokens = models.vqgan.encode_video(torch.stack([clips[i]["video"] for i in range(3)]))  # (3, T, h, w)
+
+    def nats(captions):  # (3,) summed over every token of the clip
+        logits = models.nuwa.eval()(nuwa.text_condition(models.nuwa.tokenizer, captions), tokens)
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens.flatten(1), reduction="none").sum(1)
+
+    captions = [clips[i]["caption"] for i in range(3)]
+    with torch.no_grad():
+        gap = nats([evaluate.changed_caption(c, "direction") for c in captions]) - nats(captions)
+    assert metrics["direction"]["gap_nats"] == pytest.approx(gap.mean().item(), abs=1e-3)
+    assert metrics["direction"]["true_preferred"] == pytest.approx((gap > 0).float().mean().item())
+    assert sum(metrics["direction"]["gap_nats_per_frame"]) == pytest.approx(gap.mean().item(), abs=1e-2)
