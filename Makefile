@@ -49,10 +49,12 @@ demo: $(VENV)/.installed
 	@echo "demo done: see $(DEMO)/ (captioned clips, tokenizer reconstructions, nuwa/ training, samples/)"
 
 # The long CPU recipe (about 60 minutes on 2 cores): the demo's tokenizer trained 10 minutes, NÜWA
-# trained 45 on text→image and text→video, with the caption dropped to "None" in 10 % of clips (for
-# classifier-free guidance, and so that "None" + given frames is video prediction), written where
-# sample.py and the notebooks look by default (out/vqgan, out/nuwa), then samples in out/samples.
-# V2V training is left out: its 20-frame clips took two thirds of every step (README, results).
+# trained 45: first 600 steps on clips' opening frames alone (t2v_start: 32 clips of 2 frames under
+# their whole caption, where the model learns which way the caption sends the digit first), then
+# text→image, text→video and the opening frames together, with the caption dropped to "None" in
+# 10 % of clips (for classifier-free guidance, and so that "None" + given frames is video
+# prediction); written where sample.py and the notebooks look by default (out/vqgan, out/nuwa), then
+# samples in out/samples. V2V training is left out: its 20-frame clips took two thirds of every step.
 # MODELS_VQGAN_SECONDS / MODELS_NUWA_SECONDS shorten it.
 MODELS := out
 MODELS_VQGAN_SECONDS ?= 600
@@ -61,8 +63,9 @@ models: $(VENV)/.installed
 	$(PY) data.py --out $(MODELS)
 	$(PY) train.py --stage vqgan --preset tiny --cell-encoder --ch-mult 1 2 4 4 --max-seconds $(MODELS_VQGAN_SECONDS) \
 		--out $(MODELS)
-	$(PY) train.py --stage nuwa --preset tiny --tasks t2i,t2v --cond-drop-prob 0.1 --max-seconds $(MODELS_NUWA_SECONDS) \
-		--token-h 8 --token-w 8 --batch-size 4 --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --seg-ckpt "" --out $(MODELS)
+	$(PY) train.py --stage nuwa --preset tiny --tasks t2i,t2v,t2v_start --start-steps 600 --start-batch-size 32 \
+		--cond-drop-prob 0.1 --max-seconds $(MODELS_NUWA_SECONDS) --token-h 8 --token-w 8 --batch-size 4 \
+		--vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --seg-ckpt "" --out $(MODELS)
 	$(PY) sample.py t2v --ckpt $(MODELS)/nuwa/ckpt.pt --caption "digit 3 is moving up then down" -n 3 \
 		--top-k 16 --guidance 1.5 --out $(MODELS)/samples
 	$(PY) sample.py predict --ckpt $(MODELS)/nuwa/ckpt.pt -n 3 --top-k 16 --out $(MODELS)/samples
