@@ -33,7 +33,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_learn  # noqa: E402
-
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import nuwa  # noqa: E402
