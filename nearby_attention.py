@@ -62,6 +62,7 @@ Deviations from the paper (and choices the paper leaves open):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, fields
@@ -77,10 +78,12 @@ Shape3 = tuple[int, int, int]
 # ---------------------------------------------------------------------------------------------
 
 BACKENDS = ("reference", "dense", "blocked", "flex")
-# Query tile of the blocked backend, (t, h, w). Chosen with benchmarks/bench_3dna.py on 2 CPU cores
-# at (10, 32, 32), extent (2, 2, 2): two frames of 8×8 queries (128) balance the halo overhead
-# (keys per query grow as tiles shrink) against the cost per key (which grows as tiles grow).
-BLOCKED_TILE: Shape3 = (2, 8, 8)
+# Query tile of the blocked backend, (t, h, w): one frame of 8×8 queries balances the halo overhead
+# (keys per query grow as tiles shrink) against the cost per key (which grows as tiles grow). Measured
+# on 2 CPU cores, a causal layer with relative tables, forward + backward, batch 4 × 4 heads, extent
+# (2, 2, 2): 1×8×8 beat 2×8×8 at (10, 8, 8) (16 vs 24 ms), (20, 8, 8) (34 vs 39) and (10, 16, 16)
+# (145 vs 180): a one-frame tile reads 3 frames of keys, a two-frame tile 4 for twice the queries.
+BLOCKED_TILE: Shape3 = (1, 8, 8)
 # FlexAttention skips work in blocks of 128×128 (its default BLOCK_SIZE). A 2×8×8 space-time tile
 # is exactly 128 tokens, so one compact tile fills one block when tokens are listed tile by tile.
 FLEX_TILE: Shape3 = (2, 8, 8)
@@ -93,6 +96,12 @@ BLOCKED_CHUNK_QUERIES = {"cpu": 512, "cuda": 16384}
 # Backward holds a chunk's tiles, their gradients and the kernel's scratch, about 4× what forward
 # holds per query (measured with bench_3dna.py), so forward runs chunks this many times larger.
 FORWARD_CHUNKS_PER_BACKWARD = 4
+# The blocked backend keeps its tiles' scores for backward when they take at most this many bytes,
+# and lets autograd differentiate plain tensor ops (no second forward, no per-chunk kernel calls).
+# Larger calls run chunk by chunk and recompute each chunk in backward, so memory stays O(N). At the
+# demo's shapes (10 frames of 8×8 tokens, batch 4: 10 MB of scores per layer) keeping them made a
+# biased causal layer 1.8× faster on 2 CPU cores (bench_3dna.py --train). Chosen here, not in the paper.
+BLOCKED_KEEP_BYTES = 64 * 2**20
 # How many distinct (shapes, extent, ...) masks and plans to keep; a model has only a few.
 PLAN_CACHE_SIZE = 64
 
@@ -315,6 +324,8 @@ def _dense_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, bias=None)
 # Memory is kept linear and small too: boxes overlap, so gathered keys are a few times larger than
 # k itself. Tiles therefore run in chunks, and — FlashAttention's trick one level up — backward
 # re-gathers and recomputes each chunk instead of keeping every gathered box alive in between.
+# When the scores of all tiles are small (BLOCKED_KEEP_BYTES), training takes the plain route
+# instead: every tile at once in ordinary tensor ops that autograd differentiates (`_blocked_kept`).
 
 def _axis_plan(size: int, kv_size: int, tile: int, radius: int, causal: bool) -> tuple[Tensor, Tensor]:
     """One axis: the query slots of every tile, and the kv indices of every tile's box.
@@ -356,6 +367,7 @@ class _BlockedPlan:
     mask: Tensor  # (1, n_tiles, Q, L') the per-tile mask, broadcast over B·nh (4D: the fused kernels want it)
     chunk: int  # tiles per chunk
     offsets: Tensor | None  # (n_tiles, Q, L') relative_offset of every pair, when a bias is used
+    kept_offsets: Tensor | None  # the same, but V (one past the table) where the mask forbids the pair
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
@@ -397,8 +409,9 @@ def _blocked_plan(q_shape: Shape3, kv_shape: Shape3, extent: Shape3, causal: boo
     slot_of = torch.empty(math.prod(q_shape), dtype=torch.long)  # (Nq,)
     slot_of[q_slots[real]] = torch.arange(real.numel())[real.flatten()]
     chunk = max(1, BLOCKED_CHUNK_QUERIES.get(torch.device(device).type, BLOCKED_CHUNK_QUERIES["cpu"]) // n_slots)
+    kept_offsets = None if offsets is None else offsets.masked_fill(~mask, offset_count(extent))  # (n_tiles, Q, L')
     return _BlockedPlan(*(x.to(device) for x in (q_slots, real, slot_of, kv_gather, mask[None])), chunk,
-                        None if offsets is None else offsets.to(device))
+                        *(None if x is None else x.to(device) for x in (offsets, kept_offsets)))
 
 
 def _gather_tiles(x: Tensor, index: Tensor) -> Tensor:
@@ -485,14 +498,43 @@ class _BlockedAttention(torch.autograd.Function):
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_bias, None
 
 
+def _blocked_kept(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, plan: _BlockedPlan) -> Tensor:
+    """Every tile at once in plain tensor ops, differentiated by autograd, which keeps the scores.
+
+    q, k, v (B·nh, N, hs), bias (B·nh, Nq, V) or None → (B·nh, Nq, hs). The same function as
+    `_BlockedAttention`; faster while the scores are small (BLOCKED_KEEP_BYTES).
+    """
+    # Gathered in at least float32, so that the gathers' gradients (scatter-adds: bos collects one
+    # term per tile) are summed in float32 under bf16 autocast; the matmuls still run in autocast's dtype.
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q_tiles, k_tiles, v_tiles = _chunk_tiles(*(x.to(acc) for x in (q, k, v)), plan, slice(None))  # (B·nh, n, Q|L', hs)
+    BH, n, Q, hs = q_tiles.shape
+    if bias is None:
+        entries = torch.zeros_like(plan.mask, dtype=acc).masked_fill(~plan.mask, -math.inf)  # (1, n, Q, L')
+        entries = entries.expand(BH, -1, -1, -1)
+    else:
+        # Each slot's row of the table plus one entry of −∞, which the pairs the rule forbids read.
+        rows = F.pad(_gather_tiles(bias.to(acc), plan.q_slots), (0, 1), value=-math.inf)  # (B·nh, n, Q, V + 1)
+        entries = rows.gather(3, plan.kept_offsets.expand(BH, -1, -1, -1))  # (B·nh, n, Q, L')
+    # entries + q·kᵀ/√hs in one pass over the scores, the tiles flattened into the batch.
+    scores = torch.baddbmm(entries.reshape(BH * n, Q, -1), q_tiles.reshape(BH * n, Q, hs),
+                           k_tiles.reshape(BH * n, -1, hs).transpose(1, 2), alpha=1 / math.sqrt(hs))
+    out = scores.softmax(dim=-1) @ v_tiles.reshape(BH * n, -1, hs)  # (B·nh·n_tiles, Q, hs)
+    return out.view(BH, n * Q, hs).index_select(1, plan.slot_of).to(q.dtype)  # (B·nh, Nq, hs): raster order
+
+
 def _blocked_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile: Shape3, bias=None) -> Tensor:
-    """Tiles of Q queries × their box of L keys through the fused kernel: O(N·L) time, O(N) memory."""
+    """Tiles of Q queries × their box of L keys: O(N·L) time; O(N) memory when the scores are large."""
     B, nh, n_q, hs = q.shape
     plan = _blocked_plan(q_shape, kv_shape, extent, causal, bos, tile, q.device, bias is not None)
     q, k, v = (x.reshape(B * nh, x.shape[2], hs) for x in (q, k, v))  # (B·nh, N, hs)
     if bias is not None:
         bias = bias.reshape(B * nh, n_q, bias.shape[-1])  # (B·nh, Nq, V)
-    out = _BlockedAttention.apply(q, k, v, bias, plan)  # (B·nh, Nq, hs)
+    score_bytes = B * nh * plan.mask.numel() * max(q.element_size(), 4)
+    if torch.is_grad_enabled() and score_bytes <= BLOCKED_KEEP_BYTES:
+        out = _blocked_kept(q, k, v, bias, plan)  # (B·nh, Nq, hs)
+    else:
+        out = _BlockedAttention.apply(q, k, v, bias, plan)  # (B·nh, Nq, hs)
     return out.view(B, nh, n_q, hs)  # (B, nh, Nq, hs)
 
 
@@ -851,7 +893,13 @@ class NearbyAttention(nn.Module):
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
         if extent is None:
             # Full attention (extent ∞). Causal: key r <= p, the same rule with or without bos.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, Nq, hs)
+            # On the CPU it runs in float32 even under bf16 autocast: there the fused kernel's bf16
+            # backward was 10× slower than its float32 one at NÜWA's text cross-attention (bench_train.py).
+            on_cpu = q.device.type == "cpu"
+            dtype = torch.promote_types(q.dtype, torch.float32) if on_cpu else q.dtype
+            with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype),
+                                                   is_causal=self.causal).to(q.dtype)  # (B, nh, Nq, hs)
         else:
             y = nearby_attention(q, k, v, q_shape, kv_shape, extent, self.causal, bos,
                                  backend=self.backend, bias=self._bias(q, extent))  # (B, nh, Nq, hs)

@@ -18,7 +18,7 @@ folder. The first steps are warm-up (allocator, kernels, data caches) and are no
     python benchmarks/bench_train.py --device cuda  # tiny and small presets
 
 The last line is one JSON object: device, torch, and `results`, one entry per (stage, preset) with
-tokens_per_step, step_s, tokens_per_s, flops_per_step, tflops_per_s and mfu (null without a GPU).
+bf16 (whether the step ran under bf16 autocast), tokens_per_step, step_s, tokens_per_s, flops_per_step, tflops_per_s and mfu (null without a GPU).
 """
 
 import argparse
@@ -76,8 +76,10 @@ def untrained_tokenizers(folder: Path, **tokenizer) -> dict[str, str]:
     return paths
 
 
-def measure(stage_name: str, preset: str, device: torch.device, warmup: int, steps: int, overrides: dict) -> dict:
-    """Median step time of `steps` timed train_steps after `warmup` untimed ones, and one step's FLOPs."""
+def measure(stage_name: str, preset: str, device: torch.device, warmup: int, steps: int, overrides: dict,
+            bf16: bool = True) -> dict:
+    """Median step time of `steps` timed train_steps after `warmup` untimed ones, and one step's FLOPs.
+    bf16: autocast wherever train.py would (CUDA; a CPU with bf16 matmuls, for stages that opt in)."""
     stage = train.STAGES[stage_name]
     config = stage.preset(preset)
     for name, value in overrides.items():
@@ -86,7 +88,7 @@ def measure(stage_name: str, preset: str, device: torch.device, warmup: int, ste
     model = stage.build(config, device).train()
     objectives = train.StageObjectives(model, stage.phases)
     optimizers = stage.optimizers(model, config, device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    autocast = train.autocast_for(stage, device, bf16)
 
     def one_step(step: int) -> float:
         start = time.perf_counter()
@@ -106,7 +108,8 @@ def measure(stage_name: str, preset: str, device: torch.device, warmup: int, ste
     step_s = statistics.median(times)
     tokens = stage.tokens_per_batch(config)
     flops = counter.get_total_flops()
-    return {"stage": stage_name, "preset": preset, "tokens_per_step": tokens, "step_s": step_s,
+    return {"stage": stage_name, "preset": preset, "bf16": autocast is not nullcontext,
+            "tokens_per_step": tokens, "step_s": step_s,
             "tokens_per_s": round(tokens / step_s, 1), "flops_per_step": flops,
             "tflops_per_s": round(flops / step_s / 1e12, 4)}
 
@@ -138,6 +141,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
     parser.add_argument("--demo", action="store_true",
                         help="NÜWA only, at `make demo`'s shapes (f = 8 tokenizer, t2v + v2v, batch 4)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="float32 throughout, as train.py --no-bf16 (default: bf16 autocast where train.py uses it)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a NÜWA config field, e.g. --set backend=dense (repeatable)")
     args = parser.parse_args()
@@ -160,12 +165,14 @@ def main() -> None:
         nuwa_overrides.update(parse_sets(args.set))
         for preset in presets:
             for stage_name in (("nuwa",) if args.demo else ("vqgan", "nuwa")):
-                row = measure(stage_name, preset, device, warmup, steps, nuwa_overrides if stage_name == "nuwa" else {})
+                row = measure(stage_name, preset, device, warmup, steps, nuwa_overrides if stage_name == "nuwa" else {},
+                              args.bf16)
                 row["mfu"] = round(row["tflops_per_s"] / peak, 4) if peak else None
                 if stage_name == "nuwa":
                     row["settings"] = {k: v for k, v in nuwa_overrides.items() if not k.endswith("ckpt")}
                 results.append(row)
-                print(f"{stage_name:>6} {preset:>6}: {row['tokens_per_step']:>7} tokens/step  {row['step_s']:8.3f} s/step"
+                print(f"{stage_name:>6} {preset:>6} {'bf16' if row['bf16'] else 'fp32'}: "
+                      f"{row['tokens_per_step']:>7} tokens/step  {row['step_s']:8.3f} s/step"
                       f"  {row['tokens_per_s']:>10.0f} tokens/s  {row['flops_per_step'] / 1e9:9.2f} GFLOP/step"
                       + (f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""))
     print(json.dumps({"device": name, "torch": torch.__version__, "results": results}))

@@ -142,12 +142,24 @@ def test_reference_is_masked_softmax_attention(name):
     torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("backend,tile", [("dense", None), ("blocked", "case"), ("blocked", "default")])
+# The blocked backend has two routes to one function: small calls keep their scores for autograd
+# (`_blocked_kept`), large ones recompute chunk by chunk (`_BlockedAttention`). "recompute" forces
+# the second on these small cases.
+BLOCKED_ROUTES = [("dense", None), ("blocked", "case"), ("blocked", "default"), ("blocked", "recompute")]
+
+
+def blocked_route(tile, monkeypatch) -> None:
+    if tile == "recompute":
+        monkeypatch.setattr(na, "BLOCKED_KEEP_BYTES", 0)
+
+
+@pytest.mark.parametrize("backend,tile", BLOCKED_ROUTES)
 @pytest.mark.parametrize("name", CASES)
-def test_backend_equals_reference(name, backend, tile):
+def test_backend_equals_reference(name, backend, tile, monkeypatch):
+    blocked_route(tile, monkeypatch)
     q_shape, kv_shape, extent, causal, bos, case_tile = CASES[name]
     q, k, v = random_qkv(q_shape, kv_shape)
-    kwargs = {} if tile in (None, "default") else {"tile": case_tile}
+    kwargs = {"tile": case_tile} if tile in ("case", "recompute") else {}
     expected = out_and_grads(lambda *x: na.nearby_attention_reference(*x, q_shape, kv_shape, extent, causal, bos),
                              q, k, v)
     got = out_and_grads(lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos,
@@ -156,8 +168,11 @@ def test_backend_equals_reference(name, backend, tile):
         torch.testing.assert_close(g, e, rtol=0, atol=TOL, msg=lambda m, w=what: f"{w}: {m}")
 
 
-def test_blocked_gradcheck():
-    # Finite differences through the hand-written backward (chunks of one tile, recomputed).
+@pytest.mark.parametrize("route", ["kept", "recompute"])
+def test_blocked_gradcheck(route, monkeypatch):
+    # Finite differences through autograd's backward (kept scores) and the hand-written one (chunks
+    # of one tile, recomputed).
+    blocked_route(route, monkeypatch)
     q_shape, extent = (2, 3, 4), (1, 1, 1)
     q, k, v = (x.requires_grad_() for x in random_qkv(q_shape, q_shape, batch=1, heads=2, head_size=3))
     fn = lambda q, k, v: na.nearby_attention(q, k, v, q_shape, q_shape, extent, True, True, tile=(1, 2, 2))
@@ -167,6 +182,7 @@ def test_blocked_gradcheck():
 def test_blocked_uses_several_chunks_and_stays_exact(monkeypatch):
     # A tiny chunk size forces many chunks through forward and the recomputing backward.
     monkeypatch.setitem(na.BLOCKED_CHUNK_QUERIES, "cpu", 4)
+    blocked_route("recompute", monkeypatch)
     na._blocked_plan.cache_clear()
     q_shape, kv_shape, extent, causal, bos, tile = CASES["causal_bos"]
     q, k, v = random_qkv(q_shape, kv_shape)
@@ -198,6 +214,60 @@ def test_bfloat16_blocked_matches_dense():
     expected = na.nearby_attention_reference(*(x.double() for x in (q, k, v)), q_shape, kv_shape, extent, causal, bos)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=3e-2)
+
+
+def test_blocked_keeps_small_scores_and_recomputes_large_ones(monkeypatch):
+    # The route follows the size of the scores (B·nh · tiles · Q · L' floats), and only under autograd.
+    q_shape, kv_shape, extent, causal, bos, tile = CASES["causal_bos"]
+    q, k, v = (x.requires_grad_() for x in random_qkv(q_shape, kv_shape))
+    kept = []
+    monkeypatch.setattr(na, "_blocked_kept", lambda *args, real=na._blocked_kept: kept.append(1) or real(*args))
+    attend = lambda: na.nearby_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile=tile)
+    attend()
+    assert kept == [1]  # small: plain autograd ops
+    with torch.no_grad():
+        attend()
+    assert kept == [1]  # nothing to keep without autograd: the chunked forward
+    monkeypatch.setattr(na, "BLOCKED_KEEP_BYTES", 0)
+    attend()
+    assert kept == [1]  # too large: recomputed in chunks
+
+
+@pytest.mark.parametrize("route", ["kept", "recompute"])
+def test_bf16_autocast_blocked_with_table_matches_the_reference(route, monkeypatch):
+    # Training on a CPU with bf16 matmuls runs the layers under autocast: both routes, forward and
+    # the gradients of q, k, v and a per-query table, against the float64 reference at bf16 precision.
+    blocked_route(route, monkeypatch)
+    q_shape, kv_shape, extent, causal, bos, tile = CASES["causal_bos"]
+    q, k, v = random_qkv(q_shape, kv_shape, head_size=16)
+    bias = random_bias(q.shape[1], extent, per_query=(q.shape[0], q.shape[2]))
+    expected = _out_and_all_grads(lambda q, k, v, b: na.nearby_attention_reference(
+        q, k, v, q_shape, kv_shape, extent, causal, bos, b), q, k, v, bias)
+
+    def autocast_blocked(q, k, v, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            # In the model q, k, v and the table come out of bf16 projections.
+            q, k, v, b = (x.to(torch.bfloat16) for x in (q, k, v, b))
+            out = na.nearby_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile=tile, bias=b)
+        assert out.dtype == torch.bfloat16
+        return out.double()
+
+    got = _out_and_all_grads(autocast_blocked, *(x.float() for x in (q, k, v, bias)))
+    for what, g, e in zip(("output", "dq", "dk", "dv", "dbias"), got, expected):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g.double(), e, rtol=0, atol=0.05 * scale, msg=lambda m, w=what: f"{w}: {m}")
+
+
+def test_full_attention_runs_in_float32_under_cpu_autocast():
+    # Text cross-attention (extent None) leaves bf16 autocast on the CPU, where the fused kernel's
+    # bf16 backward was 10× slower: the same result as float32 up to the projections' rounding.
+    torch.manual_seed(0)
+    layer = na.NearbyAttention(16, 2, None, context_dim=16)
+    x, memory = torch.randn(2, 12, 16), torch.randn(2, 5, 16)
+    expected = layer(x, (1, 3, 4), context=memory)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x, (1, 3, 4), context=memory)
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=3e-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,15 +341,16 @@ def _out_and_all_grads(fn, q, k, v, bias, seed=1):
 
 
 @pytest.mark.parametrize("per_query", [False, True])
-@pytest.mark.parametrize("backend,tile", [("dense", None), ("blocked", "case"), ("blocked", "default")])
+@pytest.mark.parametrize("backend,tile", BLOCKED_ROUTES)
 @pytest.mark.parametrize("name", CASES)
-def test_biased_backend_equals_reference(name, backend, tile, per_query):
+def test_biased_backend_equals_reference(name, backend, tile, per_query, monkeypatch):
     # Forward and the gradients of q, k, v and the table (one per head, or one per query), float64,
     # against the loop reference.
+    blocked_route(tile, monkeypatch)
     q_shape, kv_shape, extent, causal, bos, case_tile = CASES[name]
     q, k, v = random_qkv(q_shape, kv_shape)
     bias = random_bias(q.shape[1], extent, per_query=(q.shape[0], q.shape[2]) if per_query else None)
-    kwargs = {} if tile in (None, "default") else {"tile": case_tile}
+    kwargs = {"tile": case_tile} if tile in ("case", "recompute") else {}
     expected = _out_and_all_grads(lambda q, k, v, b: na.nearby_attention_reference(
         q, k, v, q_shape, kv_shape, extent, causal, bos, b), q, k, v, bias)
     got = _out_and_all_grads(lambda q, k, v, b: na.nearby_attention(

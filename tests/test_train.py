@@ -196,6 +196,24 @@ def test_bench_train_measures_tokens_per_second_and_flops(tmp_path):
     assert bench.peak_tflops(torch.device("cpu"), None) is None  # no MFU without a GPU's peak
 
 
+def test_bf16_autocast_where_it_is_fast(monkeypatch):
+    # CUDA always; a CPU only with native bf16 matmuls and only for stages that opt in (NÜWA); never
+    # with --no-bf16.
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    nuwa_stage, tokenizer_stage = train.STAGES["nuwa"], train.STAGES["vqgan"]
+    assert nuwa_stage.cpu_bf16 and not tokenizer_stage.cpu_bf16
+    for native in (True, False):
+        monkeypatch.setattr(train, "cpu_has_bf16", lambda native=native: native)
+        with train.autocast_for(nuwa_stage, cpu, True)():
+            assert torch.is_autocast_enabled("cpu") == native
+            if native:
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert train.autocast_for(nuwa_stage, cpu, False) is contextlib.nullcontext
+        assert train.autocast_for(tokenizer_stage, cpu, True) is contextlib.nullcontext
+        assert train.autocast_for(tokenizer_stage, cuda, True) is not contextlib.nullcontext
+    assert isinstance(train.cpu_has_bf16(), bool)
+
+
 @needs_mnist
 @pytest.mark.slow
 def test_bench_train_quick_prints_one_json_object_last():
