@@ -30,8 +30,9 @@ $(VENV)/.installed: pyproject.toml
 #      every empty cell is one token and a 10-frame clip is 640 tokens: the tiny NÜWA then learns to draw
 #      digits within minutes on a CPU (README, results table);
 #   3. train the tiny NÜWA (8 min): text→image alone for 1,000 steps (drawing a digit comes first), then
-#      text→image and text→video, captions dropped to "None" in 10 % of clips (README: the caption's
-#      digit in 19 % of videos, 24 % for seen captions; the earlier text→video + prediction mix: 0 %);
+#      600 steps on clips' opening frames alone (which way the caption sends the digit), then
+#      text→image, text→video and opening frames together, captions dropped to "None" in 10 % of clips
+#      (the `make models` recipe, shorter; README, results table);
 #   4. sample text→video and 10 → 10 prediction (the caption-free model continuing given frames) into
 #      out/demo/samples/ (PNG grids and GIFs).
 DEMO := out/demo
@@ -40,8 +41,8 @@ demo: $(VENV)/.installed
 	$(PY) data.py --out $(DEMO)
 	$(PY) train.py --stage vqgan --preset tiny --cell-encoder --ch-mult 1 2 4 4 --max-seconds 240 --out $(DEMO)
 	$(PY) evaluate.py recon --ckpt $(DEMO)/vqgan/ckpt.pt --num-sequences 100 --grid $(DEMO)/vqgan_reconstructions.png
-	$(PY) train.py --stage nuwa --preset tiny --tasks t2i,t2v --t2i-steps 1000 --cond-drop-prob 0.1 \
-		--max-seconds $(DEMO_NUWA_SECONDS) --token-h 8 --token-w 8 --batch-size 4 --vqgan-ckpt $(DEMO)/vqgan/ckpt.pt \
+	$(PY) train.py --stage nuwa --preset tiny --tasks t2i,t2v,t2v_start --t2i-steps 1000 --start-steps 600 \
+		--start-batch-size 32 --cond-drop-prob 0.1 --max-seconds $(DEMO_NUWA_SECONDS) --token-h 8 --token-w 8 --batch-size 4 --vqgan-ckpt $(DEMO)/vqgan/ckpt.pt \
 		--seg-ckpt "" --out $(DEMO)
 	$(PY) sample.py t2v --ckpt $(DEMO)/nuwa/ckpt.pt --caption "digit 3 is moving up then down" -n 3 \
 		--top-k 16 --out $(DEMO)/samples

@@ -25,7 +25,8 @@ Sections, in reading order:
    `relative_offset`, which entry of a relative position table a (query, key) pair reads.
 2. `nearby_attention_reference`: loops over every query and its neighbourhood (the spec).
 3. Dense backend: one fused attention call with the (N, N) boolean mask. O(N²).
-4. Blocked backend: query tiles attend to their tile plus a halo of the extents. O(N).
+4. Blocked backend: query tiles attend to their tile plus a halo of the extents. O(N). Training
+   keeps small calls' scores for autograd (`_blocked_kept`) and recomputes large ones chunk by chunk.
 5. Flex backend: FlexAttention with a block-sparse mask, tokens ordered tile by tile (CUDA).
 6. `nearby_attention`: input checks and the choice of backend.
 7. `NearbyAttention`: the nn.Module (projections, heads, self or cross, relative tables) and its
