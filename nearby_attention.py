@@ -100,8 +100,9 @@ FORWARD_CHUNKS_PER_BACKWARD = 4
 # The blocked backend keeps its tiles' scores for backward when they take at most this many bytes,
 # and lets autograd differentiate plain tensor ops (no second forward, no per-chunk kernel calls).
 # Larger calls run chunk by chunk and recompute each chunk in backward, so memory stays O(N). At the
-# demo's shapes (10 frames of 8×8 tokens, batch 4: 10 MB of scores per layer) keeping them made a
-# biased causal layer 1.8× faster on 2 CPU cores (bench_3dna.py --train). Chosen here, not in the paper.
+# demo's shapes (10 frames of 8×8 tokens, batch 4 × 4 heads: 10 MB of scores per layer), a causal
+# layer with a per-query relative table, forward + backward on 2 CPU cores, took 24 ms kept against
+# 35 ms recomputed (2×8×8 tiles; README, "Training speed on a CPU"). Chosen here, not in the paper.
 BLOCKED_KEEP_BYTES = 64 * 2**20
 # How many distinct (shapes, extent, ...) masks and plans to keep; a model has only a few.
 PLAN_CACHE_SIZE = 64
@@ -895,7 +896,7 @@ class NearbyAttention(nn.Module):
         if extent is None:
             # Full attention (extent ∞). Causal: key r <= p, the same rule with or without bos.
             # On the CPU it runs in float32 even under bf16 autocast: there the fused kernel's bf16
-            # backward was 10× slower than its float32 one at NÜWA's text cross-attention (bench_train.py).
+            # backward was 10× slower than its float32 one at NÜWA's text cross-attention (profile of a step).
             on_cpu = q.device.type == "cpu"
             dtype = torch.promote_types(q.dtype, torch.float32) if on_cpu else q.dtype
             with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():

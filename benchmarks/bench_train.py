@@ -18,7 +18,8 @@ folder. The first steps are warm-up (allocator, kernels, data caches) and are no
     python benchmarks/bench_train.py --device cuda  # tiny and small presets
 
 The last line is one JSON object: device, torch, and `results`, one entry per (stage, preset) with
-bf16 (whether the step ran under bf16 autocast), tokens_per_step, step_s, tokens_per_s, flops_per_step, tflops_per_s and mfu (null without a GPU).
+bf16 (whether the step ran under bf16 autocast, as train.py would run it), tokens_per_step, step_s,
+tokens_per_s, flops_per_step, tflops_per_s and mfu (null without a GPU).
 """
 
 import argparse
