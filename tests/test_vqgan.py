@@ -252,6 +252,33 @@ def test_restarts_draw_distinct_encoder_outputs():
     assert on_zero < 8  # drawn from 21 distinct vectors: about 32 / 21 land on zero, not 29 of 32
 
 
+def test_restarted_codes_live_long_enough_to_be_used():
+    """A restarted code starts as if used once per batch and, unused, is moved again only when its EMA
+    usage has decayed below the threshold: after ln(1 / threshold) / (1 − γ) steps, not the next step.
+    (At threshold 1 every code not used in every batch was moved each step, and rare codes never stayed.)"""
+    torch.manual_seed(0)
+    config = small_config(codebook_size=8, embed_dim=4, dead_code_threshold=0.03)
+    quantizer = vqgan.VectorQuantizer(config).train()
+    z = torch.randn(64, 4)
+    quantizer.initialise(z)
+    quantizer.cluster_size[0] = 0.0  # dead now
+    quantizer.restart_dead_codes(z)
+    assert quantizer.cluster_size[0] == 1.0
+    restarted = quantizer.codebook.data[0].clone()
+    far = torch.full((64, 4), 50.0) + torch.randn(64, 4)  # batches that never use code 0 ...
+    quantizer.codebook.data[1] = 50.0  # ... because code 1 sits on them
+    lifetime = math.log(1 / 0.03) / (1 - config.ema_decay)  # ≈ 349 steps
+    for _ in range(int(lifetime) - 5):
+        quantizer.update(far, torch.full((64,), 1))
+    # Still waiting to be used (the EMA's Laplace smoothing moves it a little, not away).
+    assert (quantizer.codebook.data[0] - restarted).abs().max() < 0.01
+    for _ in range(10):
+        quantizer.update(far, torch.full((64,), 1))
+    assert (quantizer.codebook.data[0] - restarted).abs().max() > 10  # moved onto this batch once its usage decayed
+    with pytest.raises(ValueError, match="dead_code_threshold"):
+        vqgan.VQGAN(small_config(dead_code_threshold=-1.0))
+
+
 # --- learning ------------------------------------------------------------------------------
 
 
