@@ -495,7 +495,8 @@ def run_predict(args: argparse.Namespace) -> dict:
         items = [clips[i] for i in range(first, min(first + args.batch_size, len(clips)))]
         video = torch.stack([item["video"] for item in items])
         tokens = models.tokens(video)  # (B, T, h, w): every real frame tokenized
-        predicted = nuwa.predict_video(models.nuwa, tokens[:, :args.given], args.frames, **sampling)  # (B, T, h, w)
+        predicted = nuwa.predict_video(models.nuwa, tokens[:, :args.given], args.frames, window=args.window,
+                                        **sampling)  # (B, T, h, w)
         truth = video[:, args.given:]  # (B, T - given, 1, 64, 64)
         candidates = {"": models.pixels(predicted)[:, args.given:],  # NÜWA
                       "copy_last_": copy_last_frame(video, args.given),  # the baseline
@@ -519,7 +520,7 @@ def run_predict(args: argparse.Namespace) -> dict:
     metrics["mse_per_frame"] = [round(v, 3) for v in (sums["mse"] / len(clips)).tolist()]
     metrics.update({f"{prefix}last_frame_both_digits": count / len(clips) for prefix, count in found.items()})
     metrics.update(num_videos=len(clips), given=args.given, frames=args.frames, temperature=args.temperature,
-                   top_k=args.top_k or None, seed=args.seed, ckpt=str(args.ckpt))
+                   top_k=args.top_k or None, seed=args.seed, window=args.window, ckpt=str(args.ckpt))
     return metrics
 
 
@@ -736,6 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling(predict)
     predict.add_argument("--given", type=int, default=10, help="real frames given (default 10)")
     predict.add_argument("--frames", type=int, default=20, help="frames in all, given + predicted (default 20)")
+    predict.add_argument("--window", type=int, default=None,
+                         help="longest clip drawn in one pass; beyond it the prediction rolls (default: the "
+                         "clip length the model was trained on; nuwa.predict_video)")
     predict.add_argument("--classifier", default=DEFAULT_CLASSIFIER_DIR,
                          help=f"folder of {CLASSIFIER_FILE} (reads the digits of the last predicted frame)")
     add_common(predict)

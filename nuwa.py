@@ -43,6 +43,9 @@ Deviations from the paper (each also marked at its line):
   the paper's model.
 - Classifier-free guidance is an option we add (off by default, the paper does not use it); the
   unconditional pass uses the condition "None" and is fed exactly the same decoder input.
+- Video prediction longer than the clips the model was trained on rolls (`predict_video`'s window):
+  each further frame is drawn at the last trained time position, after the frames before it. The
+  3DNA window bounds how far back a frame reads, so this changes nothing but the time positions.
 """
 
 from __future__ import annotations
@@ -646,17 +649,41 @@ def sketch_to_video(model: NUWA, sketch_tokens: torch.Tensor, **sampling) -> tor
     return model.generate(sketch_condition(sketch_tokens), frame_shape(model, frames), **sampling)
 
 
-def predict_video(model: NUWA, video_tokens: torch.Tensor, frames: int, **sampling) -> torch.Tensor:
-    """V2V: the given k frames (B, k, h, w) are a forced prefix under "None"; frames k…T−1 are sampled."""
+def predict_video(model: NUWA, video_tokens: torch.Tensor, frames: int, *, window: int | None = None,
+                  **sampling) -> torch.Tensor:
+    """V2V: the given k frames (B, k, h, w) are a forced prefix under "None"; frames k…T−1 are sampled.
+
+    window: the longest clip drawn in one pass (default: the clip length the model was trained on,
+    `predict_frames` when its tasks include V2V, else `frames`). Beyond it the prediction rolls: each
+    further frame is drawn at the window's last time position, after the window − 1 frames before it.
+    A model trained on 10-frame clips has never seen time positions 10-19 (its table rows there are
+    still random); rolled, every frame sits where training put frames. Nothing is lost as long as
+    window − 1 ≥ L_dec · e_t + 1 frames: through L_dec layers of a 3DNA window e_t frames deep (and the
+    input shift, one token), frame t reads nothing older (tiny: 4 · 2 + 1 = 9, window 10). Then the
+    roll differs from one long pass only in the absolute time positions (tests/test_nuwa.py).
+    DEVIATION (NÜWA §3.4 trains V2V on the whole clip): our long recipe does not train V2V at all.
+    """
     B, k, h, w = video_tokens.shape
     if frames <= k:
         raise ValueError(f"predict_video needs frames > {k} given frames, got {frames}")
-    forced = torch.zeros(B, frames, h, w, dtype=torch.long, device=video_tokens.device)
-    forced[:, :k] = video_tokens
-    keep = torch.zeros_like(forced, dtype=torch.bool)
-    keep[:, :k] = True
+    if window is None:
+        trained = model.config.predict_frames if "v2v" in model.config.tasks.split(",") else model.config.frames
+        window = min(trained, model.target_pos.max_shape[0])
+    if window < 2:
+        raise ValueError(f"predict_video needs a window of at least 2 frames (1 given, 1 drawn), got {window}")
     cond = none_condition(model.tokenizer, B)
-    return model.generate(cond, (frames, h, w), forced=(forced, keep), **sampling)
+    video = video_tokens
+    while video.shape[1] < frames:
+        given = video[:, -(window - 1):] if video.shape[1] >= window else video  # (B, g, h, w)
+        g = given.shape[1]
+        length = min(window, g + frames - video.shape[1])  # frames in this pass: the given + new ones
+        forced = torch.zeros(B, length, h, w, dtype=torch.long, device=video_tokens.device)
+        forced[:, :g] = given
+        keep = torch.zeros_like(forced, dtype=torch.bool)
+        keep[:, :g] = True
+        drawn = model.generate(cond, (length, h, w), forced=(forced, keep), **sampling)  # (B, length, h, w)
+        video = torch.cat([video, drawn[:, g:].to(video.device)], dim=1)
+    return video
 
 
 def edit_video(model: NUWA, video_tokens: torch.Tensor, captions: list[str], keep_frames: int = 1,

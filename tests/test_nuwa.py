@@ -173,6 +173,52 @@ def test_all_eight_tasks_keep_their_given_tokens():
     assert torch.equal(nuwa.edit_video(model, video, CAPTIONS, keep_frames=1, **gen)[:, :1], video[:, :1])
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_frame_reads_only_the_frames_a_rolled_prediction_keeps(scheme):
+    """predict_video draws frames beyond its window one at a time after the window − 1 frames before
+    them. Through L_dec = 2 layers of a 3DNA window e_t = 1 frame deep plus the input shift, a frame
+    reads at most 2 frames and a token back: with equal time positions, its logits after the 3 frames
+    before it are those of the whole clip (float64), so the roll is the long pass; after 1, not."""
+    model = trained_looking(toy_model(extent=(1, 1, 1), **SCHEMES[scheme]))
+    with torch.no_grad():
+        model.target_pos.time.weight.copy_(model.target_pos.time.weight[:1].expand_as(model.target_pos.time.weight))
+    cond = nuwa.none_condition(model.tokenizer, 2)
+    clip = torch.randint(K, (2, 6, 3, 4), generator=torch.Generator().manual_seed(3))
+    last = clip[0, -1].numel()
+    whole = model(cond, clip)[:, -last:]  # (B, h·w, K): the last frame's logits
+    torch.testing.assert_close(model(cond, clip[:, -4:])[:, -last:], whole, rtol=1e-12, atol=1e-12)
+    assert (model(cond, clip[:, -2:])[:, -last:] - whole).abs().max() > 1e-4
+    greedy = dict(temperature=0.0)
+    video = clip[:, :1]
+    assert torch.equal(nuwa.predict_video(model, video, frames=6, window=4, **greedy),
+                       nuwa.predict_video(model, video, frames=6, window=6, **greedy))
+
+
+def test_rolled_prediction_stitches_frames_in_order(monkeypatch):
+    """A stand-in generate that draws "last given frame + 1": the rolled video must count up by one
+    per frame, each pass given min(frames so far, window − 1) frames."""
+    model = toy_model()
+    given_lengths = []
+
+    def fake_generate(cond, shape, *, forced, **sampling):
+        tokens, keep = forced
+        g = int(keep[0].flatten(1).any(1).sum())
+        given_lengths.append(g)
+        out = tokens.clone()
+        for t in range(g, shape[0]):
+            out[:, t] = (out[:, t - 1] + 1) % K
+        return out
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    video = torch.zeros(2, 2, 3, 4, dtype=torch.long)
+    rolled = nuwa.predict_video(model, video, frames=7, window=4)
+    expected = torch.tensor([0, 0, 1, 2, 3, 4, 5])[None, :, None, None].expand(2, 7, 3, 4)
+    assert torch.equal(rolled, expected)
+    assert given_lengths == [2, 3, 3, 3]
+    with pytest.raises(ValueError, match="window of at least 2"):
+        nuwa.predict_video(model, video, frames=7, window=1)
+
+
 def test_bad_input_errors_before_any_work():
     model = toy_model()
     with pytest.raises(ValueError, match="vocabulary is") as err:
