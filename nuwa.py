@@ -661,7 +661,8 @@ def predict_video(model: NUWA, video_tokens: torch.Tensor, frames: int, *, windo
     window − 1 ≥ L_dec · e_t + 1 frames: through L_dec layers of a 3DNA window e_t frames deep (and the
     input shift, one token), frame t reads nothing older (tiny: 4 · 2 + 1 = 9, window 10). Then the
     roll differs from one long pass only in the absolute time positions (tests/test_nuwa.py).
-    DEVIATION (NÜWA §3.4 trains V2V on the whole clip): our long recipe does not train V2V at all.
+    DEVIATION (NÜWA §4: V2V is one pass over time positions its training covered): rolling is ours, for
+    models trained on shorter clips than they predict, such as `make models`' (no V2V task).
     """
     B, k, h, w = video_tokens.shape
     if frames <= k:

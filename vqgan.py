@@ -45,7 +45,7 @@ Deviations from the paper (each also marked `# DEVIATION` where it happens):
   cores: replaying the CPU's step budget on a GPU, the best f = 8 variants ended at a frame MSE of
   17-25 after ~1,000 steps of 32 frames and still 13-19 after 3,000, while f = 4 was at 5-7 after 600.
   So the tiny preset is f = 4; `--ch_mult 1 2 4 4` gives f = 8 for whoever has more compute. With
-  the cell encoder below, f = 8 is what `make demo` uses: blurrier (frame MSE 27 after 10 minutes of
+  the cell encoder below, f = 8 is what `make demo` uses: blurrier (frame MSE 26 after 10 minutes of
   training), but its 640-token clips are what a tiny NÜWA learns to draw digits from on a CPU (README,
   results table).
 - `cell_encoder=True` swaps VQGAN's encoder, which sees the whole frame, for a per-cell one (each
@@ -112,7 +112,7 @@ class VQGANConfig:
     # Restart codes whose EMA usage (tokens per batch) fell below this; 0 = off. Measured on the f = 8 cell
     # tokenizer (10 min, 2 CPU cores): at 1.0 a code not used in every batch was moved each step, and
     # 230-270 codes were in use whatever K (512: 52 %, 1,024: 22 %, 2,048: 11 %); at 0.03 all 512 are
-    # (frame MSE 35 → 27; the reader on one-digit reconstructions 93.5 → 96 %). Rare codes (a stroke's
+    # (frame MSE 35 → 26; the reader on one-digit reconstructions 93.5 → 97 %). Rare codes (a stroke's
     # end, a thin join) are what tells an 8 from a 3.
     dead_code_threshold: float = 0.03
     # --- losses
