@@ -32,6 +32,10 @@ Deviations from the paper (each also marked at its line):
   plus a learned projection of the f × f pixels the tokenizer draws for it. A digit moving 3.6 px
   per frame is redrawn by new codes in every frame; what the model learns about a stroke then
   carries over to the codes that draw shifted copies of it (real-token probe, README).
+- Frame context (`frame_context`): decoder input p also carries a learned projection of the mean
+  embedding of the codes drawn so far in p's own frame. A 3DNA query sees only the rows just
+  above it, so in frame 0 no position knew whether the digit had been drawn yet, and the model
+  could finish the frame empty (then copy it to every frame).
 - Video prediction (V2V) is trained on the predicted half only (`v2v_loss_on_given` False); the paper
   sums the loss over every token.
 - The opening frames get more training (train.py's `t2v_start` task and `start_steps` phase): clips
@@ -39,8 +43,8 @@ Deviations from the paper (each also marked at its line):
   where the digit goes first, and only the caption says it; a causal decoder scores those frames
   exactly as in the whole clip, so this re-weights Eq. 10's terms without changing the model.
 - The `paper` preset (and PAPER_SCHEME) turns all of these off: `train.py --no-relative-bias
-  --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --v2v-loss-on-given` trains
-  the paper's model.
+  --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --no-frame-context
+  --v2v-loss-on-given` trains the paper's model.
 - Classifier-free guidance is an option we add (off by default, the paper does not use it); the
   unconditional pass uses the condition "None" and is fed exactly the same decoder input.
 - Video prediction longer than the clips the model was trained on rolls (`predict_video`'s window):
@@ -70,7 +74,7 @@ from nearby_attention import NearbyAttention
 # The paper's model: absolute positions only, an untied head, no copying initialisation (the paper
 # states none; ours is GPT-2's, `_init_weights`), V2V trained on every token (NUWAConfig).
 PAPER_SCHEME = dict(relative_bias=False, relative_keys=False, tie_head=False, identity_init=False,
-                    pixel_codes=False, v2v_loss_on_given=True)
+                    pixel_codes=False, frame_context=False, v2v_loss_on_given=True)
 
 
 @dataclass
@@ -96,6 +100,7 @@ class NUWAConfig:
     tie_head: bool = True  # the output head shares the target token embedding's matrix
     identity_init: bool = True  # decoder self-attention's value and output projections start as identity
     pixel_codes: bool = True  # a code's embedding (and tied logit) includes a projection of its pixels
+    frame_context: bool = True  # decoder input p adds a projection of the mean code of its frame so far
     # --- training (train.py --stage nuwa); the model itself ignores these fields
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frame tokenizer whose codes this model predicts
     seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
@@ -329,6 +334,16 @@ class NUWA(nn.Module):
             self.pixel_embed = nn.Linear(cell, D, bias=False)
             # Built last, so every other weight starts as in a model without pixel codes (paired ablations).
             self._init_weights(self.pixel_embed)
+        if config.frame_context:
+            # DEVIATION (not in NÜWA §3.3): input p also carries W_f · (mean embedding of the codes drawn
+            # so far in p's frame), `frame_so_far`. A 3DNA query sees only the e_h rows above it, so in
+            # a frame with no earlier frame to copy (frame 0, an image) no position knew whether the
+            # digit had been drawn yet: 3 of 16 text→video samples of a `make models` model drew no
+            # digit at all (frame 0 all background, then copied to the end). The mean says how much
+            # ink, and of what kind, the frame holds already. W_f starts at zero: the model starts
+            # as without it. Built after everything else, so every other weight starts the same.
+            self.frame_context_proj = nn.Linear(D, D, bias=False)
+            nn.init.zeros_(self.frame_context_proj.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -366,10 +381,13 @@ class NUWA(nn.Module):
         targets (B, T, h, w) → (B, N, D)."""
         B, T, h, w = targets.shape
         tokens = targets.reshape(B, -1)  # (B, N) raster order
-        shifted = F.embedding(tokens[:, :-1], self.code_vectors())  # (B, N-1, D)
-        x = torch.cat([self.bos.expand(B, 1, -1), shifted], dim=1)  # (B, N, D)
+        embedded = F.embedding(tokens, self.code_vectors())  # (B, N, D)
+        x = torch.cat([self.bos.expand(B, 1, -1), embedded[:, :-1]], dim=1)  # (B, N, D)
         # DEVIATION (NÜWA §3.3): input p carries the position of the target p it predicts (our choice).
-        return x + self.target_pos((T, h, w))  # (B, N, D)
+        x = x + self.target_pos((T, h, w))  # (B, N, D)
+        if self.config.frame_context:
+            x = x + self.frame_context_proj(frame_so_far(embedded.view(B, T, h * w, -1)))  # (B, N, D)
+        return x
 
     def forward(self, cond: Condition, targets: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits: targets (B, T, h, w) → logits (B, N, K) for y_p at every p."""
@@ -481,11 +499,16 @@ class NUWA(nn.Module):
             caches = [self.new_caches() for _ in passes]
         positions = self.target_pos(target_shape)  # (N, D)
         vectors = self.code_vectors()  # (K, D), once for all steps
+        frame_sum = torch.zeros(B, 1, vectors.shape[1], dtype=vectors.dtype, device=device)  # frame_context
         for p in tqdm(range(N), desc="tokens", unit="tok", disable=not progress, leave=False):
             if use_cache:
                 # Input p is bos (p = 0) or the embedding of y_{p-1}, plus position p; same for all passes.
                 x_p = self.bos.expand(B, 1, -1) if p == 0 else F.embedding(tokens[:, p - 1:p], vectors)
                 x_p = x_p + positions[p]  # (B, 1, D)
+                if self.config.frame_context:  # frame_so_far, one running sum per frame
+                    slot = p % (h * w)
+                    frame_sum = torch.zeros_like(frame_sum) if slot == 0 else frame_sum + F.embedding(tokens[:, p - 1:p], vectors)
+                    x_p = x_p + self.frame_context_proj(frame_sum / max(slot, 1))  # (B, 1, D)
                 logits = [self.step_logits(x_p, p, target_shape, c, *enc, code_vectors=vectors)
                           for c, enc in zip(caches, passes)]
             else:
@@ -506,6 +529,16 @@ class NUWA(nn.Module):
         for layer, layer_caches in zip(self.decoder, caches):
             x_p = layer.step(x_p, p, shape, layer_caches, memory, memory_shape, cross_extent)  # (B, 1, D)
         return self.logits(x_p, code_vectors)[:, 0]  # (B, K)
+
+
+def frame_so_far(embedded: torch.Tensor) -> torch.Tensor:
+    """The mean embedding of the codes before each position in its own frame (zero at a frame's
+    first position): embedded (B, T, S, D), S = h·w codes per frame → (B, T·S, D). What
+    `frame_context` adds to the decoder input (through W_f); generation keeps the same running sum."""
+    B, T, S, D = embedded.shape
+    sums = F.pad(embedded.cumsum(2)[:, :, :-1], (0, 0, 1, 0))  # (B, T, S, D): Σ of slots 0 … i−1
+    counts = torch.arange(S, device=embedded.device).clamp(min=1).to(embedded.dtype)  # (S,)
+    return (sums / counts[:, None]).reshape(B, T * S, D)
 
 
 def cache_nbytes(caches: list) -> int:
@@ -571,7 +604,8 @@ def load_nuwa(path, *, map_location="cpu") -> NUWA:
     except RuntimeError as error:
         raise ValueError(f"{path} does not match the model its config describes (relative_bias="
                          f"{config.relative_bias}, relative_keys={config.relative_keys}, extent={config.extent}, "
-                         f"tie_head={config.tie_head}, pixel_codes={config.pixel_codes}): {error}") from error
+                         f"tie_head={config.tie_head}, pixel_codes={config.pixel_codes}, "
+                         f"frame_context={config.frame_context}): {error}") from error
     return model.to(map_location).eval()
 
 
