@@ -32,10 +32,13 @@ Deviations from the paper (each also marked at its line):
   plus a learned projection of the f × f pixels the tokenizer draws for it. A digit moving 3.6 px
   per frame is redrawn by new codes in every frame; what the model learns about a stroke then
   carries over to the codes that draw shifted copies of it (real-token probe, README).
-- Frame context (`frame_context`): decoder input p also carries a learned projection of the mean
-  embedding of the codes drawn so far in p's own frame. A 3DNA query sees only the rows just
-  above it, so in frame 0 no position knew whether the digit had been drawn yet, and the model
-  could finish the frame empty (then copy it to every frame).
+- First-frame context (`first_frame_context`): an input p of frame 0 also carries a learned
+  projection of the mean embedding of the codes drawn so far in that frame. A 3DNA query sees only
+  the rows just above it, so in frame 0 (an image, or a video's first frame: nothing earlier to
+  copy) no position knew whether the digit had been drawn yet, and the model could finish the frame
+  empty (then copy it to every frame). Later frames do without: the frame before shows the digit,
+  and on the copy probe the same term in every frame kept the model from learning to copy (0.60
+  nats/token at step 300, against 0.04).
 - Video prediction (V2V) is trained on the predicted half only (`v2v_loss_on_given` False); the paper
   sums the loss over every token.
 - The opening frames get more training (train.py's `t2v_start` task and `start_steps` phase): clips
@@ -74,7 +77,7 @@ from nearby_attention import NearbyAttention
 # The paper's model: absolute positions only, an untied head, no copying initialisation (the paper
 # states none; ours is GPT-2's, `_init_weights`), V2V trained on every token (NUWAConfig).
 PAPER_SCHEME = dict(relative_bias=False, relative_keys=False, tie_head=False, identity_init=False,
-                    pixel_codes=False, frame_context=False, v2v_loss_on_given=True)
+                    pixel_codes=False, first_frame_context=False, v2v_loss_on_given=True)
 
 
 @dataclass
@@ -100,7 +103,7 @@ class NUWAConfig:
     tie_head: bool = True  # the output head shares the target token embedding's matrix
     identity_init: bool = True  # decoder self-attention's value and output projections start as identity
     pixel_codes: bool = True  # a code's embedding (and tied logit) includes a projection of its pixels
-    frame_context: bool = True  # decoder input p adds a projection of the mean code of its frame so far
+    first_frame_context: bool = True  # frame 0's input p adds a projection of the mean code of that frame so far
     # --- training (train.py --stage nuwa); the model itself ignores these fields
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frame tokenizer whose codes this model predicts
     seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
@@ -334,16 +337,17 @@ class NUWA(nn.Module):
             self.pixel_embed = nn.Linear(cell, D, bias=False)
             # Built last, so every other weight starts as in a model without pixel codes (paired ablations).
             self._init_weights(self.pixel_embed)
-        if config.frame_context:
-            # DEVIATION (not in NÜWA §3.3): input p also carries W_f · (mean embedding of the codes drawn
-            # so far in p's frame), `frame_so_far`. A 3DNA query sees only the e_h rows above it, so in
-            # a frame with no earlier frame to copy (frame 0, an image) no position knew whether the
-            # digit had been drawn yet: 3 of 16 text→video samples of a `make models` model drew no
-            # digit at all (frame 0 all background, then copied to the end). The mean says how much
-            # ink, and of what kind, the frame holds already. W_f starts at zero: the model starts
-            # as without it. Built after everything else, so every other weight starts the same.
-            self.frame_context_proj = nn.Linear(D, D, bias=False)
-            nn.init.zeros_(self.frame_context_proj.weight)
+        if config.first_frame_context:
+            # DEVIATION (not in NÜWA §3.3): an input p of frame 0 also carries W_f · (mean embedding of
+            # the codes drawn so far in frame 0), `frame_so_far`. A 3DNA query sees only the e_h rows
+            # above it, so in a frame with no earlier frame to copy (frame 0, an image) no position
+            # knew whether the digit had been drawn yet: 3 of 16 text→video samples of a `make models`
+            # model drew no digit at all (frame 0 all background, then copied to the end). The mean
+            # says how much ink, and of what kind, the frame holds already. Frame 0 only: in every
+            # frame it kept the copy probe from learning to copy (module docstring). W_f starts at
+            # zero (the model starts as without it) and is built last (every other weight the same).
+            self.first_frame_proj = nn.Linear(D, D, bias=False)
+            nn.init.zeros_(self.first_frame_proj.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -385,8 +389,9 @@ class NUWA(nn.Module):
         x = torch.cat([self.bos.expand(B, 1, -1), embedded[:, :-1]], dim=1)  # (B, N, D)
         # DEVIATION (NÜWA §3.3): input p carries the position of the target p it predicts (our choice).
         x = x + self.target_pos((T, h, w))  # (B, N, D)
-        if self.config.frame_context:
-            x = x + self.frame_context_proj(frame_so_far(embedded.view(B, T, h * w, -1)))  # (B, N, D)
+        if self.config.first_frame_context:
+            context = self.first_frame_proj(frame_so_far(embedded[:, :h * w].view(B, 1, h * w, -1)))  # (B, hw, D)
+            x = torch.cat([x[:, :h * w] + context, x[:, h * w:]], dim=1)  # (B, N, D): frame 0 only
         return x
 
     def forward(self, cond: Condition, targets: torch.Tensor) -> torch.Tensor:
@@ -499,16 +504,15 @@ class NUWA(nn.Module):
             caches = [self.new_caches() for _ in passes]
         positions = self.target_pos(target_shape)  # (N, D)
         vectors = self.code_vectors()  # (K, D), once for all steps
-        frame_sum = torch.zeros(B, 1, vectors.shape[1], dtype=vectors.dtype, device=device)  # frame_context
+        frame_sum = torch.zeros(B, 1, vectors.shape[1], dtype=vectors.dtype, device=device)  # first_frame_context
         for p in tqdm(range(N), desc="tokens", unit="tok", disable=not progress, leave=False):
             if use_cache:
                 # Input p is bos (p = 0) or the embedding of y_{p-1}, plus position p; same for all passes.
                 x_p = self.bos.expand(B, 1, -1) if p == 0 else F.embedding(tokens[:, p - 1:p], vectors)
                 x_p = x_p + positions[p]  # (B, 1, D)
-                if self.config.frame_context:  # frame_so_far, one running sum per frame
-                    slot = p % (h * w)
-                    frame_sum = torch.zeros_like(frame_sum) if slot == 0 else frame_sum + F.embedding(tokens[:, p - 1:p], vectors)
-                    x_p = x_p + self.frame_context_proj(frame_sum / max(slot, 1))  # (B, 1, D)
+                if self.config.first_frame_context and p < h * w:  # frame_so_far of frame 0, a running sum
+                    frame_sum = frame_sum if p == 0 else frame_sum + F.embedding(tokens[:, p - 1:p], vectors)
+                    x_p = x_p + self.first_frame_proj(frame_sum / max(p, 1))  # (B, 1, D)
                 logits = [self.step_logits(x_p, p, target_shape, c, *enc, code_vectors=vectors)
                           for c, enc in zip(caches, passes)]
             else:
@@ -534,7 +538,8 @@ class NUWA(nn.Module):
 def frame_so_far(embedded: torch.Tensor) -> torch.Tensor:
     """The mean embedding of the codes before each position in its own frame (zero at a frame's
     first position): embedded (B, T, S, D), S = h·w codes per frame → (B, T·S, D). What
-    `frame_context` adds to the decoder input (through W_f); generation keeps the same running sum."""
+    `first_frame_context` adds to frame 0's decoder input (through W_f); generation keeps the same
+    running sum."""
     B, T, S, D = embedded.shape
     sums = F.pad(embedded.cumsum(2)[:, :, :-1], (0, 0, 1, 0))  # (B, T, S, D): Σ of slots 0 … i−1
     counts = torch.arange(S, device=embedded.device).clamp(min=1).to(embedded.dtype)  # (S,)
@@ -605,7 +610,7 @@ def load_nuwa(path, *, map_location="cpu") -> NUWA:
         raise ValueError(f"{path} does not match the model its config describes (relative_bias="
                          f"{config.relative_bias}, relative_keys={config.relative_keys}, extent={config.extent}, "
                          f"tie_head={config.tie_head}, pixel_codes={config.pixel_codes}, "
-                         f"frame_context={config.frame_context}): {error}") from error
+                         f"first_frame_context={config.first_frame_context}): {error}") from error
     return model.to(map_location).eval()
 
 

@@ -30,7 +30,7 @@ def conditions(model):
 # The paper's absolute positions only, and the learning aids (relative bias, tied head, identity init).
 SCHEMES = {"paper": nuwa.PAPER_SCHEME,
            "aids": dict(relative_bias=True, relative_keys=True, tie_head=True, identity_init=True, pixel_codes=True,
-                        frame_context=True)}
+                        first_frame_context=True)}
 
 
 def trained_looking(model: nuwa.NUWA) -> nuwa.NUWA:
@@ -46,8 +46,8 @@ def trained_looking(model: nuwa.NUWA) -> nuwa.NUWA:
                 # entry changes the output.
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
                                 / nearby_attention.RELATIVE_GAIN)
-        if model.config.frame_context:
-            weight = model.frame_context_proj.weight
+        if model.config.first_frame_context:
+            weight = model.first_frame_proj.weight
             weight.copy_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype) / weight.shape[1] ** 0.5)
     return model
 
@@ -327,15 +327,15 @@ def test_old_checkpoints_load_the_paper_way_and_mismatches_name_the_field(tmp_pa
     loaded = nuwa.load_nuwa(tmp_path / "old.pt")
     assert not loaded.config.relative_bias and not loaded.config.relative_keys and not loaded.config.tie_head
     assert not loaded.config.identity_init and not loaded.config.pixel_codes and loaded.config.v2v_loss_on_given
-    assert not loaded.config.frame_context
+    assert not loaded.config.first_frame_context
     # A state dict whose tables do not fit the config it records is refused, naming the field.
     torch.save({"stage": "nuwa", "config": {**old_config, "relative_bias": True}, "model": paper.state_dict()},
                tmp_path / "mismatch.pt")
     with pytest.raises(ValueError, match="relative_bias=True"):
         nuwa.load_nuwa(tmp_path / "mismatch.pt")
-    torch.save({"stage": "nuwa", "config": {**old_config, "frame_context": True}, "model": paper.state_dict()},
+    torch.save({"stage": "nuwa", "config": {**old_config, "first_frame_context": True}, "model": paper.state_dict()},
                tmp_path / "no_context.pt")  # a frame-context model's checkpoint without its W_f
-    with pytest.raises(ValueError, match="frame_context=True"):
+    with pytest.raises(ValueError, match="first_frame_context=True"):
         nuwa.load_nuwa(tmp_path / "no_context.pt")
 
 
@@ -358,7 +358,7 @@ def test_pixel_codes_embed_and_score_each_code_by_its_pixels():
     targets = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(2))
     x = model.decoder_input(targets)
     first = vectors[targets.view(2, -1)[:, 0]]  # (B, D): e of y_0, the input of position 1 ...
-    context = first @ model.frame_context_proj.weight.t()  # ... and the whole frame so far (frame_context)
+    context = first @ model.first_frame_proj.weight.t()  # ... and frame 0 so far (first_frame_context)
     assert torch.allclose(x[:, 1], first + model.target_pos((3, 3, 4))[1] + context)
     # Tied head: logits are h · e_k with the same vectors; new pixels change them.
     before = model(cond, targets)
@@ -408,24 +408,24 @@ def test_empty_first_frames_are_drawn_again():
     assert torch.equal(again, plain)
 
 
-def test_frame_context_is_the_mean_code_of_the_frame_so_far():
+def test_first_frame_context_is_the_mean_code_of_frame_0_so_far():
     model = trained_looking(toy_model(**SCHEMES["aids"]))
     targets = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(2))  # (B, T, h, w)
     B, T, h, w = targets.shape
-    plain = toy_model(**{**SCHEMES["aids"], "frame_context": False})
-    plain.load_state_dict({n: v for n, v in model.state_dict().items() if not n.startswith("frame_context")})
+    plain = toy_model(**{**SCHEMES["aids"], "first_frame_context": False})
+    plain.load_state_dict({n: v for n, v in model.state_dict().items() if not n.startswith("first_frame")})
     added = model.decoder_input(targets) - plain.decoder_input(targets)  # (B, N, D): W_f · mean so far
     vectors = model.code_vectors()
-    for t in range(T):
-        for slot in range(h * w):
-            drawn = targets[:, t].reshape(B, -1)[:, :slot]  # (B, slot) codes before it in its frame
-            mean = vectors[drawn].mean(1) if slot else torch.zeros(B, vectors.shape[1], dtype=vectors.dtype)
-            expected = mean @ model.frame_context_proj.weight.t()  # (B, D)
-            assert torch.allclose(added[:, t * h * w + slot], expected, atol=1e-12), (t, slot)
+    for slot in range(h * w):
+        drawn = targets[:, 0].reshape(B, -1)[:, :slot]  # (B, slot) codes before it in frame 0
+        mean = vectors[drawn].mean(1) if slot else torch.zeros(B, vectors.shape[1], dtype=vectors.dtype)
+        expected = mean @ model.first_frame_proj.weight.t()  # (B, D)
+        assert torch.allclose(added[:, slot], expected, atol=1e-12), slot
+    assert added[:, h * w:].abs().max() == 0  # later frames: nothing added
     # A fresh model starts as without it (W_f = 0), and the paper scheme has no such layer.
     fresh = toy_model()
-    assert fresh.config.frame_context and not fresh.frame_context_proj.weight.any()
-    assert not hasattr(toy_model(**SCHEMES["paper"]), "frame_context_proj")
+    assert fresh.config.first_frame_context and not fresh.first_frame_proj.weight.any()
+    assert not hasattr(toy_model(**SCHEMES["paper"]), "first_frame_proj")
 
 
 def test_pixel_codes_leave_every_other_initial_weight_as_without_them():
