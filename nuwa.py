@@ -46,7 +46,7 @@ Deviations from the paper (each also marked at its line):
   where the digit goes first, and only the caption says it; a causal decoder scores those frames
   exactly as in the whole clip, so this re-weights Eq. 10's terms without changing the model.
 - The `paper` preset (and PAPER_SCHEME) turns all of these off: `train.py --no-relative-bias
-  --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --no-frame-context
+  --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --no-first-frame-context
   --v2v-loss-on-given` trains the paper's model.
 - Classifier-free guidance is an option we add (off by default, the paper does not use it); the
   unconditional pass uses the condition "None" and is fed exactly the same decoder input.
