@@ -32,13 +32,14 @@ Deviations from the paper (each also marked at its line):
   plus a learned projection of the f × f pixels the tokenizer draws for it. A digit moving 3.6 px
   per frame is redrawn by new codes in every frame; what the model learns about a stroke then
   carries over to the codes that draw shifted copies of it (real-token probe, README).
-- First-frame context (`first_frame_context`): an input p of frame 0 also carries a learned
-  projection of the mean embedding of the codes drawn so far in that frame. A 3DNA query sees only
-  the rows just above it, so in frame 0 (an image, or a video's first frame: nothing earlier to
-  copy) no position knew whether the digit had been drawn yet, and the model could finish the frame
-  empty (then copy it to every frame). Later frames do without: the frame before shows the digit,
-  and on the copy probe the same term in every frame kept the model from learning to copy (0.60
-  nats/token at step 300, against 0.04).
+- First-frame context (`first_frame_context`, an experiment, OFF by default): an input p of frame 0
+  also carries a learned projection of the mean embedding of the codes drawn so far in that frame.
+  A 3DNA query sees only the rows just above it, so in frame 0 (an image, or a video's first frame:
+  nothing earlier to copy) no position knows whether the digit has been drawn yet, and the model
+  can finish the frame empty (then copy it to every frame). It did not help in the `make models`
+  recipe (empty videos 5 of 16 with it, 3 of 16 without; README), nor in every frame (on the copy
+  probe it kept the model from learning to copy: 0.60 nats/token at step 300, against 0.04).
+  Sampling with `redraw_empty` (nuwa.text_to_image) is what removes empty first frames.
 - Video prediction (V2V) is trained on the predicted half only (`v2v_loss_on_given` False); the paper
   sums the loss over every token.
 - The opening frames get more training (train.py's `t2v_start` task and `start_steps` phase): clips
@@ -46,8 +47,8 @@ Deviations from the paper (each also marked at its line):
   where the digit goes first, and only the caption says it; a causal decoder scores those frames
   exactly as in the whole clip, so this re-weights Eq. 10's terms without changing the model.
 - The `paper` preset (and PAPER_SCHEME) turns all of these off: `train.py --no-relative-bias
-  --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --no-first-frame-context
-  --v2v-loss-on-given` trains the paper's model.
+  --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --v2v-loss-on-given` trains
+  the paper's model.
 - Classifier-free guidance is an option we add (off by default, the paper does not use it); the
   unconditional pass uses the condition "None" and is fed exactly the same decoder input.
 - Video prediction longer than the clips the model was trained on rolls (`predict_video`'s window):
@@ -103,7 +104,7 @@ class NUWAConfig:
     tie_head: bool = True  # the output head shares the target token embedding's matrix
     identity_init: bool = True  # decoder self-attention's value and output projections start as identity
     pixel_codes: bool = True  # a code's embedding (and tied logit) includes a projection of its pixels
-    first_frame_context: bool = True  # frame 0's input p adds a projection of the mean code of that frame so far
+    first_frame_context: bool = False  # frame 0's input p adds a projection of the mean code of that frame so far
     # --- training (train.py --stage nuwa); the model itself ignores these fields
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frame tokenizer whose codes this model predicts
     seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
@@ -338,14 +339,15 @@ class NUWA(nn.Module):
             # Built last, so every other weight starts as in a model without pixel codes (paired ablations).
             self._init_weights(self.pixel_embed)
         if config.first_frame_context:
-            # DEVIATION (not in NÜWA §3.3): an input p of frame 0 also carries W_f · (mean embedding of
-            # the codes drawn so far in frame 0), `frame_so_far`. A 3DNA query sees only the e_h rows
+            # OPTION, off by default (not in NÜWA §3.3): an input p of frame 0 also carries W_f · (mean
+            # embedding of the codes drawn so far in frame 0), `frame_so_far`. A 3DNA query sees only the e_h rows
             # above it, so in a frame with no earlier frame to copy (frame 0, an image) no position
             # knew whether the digit had been drawn yet: 3 of 16 text→video samples of a `make models`
             # model drew no digit at all (frame 0 all background, then copied to the end). The mean
             # says how much ink, and of what kind, the frame holds already. Frame 0 only: in every
-            # frame it kept the copy probe from learning to copy (module docstring). W_f starts at
-            # zero (the model starts as without it) and is built last (every other weight the same).
+            # frame it kept the copy probe from learning to copy. Not adopted: in the `make models`
+            # recipe it drew as many empty frames (module docstring). W_f starts at zero (the model
+            # starts as without it) and is built last (every other weight the same).
             self.first_frame_proj = nn.Linear(D, D, bias=False)
             nn.init.zeros_(self.first_frame_proj.weight)
 

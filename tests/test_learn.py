@@ -167,9 +167,9 @@ def test_copy_probe_loss_on_frames_after_the_first_goes_down():
 @pytest.mark.slow
 def test_the_default_model_learns_to_copy_from_the_previous_frame():
     """The guard of the learning aids (relative keys and bias, tied head, identity init): within 300
-    steps the default model predicts frames 1-3 of the copy probe almost exactly (measured: 0.057
-    nats/token at step 300 with the first-frame context, 0.044 without it, and the paper's model
-    0.655). A model that only learns where the block goes stays at ≈ 0.58, and so did one with the
-    frame context in every frame (0.599)."""
+    steps the default model predicts frames 1-3 of the copy probe almost exactly (measured: 0.044
+    nats/token at step 300, 0.057 with the first-frame context, and the paper's model 0.655). A
+    model that only learns where the block goes stays at ≈ 0.58, and so did one with the frame
+    context in every frame (0.599)."""
     summary = bench.run("copy", steps=300, eval_every=300, eval_clips=32, log=lambda line: None)
     assert summary["final"] < 0.15, summary["curve"]

@@ -423,8 +423,9 @@ def test_first_frame_context_is_the_mean_code_of_frame_0_so_far():
         assert torch.allclose(added[:, slot], expected, atol=1e-12), slot
     assert added[:, h * w:].abs().max() == 0  # later frames: nothing added
     # A fresh model starts as without it (W_f = 0), and the paper scheme has no such layer.
-    fresh = toy_model()
-    assert fresh.config.first_frame_context and not fresh.first_frame_proj.weight.any()
+    fresh = toy_model(first_frame_context=True)
+    assert not fresh.first_frame_proj.weight.any()
+    assert not toy_model().config.first_frame_context  # an experiment: off by default (nuwa.py)
     assert not hasattr(toy_model(**SCHEMES["paper"]), "first_frame_proj")
 
 
