@@ -34,7 +34,8 @@ $(VENV)/.installed: pyproject.toml
 #      text→image, text→video and opening frames together, captions dropped to "None" in 10 % of clips
 #      (the `make models` recipe, shorter; README, results table: seen-caption digit 50 %, motion 22 %;
 #      a 4-minute tokenizer and 8-minute NÜWA drew the digit in 28 %: the digit needs the mixed steps);
-#   4. sample text→video (classifier-free guidance 1.5: seen-caption digit 58 % instead of 50 %) and
+#   4. sample text→video (classifier-free guidance 1.5: seen-caption digit 58 % instead of 50 %; a first
+#      frame that holds no ink is drawn again, else the empty frame is copied to the end) and
 #      10 → 10 prediction (the caption-free model continuing given frames) into out/demo/samples/
 #      (PNG grids and GIFs).
 DEMO := out/demo
@@ -47,7 +48,7 @@ demo: $(VENV)/.installed
 		--start-batch-size 32 --cond-drop-prob 0.1 --max-seconds $(DEMO_NUWA_SECONDS) --token-h 8 --token-w 8 --batch-size 4 --vqgan-ckpt $(DEMO)/vqgan/ckpt.pt \
 		--seg-ckpt "" --out $(DEMO)
 	$(PY) sample.py t2v --ckpt $(DEMO)/nuwa/ckpt.pt --caption "digit 3 is moving up then down" -n 3 \
-		--top-k 16 --guidance 1.5 --out $(DEMO)/samples
+		--top-k 16 --guidance 1.5 --redraw-empty --out $(DEMO)/samples
 	$(PY) sample.py predict --ckpt $(DEMO)/nuwa/ckpt.pt -n 3 --top-k 16 --out $(DEMO)/samples
 	@echo "demo done: see $(DEMO)/ (captioned clips, tokenizer reconstructions, nuwa/ training, samples/)"
 
@@ -57,7 +58,8 @@ demo: $(VENV)/.installed
 # text→image, text→video and the opening frames together, with the caption dropped to "None" in
 # 10 % of clips (for classifier-free guidance, and so that "None" + given frames is video
 # prediction); written where sample.py and the notebooks look by default (out/vqgan, out/nuwa), then
-# samples in out/samples. V2V training is left out: its 20-frame clips took two thirds of every step.
+# samples in out/samples. V2V training is left out: its 20-frame clips took two thirds of every step, and
+# two-digit 10-frame V2V clips in the mix did not help prediction (README, results table).
 # MODELS_VQGAN_SECONDS / MODELS_NUWA_SECONDS shorten it.
 MODELS := out
 MODELS_VQGAN_SECONDS ?= 600
@@ -70,7 +72,7 @@ models: $(VENV)/.installed
 		--cond-drop-prob 0.1 --max-seconds $(MODELS_NUWA_SECONDS) --token-h 8 --token-w 8 --batch-size 4 \
 		--vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --seg-ckpt "" --out $(MODELS)
 	$(PY) sample.py t2v --ckpt $(MODELS)/nuwa/ckpt.pt --caption "digit 3 is moving up then down" -n 3 \
-		--top-k 16 --guidance 1.5 --out $(MODELS)/samples
+		--top-k 16 --guidance 1.5 --redraw-empty --out $(MODELS)/samples
 	$(PY) sample.py predict --ckpt $(MODELS)/nuwa/ckpt.pt -n 3 --top-k 16 --out $(MODELS)/samples
 	@echo "models done: out/vqgan, out/nuwa (the defaults of sample.py and the notebooks), samples in out/samples"
 
