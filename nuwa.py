@@ -339,15 +339,10 @@ class NUWA(nn.Module):
             # Built last, so every other weight starts as in a model without pixel codes (paired ablations).
             self._init_weights(self.pixel_embed)
         if config.first_frame_context:
-            # OPTION, off by default (not in NÜWA §3.3): an input p of frame 0 also carries W_f · (mean
-            # embedding of the codes drawn so far in frame 0), `frame_so_far`. A 3DNA query sees only the e_h rows
-            # above it, so in a frame with no earlier frame to copy (frame 0, an image) no position
-            # knew whether the digit had been drawn yet: 3 of 16 text→video samples of a `make models`
-            # model drew no digit at all (frame 0 all background, then copied to the end). The mean
-            # says how much ink, and of what kind, the frame holds already. Frame 0 only: in every
-            # frame it kept the copy probe from learning to copy. Not adopted: in the `make models`
-            # recipe it drew as many empty frames (module docstring). W_f starts at zero (the model
-            # starts as without it) and is built last (every other weight the same).
+            # OPTION, off by default (not in NÜWA §3.3; an experiment that did not help, module docstring):
+            # an input p of frame 0 also carries W_f · frame_so_far, the mean embedding of the codes drawn
+            # before p in frame 0. W_f starts at zero (the model starts as without it) and is built last
+            # (every other weight starts the same).
             self.first_frame_proj = nn.Linear(D, D, bias=False)
             nn.init.zeros_(self.first_frame_proj.weight)
 
@@ -392,7 +387,7 @@ class NUWA(nn.Module):
         # DEVIATION (NÜWA §3.3): input p carries the position of the target p it predicts (our choice).
         x = x + self.target_pos((T, h, w))  # (B, N, D)
         if self.config.first_frame_context:
-            context = self.first_frame_proj(frame_so_far(embedded[:, :h * w].view(B, 1, h * w, -1)))  # (B, hw, D)
+            context = self.first_frame_proj(frame_so_far(embedded[:, :h * w]))  # (B, hw, D)
             x = torch.cat([x[:, :h * w] + context, x[:, h * w:]], dim=1)  # (B, N, D): frame 0 only
         return x
 
@@ -538,14 +533,12 @@ class NUWA(nn.Module):
 
 
 def frame_so_far(embedded: torch.Tensor) -> torch.Tensor:
-    """The mean embedding of the codes before each position in its own frame (zero at a frame's
-    first position): embedded (B, T, S, D), S = h·w codes per frame → (B, T·S, D). What
-    `first_frame_context` adds to frame 0's decoder input (through W_f); generation keeps the same
-    running sum."""
-    B, T, S, D = embedded.shape
-    sums = F.pad(embedded.cumsum(2)[:, :, :-1], (0, 0, 1, 0))  # (B, T, S, D): Σ of slots 0 … i−1
-    counts = torch.arange(S, device=embedded.device).clamp(min=1).to(embedded.dtype)  # (S,)
-    return (sums / counts[:, None]).reshape(B, T * S, D)
+    """Mean embedding of the codes before each position of one frame (zero at its first position):
+    embedded (B, S, D), S = h·w codes in raster order → (B, S, D). What `first_frame_context` adds to
+    frame 0's decoder input (through W_f); generation keeps the same running sum."""
+    sums = F.pad(embedded.cumsum(1)[:, :-1], (0, 0, 1, 0))  # (B, S, D): Σ of slots 0 … i−1
+    counts = torch.arange(embedded.shape[1], device=embedded.device).clamp(min=1).to(embedded.dtype)  # (S,)
+    return sums / counts[:, None]  # (B, S, D)
 
 
 def cache_nbytes(caches: list) -> int:

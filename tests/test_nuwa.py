@@ -27,7 +27,8 @@ def conditions(model):
     return {"text": nuwa.text_condition(model.tokenizer, CAPTIONS), "sketch": nuwa.sketch_condition(sketch)}
 
 
-# The paper's absolute positions only, and the learning aids (relative bias, tied head, identity init).
+# The paper's absolute positions only, and the learning aids (relative bias, tied head, identity init),
+# with the first-frame context (an experiment, off by default) on so that its step is proven too.
 SCHEMES = {"paper": nuwa.PAPER_SCHEME,
            "aids": dict(relative_bias=True, relative_keys=True, tie_head=True, identity_init=True, pixel_codes=True,
                         first_frame_context=True)}
