@@ -537,8 +537,13 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def blank_codes(self, threshold: float = 0.25) -> torch.Tensor:
-        """(K,) bool: codes whose own cell draws no pixel brighter than `threshold` (empty cells)."""
-        return self.code_patches().amax(1) < threshold
+        """(K,) bool: codes whose own cell draws no pixel brighter than `threshold` (empty cells),
+        and always the code of an empty cell itself (`empty_code`): a briefly trained tokenizer may
+        decode it with a faint grey (0.25 on `make demo`'s, whose all-empty frames then slipped past
+        the threshold and were kept as first frames)."""
+        blank = self.code_patches().amax(1) < threshold
+        blank[self.empty_code()] = True
+        return blank
 
     @torch.no_grad()
     def code_patches(self) -> torch.Tensor:

@@ -386,6 +386,11 @@ def test_code_patches_draw_each_code_in_its_own_cell():
     frame = tokenizer.decode(grid).clamp(0, 1)[0, 0]
     cell = frame[(h // 2) * f:(h // 2 + 1) * f, (w // 2) * f:(w // 2 + 1) * f]
     assert torch.allclose(patches[code], cell.flatten(), atol=1e-4)  # float32, decoded in a batch of 8 vs 1
+    # Blank codes: those whose cell stays darker than the threshold, and always the empty cell's code,
+    # however grey this untrained tokenizer draws it.
+    blank, empty = tokenizer.blank_codes(0.5), tokenizer.empty_code()
+    torch.testing.assert_close(blank[torch.arange(8) != empty], (patches.amax(1) < 0.5)[torch.arange(8) != empty])
+    assert torch.equal(tokenizer.blank_codes(0.0), torch.arange(8) == empty)  # no pixel is darker than 0
 
 
 def test_empty_first_frames_are_drawn_again():
