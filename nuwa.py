@@ -119,6 +119,7 @@ class NUWAConfig:
     v2v_batch_size: int = 0  # V2V clips per step (20 frames each: the costliest task); 0 = batch_size
     start_frames: int = 2  # task t2v_start: the first start_frames frames of a clip, under its whole caption
     start_batch_size: int = 0  # t2v_start clips per step; 0 = batch_size
+    mix_start_batch_size: int = 0  # t2v_start clips per step of the mix, after start_steps; 0 = start_batch_size
     lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
     weight_decay: float = 0.01  # AdamW weight decay (paper: not stated)
     warmup_steps: int = 100  # linear learning-rate warm-up (paper: not stated)

@@ -345,10 +345,11 @@ def nuwa_tasks(config: nuwa.NUWAConfig) -> list[str]:
         raise ValueError("sketch tasks need a VQ-GAN-Seg checkpoint: set --seg-ckpt or drop s2i/s2v from --tasks")
     if config.v2v_batch_size < 0:
         raise ValueError(f"v2v_batch_size must be ≥ 0 (0 = batch_size), got {config.v2v_batch_size}")
-    if config.start_batch_size < 0 or not 1 <= config.start_frames <= config.frames:
-        raise ValueError(f"t2v_start needs 1 ≤ start_frames ≤ frames ({config.frames}) and start_batch_size ≥ 0 "
-                         f"(0 = batch_size); got start_frames={config.start_frames}, "
-                         f"start_batch_size={config.start_batch_size}")
+    if min(config.start_batch_size, config.mix_start_batch_size) < 0 or not 1 <= config.start_frames <= config.frames:
+        raise ValueError(f"t2v_start needs 1 ≤ start_frames ≤ frames ({config.frames}), start_batch_size ≥ 0 "
+                         f"(0 = batch_size) and mix_start_batch_size ≥ 0 (0 = start_batch_size); got "
+                         f"start_frames={config.start_frames}, start_batch_size={config.start_batch_size}, "
+                         f"mix_start_batch_size={config.mix_start_batch_size}")
     if config.start_steps < 0:
         raise ValueError(f"start_steps must be ≥ 0, got {config.start_steps}")
     if config.t2i_steps < 0 or (config.t2i_steps and "t2i" not in tasks):
@@ -423,7 +424,7 @@ def nuwa_batch(config: nuwa.NUWAConfig, seed: int, step: int, part: int, parts: 
         # left the loss unchanged). The decoder is causal, so a clip's first start_frames frames
         # under the whole clip's caption score exactly the first terms of its text→video loss: this
         # weights the opening frames more, without changing the model. Clips from a second stream.
-        B_s = start_clips(config)
+        B_s = start_clips(config, step)
         start_picks = equal_part(B_s, part, parts, "t2v_start clips (start_batch_size)")
         offset = len(captioned) // 2
         opening = data.collate([captioned[(offset + step * B_s + i) % len(captioned)] for i in start_picks])
@@ -509,7 +510,7 @@ def nuwa_tokens_per_batch(config: nuwa.NUWAConfig, step: int = 0) -> int:
     per_frame = config.token_h * config.token_w
     lengths = {"t2i": 1, "s2i": 1, "t2v": config.frames, "s2v": config.frames, "v2v": config.predict_frames,
                "t2v_start": config.start_frames}
-    clips = {"v2v": v2v_clips(config), "t2v_start": start_clips(config)}
+    clips = {"v2v": v2v_clips(config), "t2v_start": start_clips(config, step)}
     return per_frame * sum(lengths[t] * clips.get(t, config.batch_size) for t in nuwa_step_tasks(config, step))
 
 
@@ -518,9 +519,15 @@ def v2v_clips(config: nuwa.NUWAConfig) -> int:
     return config.v2v_batch_size or config.batch_size
 
 
-def start_clips(config: nuwa.NUWAConfig) -> int:
-    """t2v_start clips per step: its own start_batch_size, or batch_size."""
-    return config.start_batch_size or config.batch_size
+def start_clips(config: nuwa.NUWAConfig, step: int = 0) -> int:
+    """t2v_start clips in step `step`: start_batch_size (or batch_size) in its own phase; in the mix
+    after it, mix_start_batch_size when set. The opening frames alone need many clips a step (which
+    way a caption sends its digit is one token in a clip's 128); in the mix they are most of a step's
+    tokens (32 two-frame clips: 4,096 of the make models step's 6,912), and fewer leave more steps
+    for whole clips."""
+    phase = config.start_batch_size or config.batch_size
+    in_mix = step >= config.t2i_steps + config.start_steps
+    return (config.mix_start_batch_size or phase) if in_mix else phase
 
 
 # --- NÜWA-LIP (arXiv 2202.05009): DF-VQGAN (§3.1), then MP-S2S on its frozen tokens (§3.2-3.3) ---

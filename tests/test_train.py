@@ -245,6 +245,13 @@ def test_the_text_to_image_curriculum_and_per_task_batch_sizes():
     assert [sorted(train.nuwa_batch(phased, 0, step, 0, 1)) for step in range(4)] == [
         ["t2i"], ["t2v_start"], ["t2v_start"], ["t2i", "t2v"]]
     assert [train.nuwa_tokens_per_batch(phased, step) for step in (1, 3)] == [5 * 2 * 64, phased.batch_size * 64 * 4]
+    # The mix may take fewer opening-frame clips than their own phase (mix_start_batch_size).
+    fewer = nuwa.NUWAConfig.preset("tiny", tasks="t2v,t2v_start", start_steps=2, start_batch_size=5,
+                                   mix_start_batch_size=3, frames=3, seg_ckpt="", token_h=8, token_w=8)
+    assert [train.nuwa_batch(fewer, 0, step, 0, 1)["t2v_start"]["video"].shape[0] for step in (1, 2)] == [5, 3]
+    assert train.nuwa_tokens_per_batch(fewer, 2) == (fewer.batch_size * 3 + 3 * 2) * 64
+    with pytest.raises(ValueError, match="mix_start_batch_size ≥ 0"):
+        train.nuwa_tasks(nuwa.NUWAConfig.preset("tiny", tasks="t2v_start", mix_start_batch_size=-1, seg_ckpt=""))
     with pytest.raises(ValueError, match="start_steps must be ≥ 0"):
         train.nuwa_tasks(nuwa.NUWAConfig.preset("tiny", tasks="t2v", start_steps=-1, seg_ckpt=""))
 
