@@ -33,7 +33,9 @@ $(VENV)/.installed: pyproject.toml
 #      600 steps on clips' opening frames alone (which way the caption sends the digit), then
 #      text→image, text→video and opening frames together, captions dropped to "None" in 10 % of clips
 #      (the `make models` recipe, shorter; README, results table: seen-caption digit 50 %, motion 22 %;
-#      a 4-minute tokenizer and 8-minute NÜWA drew the digit in 28 %: the digit needs the mixed steps);
+#      a 4-minute tokenizer and 8-minute NÜWA drew the digit in 28 %: the digit needs the mixed steps;
+#      on a CPU without native bf16 the two first phases take 8 of the 9 minutes, and the model stays
+#      near chance: README, results table);
 #   4. sample text→video (classifier-free guidance 1.5: seen-caption digit 58 % instead of 50 %; a first
 #      frame that holds no ink is drawn again, else the empty frame is copied to the end) and
 #      10 → 10 prediction (the caption-free model continuing given frames) into out/demo/samples/
