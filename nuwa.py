@@ -39,7 +39,8 @@ Deviations from the paper (each also marked at its line):
   can finish the frame empty (then copy it to every frame). It did not help in the `make models`
   recipe (empty videos 5 of 16 with it, 3 of 16 without; README), nor in every frame (on the copy
   probe it kept the model from learning to copy: 0.60 nats/token at step 300, against 0.04).
-  Sampling with `redraw_empty` (nuwa.text_to_image) is what removes empty first frames.
+  Sampling with `blank_codes` (nuwa.text_to_image; `--redraw-empty` in sample.py and evaluate.py)
+  is what removes empty first frames.
 - Video prediction (V2V) is trained on the predicted half only (`v2v_loss_on_given` False); the paper
   sums the loss over every token.
 - The opening frames get more training (train.py's `t2v_start` task and `start_steps` phase): clips

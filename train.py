@@ -357,14 +357,18 @@ def nuwa_tasks(config: nuwa.NUWAConfig) -> list[str]:
     return tasks
 
 
-def nuwa_step_tasks(config: nuwa.NUWAConfig, step: int) -> list[str]:
-    """The tasks of step `step`, a curriculum of three phases (our option, not the paper's):
-    text→image alone for the first t2i_steps steps (draw a digit), then the opening frames
-    (t2v_start) alone for start_steps steps (draw it and move it where the caption says first),
-    then the whole mix `tasks`."""
+def nuwa_phase(config: nuwa.NUWAConfig, step: int) -> str:
+    """The curriculum phase of step `step` (our option, not the paper's): "t2i", text→image alone for
+    the first t2i_steps steps (draw a digit); "start", the opening frames (t2v_start) alone for
+    start_steps steps (draw it and move it where the caption says first); then "mix", all `tasks`."""
     if step < config.t2i_steps:
-        return ["t2i"]
-    return ["t2v_start"] if step < config.t2i_steps + config.start_steps else nuwa_tasks(config)
+        return "t2i"
+    return "start" if step < config.t2i_steps + config.start_steps else "mix"
+
+
+def nuwa_step_tasks(config: nuwa.NUWAConfig, step: int) -> list[str]:
+    """The tasks of step `step`: its phase's (nuwa_phase)."""
+    return {"t2i": ["t2i"], "start": ["t2v_start"]}.get(nuwa_phase(config, step)) or nuwa_tasks(config)
 
 
 @functools.lru_cache(maxsize=4)
@@ -425,7 +429,7 @@ def nuwa_batch(config: nuwa.NUWAConfig, seed: int, step: int, part: int, parts: 
         # under the whole clip's caption score exactly the first terms of its text→video loss: this
         # weights the opening frames more, without changing the model. Clips from a second stream.
         B_s = start_clips(config, step)
-        start_picks = equal_part(B_s, part, parts, "t2v_start clips (start_batch_size)")
+        start_picks = equal_part(B_s, part, parts, "t2v_start clips (start_batch_size, or mix_start_batch_size in the mix)")
         offset = len(captioned) // 2
         opening = data.collate([captioned[(offset + step * B_s + i) % len(captioned)] for i in start_picks])
         batch["t2v_start"] = {"video": opening["video"][:, :config.start_frames], "caption": opening["caption"]}
@@ -525,9 +529,8 @@ def start_clips(config: nuwa.NUWAConfig, step: int = 0) -> int:
     way a caption sends its digit is one token in a clip's 128); in the mix they are most of a step's
     tokens (32 two-frame clips: 4,096 of the make models step's 6,912), and fewer leave more steps
     for whole clips."""
-    phase = config.start_batch_size or config.batch_size
-    in_mix = step >= config.t2i_steps + config.start_steps
-    return (config.mix_start_batch_size or phase) if in_mix else phase
+    own = config.start_batch_size or config.batch_size
+    return (config.mix_start_batch_size or own) if nuwa_phase(config, step) == "mix" else own
 
 
 # --- NÜWA-LIP (arXiv 2202.05009): DF-VQGAN (§3.1), then MP-S2S on its frozen tokens (§3.2-3.3) ---
