@@ -47,9 +47,18 @@ Deviations from the paper (each also marked at its line):
   cut to their first `start_frames` frames, under the whole clip's caption. Only frame 1 shows
   where the digit goes first, and only the caption says it; a causal decoder scores those frames
   exactly as in the whole clip, so this re-weights Eq. 10's terms without changing the model.
+- No encoder layers in the tiny model (`encoder_layers` 0; the paper has 12): the memory is
+  LayerNorm(token + position) of each caption word (or sketch token), read by the decoder's
+  cross-attention. In the three tiny models with 2 encoder layers that we opened, each head of the
+  first layer attended to one fixed slot from every position (weight ≈ 1) and wrote values of norm
+  270–620 into all slots, so after the encoder's LayerNorm every slot held almost the same vector:
+  a summary of the caption in which "left then right" and "right then left" (the same words, so
+  only their order says where the digit goes first) were nearly equal. On the order probe
+  (benchmarks/bench_learn.py) the encoder-free model reads the order from step 100, the two-layer
+  one from step 600 (README, "Reading the words' order").
 - The `paper` preset (and PAPER_SCHEME) turns all of these off: `train.py --no-relative-bias
-  --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --v2v-loss-on-given` trains
-  the paper's model.
+  --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --v2v-loss-on-given
+  --encoder-layers 2` trains the paper's model at the tiny scale.
 - Classifier-free guidance is an option we add (off by default, the paper does not use it); the
   unconditional pass uses the condition "None" and is fed exactly the same decoder input.
 - Video prediction longer than the clips the model was trained on rolls (`predict_video`'s window):
@@ -79,14 +88,18 @@ from nearby_attention import NearbyAttention
 # The paper's model: absolute positions only, an untied head, no copying initialisation (the paper
 # states none; ours is GPT-2's, `_init_weights`), V2V trained on every token (NUWAConfig).
 PAPER_SCHEME = dict(relative_bias=False, relative_keys=False, tie_head=False, identity_init=False,
-                    pixel_codes=False, first_frame_context=False, v2v_loss_on_given=True)
+                    pixel_codes=False, first_frame_context=False, v2v_loss_on_given=True,
+                    encoder_layers=2)  # an encoder at the tiny scale (the `paper` preset has 12)
 
 
 @dataclass
 class NUWAConfig:
     dim: int = 128  # D, model width (paper: 1280)
     num_heads: int = 4  # nh, attention heads (paper: 20)
-    encoder_layers: int = 2  # L_enc, 3DNA layers over the condition (paper: 12)
+    # DEVIATION (tiny model; paper: 12): no encoder layers, the memory is LayerNorm(word + position) of
+    # every caption slot. Two layers collapsed into one summary of the caption, losing word order
+    # (module docstring); `--encoder-layers 2` trains the earlier tiny encoder.
+    encoder_layers: int = 0  # L_enc, 3DNA layers over the condition (paper: 12)
     decoder_layers: int = 4  # L_dec, 3DNA layers over the target (paper: 24)
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D (the usual transformer value)
     codebook_size: int = 512  # K, VQ-GAN codes for images/frames (paper: 12,288)
@@ -133,9 +146,9 @@ class NUWAConfig:
             # demo's 7-minute budget: batch 2 at 3e-3 reaches a lower loss than batch 4 at 2e-3 or 1e-3).
             "tiny": dict(batch_size=2, lr=3e-3, warmup_steps=10),
             "small": dict(dim=256, num_heads=8, encoder_layers=4, decoder_layers=8),  # one GPU
-            "paper": dict(dim=1280, num_heads=20, encoder_layers=12, decoder_layers=24,
-                          codebook_size=12_288, sketch_codebook_size=12_288, token_h=21, token_w=21,
-                          max_frames=10, extent=(3, 3, 3), **PAPER_SCHEME),  # NÜWA §4.1; only built on "meta"
+            "paper": {**PAPER_SCHEME, **dict(dim=1280, num_heads=20, encoder_layers=12, decoder_layers=24,
+                                             codebook_size=12_288, sketch_codebook_size=12_288, token_h=21,
+                                             token_w=21, max_frames=10, extent=(3, 3, 3))},  # NÜWA §4.1; "meta" only
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
@@ -584,7 +597,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 # What a checkpoint written before these fields existed was trained with: the paper's choices.
-LEGACY_DEFAULTS = PAPER_SCHEME
+# (encoder_layers is as old as the model: every checkpoint records it.)
+LEGACY_DEFAULTS = {name: value for name, value in PAPER_SCHEME.items() if name != "encoder_layers"}
 
 
 def load_nuwa(path, *, map_location="cpu") -> NUWA:

@@ -1,4 +1,4 @@
-"""Learning probes: four synthetic token tasks that isolate what each NÜWA task has to learn.
+"""Learning probes: five synthetic token tasks that isolate what each NÜWA task has to learn.
 
 Paper: Wu et al., "NÜWA", arXiv 2111.12417. The probes train the model of nuwa.py (§3.2 3DNA,
 §3.3 the encoder-decoder, the loss of Eq. 10) on miniature versions of the tasks of §4, with no
@@ -21,6 +21,13 @@ loss (the floor) is known exactly and a model change can be judged in minutes on
     v2v      (V2V) T = 6 frames under "None"; a block moves in one of 4 random directions. Frames
              0-2 are given and the loss is on frames 3-5 only; floor 0, since the direction shows
              from frame 0 to 1. It isolates inferring motion from context. Headline: v2v_nats.
+    order    (T2V, its opening) T = 2 frames under a bounce caption as the real data has them,
+             "digit 7 is moving up then down": the block moves one token the way the *first*
+             direction word says. "up then down" and "down then up" hold the same words, so only
+             their order tells where the block goes. Headline: order_gap, how many more nats
+             frame 1 costs per clip under the caption with its two direction words swapped (as
+             evaluate.py word-use): 0 for a model that reads the words but not their order;
+             higher is better, "learned" at ≥ 1 nat.
 
 Glossary: B batch, T frames, h w token rows/columns (8, 8), K codebook size (64), S block side (3).
 
@@ -31,6 +38,7 @@ fresh clips from a generator seeded by (seed, step), the held-out clips by a sep
     python benchmarks/bench_learn.py --probe copy --steps 400            # the baseline
     python benchmarks/bench_learn.py --probe copy --set relative_bias=true --set tie_head=true
     python benchmarks/bench_learn.py --probe all --max-seconds 300
+    python benchmarks/bench_learn.py --probe order --set encoder_layers=2   # the earlier tiny encoder
 
 `--set field=value` overrides any NUWAConfig field of the `tiny` preset. Every eval prints
 nats/token per frame; the last line of stdout is one JSON object. Measured figures: README.
@@ -62,6 +70,7 @@ K = 64  # codes of the target (and of the sketch); code 0 is the background
 S = 3  # side of the block of codes
 BASE = dict(codebook_size=K, sketch_codebook_size=K, token_h=GRID, token_w=GRID, max_frames=8)
 THRESHOLD = 0.05  # "learned": headline ≤ 0.05 nats/token, ~1 % of the untrained log K = 4.16
+ORDER_LEARNED = 1.0  # the order probe's "learned": frame 1 costs ≥ 1 nat more under the swapped caption
 PATTERN_SEED, PERMUTATION_SEED = 1234, 5678  # the caption patterns and the sketch permutation, fixed
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # (seed, stream, step) seeds every batch
 WEIGHT_DECAY, BETAS, GRAD_CLIP = 0.01, (0.9, 0.95), 1.0  # as train.py's nuwa stage
@@ -78,10 +87,15 @@ class Probe(NamedTuple):
 PROBES = {"copy": Probe(4, (0, 1, 2, 3), (1, 2, 3), "copy_nats"),
           "caption": Probe(1, (0,), (0,), "caption_excess"),
           "sketch": Probe(1, (0,), (0,), "sketch_nats"),
-          "v2v": Probe(6, (3, 4, 5), (3, 4, 5), "v2v_nats")}
+          "v2v": Probe(6, (3, 4, 5), (3, 4, 5), "v2v_nats"),
+          "order": Probe(2, (0, 1), (1,), "order_gap")}
 MOVES = list(data.DIRECTIONS.items())  # [((axis, sign), word)]: axis 0 moves along rows, 1 along columns
 CAPTION_PATTERNS = torch.randint(1, K, (len(data.DIGIT_WORDS), S, S),
                                  generator=torch.Generator().manual_seed(PATTERN_SEED))  # (10, S, S)
+_WORDS = nuwa.TextTokenizer().index  # caption word → token id
+SWAP_DIRECTIONS = torch.arange(len(_WORDS))  # token id → itself, or the opposite direction word's id
+for (_axis, _sign), _word in data.DIRECTIONS.items():
+    SWAP_DIRECTIONS[_WORDS[_word]] = _WORDS[data.DIRECTIONS[(_axis, -_sign)]]
 SKETCH_PERMUTATION = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(
     K - 1, generator=torch.Generator().manual_seed(PERMUTATION_SEED))])  # (K,), 0 ↦ 0
 
@@ -123,6 +137,11 @@ def make_batch(probe: str, generator: torch.Generator, batch_size: int, config: 
             (axis, sign), word = MOVES[int(randint(0, len(MOVES), (1,)))]
             clips.append(moving_block(generator, T, axis, sign, randint(1, K, (S, S))))  # (T, h, w)
             captions.append(f"moving {word}")
+        elif probe == "order":  # a bounce caption: the first direction word is the move
+            (axis, sign), word = MOVES[int(randint(0, len(MOVES), (1,)))]
+            clips.append(moving_block(generator, T, axis, sign, randint(1, K, (S, S))))  # (T, h, w)
+            digit = data.DIGIT_WORDS[int(randint(0, len(data.DIGIT_WORDS), (1,)))]  # a word to read past
+            captions.append(f"digit {digit} is moving {word} then {data.DIRECTIONS[(axis, -sign)]}")
         elif probe == "caption":
             digit = int(randint(0, len(data.DIGIT_WORDS), (1,)))
             clips.append(moving_block(generator, 1, 0, 1, CAPTION_PATTERNS[digit]))  # (1, h, w)
@@ -145,7 +164,7 @@ def floors(probe: str) -> list[float]:
     """The lowest reachable nats/token of each shown frame: the entropy the condition leaves."""
     if probe == "caption":
         return [math.log(placements(1)) / GRID ** 2]  # only the place is unknown
-    if probe == "copy":  # frame 0: the place (the caption gives the direction) and S² codes of K − 1
+    if probe in ("copy", "order"):  # frame 0: the place (the caption gives the direction), S² codes of K − 1
         first = (math.log(placements(PROBES[probe].frames)) + S * S * math.log(K - 1)) / GRID ** 2
         return [first] + [0.0] * (PROBES[probe].frames - 1)  # later frames: frame 0 shifted
     return [0.0] * len(PROBES[probe].shown)  # determined by the condition and the frames before
@@ -213,10 +232,15 @@ def evaluate(model: nuwa.NUWA, probe: str, clips) -> dict:
     logits = model(cond, targets)  # (B, N, K')
     per_token = F.cross_entropy(logits.transpose(1, 2), targets.reshape(B, -1), reduction="none")  # (B, N)
     per_frame = per_token.view(B, T, h * w).mean(dim=(0, 2))  # (T,)
-    model.train(was_training)
     value = float(per_frame[list(PROBES[probe].scored)].mean())
     if probe == "caption":
         value -= floors(probe)[0]  # the excess over the place's entropy
+    if probe == "order":  # frame 1's nats per clip under the swapped caption minus under the true one
+        swapped = model(cond._replace(tokens=SWAP_DIRECTIONS[cond.tokens]), targets)  # (B, N, K')
+        frame1 = lambda scores: F.cross_entropy(scores[:, h * w:].transpose(1, 2), targets[:, 1].reshape(B, -1),
+                                                reduction="none").sum(1)  # (B,)
+        value = float((frame1(swapped) - frame1(logits)).mean())
+    model.train(was_training)
     return {"per_frame": [float(per_frame[t]) for t in PROBES[probe].shown], "value": value}
 
 
@@ -234,6 +258,9 @@ def describe(probe: str, step: int, elapsed: float, loss: float | None, result: 
         return head + f"nats/token {nats:.3f}  (floor {floors(probe)[0]:.3f}, excess {result['value']:.3f})"
     if probe == "sketch":
         return head + f"nats/token {result['value']:.3f}"
+    if probe == "order":
+        values = " ".join(f"{v:.2f}" for v in result["per_frame"])
+        return head + f"nats/token per frame 0-1: {values}  (order gap {result['value']:.2f} nats per clip)"
     values = " ".join(f"{v:.2f}" for v in result["per_frame"])
     shown = PROBES[probe].shown
     return head + (f"nats/token per frame {shown[0]}-{shown[-1]}: {values}  "
@@ -277,12 +304,15 @@ def run(probe: str, overrides: dict | None = None, *, steps: int = 600, max_seco
         adamw.step()
         losses.append(loss.item())
         train_seconds += time.perf_counter() - tick
-    first = next((s for s, _, v in curve if v <= THRESHOLD), None)
-    log(f"{probe}: {PROBES[probe].headline} {result['value']:.3f} after {step} steps; "
-        f"first step ≤ {THRESHOLD}: {first}")
+    if probe == "order":  # higher is better
+        goal, first = f"≥ {ORDER_LEARNED}", next((s for s, _, v in curve if v >= ORDER_LEARNED), None)
+    else:
+        goal, first = f"≤ {THRESHOLD}", next((s for s, _, v in curve if v <= THRESHOLD), None)
+    log(f"{probe}: {PROBES[probe].headline} {result['value']:.3f} after {step} steps; first step {goal}: {first}")
     return {"probe": probe, "config": overrides, "steps": step, "seconds": round(time.perf_counter() - start, 2),
             "seconds_per_step": round(train_seconds / max(1, step), 4), "headline": PROBES[probe].headline,
-            "final": result["value"], f"first_step_below_{THRESHOLD}": first, "curve": curve,
+            "final": result["value"], ("first_step_gap_above_1" if probe == "order" else
+                                       f"first_step_below_{THRESHOLD}"): first, "curve": curve,
             "frames": list(PROBES[probe].shown), "per_frame": result["per_frame"], "floor": floors(probe),
             "seed": seed, "batch_size": batch_size, "lr": lr}
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-frames", type=int, default=0,
                         help="train on the first k frames only, under the whole clip's caption (0 = all)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--paper", action="store_true", help="the paper's scheme (no relative tables, untied head)")
+    parser.add_argument("--paper", action="store_true", help="the paper's scheme (no relative tables, untied head, two encoder layers)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="NUWAConfig overrides, as in bench_learn.py (e.g. pixel_codes=false)")
     args = parser.parse_args(argv)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     scheme = nuwa.PAPER_SCHEME if args.paper else {}
     model = nuwa.NUWA(nuwa.NUWAConfig.preset("tiny", codebook_size=tokenizer.codebook_size, token_h=h, token_w=w,
-                                              **scheme, **overrides))
+                                              **{**scheme, **overrides}))
     if model.config.pixel_codes:
         model.set_code_pixels(tokenizer.code_patches())
     optimizer = torch.optim.AdamW(nuwa.parameter_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.95))

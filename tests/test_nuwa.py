@@ -12,9 +12,9 @@ K, KS = 16, 8  # codebook sizes of the toy models
 
 
 def toy_model(**overrides) -> nuwa.NUWA:
-    config = nuwa.NUWAConfig.preset("tiny", dim=32, num_heads=2, encoder_layers=1, decoder_layers=2,
-                                    codebook_size=K, sketch_codebook_size=KS, token_h=3, token_w=4,
-                                    max_frames=6, **overrides)
+    toy = dict(dim=32, num_heads=2, encoder_layers=1, decoder_layers=2, codebook_size=K, sketch_codebook_size=KS,
+               token_h=3, token_w=4, max_frames=6)
+    config = nuwa.NUWAConfig.preset("tiny", **{**toy, **overrides})  # overrides win (the paper scheme's encoder)
     torch.manual_seed(0)
     return nuwa.NUWA(config).double().eval()
 
