@@ -7,7 +7,7 @@ nearby_attention.py), §3.3 (the 3D encoder-decoder, Eq. 6-9), §3.4 (training o
 and the eight tasks of §4 (T2I, S2I, I2I, TI2I, T2V, S2V, V2V, TV2V).
 
 In plain words: a condition C (a caption, a sketch, or the word "None") is a grid of tokens that
-an encoder of non-causal 3DNA layers turns into a memory. A decoder reads the target's tokens in
+an encoder of non-causal 3DNA layers (none in the tiny model: below) turns into a memory. A decoder reads the target's tokens in
 raster order (frame, row, column), each layer doing causal 3DNA self-attention, 3DNA
 cross-attention to the memory, and an MLP, and predicts the next VQ token. Generation samples one
 token at a time; a rolling key/value cache makes each step cost O(window), not O(N).
@@ -56,9 +56,9 @@ Deviations from the paper (each also marked at its line):
   only their order says where the digit goes first) were nearly equal. On the order probe
   (benchmarks/bench_learn.py) the encoder-free model reads the order from step 100, the two-layer
   one from step 600 (README, "Reading the words' order").
-- The `paper` preset (and PAPER_SCHEME) turns all of these off: `train.py --no-relative-bias
-  --no-relative-keys --no-tie-head --no-identity-init --no-pixel-codes --v2v-loss-on-given
-  --encoder-layers 2` trains the paper's model at the tiny scale.
+- The `paper` preset (and PAPER_SCHEME; TINY_PAPER_SCHEME adds the two encoder layers) turns all
+  of these off: `train.py --no-relative-bias --no-relative-keys --no-tie-head --no-identity-init
+  --no-pixel-codes --v2v-loss-on-given --encoder-layers 2` trains the paper's model at the tiny scale.
 - Classifier-free guidance is an option we add (off by default, the paper does not use it); the
   unconditional pass uses the condition "None" and is fed exactly the same decoder input.
 - Video prediction longer than the clips the model was trained on rolls (`predict_video`'s window):
@@ -88,8 +88,10 @@ from nearby_attention import NearbyAttention
 # The paper's model: absolute positions only, an untied head, no copying initialisation (the paper
 # states none; ours is GPT-2's, `_init_weights`), V2V trained on every token (NUWAConfig).
 PAPER_SCHEME = dict(relative_bias=False, relative_keys=False, tie_head=False, identity_init=False,
-                    pixel_codes=False, first_frame_context=False, v2v_loss_on_given=True,
-                    encoder_layers=2)  # an encoder at the tiny scale (the `paper` preset has 12)
+                    pixel_codes=False, first_frame_context=False, v2v_loss_on_given=True)
+# The paper's model at the tiny scale: those switches and a text encoder (two layers, as our tiny
+# model had before it dropped them; the `paper` preset has 12).
+TINY_PAPER_SCHEME = {**PAPER_SCHEME, "encoder_layers": 2}
 
 
 @dataclass
@@ -146,9 +148,9 @@ class NUWAConfig:
             # demo's 7-minute budget: batch 2 at 3e-3 reaches a lower loss than batch 4 at 2e-3 or 1e-3).
             "tiny": dict(batch_size=2, lr=3e-3, warmup_steps=10),
             "small": dict(dim=256, num_heads=8, encoder_layers=4, decoder_layers=8),  # one GPU
-            "paper": {**PAPER_SCHEME, **dict(dim=1280, num_heads=20, encoder_layers=12, decoder_layers=24,
-                                             codebook_size=12_288, sketch_codebook_size=12_288, token_h=21,
-                                             token_w=21, max_frames=10, extent=(3, 3, 3))},  # NÜWA §4.1; "meta" only
+            "paper": dict(dim=1280, num_heads=20, encoder_layers=12, decoder_layers=24,
+                          codebook_size=12_288, sketch_codebook_size=12_288, token_h=21, token_w=21,
+                          max_frames=10, extent=(3, 3, 3), **PAPER_SCHEME),  # NÜWA §4.1; only built on "meta"
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
@@ -597,8 +599,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 # What a checkpoint written before these fields existed was trained with: the paper's choices.
-# (encoder_layers is as old as the model: every checkpoint records it.)
-LEGACY_DEFAULTS = {name: value for name, value in PAPER_SCHEME.items() if name != "encoder_layers"}
+LEGACY_DEFAULTS = PAPER_SCHEME
 
 
 def load_nuwa(path, *, map_location="cpu") -> NUWA:

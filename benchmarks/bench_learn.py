@@ -92,10 +92,9 @@ PROBES = {"copy": Probe(4, (0, 1, 2, 3), (1, 2, 3), "copy_nats"),
 MOVES = list(data.DIRECTIONS.items())  # [((axis, sign), word)]: axis 0 moves along rows, 1 along columns
 CAPTION_PATTERNS = torch.randint(1, K, (len(data.DIGIT_WORDS), S, S),
                                  generator=torch.Generator().manual_seed(PATTERN_SEED))  # (10, S, S)
-_WORDS = nuwa.TextTokenizer().index  # caption word → token id
-SWAP_DIRECTIONS = torch.arange(len(_WORDS))  # token id → itself, or the opposite direction word's id
-for (_axis, _sign), _word in data.DIRECTIONS.items():
-    SWAP_DIRECTIONS[_WORDS[_word]] = _WORDS[data.DIRECTIONS[(_axis, -_sign)]]
+_OPPOSITE = {word: data.DIRECTIONS[(axis, -sign)] for (axis, sign), word in data.DIRECTIONS.items()}
+SWAP_DIRECTIONS = torch.tensor([nuwa.TextTokenizer().index[_OPPOSITE.get(word, word)]
+                                for word in nuwa.TextTokenizer().vocabulary])  # token id → the opposite word's
 SKETCH_PERMUTATION = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(
     K - 1, generator=torch.Generator().manual_seed(PERMUTATION_SEED))])  # (K,), 0 ↦ 0
 
@@ -258,11 +257,10 @@ def describe(probe: str, step: int, elapsed: float, loss: float | None, result: 
         return head + f"nats/token {nats:.3f}  (floor {floors(probe)[0]:.3f}, excess {result['value']:.3f})"
     if probe == "sketch":
         return head + f"nats/token {result['value']:.3f}"
-    if probe == "order":
-        values = " ".join(f"{v:.2f}" for v in result["per_frame"])
-        return head + f"nats/token per frame 0-1: {values}  (order gap {result['value']:.2f} nats per clip)"
     values = " ".join(f"{v:.2f}" for v in result["per_frame"])
     shown = PROBES[probe].shown
+    if probe == "order":
+        return head + f"nats/token per frame 0-1: {values}  (order gap {result['value']:.2f} nats per clip)"
     return head + (f"nats/token per frame {shown[0]}-{shown[-1]}: {values}  "
                    f"(frames {scored[0]}-{scored[-1]}: {result['value']:.3f})")
 
@@ -305,14 +303,15 @@ def run(probe: str, overrides: dict | None = None, *, steps: int = 600, max_seco
         losses.append(loss.item())
         train_seconds += time.perf_counter() - tick
     if probe == "order":  # higher is better
-        goal, first = f"≥ {ORDER_LEARNED}", next((s for s, _, v in curve if v >= ORDER_LEARNED), None)
+        goal, first_key = f"≥ {ORDER_LEARNED:g}", f"first_step_at_least_{ORDER_LEARNED:g}"
+        first = next((s for s, _, v in curve if v >= ORDER_LEARNED), None)
     else:
-        goal, first = f"≤ {THRESHOLD}", next((s for s, _, v in curve if v <= THRESHOLD), None)
+        goal, first_key = f"≤ {THRESHOLD}", f"first_step_below_{THRESHOLD}"
+        first = next((s for s, _, v in curve if v <= THRESHOLD), None)
     log(f"{probe}: {PROBES[probe].headline} {result['value']:.3f} after {step} steps; first step {goal}: {first}")
     return {"probe": probe, "config": overrides, "steps": step, "seconds": round(time.perf_counter() - start, 2),
             "seconds_per_step": round(train_seconds / max(1, step), 4), "headline": PROBES[probe].headline,
-            "final": result["value"], ("first_step_gap_above_1" if probe == "order" else
-                                       f"first_step_below_{THRESHOLD}"): first, "curve": curve,
+            "final": result["value"], first_key: first, "curve": curve,
             "frames": list(PROBES[probe].shown), "per_frame": result["per_frame"], "floor": floors(probe),
             "seed": seed, "batch_size": batch_size, "lr": lr}
 

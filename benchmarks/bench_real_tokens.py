@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     background = int(torch.bincount(train_tokens.flatten()).argmax())  # the code of an empty cell
     h, w = train_tokens.shape[2:]
     torch.manual_seed(0)
-    scheme = nuwa.PAPER_SCHEME if args.paper else {}
+    scheme = nuwa.TINY_PAPER_SCHEME if args.paper else {}
     model = nuwa.NUWA(nuwa.NUWAConfig.preset("tiny", codebook_size=tokenizer.codebook_size, token_h=h, token_w=w,
                                               **{**scheme, **overrides}))
     if model.config.pixel_codes:

@@ -196,10 +196,10 @@ def test_the_default_model_learns_to_copy_from_the_previous_frame():
 @pytest.mark.slow
 def test_the_default_model_reads_which_direction_word_comes_first():
     """The guard of the encoder-free tiny model: "up then down" and "down then up" hold the same
-    words, and only their order says where the block goes. Measured (seed 0, 1 thread): the default
+    words, and only their order says where the block goes. Measured (seed 0, one thread): the default
     model's frame 1 costs 3.1 nats more per clip under the swapped caption at step 150 (≥ 1 from
     step 100; 22.5 at step 600), while with the two encoder layers of the earlier tiny model the gap
-    stayed at 0.00 up to step 500 (0.15 at step 550, 3.2 at step 600)."""
+    stayed at 0.00 up to step 500 (0.15 at step 550, 3.2 at step 600): the probe tells them apart."""
     quiet = dict(steps=150, eval_every=150, eval_clips=32, log=lambda line: None)
     assert bench.run("order", **quiet)["final"] > 1.0
     assert abs(bench.run("order", {"encoder_layers": 2}, **quiet)["final"]) < 0.3

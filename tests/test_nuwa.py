@@ -27,11 +27,13 @@ def conditions(model):
     return {"text": nuwa.text_condition(model.tokenizer, CAPTIONS), "sketch": nuwa.sketch_condition(sketch)}
 
 
-# The paper's absolute positions only, and the learning aids (relative bias, tied head, identity init),
-# with the first-frame context (an experiment, off by default) on so that its step is proven too.
+# The paper's absolute positions only, the learning aids (relative bias, tied head, identity init)
+# with the first-frame context (an experiment, off by default) on so that its step is proven too, and
+# the tiny default: the aids and no encoder layers (the memory is the condition's embedding itself).
 SCHEMES = {"paper": nuwa.PAPER_SCHEME,
            "aids": dict(relative_bias=True, relative_keys=True, tie_head=True, identity_init=True, pixel_codes=True,
-                        first_frame_context=True)}
+                        first_frame_context=True),
+           "default": dict(encoder_layers=0)}
 
 
 def trained_looking(model: nuwa.NUWA) -> nuwa.NUWA:
