@@ -7,10 +7,10 @@ nearby_attention.py), §3.3 (the 3D encoder-decoder, Eq. 6-9), §3.4 (training o
 and the eight tasks of §4 (T2I, S2I, I2I, TI2I, T2V, S2V, V2V, TV2V).
 
 In plain words: a condition C (a caption, a sketch, or the word "None") is a grid of tokens that
-an encoder of non-causal 3DNA layers (none in the tiny model: below) turns into a memory. A decoder reads the target's tokens in
-raster order (frame, row, column), each layer doing causal 3DNA self-attention, 3DNA
-cross-attention to the memory, and an MLP, and predicts the next VQ token. Generation samples one
-token at a time; a rolling key/value cache makes each step cost O(window), not O(N).
+an encoder of non-causal 3DNA layers (none in the tiny model: below) turns into a memory. A
+decoder reads the target's tokens in raster order (frame, row, column), each layer doing causal
+3DNA self-attention, 3DNA cross-attention to the memory, and an MLP, and predicts the next VQ
+token. Generation samples one token at a time; a rolling key/value cache makes each step cost O(window), not O(N).
 
 Glossary: B batch, T frames, h w token rows/columns per frame, N = T·h·w target tokens,
 Nc condition tokens, D width, nh heads, K codebook size, L caption length,

@@ -63,6 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402  (after the path set-up, so the script runs from anywhere)
+import evaluate  # noqa: E402  (word-use's direction flip, for the order probe)
 import nuwa  # noqa: E402
 
 GRID = 8  # h = w: token rows/columns per frame (chosen here: small enough for minutes on a CPU)
@@ -92,9 +93,9 @@ PROBES = {"copy": Probe(4, (0, 1, 2, 3), (1, 2, 3), "copy_nats"),
 MOVES = list(data.DIRECTIONS.items())  # [((axis, sign), word)]: axis 0 moves along rows, 1 along columns
 CAPTION_PATTERNS = torch.randint(1, K, (len(data.DIGIT_WORDS), S, S),
                                  generator=torch.Generator().manual_seed(PATTERN_SEED))  # (10, S, S)
-_OPPOSITE = {word: data.DIRECTIONS[(axis, -sign)] for (axis, sign), word in data.DIRECTIONS.items()}
-SWAP_DIRECTIONS = torch.tensor([nuwa.TextTokenizer().index[_OPPOSITE.get(word, word)]
-                                for word in nuwa.TextTokenizer().vocabulary])  # token id → the opposite word's
+_FLIP = evaluate.WORD_CHANGES["direction"]  # up ↔ down, left ↔ right: word-use's own flip
+SWAP_DIRECTIONS = torch.tensor([nuwa.TextTokenizer().index[_FLIP.get(word, word)]
+                                for word in nuwa.TextTokenizer().vocabulary])  # token id → the flipped word's id
 SKETCH_PERMUTATION = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(
     K - 1, generator=torch.Generator().manual_seed(PERMUTATION_SEED))])  # (K,), 0 ↦ 0
 
