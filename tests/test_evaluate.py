@@ -502,12 +502,13 @@ def test_predict_runs_end_to_end_next_to_the_copy_last_baseline(nuwa_checkpoint,
     for prefix in ("", "copy_last_", "recon_", "blank_"):
         assert {prefix + name for name in ("mse", "mae", "psnr", "ssim")} <= set(last)
     for prefix in ("", "copy_last_", "recon_", "real_"):
-        assert 0 <= last[prefix + "last_frame_both_digits"] <= 1
+        assert 0 <= last[prefix + "last_frame_digits"] <= 1
+        assert last[prefix + "last_frame_both_digits"] == last[prefix + "last_frame_digits"]  # the older name
     # The reader's count on the real last frames, recomputed here clip by clip.
     classifier = judge.load_classifier(classifier_dir)
     clips = data.MovingMNIST("test", num_frames=4, num_digits=2, seed=0, length=3)
-    real = sum(evaluate.both_digits_found(clips[i]["video"][-1], clips[i]["digits"], classifier) for i in range(3))
-    assert last["real_last_frame_both_digits"] == pytest.approx(real / 3)
+    real = sum(evaluate.digits_found(clips[i]["video"][-1], clips[i]["digits"], classifier) for i in range(3))
+    assert last["real_last_frame_digits"] == pytest.approx(real / 3)
     assert last["num_videos"] == 3 and len(last["mse_per_frame"]) == 2 and last["mse"] > 0
     # The baseline, recomputed here from the same clips of our test set.
     video = torch.stack([data.MovingMNIST("test", num_frames=4, num_digits=2, seed=0, length=3)[i]["video"]
@@ -516,6 +517,25 @@ def test_predict_runs_end_to_end_next_to_the_copy_last_baseline(nuwa_checkpoint,
     assert last["copy_last_mse"] == pytest.approx(expected, rel=1e-5)
     # The empty canvas scores the future frames' own energy.
     assert last["blank_mse"] == pytest.approx(video[:, 2:].pow(2).flatten(2).sum(2).mean().item(), rel=1e-5)
+
+
+def test_predict_on_one_digit_clips_reads_one_digit(nuwa_checkpoint, classifier_dir, capsys):
+    import data
+
+    evaluate.main(["predict", "--ckpt", str(nuwa_checkpoint), "--num-videos", "3", "--batch-size", "3",
+                   "--given", "2", "--frames", "4", "--num-digits", "1", "--device", "cpu",
+                   "--classifier", str(classifier_dir), "--json"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["num_digits"] == 1 and "last_frame_both_digits" not in last
+    clips = data.MovingMNIST("test", num_frames=4, num_digits=1, seed=0, length=3)
+    classifier = judge.load_classifier(classifier_dir)
+    assert all(len(clips[i]["digits"]) == 1 for i in range(3))
+    real = sum(evaluate.digits_found(clips[i]["video"][-1], clips[i]["digits"], classifier) for i in range(3))
+    assert real >= 2  # the reader names a lone real digit
+    assert last["real_last_frame_digits"] == pytest.approx(real / 3)
+    video = torch.stack([clips[i]["video"] for i in range(3)])  # (3, 4, 1, 64, 64)
+    expected = (video[:, 2:] - video[:, 1:2]).pow(2).flatten(2).sum(2).mean().item()
+    assert last["copy_last_mse"] == pytest.approx(expected, rel=1e-5)  # scored on the one-digit clips
 
 
 def test_slots_of_real_canvases_read_as_their_digits_and_blank_slots_do_not(classifier_dir):
