@@ -82,7 +82,8 @@ models: $(VENV)/.installed
 # (VQ-GAN-Seg with the same 8×8 px cells, 5 min) and a NÜWA trained 25 min on every conditioned task
 # (text→image, text→video, its opening frames, sketch→image, sketch→video) on the frame tokenizer of
 # `make models`, captions dropped to "None" in 10 % of clips (guidance, and "None" + given frames is
-# video prediction). Completion, manipulation and text-guided video editing are these models sampled
+# video prediction); 32 opening-frame clips per step for 300 steps, then 16 per step in the mix (as in
+# `make models`). Completion, manipulation and text-guided video editing are these models sampled
 # with given tokens. Written to out/tasks, where notebook 03 looks first.
 TASKS := out/tasks
 TASKS_SEG_SECONDS ?= 300
@@ -92,8 +93,9 @@ tasks: $(VENV)/.installed
 	$(PY) train.py --stage seg --preset tiny --cell-encoder --ch-mult 1 2 4 4 --max-seconds $(TASKS_SEG_SECONDS) \
 		--out $(TASKS)
 	$(PY) train.py --stage nuwa --preset tiny --tasks t2i,t2v,t2v_start,s2i,s2v --start-steps 300 \
-		--start-batch-size 32 --cond-drop-prob 0.1 --max-seconds $(TASKS_NUWA_SECONDS) --token-h 8 --token-w 8 \
-		--batch-size 4 --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --seg-ckpt $(TASKS)/seg/ckpt.pt --out $(TASKS)
+		--start-batch-size 32 --mix-start-batch-size 16 --cond-drop-prob 0.1 --max-seconds $(TASKS_NUWA_SECONDS) \
+		--token-h 8 --token-w 8 --batch-size 4 --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --seg-ckpt $(TASKS)/seg/ckpt.pt \
+		--out $(TASKS)
 	@echo "tasks done: out/tasks (notebook 03's model of every task)"
 
 test: $(VENV)/.installed
