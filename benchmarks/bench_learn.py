@@ -1,4 +1,4 @@
-"""Learning probes: five synthetic token tasks that isolate what each NÜWA task has to learn.
+"""Learning probes: six synthetic token tasks that isolate what each NÜWA task has to learn.
 
 Paper: Wu et al., "NÜWA", arXiv 2111.12417. The probes train the model of nuwa.py (§3.2 3DNA,
 §3.3 the encoder-decoder, the loss of Eq. 10) on miniature versions of the tasks of §4, with no
@@ -21,6 +21,10 @@ loss (the floor) is known exactly and a model change can be judged in minutes on
     v2v      (V2V) T = 6 frames under "None"; a block moves in one of 4 random directions. Frames
              0-2 are given and the loss is on frames 3-5 only; floor 0, since the direction shows
              from frame 0 to 1. It isolates inferring motion from context. Headline: v2v_nats.
+    v2v_two  (V2V, two objects) as v2v, with two blocks of their own codes, each moving its own way,
+             apart in every frame (Moving MNIST's test clips hold two digits; the captioned training
+             clips one). Floor 0. It asks whether the model can continue two things at once.
+             Headline: v2v_two_nats.
     order    (T2V, its opening) T = 2 frames under a bounce caption as the real data has them,
              "digit 7 is moving up then down": the block moves one token the way the *first*
              direction word says. "up then down" and "down then up" hold the same words, so only
@@ -72,6 +76,7 @@ S = 3  # side of the block of codes
 BASE = dict(codebook_size=K, sketch_codebook_size=K, token_h=GRID, token_w=GRID, max_frames=8)
 THRESHOLD = 0.05  # "learned": headline ≤ 0.05 nats/token, ~1 % of the untrained log K = 4.16
 ORDER_LEARNED = 1.0  # the order probe's "learned": frame 1 costs ≥ 1 nat more under the swapped caption
+TWO_BLOCK_ATTEMPTS = 1000  # v2v_two redraws its two blocks until they are apart (about 1 in 5 draws are)
 PATTERN_SEED, PERMUTATION_SEED = 1234, 5678  # the caption patterns and the sketch permutation, fixed
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # (seed, stream, step) seeds every batch
 WEIGHT_DECAY, BETAS, GRAD_CLIP = 0.01, (0.9, 0.95), 1.0  # as train.py's nuwa stage
@@ -89,6 +94,7 @@ PROBES = {"copy": Probe(4, (0, 1, 2, 3), (1, 2, 3), "copy_nats"),
           "caption": Probe(1, (0,), (0,), "caption_excess"),
           "sketch": Probe(1, (0,), (0,), "sketch_nats"),
           "v2v": Probe(6, (3, 4, 5), (3, 4, 5), "v2v_nats"),
+          "v2v_two": Probe(6, (3, 4, 5), (3, 4, 5), "v2v_two_nats"),
           "order": Probe(2, (0, 1), (1,), "order_gap")}
 MOVES = list(data.DIRECTIONS.items())  # [((axis, sign), word)]: axis 0 moves along rows, 1 along columns
 CAPTION_PATTERNS = torch.randint(1, K, (len(data.DIGIT_WORDS), S, S),
@@ -123,6 +129,19 @@ def moving_block(generator: torch.Generator, frames: int, axis: int, sign: int, 
     return clip
 
 
+def two_moving_blocks(generator: torch.Generator, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two S×S blocks of fresh codes, each moving one token per frame its own (random) way, drawn
+    again until they share no token in any frame → each block's clip (T, h, w); their sum is the clip."""
+    for _ in range(TWO_BLOCK_ATTEMPTS):
+        blocks = []
+        for _ in range(2):
+            (axis, sign), _ = MOVES[int(torch.randint(0, len(MOVES), (1,), generator=generator))]
+            blocks.append(moving_block(generator, frames, axis, sign, torch.randint(1, K, (S, S), generator=generator)))
+        if not ((blocks[0] != 0) & (blocks[1] != 0)).any():
+            return blocks[0], blocks[1]
+    raise RuntimeError(f"no two apart blocks in {TWO_BLOCK_ATTEMPTS} draws of {frames} frames on {GRID}×{GRID}")
+
+
 def make_batch(probe: str, generator: torch.Generator, batch_size: int, config: nuwa.NUWAConfig | nuwa.NUWA):
     """One batch of `probe` → (cond, targets (B, T, h, w) long, loss_mask (B, T, h, w) bool or None)."""
     config = getattr(config, "config", config)  # a model or its config
@@ -137,6 +156,8 @@ def make_batch(probe: str, generator: torch.Generator, batch_size: int, config: 
             (axis, sign), word = MOVES[int(randint(0, len(MOVES), (1,)))]
             clips.append(moving_block(generator, T, axis, sign, randint(1, K, (S, S))))  # (T, h, w)
             captions.append(f"moving {word}")
+        elif probe == "v2v_two":  # under "None", like v2v
+            clips.append(sum(two_moving_blocks(generator, T)))  # (T, h, w): the blocks never overlap
         elif probe == "order":  # a bounce caption: the first direction word is the move
             (axis, sign), word = MOVES[int(randint(0, len(MOVES), (1,)))]
             clips.append(moving_block(generator, T, axis, sign, randint(1, K, (S, S))))  # (T, h, w)
@@ -153,9 +174,9 @@ def make_batch(probe: str, generator: torch.Generator, batch_size: int, config: 
     clips = torch.stack(clips)  # (B, T, h, w)
     if probe == "sketch":
         return nuwa.sketch_condition(clips), SKETCH_PERMUTATION[clips], None  # target = permuted sketch
-    if probe == "v2v":
+    if probe in ("v2v", "v2v_two"):
         mask = torch.zeros(B, T, GRID, GRID, dtype=torch.bool)  # (B, T, h, w)
-        mask[:, PROBES["v2v"].scored] = True
+        mask[:, PROBES[probe].scored] = True
         return nuwa.none_condition(tokenizer, B), clips, mask
     return nuwa.text_condition(tokenizer, captions), clips, None
 

@@ -92,6 +92,28 @@ def test_v2v_moves_the_block_and_its_loss_mask_covers_frames_3_to_5_only():
         assert len(steps) == 1 and steps.pop() in {(-1, 0), (1, 0), (0, -1), (0, 1)}  # one direction per clip
 
 
+def test_v2v_two_holds_two_apart_blocks_that_each_keep_one_direction():
+    cond, targets, mask = batch("v2v_two")
+    assert nuwa.TextTokenizer(CONFIG.text_len).decode(cond.tokens[:, 0, 0]) == ["None"] * 16
+    assert targets.shape == (16, 6, 8, 8) and mask[:, 3:].all() and not mask[:, :3].any()
+    assert ((targets != 0).sum(dim=(2, 3)) == 2 * bench.S ** 2).all()  # both blocks whole, never overlapping
+    generator = torch.Generator().manual_seed(3)
+    directions = set()
+    for _ in range(16):
+        first, second = bench.two_moving_blocks(generator, 6)
+        assert not ((first != 0) & (second != 0)).any()
+        for block in (first, second):
+            assert ((block != 0).sum(dim=(1, 2)) == bench.S ** 2).all()
+            steps = {tuple(a - b for a, b in zip(block_corner(block[t + 1]), block_corner(block[t]))) for t in range(5)}
+            assert len(steps) == 1  # one direction per block, one token per frame
+            directions |= steps
+            codes = block[0][block[0] != 0]
+            assert all(torch.equal(block[t][block[t] != 0], codes) for t in range(6))  # the same codes, carried
+        assert not torch.equal(first[0][first[0] != 0], second[0][second[0] != 0])  # each block its own codes
+    assert directions == {(-1, 0), (1, 0), (0, -1), (0, 1)}
+    assert bench.floors("v2v_two") == [0.0, 0.0, 0.0]
+
+
 def test_sketch_target_is_the_fixed_permutation_of_the_sketch():
     cond, targets, _ = batch("sketch")
     assert cond.tokens.shape == (16, 1, 8, 8)
@@ -168,7 +190,7 @@ def test_a_three_step_probe_runs_and_prints_one_json_object_last(capsys):
 
 def test_probe_all_reports_every_probe():
     summary = bench.main(["--probe", "all", "--steps", "1", "--eval-clips", "2", "--batch-size", "1", *SMALL])
-    assert [r["probe"] for r in summary["results"]] == ["copy", "caption", "sketch", "v2v", "order"]
+    assert [r["probe"] for r in summary["results"]] == ["copy", "caption", "sketch", "v2v", "v2v_two", "order"]
     caption = summary["results"][1]
     assert caption["final"] == pytest.approx(caption["per_frame"][0] - math.log(36) / 64)  # the excess
 
