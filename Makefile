@@ -32,9 +32,10 @@ $(VENV)/.installed: pyproject.toml
 #   3. train the tiny NÜWA (9 min): text→image alone for 500 steps (drawing a digit comes first), then
 #      200 steps on clips' opening frames alone (which way the caption sends the digit), then
 #      text→image, text→video and 16 opening-frame clips per step together, captions dropped to "None"
-#      in 10 % of clips (the `make models` recipe, shorter; README, results table: on a float32 CPU,
-#      seen-caption digit 76 % but motion 10 %: the digit is drawn and the caption's direction read,
-#      but 9 minutes are too few to learn to carry the digit from frame to frame);
+#      in 10 % of clips (the `make models` recipe, shorter; README, results table: a whole `make demo`
+#      on a float32 CPU drew the seen caption's digit in 72 % of videos but moved it as captioned in
+#      6 %: 9 minutes are too few to learn to carry the digit from frame to frame, README "Carrying
+#      the digit on");
 #   4. sample text→video (classifier-free guidance 1.5; a first frame that holds no ink is drawn again,
 #      else the empty frame is copied to the end) and
 #      10 → 10 prediction (the caption-free model continuing given frames) into out/demo/samples/

@@ -10,7 +10,8 @@ In plain words: a condition C (a caption, a sketch, or the word "None") is a gri
 an encoder of non-causal 3DNA layers (none in the tiny model: below) turns into a memory. A
 decoder reads the target's tokens in raster order (frame, row, column), each layer doing causal
 3DNA self-attention, 3DNA cross-attention to the memory, and an MLP, and predicts the next VQ
-token. Generation samples one token at a time; a rolling key/value cache makes each step cost O(window), not O(N).
+token. Generation samples one token at a time; a rolling key/value cache makes each step cost
+O(window), not O(N).
 
 Glossary: B batch, T frames, h w token rows/columns per frame, N = T·h·w target tokens,
 Nc condition tokens, D width, nh heads, K codebook size, L caption length,
