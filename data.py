@@ -266,7 +266,7 @@ CANVAS = 64  # Moving MNIST canvas side, pixels (Srivastava et al. 2015)
 DIGIT = 28  # MNIST digit side, pixels
 FREE_RANGE = CANVAS - DIGIT  # 36: the top-left corner moves inside [0, 36]
 STEP = 0.1  # distance per frame in units of the free range: 0.1 * 36 = 3.6 px (Srivastava)
-SKETCH_THRESHOLD = 0.5  # a pixel belongs to a digit's sketch class when brighter than this (SPEC §2)
+SKETCH_THRESHOLD = 0.5  # a pixel belongs to a digit's sketch class when brighter than this
 
 
 def bounce_trajectory(start: np.ndarray, velocity: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -304,7 +304,7 @@ def render(digit_images: list[np.ndarray], digit_corners: list[np.ndarray], num_
 
 def sketch_from_layers(layers: np.ndarray, digits: list[int]) -> np.ndarray:
     """Per-pixel class map (T, 64, 64) int64: 0 = background, 1 + d where digit d's pixel is
-    brighter than the threshold; on overlap the brighter digit wins (SPEC §2)."""
+    brighter than the threshold; on overlap the brighter digit wins."""
     brightest = layers.argmax(axis=0)  # (T, 64, 64) index of the brighter digit
     value = layers.max(axis=0)  # (T, 64, 64)
     classes = 1 + np.asarray(digits, dtype=np.int64)[brightest]  # (T, 64, 64)

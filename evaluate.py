@@ -34,7 +34,7 @@ Glossary: B batch, T frames, H W pixels (64 × 64 frames; digits are 28 × 28), 
 K codebook size, μ σ local means / deviations (SSIM), μ Σ feature means / covariances (FLD),
 F feature width.
 
-Conventions (SPEC §9): frames are in [0, 1]; reconstructions and samples are clamped to [0, 1]
+Conventions: frames are in [0, 1]; reconstructions and samples are clamped to [0, 1]
 before scoring (what a viewer sees); MSE and MAE are summed over the 64×64 pixels of a frame and
 averaged over frames (OpenSTL); PSNR and SSIM are computed per frame and averaged. Results are on
 "our Moving MNIST test set (seed 0)", not the official mnist_test_seq.npy. With `--json` the last

@@ -17,7 +17,7 @@ MIN_REPEATS further forward + backward runs, timed only once glibc is back in it
 state (the memory call, with every block mmapped, is page-fault bound and never timed).
 
 Timings are only comparable inside one run (these machines are noisy): read `speedup`, the
-dense/blocked ratio of this run. The last line is one JSON object (SPEC §9).
+dense/blocked ratio of this run. The last line is one JSON object, for scripts that compare runs.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ What is measured, per width:
 - rss_growth_bytes: growth of the process's peak resident memory (ru_maxrss) during the measured
   canvas over the warm-up's; informational (allocator noise of a few MB), not part of the bar.
 
-The bar (SPEC §7): time_ratio_Nx and memory_ratio_Nx (N× width over 1×) ≤ 1.3.
+The bar (NÜWA-Infinity's claim of a flat cost per patch): time_ratio_Nx and memory_ratio_Nx (N× width over 1×) ≤ 1.3.
 
     python benchmarks/bench_infinity.py [--quick]
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import infinity as inf  # noqa: E402
 
 SEED = 0
-MULTIPLES = (1, 4, 16)  # canvas widths over the training width (SPEC §7: far wider than training)
+MULTIPLES = (1, 4, 16)  # canvas widths over the training width (NÜWA-Infinity: far wider than training)
 BAR = 1.3  # time and memory ratios must stay at or below this
 
 

@@ -51,7 +51,7 @@ def _module(extent, *, causal=False, context_dim=None, backend="blocked", dim=12
 
 
 def brute_force_mask(q_shape, kv_shape, extent, causal, bos):
-    """The SPEC §4 definition, spelled out with loops over every (query, key) pair."""
+    """The 3DNA rule of NÜWA §3.2 (nearby_attention.py's docstring), spelled out with loops over every (query, key) pair."""
     (T, H, W), (T2, H2, W2), (e_t, e_h, e_w) = q_shape, kv_shape, extent
     n_q, n_k = T * H * W, T2 * H2 * W2
     mask = torch.zeros(n_q, n_k, dtype=torch.bool)
@@ -583,7 +583,7 @@ def test_blocked_equals_reference_on_cuda(name):
 
 
 def test_bench_3dna_reports_its_json_contract(tmp_path):
-    # The benchmark's last line is a contract (SPEC §9); a tiny grid keeps this to seconds.
+    # The benchmark's last line is a contract (scripts parse it); a tiny grid keeps this to seconds.
     import json
     import subprocess
     import sys
