@@ -74,6 +74,24 @@ Deviations from the paper (each also marked `# DEVIATION` at its line):
   puts a LayerNorm on each perspective before concatenating them. Ours.
 - The output is not pasted back into the input: visible pixels are the DF-VQGAN's decoding of the
   visible features (within a small tolerance of the input), as in the paper.
+- `cell_encoder` (the frame tokenizer of `make models`: f = 8, 8×8 tokens): E reads each token's own
+  cell, so a visible token never sees the hole, with nothing to mask; the one symmetrical connection
+  is at the token resolution. `freeze_tokens` then keeps E and the codebook of `init_vqgan` and
+  trains G alone, so the DF-VQGAN's tokens are exactly the plain VQGAN's (ours).
+- MP-S2S takes NÜWA's learning aids (nuwa.py): the head tied to the code embeddings, and a code's
+  embedding includes a projection of the pixels the tokenizer draws for it (`tie_head`,
+  `pixel_codes`, on by default; both False = the paper). Optional relative positions in the
+  decoder's 3DNA (`relative_bias`, `relative_keys`).
+- Captions dropped to "None" in training (`cond_drop_prob`) and classifier-free guidance at sampling
+  (`guidance_scale`): an option, as in nuwa.py; the paper has neither.
+- `init_nuwa` (optional): MP-S2S's caption path and decoder start from a NÜWA trained on the same
+  tokens (`init_from_nuwa`); the paper trains MP-S2S from scratch. Our option for CPU budgets.
+- The text encoder is a small transformer over our closed word vocabulary (`text_layers`, 0 = the
+  caption memory is LayerNorm(word + position), as NÜWA's tiny model); the paper uses CLIP's.
+- The decoder reads the visible tokens in its own input (teacher forcing over the whole frame, the
+  visible tokens forced when sampling), besides the visible-token perspective; the official LIP
+  code feeds [MASK] at visible positions of the decoder input. Ours lets the raster decoder see the
+  visible strokes right above and left of each hole token through its 3DNA window.
 """
 
 from __future__ import annotations
@@ -105,6 +123,10 @@ class DFVQGANConfig:
     ch_mult: tuple[int, ...] = (1, 2, 4)  # width per level; f = 2^(len - 1) = 4 (paper: F8)
     num_res_blocks: int = 1  # residual blocks per encoder level (VQGAN: 2)
     mid_attention: bool = True  # one attention block at the token resolution (VQGAN: yes)
+    # DEVIATION (LIP §3.1): E may read each token's own f×f cell only (vqgan.CellEncoder, the frame
+    # tokenizer of `make models`). A visible cell's token then cannot see the hole at all, and the one
+    # symmetrical connection is at the token resolution (the only level such an encoder has).
+    cell_encoder: bool = False  # E sees only each token's own f×f pixel cell (the paper: a conv stack)
     norm_groups: int = 8  # GroupNorm groups
     codebook_size: int = 512  # K (paper: 8192)
     embed_dim: int = 32  # d_B, dimension of a code
@@ -126,6 +148,10 @@ class DFVQGANConfig:
     # encoder outputs, and a 300 s fine-tune with them spread black 4×4 cells over 407 codes (entropy
     # 4.6 nats; the plain VQGAN: 322, 3.5; without restarts: 274, 3.5), which MP-S2S pays for.
     init_vqgan: str = ""  # plain VQGAN checkpoint to start from ("" = from scratch; our option)
+    # Keep E and the codebook of `init_vqgan` as they are, and train G alone (our option): the tokens are
+    # then exactly the plain VQGAN's, so a NÜWA trained on them can start MP-S2S (LIPConfig.init_nuwa).
+    # Sound with a cell encoder only, which is defect-free as it is (a global E must learn to be).
+    freeze_tokens: bool = False
     # --- optimisation (train.py --stage dfvqgan)
     batch_size: int = 8  # frames per step
     frames_per_clip: int = 4  # frames taken from each training clip of a batch
@@ -179,6 +205,23 @@ class LIPConfig:
     extent: tuple[int, int, int] = (0, 5, 5)  # (e_t, e_h, e_w) of the decoder's causal self-attention
     dropout: float = 0.0  # residual dropout
     backend: str = "blocked"  # 3DNA implementation (nearby_attention.py)
+    # DEVIATION (LIP §3.3; ours, as nuwa.py's option): captions dropped to "None" in training, so that
+    # sampling can use classifier-free guidance (`inpaint(..., guidance_scale=s)`). 0 = the paper.
+    cond_drop_prob: float = 0.0  # P(caption → "None") per training frame
+    # --- what makes the tiny model learn ink codes (NÜWA's learning aids, nuwa.py); both False = the paper
+    tie_head: bool = True  # the output head shares the code embedding's matrix
+    pixel_codes: bool = True  # a code's embedding (and tied logit) includes a projection of its pixels
+    # DEVIATION (the official LIP code feeds [MASK] at visible positions of the decoder input, so the
+    # decoder reads visible tokens only through the perspectives): ours feeds the visible tokens
+    # themselves, so the raster decoder sees the strokes just above and left of a hole token in its
+    # own window. `visible_input=False` is the official way (measured side by side: README, LIP).
+    visible_input: bool = True
+    relative_bias: bool = False  # decoder 3DNA: a learned score per head and offset (nuwa.py); needed by init_nuwa
+    relative_keys: bool = False  # decoder 3DNA: + q · r_offset (nuwa.py); needed by init_nuwa
+    # DEVIATION (LIP §3.2 trains MP-S2S from scratch; our option for CPU budgets): start the caption
+    # embedding, code embeddings, target positions and every decoder layer from a NÜWA trained on the
+    # same frame tokens (`init_from_nuwa`); the visible-token and pixel encoders start fresh.
+    init_nuwa: str = ""  # NÜWA checkpoint to start from ("" = from scratch)
     # --- training (train.py --stage lip); the model ignores these fields
     dfvqgan_ckpt: str = "out/dfvqgan/ckpt.pt"  # the frozen DF-VQGAN whose tokens MP-S2S predicts
     frames: int = 10  # frames of the captioned clips one frame is taken from (as NÜWA's t2i stage)
@@ -288,9 +331,24 @@ class DFVQGAN(nn.Module):
         super().__init__()
         self.config = config
         base = config.vqgan_config()
-        self.encoder, self.quantizer = vqgan.Encoder(base), vqgan.VectorQuantizer(base)
+        self.encoder = vqgan.CellEncoder(base) if config.cell_encoder else vqgan.Encoder(base)
+        self.quantizer = vqgan.VectorQuantizer(base)
         self.decoder = vqgan.Decoder(base)
         self.discriminator = vqgan.PatchDiscriminator(base) if config.disc_weight > 0 else None
+        if config.freeze_tokens:
+            if not config.cell_encoder:
+                raise ValueError("freeze_tokens keeps E as it is: only a cell encoder is defect-free without "
+                                 "training (set --cell-encoder, or drop --freeze-tokens)")
+            self.encoder.requires_grad_(False)
+            self.quantizer.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> DFVQGAN:
+        """With freeze_tokens, E and the codebook stay in eval mode: no EMA update, no restart."""
+        super().train(mode)
+        if self.config.freeze_tokens:
+            self.encoder.eval()
+            self.quantizer.eval()
+        return self
 
     @property
     def codebook_size(self) -> int:
@@ -308,6 +366,17 @@ class DFVQGAN(nn.Module):
                              f"got {mask.dtype} {tuple(mask.shape)}")
         return mask
 
+    def as_plain_vqgan(self) -> vqgan.VQGAN:
+        """A plain vqgan.VQGAN with a copy of these weights (same names): no masks, no skips."""
+        plain = vqgan.VQGAN(self.config.vqgan_config()).to(self.quantizer.codebook.device)
+        plain.load_state_dict(self.state_dict())
+        return plain.train(self.training)
+
+    @torch.no_grad()
+    def code_patches(self) -> torch.Tensor:
+        """What each code looks like (K, f·f), as vqgan.VQGAN.code_patches draws it (MP-S2S's pixel codes)."""
+        return self.as_plain_vqgan().eval().code_patches()
+
     def tokenizer_parameters(self) -> list[nn.Parameter]:
         """E, B (when gradient-trained) and G: what the tokenizer's optimizer steps (train.py)."""
         return [p for m in (self.encoder, self.quantizer, self.decoder) for p in m.parameters() if p.requires_grad]
@@ -316,8 +385,17 @@ class DFVQGAN(nn.Module):
 
     def encode_features(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x (B, 1, H, W), mask (B, 1, H, W) → (E(x) (B, d_B, h, w), skips): the output of every
-        level (before it halves) and of the middle block, each (B, C_l, H_l, W_l)."""
+        level (before it halves) and of the middle block, each (B, C_l, H_l, W_l).
+
+        A cell encoder (`cell_encoder`) reads each token's own f×f cell and nothing else: a token
+        whose cell has no missing pixel is a function of visible pixels by construction, so there is
+        nothing to mask; its one skip is the cell features at the token resolution (B, C, h, w)."""
         encoder = self.encoder
+        if isinstance(encoder, vqgan.CellEncoder):
+            h = encoder.conv_in(x)  # (B, C, h, w): kernel = stride = f, one cell each
+            for block in encoder.mlp:
+                h = h + block(h)  # (B, C, h, w), per cell
+            return encoder.conv_out(F.silu(h)), [h]  # the skip joins the decoder's middle block
         h, m = masked_conv(encoder.conv_in, x, mask)  # (B, ch, H, W)
         skips = []
         for block in encoder.down:
@@ -362,14 +440,17 @@ class DFVQGAN(nn.Module):
         decoder, levels = self.decoder, len(self.config.ch_mult)
         if skips is not None and gate is None:
             gate = torch.ones(z_q.shape[0], dtype=torch.bool, device=z_q.device)
-        join = (lambda h, skip: self.connect(h, skip, mask, gate)) if skips is not None else (lambda h, skip: h)
-        pending = list(skips) if skips is not None else [None] * (levels + 1)
-        h = join(decoder.mid(decoder.conv_in(z_q)), pending.pop())  # (B, C, h, w) ← the encoder's middle block
+        pending = list(skips) if skips is not None else []  # mirrored: the last skip joins first
+
+        def join(h: torch.Tensor) -> torch.Tensor:  # a cell encoder's skips run out after the middle block
+            return self.connect(h, pending.pop(), mask, gate) if pending else h
+
+        h = join(decoder.mid(decoder.conv_in(z_q)))  # (B, C, h, w) ← the encoder's middle block
         blocks = iter(decoder.up)  # per level: num_res_blocks + 1 ResBlocks, then (upsample, conv)
         for level in reversed(range(levels)):
             for _ in range(self.config.num_res_blocks + 1):
                 h = next(blocks)(h)  # (B, C_l, H_l, W_l)
-            h = join(h, pending.pop())  # ← the encoder's level l
+            h = join(h)  # ← the encoder's level l
             if level > 0:
                 h = next(blocks)(next(blocks)(h))  # nearest upsampling, conv: (B, C_l, 2 H_l, 2 W_l)
         return decoder.conv_out(F.silu(decoder.norm_out(h)))  # (B, 1, H, W)
@@ -465,6 +546,17 @@ class MPS2S(nn.Module):
         self.decoder_norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, config.codebook_size, bias=False)
         self.apply(nuwa.NUWA._init_weights)
+        if config.tie_head:
+            # DEVIATION (LIP §3.2 does not say; as nuwa.py): logits are h · e_k, the embedding of code k.
+            self.head.weight = self.token_embed.weight
+        if config.pixel_codes:
+            # DEVIATION (LIP §3.2 embeds a code by a free vector; as nuwa.py): e_k = E[k] + W · pixels_k,
+            # pixels_k the f × f cell the DF-VQGAN draws for code k (`set_code_pixels`, stored with the
+            # model). Without it, 5,000 steps learnt only the black code: every ink token of a
+            # half-hidden digit cost 5.5 nats, about a uniform guess among the ink codes (module docstring).
+            self.register_buffer("code_pixels", torch.zeros(config.codebook_size, config.patch ** 2))  # (K, f·f)
+            self.pixel_embed = nn.Linear(config.patch ** 2, D, bias=False)
+            nuwa.NUWA._init_weights(self.pixel_embed)
 
     @property
     def token_shape(self) -> tuple[int, int, int]:
@@ -489,10 +581,7 @@ class MPS2S(nn.Module):
         self.check_inputs(text, tokens, hole, image, mask)
         B = text.shape[0]
         grid = self.token_shape
-        x = self.text_embed(text) + self.text_pos((1, 1, self.config.text_len))  # (B, L, D)
-        for layer in self.text_encoder:
-            x = layer(x, (1, 1, self.config.text_len), None)  # (B, L, D), full attention
-        known = self.token_embed(tokens.masked_fill(hole, 0)).view(B, -1, self.config.dim)  # (B, N, D)
+        known = F.embedding(tokens.masked_fill(hole, 0), self.code_vectors()).view(B, -1, self.config.dim)  # (B, N, D)
         known = torch.where(hole.view(B, -1, 1), self.mask_embed.to(known.dtype), known)  # [MASK] at holes
         known = known + self.token_pos(grid)  # (B, N, D)
         for layer in self.token_encoder:
@@ -502,70 +591,187 @@ class MPS2S(nn.Module):
         for layer in self.pixel_encoder:
             patches = layer(patches, grid, None)  # (B, N, D)
         parts = [norm(part) + type_embedding for norm, part, type_embedding
-                 in zip(self.memory_norm, (x, known, patches), self.perspective)]
-        return torch.cat(parts, 1)  # (B, L + 2N, D)
+                 in zip(self.memory_norm[1:], (known, patches), self.perspective[1:])]
+        return torch.cat([self.encode_caption(text), *parts], 1)  # (B, L + 2N, D)
 
-    def decoder_input(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[bos, y_0, …, y_{N-2}] + the position each input predicts: (B, h, w) → (B, N, D) (as NÜWA)."""
+    def encode_caption(self, text: torch.Tensor) -> torch.Tensor:
+        """Perspective 1, the caption: word ids (B, L) → LayerNorm(text encoder(word + position)) + its
+        type vector (B, L, D). With text_layers = 0 this is NÜWA's caption memory (init_from_nuwa)."""
+        x = self.text_embed(text) + self.text_pos((1, 1, self.config.text_len))  # (B, L, D)
+        for layer in self.text_encoder:
+            x = layer(x, (1, 1, self.config.text_len), None)  # (B, L, D), full attention
+        return self.memory_norm[0](x) + self.perspective[0]
+
+    # --- codes: embeddings in, logits out (as nuwa.NUWA) ---------------------------------------
+
+    def code_vectors(self) -> torch.Tensor:
+        """The embedding of every code (K, D): E[k], plus W · pixels_k with pixel_codes."""
+        if not self.config.pixel_codes:
+            return self.token_embed.weight  # (K, D)
+        return self.token_embed.weight + self.pixel_embed(self.code_pixels.to(self.pixel_embed.weight.dtype))
+
+    def logits(self, x: torch.Tensor, code_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's output stream (..., D) → code logits (..., K)."""
+        x = self.decoder_norm(x)
+        if self.config.tie_head and self.config.pixel_codes:
+            return F.linear(x, self.code_vectors() if code_vectors is None else code_vectors)  # h · e_k
+        return self.head(x)  # (..., K); tied without pixels: head.weight is E
+
+    @torch.no_grad()
+    def set_code_pixels(self, pixels: torch.Tensor) -> None:
+        """Copy in what each code looks like: (K, f·f) pixels (vqgan.VQGAN.code_patches of the
+        DF-VQGAN's network; train.py does it before training). Stored with the model."""
+        if not self.config.pixel_codes:
+            raise ValueError("this MP-S2S has pixel_codes=False: it has no code pixels to set")
+        if tuple(pixels.shape) != tuple(self.code_pixels.shape):
+            raise ValueError(f"code pixels of shape {tuple(pixels.shape)} do not fit this model's "
+                             f"{tuple(self.code_pixels.shape)} (codebook_size × patch²)")
+        self.code_pixels.copy_(pixels)
+
+    def decoder_input(self, tokens: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        """[bos, y_0, …, y_{N-2}] + the position each input predicts: (B, h, w) → (B, N, D) (as NÜWA).
+        With visible_input=False (the official code) a visible y_p enters as the learned [MASK]."""
         B = tokens.shape[0]
-        shifted = self.token_embed(tokens.reshape(B, -1)[:, :-1])  # (B, N - 1, D)
+        shifted = F.embedding(tokens.reshape(B, -1)[:, :-1], self.code_vectors())  # (B, N - 1, D)
+        if not self.config.visible_input:
+            visible = ~hole.reshape(B, -1)[:, :-1, None]  # (B, N - 1, 1)
+            shifted = torch.where(visible, self.mask_embed.to(shifted.dtype), shifted)
         return torch.cat([self.bos.expand(B, 1, -1), shifted], 1) + self.target_pos(self.token_shape)  # (B, N, D)
 
     def decode_logits(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         for layer in self.decoder:
             x = layer(x, self.token_shape, memory, (1, 1, memory.shape[1]), None)  # (B, N, D)
-        return self.head(self.decoder_norm(x))  # (B, N, K)
+        return self.logits(x)  # (B, N, K)
 
     def forward(self, text, tokens, hole, image, mask) -> torch.Tensor:
         """Teacher-forced logits (B, N, K) for every position of the frame (hole or not)."""
-        return self.decode_logits(self.decoder_input(tokens), self.encode(text, tokens, hole, image, mask))
+        return self.decode_logits(self.decoder_input(tokens, hole), self.encode(text, tokens, hole, image, mask))
 
     def loss(self, text, tokens, hole, image, mask) -> torch.Tensor:
-        """Cross-entropy on the hole tokens only (LIP §3.3)."""
+        """Cross-entropy on the hole tokens only (LIP §3.3). In training, a `cond_drop_prob` share of
+        the captions becomes "None" (for classifier-free guidance)."""
+        if self.training and self.config.cond_drop_prob > 0:
+            drop = torch.rand(text.shape[0], device=text.device) < self.config.cond_drop_prob  # (B,)
+            text = torch.where(drop[:, None], self.none_text(text.shape[0]).to(text.device), text)
         return hole_token_loss(self(text, tokens, hole, image, mask), tokens, hole)
+
+    def none_text(self, batch: int) -> torch.Tensor:
+        """The unconditional caption "None" as word ids (batch, L)."""
+        return self.tokenizer.encode([None] * batch)
 
     # --- generation ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, text, tokens, hole, image, mask, *, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 guidance_scale: float | None = None) -> torch.Tensor:
         """Sample the hole tokens in raster order; visible tokens are forced. → tokens (B, h, w).
 
         use_cache=False recomputes the whole decoder at every position (the slow reference; a test
-        proves both give the same tokens). temperature 0 is greedy."""
+        proves both give the same tokens). temperature 0 is greedy. guidance_scale s (classifier-free
+        guidance, for models trained with `cond_drop_prob` > 0): logits = l_None + s · (l_caption −
+        l_None), where the "None" pass keeps the same visible tokens and pixels: s > 1 pushes the fill
+        towards what the caption says beyond what the visible part already shows."""
         threads = torch.get_num_threads()
         if use_cache and self.bos.device.type == "cpu":
             torch.set_num_threads(1)  # one-token steps: threads only add synchronisation (nuwa.py)
         try:
-            return self._generate(text, tokens, hole, image, mask, temperature, top_k, generator, use_cache)
+            return self._generate(text, tokens, hole, image, mask, temperature, top_k, generator, use_cache,
+                                  guidance_scale)
         finally:
             torch.set_num_threads(threads)
 
-    def _generate(self, text, tokens, hole, image, mask, temperature, top_k, generator, use_cache):
+    def _generate(self, text, tokens, hole, image, mask, temperature, top_k, generator, use_cache, guidance_scale):
         B, h, w = tokens.shape
         N = h * w
-        memory = self.encode(text, tokens, hole, image, mask)  # (B, L + 2N, D)
-        memory_shape = (1, 1, memory.shape[1])
+        memories = [self.encode(text, tokens, hole, image, mask)]  # (B, L + 2N, D) per pass
+        if guidance_scale is not None:
+            memories.append(self.encode(self.none_text(B).to(text.device), tokens, hole, image, mask))
+        memory_shape = (1, 1, memories[0].shape[1])
         known, sample_at = tokens.reshape(B, N), hole.reshape(B, N)  # (B, N) each
         out = known.clone()  # visible tokens already in place; hole tokens are overwritten in order
-        caches = [(layer.self_attn.new_cache(), layer.cross_attn.new_cache()) for layer in self.decoder]
+        caches = [[(layer.self_attn.new_cache(), layer.cross_attn.new_cache()) for layer in self.decoder]
+                  for _ in memories]  # one set per pass
         positions = self.target_pos(self.token_shape)  # (N, D)
+        vectors = self.code_vectors()  # (K, D), once for all steps
         for p in range(N):
             if use_cache:
-                x_p = self.bos.expand(B, 1, -1) if p == 0 else self.token_embed(out[:, p - 1:p])
-                x_p = x_p + positions[p]  # (B, 1, D)
-                for layer, layer_caches in zip(self.decoder, caches):
-                    x_p = layer.step(x_p, p, self.token_shape, layer_caches, memory, memory_shape, None)  # (B, 1, D)
+                x_p = self.bos.expand(B, 1, -1) if p == 0 else F.embedding(out[:, p - 1:p], vectors)
+                if p > 0 and not self.config.visible_input:  # the official input: [MASK] after a visible token
+                    x_p = torch.where(sample_at[:, p - 1:p, None], x_p, self.mask_embed.to(x_p.dtype))
+                x_p = x_p + positions[p]  # (B, 1, D), the same input for every pass
+                states = []
+                for memory, pass_caches in zip(memories, caches):
+                    x = x_p
+                    for layer, layer_caches in zip(self.decoder, pass_caches):
+                        x = layer.step(x, p, self.token_shape, layer_caches, memory, memory_shape, None)  # (B, 1, D)
+                    states.append(x)
                 if not sample_at[:, p].any():
                     continue  # every frame knows y_p: its state is cached, no logits needed
-                logits = self.head(self.decoder_norm(x_p))[:, 0]  # (B, K)
+                logits = [self.logits(x, vectors)[:, 0] for x in states]  # (B, K) per pass
             else:
                 if not sample_at[:, p].any():
                     continue
-                logits = self.decode_logits(self.decoder_input(out.view(B, h, w)), memory)[:, p]  # (B, K)
+                x = self.decoder_input(out.view(B, h, w), hole)  # (B, N, D)
+                logits = [self.decode_logits(x, memory)[:, p] for memory in memories]  # (B, K) per pass
+            if guidance_scale is None:
+                logits = logits[0]
+            else:
+                logits = logits[1] + guidance_scale * (logits[0] - logits[1])  # classifier-free guidance
             sampled = nuwa.sample_logits(logits, temperature, top_k, None, generator)  # (B,)
             out[:, p] = torch.where(sample_at[:, p], sampled, out[:, p])
         return out.view(B, h, w)
+
+
+# The fields that must agree for a NÜWA's weights to fit MP-S2S's decoder, and why.
+NUWA_SHARED_FIELDS = ("dim", "num_heads", "decoder_layers", "mlp_ratio", "codebook_size", "token_h", "token_w",
+                      "text_len", "extent", "relative_bias", "relative_keys", "tie_head", "pixel_codes")
+
+
+@torch.no_grad()
+def init_from_nuwa(model: MPS2S, source: nuwa.NUWA) -> list[str]:
+    """Copy a trained NÜWA's text→image path into MP-S2S; returns the names of the tensors set.
+
+    NÜWA (encoder_layers = 0) reads a caption as LayerNorm(word + position) and predicts a frame's
+    codes with its decoder; MP-S2S's caption perspective is LayerNorm(word + position) + a type vector
+    (zero at the start), its decoder the same layers. Copied: word embeddings, the caption's and the
+    target's position tables (time row 0: one frame), the caption LayerNorm, bos, code embeddings and
+    code pixels, every decoder layer, the final LayerNorm. Were the memory the caption alone, MP-S2S
+    would give NÜWA's text→image logits exactly (tested); the visible-token and pixel perspectives
+    are new keys its cross-attention learns to read."""
+    mine, theirs = model.config, source.config
+    plain = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # extents: list or tuple
+    wrong = [f"{name}: MP-S2S {getattr(mine, name)!r}, NÜWA {getattr(theirs, name)!r}" for name in NUWA_SHARED_FIELDS
+             if plain(getattr(mine, name)) != plain(getattr(theirs, name))]
+    if theirs.encoder_layers != 0 or mine.text_layers != 0:
+        wrong.append(f"text layers: MP-S2S {mine.text_layers}, NÜWA encoder_layers {theirs.encoder_layers} (both must be 0)")
+    if model.tokenizer.vocabulary != source.tokenizer.vocabulary:
+        wrong.append("caption vocabularies differ")
+    if wrong:
+        raise ValueError("this NÜWA cannot start MP-S2S; set the MP-S2S flags to match (--set FIELD=VALUE): "
+                         + "; ".join(wrong))
+    L = mine.text_len
+    pairs = {"text_embed.weight": source.text_embed.weight,
+             "text_pos.time.weight": source.cond_pos.time.weight[:1],
+             "text_pos.height.weight": source.cond_pos.height.weight[:1],
+             "text_pos.width.weight": source.cond_pos.width.weight[:L],
+             "memory_norm.0.weight": source.encoder_norm.weight, "memory_norm.0.bias": source.encoder_norm.bias,
+             "bos": source.bos, "token_embed.weight": source.token_embed.weight,
+             "target_pos.time.weight": source.target_pos.time.weight[:1],
+             "target_pos.height.weight": source.target_pos.height.weight,
+             "target_pos.width.weight": source.target_pos.width.weight,
+             "decoder_norm.weight": source.decoder_norm.weight, "decoder_norm.bias": source.decoder_norm.bias}
+    if mine.pixel_codes:
+        pairs.update({"code_pixels": source.code_pixels, "pixel_embed.weight": source.pixel_embed.weight})
+    if not mine.tie_head:
+        pairs["head.weight"] = source.head.weight
+    pairs.update({f"decoder.{name}": value for name, value in source.decoder.state_dict().items()})
+    targets = model.state_dict()
+    for name, value in pairs.items():
+        if targets[name].shape != value.shape:
+            raise ValueError(f"{name}: MP-S2S {tuple(targets[name].shape)}, NÜWA {tuple(value.shape)}")
+        targets[name].copy_(value)
+    return sorted(pairs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,7 +802,8 @@ def check_inpainting_inputs(tokenizer: DFVQGAN, image: torch.Tensor, mask: torch
 @torch.no_grad()
 def inpaint(model: MPS2S, tokenizer: DFVQGAN, image: torch.Tensor, mask: torch.Tensor, captions, *,
             candidates: int = 1, scorer: Scorer | None = None, temperature: float = 1.0, top_k: int | None = None,
-            generator: torch.Generator | None = None, use_cache: bool = True) -> tuple[torch.Tensor, dict]:
+            generator: torch.Generator | None = None, use_cache: bool = True,
+            guidance_scale: float | None = None) -> tuple[torch.Tensor, dict]:
     """Fill the missing pixels of `image` (B, 1, H, W) under `mask` (B, 1, H, W) as `captions` say.
 
     Returns (pixels (B, 1, H, W) in [0, 1], info). Per image, K = `candidates` token grids are
@@ -625,7 +832,8 @@ def inpaint(model: MPS2S, tokenizer: DFVQGAN, image: torch.Tensor, mask: torch.T
     text = model.tokenizer.encode(captions).to(device)  # (B, L)
     repeat = lambda t: t.repeat_interleave(K, 0)  # (B, ...) → (B·K, ...), candidates of an image adjacent
     tokens = model.generate(repeat(text), repeat(indices), repeat(hole), repeat(masked), repeat(mask),
-                            temperature=temperature, top_k=top_k, generator=generator, use_cache=use_cache)  # (B·K, h, w)
+                            temperature=temperature, top_k=top_k, generator=generator, use_cache=use_cache,
+                            guidance_scale=guidance_scale)  # (B·K, h, w)
     pixels = tokenizer.decode(tokens, [repeat(s) for s in skips], repeat(mask)).clamp(0, 1)  # (B·K, 1, H, W)
     pixels = pixels.view(B, K, *pixels.shape[1:])  # (B, K, 1, H, W)
     scores = None
@@ -725,12 +933,21 @@ def load_dfvqgan(path, *, map_location="cpu") -> DFVQGAN:
     return model.to(map_location).eval()
 
 
+# What an MP-S2S checkpoint written before these fields existed was trained with: the paper's choices.
+LEGACY_LIP_DEFAULTS = dict(tie_head=False, pixel_codes=False)
+
+
 def load_lip(path, *, dfvqgan_ckpt: str | None = None, map_location="cpu") -> tuple[MPS2S, DFVQGAN]:
     """(MP-S2S, its DF-VQGAN), both in eval mode; the DF-VQGAN path is the one recorded in the
     checkpoint unless `dfvqgan_ckpt` overrides it. Their codebooks and token grids must agree."""
     checkpoint = load_checkpoint(path, "lip", map_location)
-    model = MPS2S(config_from(LIPConfig, checkpoint["config"], path))
-    model.load_state_dict(checkpoint["model"])
+    model = MPS2S(config_from(LIPConfig, {**LEGACY_LIP_DEFAULTS, **checkpoint["config"]}, path))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not match the MP-S2S its config describes (tie_head={model.config.tie_head}, "
+                         f"pixel_codes={model.config.pixel_codes}, codebook_size={model.config.codebook_size}, "
+                         f"token grid {model.config.token_h}×{model.config.token_w}): {error}") from error
     tokenizer = load_dfvqgan(dfvqgan_ckpt or model.config.dfvqgan_ckpt, map_location=map_location)
     check_pair(model.config, tokenizer.config)
     return model.to(map_location).eval(), tokenizer

@@ -322,7 +322,7 @@ def run_inpaint(args) -> list[Path]:
 
         scorer = digit_scorer(judge.load_classifier(args.classifier, args.device))
     result, info = lip.inpaint(model, tokenizer, image, mask, [caption], candidates=args.candidates, scorer=scorer,
-                               temperature=args.temperature, top_k=args.top_k,
+                               temperature=args.temperature, top_k=args.top_k, guidance_scale=args.guidance,
                                generator=torch.Generator(device=args.device).manual_seed(args.seed))
     best = int(info["best"][0])
     others = [info["candidates"][0, k].cpu() for k in range(args.candidates) if k != best]
@@ -414,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--index", type=int, default=0, help="held-out item used when no input file is given")
     sub.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     sub.add_argument("--top-k", type=int, default=None)
+    sub.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (a model trained with --cond-drop-prob)")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser

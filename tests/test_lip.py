@@ -13,14 +13,16 @@ import torch.nn.functional as F
 from conftest import needs_mnist
 
 import lip
+import nuwa
 import vqgan
 
 K = 32  # codebook size of the toy models
 CAPTIONS = ["digit 3 is moving up", "digit 4 is moving left then right", "digit 7 is moving down"]
 
 
-def toy_tokenizer(dtype=torch.float64) -> lip.DFVQGAN:
-    config = lip.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8, disc_ch=8)
+def toy_tokenizer(dtype=torch.float64, cell_encoder=False) -> lip.DFVQGAN:
+    config = lip.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8, disc_ch=8,
+                                      cell_encoder=cell_encoder)
     torch.manual_seed(0)
     return lip.DFVQGAN(config).to(dtype).eval()
 
@@ -104,8 +106,9 @@ def test_masked_attention_equals_a_loop_over_queries():
         assert torch.allclose(out[b], expected, atol=1e-12)
 
 
-def test_without_holes_or_with_only_holes_dfvqgan_encodes_as_the_plain_vqgan():
-    model = toy_tokenizer(torch.float32)
+@pytest.mark.parametrize("cell_encoder", [False, True])
+def test_without_holes_or_with_only_holes_dfvqgan_encodes_as_the_plain_vqgan(cell_encoder):
+    model = toy_tokenizer(torch.float32, cell_encoder)
     plain = vqgan.VQGAN(model.config.vqgan_config()).eval()
     plain.load_state_dict(model.state_dict())  # the same parameters, by name
     x = frames(torch.float32)
@@ -117,9 +120,9 @@ def test_without_holes_or_with_only_holes_dfvqgan_encodes_as_the_plain_vqgan():
 # --- Bar 1: visible tokens do not depend on the hole's pixels -----------------------------------
 
 
-@pytest.mark.parametrize("trained", [False, True])
-def test_visible_tokens_and_skips_are_identical_whatever_the_hole_contains(trained, request):
-    model = request.getfixturevalue("trained_tokenizer").double() if trained else toy_tokenizer()
+@pytest.mark.parametrize("trained, cell_encoder", [(False, False), (True, False), (False, True)])
+def test_visible_tokens_and_skips_are_identical_whatever_the_hole_contains(trained, cell_encoder, request):
+    model = request.getfixturevalue("trained_tokenizer").double() if trained else toy_tokenizer(cell_encoder=cell_encoder)
     x, mask = frames(), box_masks()
     hole = lip.token_mask(mask, model.config.token_shape)  # (3, 16, 16)
     indices, skips = model.encode(x, mask)
@@ -166,8 +169,9 @@ def test_symmetrical_connection_formula():
     assert torch.equal(out[1], h[1])  # gate off: the skip-less decoder
 
 
-def test_decode_of_encode_equals_the_forward_reconstruction():
-    model = toy_tokenizer()
+@pytest.mark.parametrize("cell_encoder", [False, True])
+def test_decode_of_encode_equals_the_forward_reconstruction(cell_encoder):
+    model = toy_tokenizer(cell_encoder=cell_encoder)
     x, mask = frames(), box_masks()
     indices, skips = model.encode(x, mask)
     with torch.no_grad():
@@ -175,6 +179,7 @@ def test_decode_of_encode_equals_the_forward_reconstruction():
         without, _ = model(x, mask, use_skips=False)
     assert torch.allclose(model.decode(indices, skips, mask), with_skips, atol=1e-12)
     assert torch.allclose(model.decode(indices), without, atol=1e-12)
+    assert not torch.allclose(with_skips, without)  # the connection is used (a cell encoder's one included)
     with pytest.raises(ValueError, match="needs the pixel mask"):
         model.decode(indices, skips)
 
@@ -249,15 +254,121 @@ def test_logits_ignore_hole_pixels_and_a_hole_token_is_seen_only_by_later_positi
     assert delta[q + 1:].max() > 0  # the causal decoder reads it afterwards
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cached_generation_gives_the_tokens_of_full_recomputation(temperature):
-    model = toy_model(token_h=4, token_w=4)
+@pytest.mark.parametrize("temperature, guidance, visible_input", [(0.0, None, True), (1.0, None, True), (1.0, 2.5, True),
+                                                                  (1.0, None, False)])
+def test_cached_generation_gives_the_tokens_of_full_recomputation(temperature, guidance, visible_input):
+    model = toy_model(token_h=4, token_w=4, visible_input=visible_input)
     text, tokens, hole, image, mask = toy_inputs(model)
     sample = lambda cache: model.generate(text, tokens, hole, image, mask, temperature=temperature, top_k=8,
-                                          generator=torch.Generator().manual_seed(4), use_cache=cache)
+                                          generator=torch.Generator().manual_seed(4), use_cache=cache,
+                                          guidance_scale=guidance)
     cached = sample(True)
     assert torch.equal(cached, sample(False))
     assert torch.equal(cached[~hole], tokens[~hole])  # visible tokens forced
+
+
+def test_guidance_mixes_the_caption_and_none_logits_and_scale_one_is_the_caption():
+    """Greedy guided sampling = argmax of l_None + s (l_caption − l_None), position by position."""
+    SCALE = 100.0  # the untrained toy caption moves logits by ~1 %: large enough that the toy model's guided tokens differ from its unguided ones
+    model = toy_model(token_h=4, token_w=4)
+    text, tokens, hole, image, mask = toy_inputs(model)
+    greedy = lambda s: model.generate(text, tokens, hole, image, mask, temperature=0.0, use_cache=True,
+                                      guidance_scale=s)
+    assert torch.equal(greedy(1.0), greedy(None))
+    guided = greedy(SCALE)
+    none = model.none_text(text.shape[0])
+    B, h, w = tokens.shape
+    with torch.no_grad():  # the slow reference: both passes recomputed on the guided tokens so far
+        for p in range(h * w):
+            conditioned = model(text, guided, hole, image, mask)[:, p]  # (B, K); causal: later tokens unread
+            unconditioned = model(none, guided, hole, image, mask)[:, p]
+            expected = (unconditioned + SCALE * (conditioned - unconditioned)).argmax(-1)
+            at = hole.view(B, -1)[:, p]
+            assert torch.equal(guided.view(B, -1)[at, p], expected[at])
+    assert not torch.equal(guided, greedy(None))  # the None pass changes something: the test can fail
+
+
+def test_caption_dropout_trains_on_none_captions():
+    model = toy_model(token_h=4, token_w=4, cond_drop_prob=1.0)
+    text, tokens, hole, image, mask = toy_inputs(model)
+    none = model.none_text(text.shape[0])
+    model.train()
+    with torch.no_grad():
+        dropped = model.loss(text, tokens, hole, image, mask)
+        expected = lip.hole_token_loss(model(none, tokens, hole, image, mask), tokens, hole)
+        kept = lip.hole_token_loss(model(text, tokens, hole, image, mask), tokens, hole)
+    model.eval()
+    assert torch.allclose(dropped, expected, atol=1e-12) and not torch.allclose(dropped, kept)
+    assert torch.allclose(model.loss(text, tokens, hole, image, mask), kept, atol=1e-12)  # eval: no dropout
+
+
+# --- our options for CPU budgets: frozen tokens, MP-S2S started from a NÜWA -------------------
+
+
+def test_the_official_decoder_input_reads_visible_tokens_only_through_the_perspectives():
+    """visible_input=False: changing a visible token changes the logits only through the memory."""
+    model = toy_model(token_h=4, token_w=4, visible_input=False)
+    text, tokens, hole, image, mask = toy_inputs(model)
+    at = (~hole[0]).nonzero()[0]  # a visible position of frame 0
+    changed = tokens.clone()
+    changed[0, at[0], at[1]] = (tokens[0, at[0], at[1]] + 1) % K
+    memory = model.encode(text, tokens, hole, image, mask)
+    with torch.no_grad():
+        same_input = model.decode_logits(model.decoder_input(changed, hole), memory)
+        assert torch.allclose(same_input, model.decode_logits(model.decoder_input(tokens, hole), memory), atol=1e-12)
+        ours = toy_model(token_h=4, token_w=4)  # visible_input=True: the decoder input does change
+        assert not torch.equal(ours.decoder_input(changed, hole), ours.decoder_input(tokens, hole))
+
+
+def test_frozen_tokens_keep_the_plain_cell_vqgans_tokens_while_the_decoder_learns():
+    config = lip.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8, disc_ch=8,
+                                      cell_encoder=True, freeze_tokens=True)
+    torch.manual_seed(0)
+    model = lip.DFVQGAN(config).train()
+    x, mask = frames(torch.float32), box_masks()
+    before, decoder = model.encode(x)[0], model.decoder.conv_out.weight.clone()
+    optimizer = torch.optim.Adam(model.tokenizer_parameters(), lr=1e-2)
+    for step in range(3):
+        _, losses = model(x, mask, use_skips=True, step=step)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    assert torch.equal(model.encode(x)[0], before)  # no EMA update, no data init, no gradient
+    assert not torch.equal(model.decoder.conv_out.weight, decoder)
+    assert all(not p.requires_grad for p in [*model.encoder.parameters(), *model.quantizer.parameters()])
+    with pytest.raises(ValueError, match="cell encoder"):
+        lip.DFVQGAN(lip.DFVQGANConfig.preset("tiny", freeze_tokens=True))
+
+
+NUWA_LIKE = dict(dim=32, num_heads=2, decoder_layers=2, codebook_size=K, token_h=8, token_w=8, extent=(2, 2, 2),
+                 relative_bias=True, relative_keys=True, tie_head=True)
+
+
+@pytest.mark.parametrize("pixel_codes", [False, True])
+def test_mps2s_started_from_a_nuwa_gives_its_text_to_image_logits_on_the_caption_alone(pixel_codes):
+    torch.manual_seed(0)
+    source = nuwa.NUWA(nuwa.NUWAConfig(encoder_layers=0, pixel_codes=pixel_codes, **NUWA_LIKE)).double().eval()
+    with torch.no_grad():  # every parameter away from its initial value (zero tables, identity projections)
+        for parameter in source.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        if pixel_codes:
+            source.set_code_pixels(torch.rand(K, 64, dtype=torch.float64))
+    model = toy_model(text_layers=0, patch=8, pixel_codes=pixel_codes, **NUWA_LIKE)
+    assert "decoder.0.self_attn.position_bias" in lip.init_from_nuwa(model, source)
+    tokens = torch.randint(K, (3, 8, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = source(nuwa.text_condition(source.tokenizer, CAPTIONS), tokens[:, None])  # (3, 64, K)
+        got = model.decode_logits(model.decoder_input(tokens, torch.ones_like(tokens, dtype=torch.bool)), model.encode_caption(model.tokenizer.encode(CAPTIONS)))
+    assert torch.allclose(got, expected, atol=1e-10)
+
+
+def test_a_nuwa_that_does_not_fit_is_refused_naming_the_field():
+    source = nuwa.NUWA(nuwa.NUWAConfig(encoder_layers=0, pixel_codes=False, **NUWA_LIKE))
+    with pytest.raises(ValueError, match="extent"):
+        lip.init_from_nuwa(toy_model(text_layers=0, patch=8, pixel_codes=False, **{**NUWA_LIKE, "extent": (0, 2, 2)}),
+                           source)
+    with pytest.raises(ValueError, match="text layers"):
+        lip.init_from_nuwa(toy_model(text_layers=1, patch=8, pixel_codes=False, **NUWA_LIKE), source)
 
 
 # --- inpaint: candidates, reranking, bad inputs -------------------------------------------------
