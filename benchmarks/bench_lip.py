@@ -1,7 +1,7 @@
 """NÜWA-LIP measured: visible-pixel fidelity (DF-VQGAN vs plain VQGAN) and language-guided inpainting
 of half-hidden digits (LIP vs NÜWA's zero-shot completion), with the digit classifier as the judge.
 
-    python benchmarks/bench_lip.py [--quick] [--n 200] [--candidates 4] [--json]
+    python benchmarks/bench_lip.py [--quick] [--n 200] [--candidates 4] [--swap 100] [--guidance S] [--json]
 
 Data: the first n one-digit clips of the held-out captioned split (data.CaptionedMovingMNIST
 "heldout": MNIST test digits), frame 0 of each. Mask of item i: the half `lip.SIDES[i % 4]` (top,
@@ -23,8 +23,19 @@ Rows:
   and the best of K by the digit scorer of sample.py), and in NÜWA's completion (plain VQGAN tokens of
   the masked frame, nuwa.edit_image: raster decoder, visible tokens forced, hole tokens sampled under
   the caption), also K = 1 and best of K. The real frame's accuracy is the ceiling.
-- black-cell codes: how many codes (and what entropy) each tokenizer uses for an all-black 4×4
+- black-cell codes: how many codes (and what entropy) each tokenizer uses for an all-black f×f
   cell of the whole frames: redundancy the token predictors pay for in cross-entropy.
+- caption use, teacher-forced (no sampling, seconds): MP-S2S's nats per hole token of the real
+  frame's tokens under the true caption, under a swapped caption (the digit word replaced by
+  another digit, `swapped_caption`) and under "None"; the gap per frame and the share of frames the
+  true caption explains better. A model that ignores its caption has gap 0 and 50 %.
+- caption swap (`--swap n`, default 100): the first n frames inpainted once more (K = 1) under the
+  swapped caption. `swap_follows_swapped` is how often the swapped fill is read as the swapped
+  digit; `swap_follows_both` how often a pair follows its caption both times (the true fill read
+  as the true digit and the swapped fill as the swapped one): the caption, not the visible half,
+  chose the digit.
+- `--guidance s`: LIP samples with classifier-free guidance (models trained with
+  `--cond-drop-prob`; lip.MPS2S.generate).
 
 The last printed line is one JSON object (--json prints only that). Measured figures: lip.py's
 module docstring (v2 run: LIP 45.5 % / 79.5 % best of 4, NÜWA 35.5 % / 59.5 %, floor 46.5 %).
@@ -61,10 +72,43 @@ def heldout_frames(n: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch
     return frames, masks, [item["caption"] for item in items], torch.stack([item["digits"][0] for item in items])
 
 
+def swapped_caption(caption: str, digit: int, index: int) -> tuple[str, int]:
+    """The caption with its digit word replaced by another digit; item `index` takes the
+    (index mod 9 + 1)-th next digit, so the swaps cycle through all nine other digits."""
+    other = (digit + 1 + index % 9) % 10
+    return caption.replace(f"digit {digit}", f"digit {other}"), other
+
+
+def digits_read(pixels: torch.Tensor, classifier) -> torch.Tensor:
+    """The digit read in each frame (n, 1, 64, 64) as judge.video_digit reads a one-digit frame: (n,)."""
+    return torch.tensor([judge.video_digit(frame[None], classifier) for frame in pixels.float().cpu()])
+
+
 def digit_accuracy(pixels: torch.Tensor, digits: torch.Tensor, classifier) -> float:
     """Share of frames (n, 1, 64, 64) whose digit, read as judge.video_digit reads it, is the caption's."""
-    read = [judge.video_digit(frame[None], classifier) for frame in pixels.float().cpu()]
-    return sum(int(r == int(d)) for r, d in zip(read, digits)) / len(read)
+    return float((digits_read(pixels, classifier) == digits.cpu()).float().mean())
+
+
+@torch.no_grad()
+def caption_use(model: lip.MPS2S, tokenizer: lip.DFVQGAN, frames, masks, captions, swapped) -> dict:
+    """Teacher-forced nats per hole token of the real frames' tokens under the true, the swapped and
+    the "None" caption (module docstring)."""
+    tokens, _ = tokenizer.encode(frames, masks)  # (n, h, w): hole tokens of the real frame
+    hole = lip.token_mask(masks, tokens.shape[-2:])  # (n, h, w)
+    masked = frames.masked_fill(masks, 0.0)
+    weights = hole.flatten(1).float()  # (n, N)
+
+    def nats(text_captions) -> torch.Tensor:  # (n,) summed over each frame's hole tokens
+        logits = model(model.tokenizer.encode(text_captions), tokens, hole, masked, masks)  # (n, N, K)
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), tokens.flatten(1), reduction="none")  # (n, N)
+        return (per_token * weights).sum(1)
+
+    true, other, none = nats(captions), nats(swapped), nats([None] * len(captions))
+    count = weights.sum()
+    return {"hole_nats_true_caption": float(true.sum() / count), "hole_nats_swapped_caption": float(other.sum() / count),
+            "hole_nats_none_caption": float(none.sum() / count),
+            "caption_gap_nats_per_frame": float((other - true).mean()),
+            "true_caption_explains_better": float((true < other).float().mean())}
 
 
 def visible_mse(pixels: torch.Tensor, frames: torch.Tensor, masks: torch.Tensor) -> float:
@@ -75,16 +119,19 @@ def visible_mse(pixels: torch.Tensor, frames: torch.Tensor, masks: torch.Tensor)
 @torch.no_grad()
 def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str, *, n: int = 200, candidates: int = 4,
                         top_k: int | None = 16, vqgan_ckpt: str | None = None, dfvqgan_ckpt: str | None = None,
-                        seed: int = SEED) -> dict:
+                        seed: int = SEED, swap: int = 100, guidance: float | None = None) -> dict:
     """Every number of the table (module docstring). Sampling: temperature 1, the same top_k for both."""
     frames, masks, captions, digits = heldout_frames(n)
     masked = frames.masked_fill(masks, 0.0)
+    swaps = [swapped_caption(c, int(d), i) for i, (c, d) in enumerate(zip(captions, digits))]
     classifier = judge.load_classifier(classifier_path)
     scorer = sample.digit_scorer(classifier)
     model, tokenizer = lip.load_lip(lip_ckpt, dfvqgan_ckpt=dfvqgan_ckpt)
     baseline = nuwa.load_nuwa(baseline_ckpt)
     plain = vqgan.load_vqgan(vqgan_ckpt or baseline.config.vqgan_ckpt)
-    result: dict = {"n": n, "candidates": candidates, "top_k": top_k, "seed": seed, "mask": "half of the digit's ink box"}
+    result: dict = {"n": n, "candidates": candidates, "top_k": top_k, "seed": seed, "guidance": guidance,
+                    "mask": "half of the digit's ink box"}
+    result.update(caption_use(model, tokenizer, frames, masks, captions, [c for c, _ in swaps]))
 
     # --- visible-pixel fidelity of the tokenizers (bar 2) ------------------------------------
     indices, skips = tokenizer.encode(masked, masks)
@@ -113,7 +160,7 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
         part = slice(start, min(n, start + CHUNK))
         tick = time.perf_counter()
         chosen, info = lip.inpaint(model, tokenizer, frames[part], masks[part], captions[part], candidates=candidates,
-                                   scorer=scorer, top_k=top_k, generator=generator)
+                                   scorer=scorer, top_k=top_k, generator=generator, guidance_scale=guidance)
         timings["lip_s"] += time.perf_counter() - tick
         lip_first.append(info["candidates"][:, 0])
         lip_best.append(chosen)
@@ -131,6 +178,22 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
         print(f"  {part.stop}/{n} frames inpainted ({timings['lip_s']:.0f} s LIP, {timings['nuwa_s']:.0f} s NÜWA)",
               file=sys.stderr)
     lip_first, lip_best, nuwa_first, nuwa_best = (torch.cat(x) for x in (lip_first, lip_best, nuwa_first, nuwa_best))
+
+    # --- caption swap: the same frames and masks under another digit's caption, K = 1 ----------
+    swap = min(swap, n)
+    swapped_fills = []
+    for start in range(0, swap, CHUNK):
+        part = slice(start, min(swap, start + CHUNK))
+        fill, _ = lip.inpaint(model, tokenizer, frames[part], masks[part], [c for c, _ in swaps[part]], top_k=top_k,
+                              generator=generator, guidance_scale=guidance)
+        swapped_fills.append(fill)
+    if swap:
+        swapped_digits = torch.tensor([d for _, d in swaps[:swap]])
+        follows_swapped = digits_read(torch.cat(swapped_fills), classifier) == swapped_digits  # (swap,)
+        follows_true = digits_read(lip_first[:swap], classifier) == digits[:swap].cpu()
+        result.update({"swap_n": swap, "swap_follows_swapped": float(follows_swapped.float().mean()),
+                       "swap_follows_true": float(follows_true.float().mean()),
+                       "swap_follows_both": float((follows_swapped & follows_true).float().mean())})
     result["visible_mse_lip_inpainted"] = visible_mse(lip_best, frames, masks)
     result["visible_mse_nuwa_inpainted"] = visible_mse(nuwa_best, frames, masks)
     result["lip_inpaint_vs_reconstruction_visible_mae"] = float((lip_best - df_reconstruction).abs()[~masks].mean())
@@ -141,31 +204,43 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
     result["accuracy_nuwa_k1"] = digit_accuracy(nuwa_first, digits, classifier)
     result[f"accuracy_nuwa_best_of_{candidates}"] = digit_accuracy(nuwa_best, digits, classifier)
     result.update({k: round(v, 1) for k, v in timings.items()})
-    result["pictures"] = {"frames": frames[:8], "masked": masked[:8], "lip": lip_best[:8], "nuwa": nuwa_best[:8]}
+    result["pictures"] = {"frames": frames[:8], "masked": masked[:8], "lip": lip_first[:8], "nuwa": nuwa_first[:8]}
+    if swap >= 8:
+        result["pictures"]["swapped"] = torch.cat(swapped_fills)[:8]
+        result["swapped_captions_shown"] = [c for c, _ in swaps[:8]]
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lip", default="out/lip/ckpt.pt", help="train.py --stage lip checkpoint")
-    parser.add_argument("--baseline", default="out/lip_baseline/nuwa/ckpt.pt", help="NÜWA t2i checkpoint")
+    parser.add_argument("--baseline", default="out/nuwa/ckpt.pt",
+                        help="NÜWA checkpoint trained on text→image (make models'), on the same frame tokenizer")
     parser.add_argument("--classifier", default="out/classifier")
     parser.add_argument("--n", type=int, default=200, help="held-out frames")
     parser.add_argument("--candidates", type=int, default=4, help="K samples per frame, reranked by the digit scorer")
     parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--swap", type=int, default=100, help="frames inpainted again under a swapped caption")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="LIP's classifier-free guidance scale (a model trained with --cond-drop-prob)")
     parser.add_argument("--quick", action="store_true", help="8 frames, 2 candidates")
     parser.add_argument("--png", default="out/lip_bench/inpainting.png", help="picture of the first 8 frames")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
-    n, candidates = (8, 2) if args.quick else (args.n, args.candidates)
+    n, candidates, swap = (8, 2, 8) if args.quick else (args.n, args.candidates, args.swap)
     torch.manual_seed(SEED)
     torch.set_num_threads(1)
     if not args.json:
         print(f"seed {SEED}; device cpu; torch {torch.__version__}; {n} held-out frames, K = {candidates}")
-    result = evaluate_inpainting(args.lip, args.baseline, args.classifier, n=n, candidates=candidates, top_k=args.top_k)
+    result = evaluate_inpainting(args.lip, args.baseline, args.classifier, n=n, candidates=candidates, top_k=args.top_k,
+                                 swap=swap, guidance=args.guidance)
     pictures = result.pop("pictures")
-    rows = [torch.stack(list(group)) for group in zip(*pictures.values())]  # per frame: real, masked, LIP, NÜWA
-    data.save_grid(rows, args.png, captions=["frame | masked | LIP | NÜWA completion"] + [""] * (len(rows) - 1))
+    shown = result.pop("swapped_captions_shown", None)
+    rows = [torch.stack(list(group)) for group in zip(*pictures.values())]  # per frame: real, masked, LIP, NÜWA (, swap)
+    header = "frame | masked | LIP (K = 1) | NÜWA completion (K = 1)" + (" | LIP, swapped caption" if shown else "")
+    captions = [header + (f": {shown[0]}" if shown else "")] + ([f"swapped: {c}" for c in shown[1:]] if shown
+                                                               else [""] * (len(rows) - 1))
+    data.save_grid(rows, args.png, captions=captions)
     if not args.json:
         print(f"{'measure':<48} {'value':>10}")
         for key, value in result.items():
