@@ -22,6 +22,18 @@ its offset (dt, dh, dw) from the current patch, so each head can weigh context b
 reads carries no offset of its own, so it learns "how much from where", not "what is where". Training walks the patches of a canvas in a sampled order and backpropagates each
 patch's loss at once, with the pooled context detached (render-and-optimize).
 
+Which reading of "AR over AR" this is. There is one transformer, the token-level AR (section 4).
+The "global patch-level AR" is not a second network here: it is the patch order (the ADC's
+direction) plus the pool, i.e. each patch is generated conditioned on the cached states of the
+patches before it, so the patches form an autoregressive sequence without a model of their own. A
+separate small patch-level transformer over pooled per-patch summaries, whose output conditions the
+token-level model, would be another reading; it is not built (module deviations).
+
+Render-and-optimize, at what granularity. Each patch's loss is backpropagated as soon as the patch
+is rendered, so a graph is one patch deep; the gradients of all patches of the training canvases
+are averaged, and the optimizer steps once per canvas batch (train.py's units: one unit per patch,
+one step per batch). Per-patch optimizer steps are not offered.
+
 Sections: 1. configuration · 2. patches, orders (ADC) and the context rule · 3. the Nearby Context
 Pool · 4. the model (token-level AR inside a patch) · 5. render-and-optimize training, data ·
 6. generation with the pool, and the pool-free reference · 7. pixels, pictures, checkpoints.
@@ -65,6 +77,9 @@ Deviations from the paper (each also marked `# DEVIATION` where it happens):
   order goes frame by frame (raster inside a frame), so one model and one pool serve both.
 - The context rule is a box: every earlier patch within the extents. The paper describes nearby
   context in words; the box is our precise reading.
+- "AR over AR" is read as one token-level transformer plus the patch order and the pool; there is
+  no separate patch-level network (above). Render-and-optimize steps the optimizer once per canvas
+  batch, with every patch's gradient accumulated (above); the paper does not state the granularity.
 """
 
 from __future__ import annotations
