@@ -11,7 +11,7 @@ export NUWA_DATA := $(SHARED_MNIST)
 endif
 endif
 
-.PHONY: demo models tasks test notebooks bench lint clean
+.PHONY: demo models tasks lip test notebooks bench lint clean
 
 # The stamp depends on pyproject.toml so a changed dependency list re-installs.
 $(VENV)/.installed: pyproject.toml
@@ -98,6 +98,26 @@ tasks: $(VENV)/.installed
 		--token-h 8 --token-w 8 --batch-size 4 --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --seg-ckpt $(TASKS)/seg/ckpt.pt \
 		--out $(TASKS)
 	@echo "tasks done: out/tasks (notebook 03's model of every task)"
+
+# NÜWA-LIP on the models of `make models` (about 25 minutes on 2 cores, after `make models`): a DF-VQGAN
+# that keeps that frame tokenizer's encoder and codes and learns only the symmetrical connection of its
+# decoder (5 min), then MP-S2S (20 min) started from that NÜWA's caption → frame path (the decoder, code
+# and caption embeddings; its visible-token and pixel encoders start fresh), captions dropped to "None"
+# in 10 % of frames for classifier-free guidance. Written to out/dfvqgan and out/lip, where sample.py
+# inpaint and notebook 05 look; then one inpainting (guidance 3) and the 200-frame benchmark.
+LIP_DFVQGAN_SECONDS ?= 300
+LIP_SECONDS ?= 1200
+lip: $(VENV)/.installed
+	@test -f $(MODELS)/nuwa/ckpt.pt || { echo "make lip starts from the tokenizer and NÜWA of make models: run make models first"; exit 1; }
+	$(PY) train.py --stage dfvqgan --preset tiny --cell-encoder --ch-mult 1 2 4 4 --init-vqgan $(MODELS)/vqgan/ckpt.pt \
+		--freeze-tokens --dead-code-threshold 0 --max-seconds $(LIP_DFVQGAN_SECONDS) --out $(MODELS)
+	$(PY) train.py --stage lip --preset tiny --token-h 8 --token-w 8 --patch 8 --text-layers 0 --extent 2 2 2 \
+		--relative-bias --relative-keys --init-nuwa $(MODELS)/nuwa/ckpt.pt --cond-drop-prob 0.1 \
+		--dfvqgan-ckpt $(MODELS)/dfvqgan/ckpt.pt --max-seconds $(LIP_SECONDS) --out $(MODELS)
+	$(PY) sample.py inpaint --ckpt $(MODELS)/lip/ckpt.pt --top-k 16 --guidance 3 --out $(MODELS)/samples
+	$(PY) benchmarks/bench_lip.py --lip $(MODELS)/lip/ckpt.pt --baseline $(MODELS)/nuwa/ckpt.pt --n 200 --candidates 4 \
+		--guidance 3 --png $(MODELS)/lip_bench/inpainting.png
+	@echo "lip done: out/dfvqgan, out/lip (sample.py inpaint and notebook 05 use them), benchmark in out/lip_bench"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
