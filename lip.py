@@ -719,7 +719,7 @@ class MPS2S(nn.Module):
         return out.view(B, h, w)
 
 
-# The fields that must agree for a NÜWA's weights to fit MP-S2S's decoder, and why.
+# What must agree for a NÜWA's weights to fit MP-S2S: the shapes of every copied tensor, and how logits are formed.
 NUWA_SHARED_FIELDS = ("dim", "num_heads", "decoder_layers", "mlp_ratio", "codebook_size", "token_h", "token_w",
                       "text_len", "extent", "relative_bias", "relative_keys", "tie_head", "pixel_codes")
 
