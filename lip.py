@@ -514,6 +514,8 @@ class MPS2S(nn.Module):
 
     def __init__(self, config: LIPConfig):
         super().__init__()
+        if not 0.0 <= config.cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob is a probability, got {config.cond_drop_prob}")
         self.config = config
         self.tokenizer = nuwa.TextTokenizer(config.text_len)
         D, grid = config.dim, (1, config.token_h, config.token_w)

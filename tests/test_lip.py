@@ -300,6 +300,8 @@ def test_caption_dropout_trains_on_none_captions():
     model.eval()
     assert torch.allclose(dropped, expected, atol=1e-12) and not torch.allclose(dropped, kept)
     assert torch.allclose(model.loss(text, tokens, hole, image, mask), kept, atol=1e-12)  # eval: no dropout
+    with pytest.raises(ValueError, match="probability"):
+        toy_model(cond_drop_prob=1.5)
 
 
 # --- our options for CPU budgets: frozen tokens, MP-S2S started from a NÜWA -------------------
