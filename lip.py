@@ -509,8 +509,10 @@ def hole_token_loss(logits: torch.Tensor, targets: torch.Tensor, hole: torch.Ten
     return F.cross_entropy(chosen, targets.reshape(B, N)[picked])
 
 
-class MPS2S(nn.Module):
-    """Multi-perspective sequence to sequence. forward(text, tokens, hole, image, mask) → logits (B, N, K)."""
+class MPS2S(nuwa.CodeEmbeddings, nn.Module):
+    """Multi-perspective sequence to sequence. forward(text, tokens, hole, image, mask) → logits (B, N, K).
+
+    Codes go in and out as in NÜWA (nuwa.CodeEmbeddings: code_vectors, logits, set_code_pixels)."""
 
     def __init__(self, config: LIPConfig):
         super().__init__()
@@ -599,32 +601,6 @@ class MPS2S(nn.Module):
         for layer in self.text_encoder:
             x = layer(x, (1, 1, self.config.text_len), None)  # (B, L, D), full attention
         return self.memory_norm[0](x) + self.perspective[0]
-
-    # --- codes: embeddings in, logits out (as nuwa.NUWA) ---------------------------------------
-
-    def code_vectors(self) -> torch.Tensor:
-        """The embedding of every code (K, D): E[k], plus W · pixels_k with pixel_codes."""
-        if not self.config.pixel_codes:
-            return self.token_embed.weight  # (K, D)
-        return self.token_embed.weight + self.pixel_embed(self.code_pixels.to(self.pixel_embed.weight.dtype))
-
-    def logits(self, x: torch.Tensor, code_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder's output stream (..., D) → code logits (..., K)."""
-        x = self.decoder_norm(x)
-        if self.config.tie_head and self.config.pixel_codes:
-            return F.linear(x, self.code_vectors() if code_vectors is None else code_vectors)  # h · e_k
-        return self.head(x)  # (..., K); tied without pixels: head.weight is E
-
-    @torch.no_grad()
-    def set_code_pixels(self, pixels: torch.Tensor) -> None:
-        """Copy in what each code looks like: (K, f·f) pixels (vqgan.VQGAN.code_patches of the
-        DF-VQGAN's network; train.py does it before training). Stored with the model."""
-        if not self.config.pixel_codes:
-            raise ValueError("this MP-S2S has pixel_codes=False: it has no code pixels to set")
-        if tuple(pixels.shape) != tuple(self.code_pixels.shape):
-            raise ValueError(f"code pixels of shape {tuple(pixels.shape)} do not fit this model's "
-                             f"{tuple(self.code_pixels.shape)} (codebook_size × patch²)")
-        self.code_pixels.copy_(pixels)
 
     def decoder_input(self, tokens: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
         """[bos, y_0, …, y_{N-2}] + the position each input predicts: (B, h, w) → (B, N, D) (as NÜWA).

@@ -309,7 +309,40 @@ class DecoderLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class NUWA(nn.Module):
+class CodeEmbeddings:
+    """Codes in and out of a decoder over VQ tokens: what NUWA and lip.MPS2S share.
+
+    A host module has `config.tie_head`, `config.pixel_codes`, `config.token_h/token_w`, and the
+    modules `token_embed` (E, K × D), `head`, `decoder_norm` and, with pixel codes, `pixel_embed` (W)
+    and the buffer `code_pixels` (K, f·f). See the NUWA deviations on the tied head and pixel codes."""
+
+    def code_vectors(self) -> torch.Tensor:
+        """The embedding of every code (K, D): E[k], plus W · pixels_k with pixel_codes."""
+        if not self.config.pixel_codes:
+            return self.token_embed.weight  # (K, D)
+        return self.token_embed.weight + self.pixel_embed(self.code_pixels.to(self.pixel_embed.weight.dtype))
+
+    def logits(self, x: torch.Tensor, code_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's output stream (..., D) → next-code logits (..., K)."""
+        x = self.decoder_norm(x)
+        if self.config.tie_head and self.config.pixel_codes:
+            return F.linear(x, self.code_vectors() if code_vectors is None else code_vectors)  # h · e_k
+        return self.head(x)  # (..., K); tied without pixels: head.weight is E
+
+    @torch.no_grad()
+    def set_code_pixels(self, pixels: torch.Tensor) -> None:
+        """Copy in what each code looks like: (K, f·f) pixels from the frame tokenizer
+        (vqgan.VQGAN.code_patches). Stored with the model, so a checkpoint carries them."""
+        if not self.config.pixel_codes:
+            raise ValueError("this model has pixel_codes=False: it has no code pixels to set")
+        if tuple(pixels.shape) != tuple(self.code_pixels.shape):
+            raise ValueError(f"code pixels of shape {tuple(pixels.shape)} do not fit this model's "
+                             f"{tuple(self.code_pixels.shape)} (codebook_size × the f × f pixels of a "
+                             f"{self.config.token_h} × {self.config.token_w} token grid on {data.CANVAS} px)")
+        self.code_pixels.copy_(pixels)
+
+
+class NUWA(CodeEmbeddings, nn.Module):
     """The 3D encoder-decoder of NÜWA §3.3. Conditions and targets are token grids."""
 
     def __init__(self, config: NUWAConfig):
@@ -419,33 +452,6 @@ class NUWA(nn.Module):
         for layer in self.decoder:
             x = layer(x, tuple(shape), memory, memory_shape, cross_extent)  # (B, N, D)
         return self.logits(x)  # (B, N, K)
-
-    # --- codes: embeddings in, logits out -----------------------------------------------------
-
-    def code_vectors(self) -> torch.Tensor:
-        """The embedding of every code (K, D): E[k], plus W · pixels_k with pixel_codes."""
-        if not self.config.pixel_codes:
-            return self.token_embed.weight  # (K, D)
-        return self.token_embed.weight + self.pixel_embed(self.code_pixels.to(self.pixel_embed.weight.dtype))
-
-    def logits(self, x: torch.Tensor, code_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder's output stream (..., D) → next-code logits (..., K)."""
-        x = self.decoder_norm(x)
-        if self.config.tie_head and self.config.pixel_codes:
-            return F.linear(x, self.code_vectors() if code_vectors is None else code_vectors)  # h · e_k
-        return self.head(x)  # (..., K); tied without pixels: head.weight is E
-
-    @torch.no_grad()
-    def set_code_pixels(self, pixels: torch.Tensor) -> None:
-        """Copy in what each code looks like: (K, f·f) pixels from the frame tokenizer
-        (vqgan.VQGAN.code_patches). Stored with the model, so a checkpoint carries them."""
-        if not self.config.pixel_codes:
-            raise ValueError("this model has pixel_codes=False: it has no code pixels to set")
-        if tuple(pixels.shape) != tuple(self.code_pixels.shape):
-            raise ValueError(f"code pixels of shape {tuple(pixels.shape)} do not fit this model's "
-                             f"{tuple(self.code_pixels.shape)} (codebook_size × the f × f pixels of a "
-                             f"{self.config.token_h} × {self.config.token_w} token grid on {data.CANVAS} px)")
-        self.code_pixels.copy_(pixels)
 
     def loss(self, cond: Condition, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """NÜWA Eq. 10: L = − Σ_p log p(y_p | y_<p, C), averaged over the (optionally masked) targets."""

@@ -603,13 +603,14 @@ def frozen_dfvqgan(path: str, device: str) -> lip.DFVQGAN:
 
 def build_lip(config: lip.LIPConfig, device: torch.device) -> lip.MPS2S:
     model = lip.MPS2S(config).to(device)
+    if not (config.pixel_codes or config.init_nuwa):
+        return model
+    tokenizer = frozen_dfvqgan(config.dfvqgan_ckpt, str(device))
+    lip.check_pair(config, tokenizer.config)
     if config.pixel_codes:  # what each code looks like, drawn by the frozen DF-VQGAN's decoder
-        tokenizer = frozen_dfvqgan(config.dfvqgan_ckpt, str(device))
-        lip.check_pair(config, tokenizer.config)
         model.set_code_pixels(tokenizer.code_patches())
     if config.init_nuwa:  # our option: the caption → frame path of a NÜWA trained on the same tokens
         source = nuwa.load_nuwa(config.init_nuwa, map_location=device)
-        tokenizer = frozen_dfvqgan(config.dfvqgan_ckpt, str(device))
         if not tokenizer.config.freeze_tokens or Path(source.config.vqgan_ckpt).resolve() != \
                 Path(tokenizer.config.init_vqgan).resolve():
             raise ValueError(f"--init-nuwa needs the DF-VQGAN to give that NÜWA's tokens: train it with "
