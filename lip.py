@@ -714,9 +714,9 @@ def init_from_nuwa(model: MPS2S, source: nuwa.NUWA) -> list[str]:
     would give NÜWA's text→image logits exactly (tested); the visible-token and pixel perspectives
     are new keys its cross-attention learns to read."""
     mine, theirs = model.config, source.config
-    plain = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # extents: list or tuple
+    comparable = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # extents: list or tuple
     wrong = [f"{name}: MP-S2S {getattr(mine, name)!r}, NÜWA {getattr(theirs, name)!r}" for name in NUWA_SHARED_FIELDS
-             if plain(getattr(mine, name)) != plain(getattr(theirs, name))]
+             if comparable(getattr(mine, name)) != comparable(getattr(theirs, name))]
     if theirs.encoder_layers != 0 or mine.text_layers != 0:
         wrong.append(f"text layers: MP-S2S {mine.text_layers}, NÜWA encoder_layers {theirs.encoder_layers} (both must be 0)")
     if model.tokenizer.vocabulary != source.tokenizer.vocabulary:
