@@ -19,8 +19,17 @@ video frame by frame): a model trained on 64×128 canvases draws a 64×2048 stri
 with the same memory and time per patch. Each context patch's keys get a learned per-head bias indexed by
 its offset (dt, dh, dw) from the current patch, so each head can weigh context by where it lies
 (left, above, the frame before) whatever the order. A bias only reweights attention: what a head
-reads carries no offset of its own, so it learns "how much from where", not "what is where". Training walks the patches of a canvas in a sampled order and backpropagates each
-patch's loss at once, with the pooled context detached (render-and-optimize).
+reads carries no offset of its own, so it learns "how much from where", not "what is where".
+Training walks the patches of a canvas in a sampled order and backpropagates each patch's loss at
+once, with the pooled context detached (render-and-optimize).
+
+Learning aids (on by default, `PAPER_SCHEME` turns them off), the ones NÜWA's tiny model needed
+(nuwa.py, README "Learning probes"): token-level relative positions, a score b and a relative key r
+per head and 3D token offset (dt, dy, dx) of a key from the token being predicted, *across* patch
+borders (the row just above, in the patch above; the same place one frame back), so a head can
+continue a stroke that a context patch began; the tied head; pixel code embeddings; identity-
+initialised value and output projections. Offsets are taken from token positions, never from the
+canvas's absolute position, so the pool and the flat cost are unchanged.
 
 Which reading of "AR over AR" this is. There is one transformer, the token-level AR (section 4).
 The "global patch-level AR" is not a second network here: it is the patch order (the ADC's
@@ -42,7 +51,7 @@ Glossary: B batch, T frames, H W token rows / columns of the grid, (ph, pw) patc
 P = ph·pw tokens per patch, (nT, nH, nW) the patch grid, a patch (t, i, j) its coordinates there,
 order the list of patches in generation order, index a position in that list, (e_t, e_h, e_w)
 extents in patches, (dt, dh, dw) a context patch's offset from the current one, C context tokens,
-L caption length, D width, nh heads, hs head size, K codebook size, f pixels per token (VQ-GAN: 4),
+L caption length, D width, nh heads, hs head size, K codebook size, f pixels per token (VQ-GAN: 8),
 S the pool bound (`pool_bound`), y_p the token at position p of the current patch.
 
 What the pool caches, and why: per-layer key/value states of each finished patch, computed once
@@ -53,17 +62,20 @@ With states, information flows across the canvas through the layers, like Transf
 The price is that a context patch's states depend on *its* context, so the pool-free reference
 (`generate_reference`) recomputes every earlier patch from its tokens, in order, for every patch.
 
-The frozen VQ-GAN on canvases wider than 64 px (checked, not assumed): it is convolutional, so a
-64×W canvas is one 16×(W/4) token grid; its middle attention block and GroupNorm see the whole
-canvas, so tokens of a canvas differ from tokens of its 64-px tiles, but 64×128 and 64×512 strips
-reconstruct as well as 64×64 frames (measured MSE per 64×64 block: 4.0 and 4.7 vs 5.1). Its
-attention costs O((W/4)²) memory when decoding: at 64×2048 px, 8,192 positions (268 MB in float32).
-Decoding, not Infinity, is what grows with the canvas.
+The frozen VQ-GAN on canvases wider than 64 px: it is convolutional, so a 64×W canvas is one
+(64/f)×(W/f) token grid (f = 8 now: 8×(W/8)). Measured on the first, f = 4 tokenizer: its middle
+attention block and GroupNorm see the whole canvas, so tokens of a canvas differ from tokens of its
+64-px tiles, but 64×128 and 64×512 strips reconstructed as well as 64×64 frames (MSE per 64×64
+block: 4.0 and 4.7 vs 5.1). The f = 8 cell tokenizer encodes each 8×8 cell on its own (its tokens
+do not depend on the width at all); its decoder's attention costs O((W/f)²) memory: decoding, not
+Infinity, is what grows with the canvas.
 
 Deviations from the paper (each also marked `# DEVIATION` where it happens):
 - Scale and data: 64×W grey canvases of MNIST digits (`DigitCanvases`) and Moving MNIST videos, not
-  the paper's landscapes (LHQC) and its 38912×2048 showcase; a tiny model; the f = 4 VQ-GAN (16 tokens
-  per 64 px, K = 512); patches of 8×8 tokens (32×32 px), not 16×16 tokens of an F16 VQ-GAN.
+  the paper's landscapes (LHQC) and its 38912×2048 showcase; a tiny model; the f = 8 cell VQ-GAN (8
+  tokens per 64 px, K = 512); patches of 4×4 tokens (32×32 px), not 16×16 tokens of an F16 VQ-GAN.
+- Learning aids the paper does not have (above): token-level relative positions across patches, a
+  tied head, pixel code embeddings, identity-initialised attention projections.
 - Captions are sets of digit names ("3 7": the digits drawn come from these classes). A left-to-right
   list cannot be followed by a model that only knows relative positions. No caption is the word
   "None" (as in NÜWA), and training drops captions to "None" with probability none_prob.
@@ -89,6 +101,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -98,6 +111,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import data
+import nearby_attention
 import nuwa
 
 Patch = tuple[int, int, int]  # (t, i, j) on the patch grid
@@ -110,6 +124,14 @@ DIRECTIONS = ("raster", "column", "right", "left", "up", "down", "video")
 OUTPAINTING = ("right", "left", "up", "down")  # directions that start from given patches
 
 
+# The paper's scheme: none of the learning aids (`--set` these on train.py to train it).
+PAPER_SCHEME = dict(relative_radius=0, tie_head=False, pixel_codes=False, identity_init=False)
+
+
+# What a checkpoint written before these fields existed was trained with.
+LEGACY_DEFAULTS = PAPER_SCHEME
+
+
 @dataclass
 class InfinityConfig:
     dim: int = 128  # D, model width (paper: not reproduced here)
@@ -117,10 +139,20 @@ class InfinityConfig:
     layers: int = 4  # transformer blocks of the token-level AR
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D (the usual transformer value)
     codebook_size: int = 512  # K, VQ-GAN codes (our tiny VQ-GAN; paper: an F16 VQ-GAN)
-    token_px: int = 4  # f, pixels per token of the VQ-GAN (vqgan tiny preset: f = 4)
-    # DEVIATION (scale): 8×8 tokens = 32×32 px of our f = 4 VQ-GAN; the paper: 16×16 tokens of an F16 VQ-GAN.
-    patch_size: tuple[int, int] = (8, 8)  # (ph, pw) tokens per patch
+    # f, pixels per token: 8, the f = 8 cell tokenizer of `make models` (vqgan.py --cell-encoder --ch-mult
+    # 1 2 4 4), on which the tiny NÜWA learnt to draw digits (README); the first Infinity used f = 4.
+    token_px: int = 8
+    # DEVIATION (scale): 4×4 tokens = 32×32 px of our f = 8 VQ-GAN; the paper: 16×16 tokens of an F16 VQ-GAN.
+    patch_size: tuple[int, int] = (4, 4)  # (ph, pw) tokens per patch
     extent: tuple[int, int, int] = (1, 1, 1)  # (e_t, e_h, e_w) context extents in patches
+    # --- learning aids, as in NÜWA (nuwa.py); each a DEVIATION, all off = the paper's scheme
+    # Token-level relative positions: each head scores a key by its 3D token offset (dt, dy, dx) from
+    # the token being predicted, dy and dx clipped to ±relative_radius, across patch borders (a
+    # bias b and relative keys q·r, as NÜWA's 3DNA). 0: only the ADC's per-patch offset bias.
+    relative_radius: int = 3
+    tie_head: bool = True  # logits are h · e_k, the code's own embedding
+    pixel_codes: bool = True  # a code's embedding includes a projection of the 8×8 pixels it draws
+    identity_init: bool = True  # attention's value and output projections start as the identity
     text_len: int = 4  # L, caption words after padding (our captions: one or two digit names)
     # --- training data (train.py --stage infinity)
     data: str = "canvas"  # "canvas": DigitCanvases; "video": Moving MNIST clips, frame by frame
@@ -139,6 +171,14 @@ class InfinityConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_steps: int = 10  # linear learning-rate warm-up
     grad_clip: float = 1.0  # clip the global gradient norm
+
+    @property
+    def token_h(self) -> int:  # token rows of a 64-px frame (the grid code pixels are read on)
+        return data.CANVAS // self.token_px
+
+    @property
+    def token_w(self) -> int:
+        return data.CANVAS // self.token_px
 
     @classmethod
     def preset(cls, name: str, **overrides) -> InfinityConfig:
@@ -286,10 +326,23 @@ class NearbyContextPool:
 # ---------------------------------------------------------------------------------------------
 
 
+class ContextLayout(NamedTuple):
+    """Where the context keys lie, for one current patch: `bias` (layers, nh, C), the ADC's score per
+    context patch repeated over its P keys, and `positions` (C, 3), each key's token offset
+    (dt, dy, dx) from the current patch's first token (for the token-level relative positions)."""
+
+    bias: torch.Tensor
+    positions: torch.Tensor
+
+
 class Block(nn.Module):
     """Pre-norm attention + MLP. A query attends to prefix keys (caption, context patches; with an
     additive bias) and to its own patch's keys causally. `forward` is the full (teacher-forced) pass,
-    `step` one token of generation over key/value buffers filled as the patch grows."""
+    `step` one token of generation over key/value buffers filled as the patch grows.
+
+    With relative positions (config.relative_radius > 0), a query's score of a key also gets
+    b[h, o] + q·r[h, o]/√hs, o the key's token offset from the position the query predicts (the
+    `relative_index` of the model); keys without a position (the caption) get nothing."""
 
     def __init__(self, config: InfinityConfig):
         super().__init__()
@@ -299,6 +352,14 @@ class Block(nn.Module):
         self.proj = nn.Linear(D, D)
         hidden = config.mlp_ratio * D
         self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, D))
+        self.position_bias = self.relative_keys = None
+        if config.relative_radius:
+            # DEVIATION (NÜWA-Infinity learns order-aware positional embeddings of patches only): one
+            # score b and one key vector r per head and token offset, the last slot for bos; zero at
+            # first, stored divided by RELATIVE_GAIN (nearby_attention: why), as NÜWA's 3DNA tables.
+            count = relative_offsets(config)
+            self.position_bias = nn.Parameter(torch.zeros(self.nh, count))  # (nh, V)
+            self.relative_keys = nn.Parameter(torch.zeros(self.nh, count, D // self.nh))  # (nh, V, hs)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, D = x.shape
@@ -311,32 +372,55 @@ class Block(nn.Module):
         x = x + self.proj(attended.transpose(1, 2).reshape(B, N, nh * hs))  # (B, N, D)
         return x + self.mlp(self.norm_mlp(x))  # (B, N, D)
 
-    def forward(self, x, prefix_k, prefix_v, prefix_bias, causal: bool):
-        """x (B, N, D), prefix keys/values (B, nh, C, hs), prefix_bias (nh, C) → x', own (k, v)."""
+    def relative_scores(self, q: torch.Tensor, index: torch.Tensor | None):
+        """b[h, o] + q·r[h, o]/√hs at each (query, key) of index (Nq, Nk) (offset slots, or V for a
+        key without a position) → (B, nh, Nq, Nk); 0 without relative positions."""
+        if index is None or self.position_bias is None:
+            return 0.0
+        B, nh, Nq, hs = q.shape
+        keys = nearby_attention.RELATIVE_GAIN * self.relative_keys.to(q.dtype)  # (nh, V, hs)
+        table = torch.einsum("bhqd,hvd->bhqv", q, keys) / math.sqrt(hs)  # (B, nh, Nq, V)
+        table = table + nearby_attention.RELATIVE_GAIN * self.position_bias.to(q.dtype)[:, None, :]
+        table = F.pad(table, (0, 1))  # slot V: no position, no score
+        return table.gather(-1, index.expand(B, nh, -1, -1))  # (B, nh, Nq, Nk)
+
+    def forward(self, x, prefix_k, prefix_v, prefix_bias, causal: bool, index=None):
+        """x (B, N, D), prefix keys/values (B, nh, C, hs), prefix_bias (nh, C), relative index
+        (N, C + N) or None → x', own (k, v)."""
         q, k, v = self.heads(x)  # (B, nh, N, hs)
         N, C = x.shape[1], prefix_k.shape[2]
         own = torch.zeros(N, N, dtype=x.dtype, device=x.device)  # (N, N)
         if causal:
             own = own.masked_fill(torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1), -math.inf)
         mask = torch.cat([prefix_bias[:, None, :].expand(-1, N, C), own.expand(self.nh, N, N)], -1)  # (nh, N, C+N)
+        mask = mask + self.relative_scores(q, index)  # (nh or B·nh, N, C+N)
         keys, values = torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2)  # (B, nh, C+N, hs)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, N, hs)
         return self.finish(x, attended), (k, v)
 
-    def step(self, x_p, slot: int, key_buffer, value_buffer, bias_row):
+    def step(self, x_p, slot: int, key_buffer, value_buffer, bias_row, index_row=None):
         """One token: x_p (B, 1, D); its key/value go to `slot` of the buffers (B, nh, C+P, hs);
-        it attends to slots 0 … slot with bias_row (nh, C+P)."""
+        it attends to slots 0 … slot with bias_row (nh, C+P) and relative index_row (C+P) or None."""
         q, k, v = self.heads(x_p)  # (B, nh, 1, hs)
         key_buffer[:, :, slot:slot + 1], value_buffer[:, :, slot:slot + 1] = k, v
         mask = bias_row[:, None, :slot + 1]  # (nh, 1, slot+1)
+        if index_row is not None:
+            mask = mask + self.relative_scores(q, index_row[None, :slot + 1])  # (B, nh, 1, slot+1)
         attended = F.scaled_dot_product_attention(q, key_buffer[:, :, :slot + 1], value_buffer[:, :, :slot + 1],
                                                   attn_mask=mask)  # (B, nh, 1, hs)
         return self.finish(x_p, attended)
 
 
-class Infinity(nn.Module):
+def relative_offsets(config: InfinityConfig) -> int:
+    """V + 1 slots of a relative table: (2e_t + 1)(2R + 1)² token offsets, then bos."""
+    side = 2 * config.relative_radius + 1
+    return (2 * config.extent[0] + 1) * side * side + 1
+
+
+class Infinity(nuwa.CodeEmbeddings, nn.Module):
     """The local token-level AR of NÜWA-Infinity, with the ADC's offset bias. Patch-level work
-    (orders, pool) lives in the functions of sections 5 and 6."""
+    (orders, pool) lives in the functions of sections 5 and 6. Codes in and out (tied head, pixel
+    codes) as NÜWA's (nuwa.CodeEmbeddings)."""
 
     def __init__(self, config: InfinityConfig):
         super().__init__()
@@ -344,6 +428,9 @@ class Infinity(nn.Module):
         D, (ph, pw) = config.dim, config.patch_size
         if D % config.num_heads:
             raise ValueError(f"dim {D} is not divisible by num_heads {config.num_heads}")
+        if config.relative_radius < 0:
+            raise ValueError(f"relative_radius must be ≥ 0 (0: no token-level relative positions), "
+                             f"got {config.relative_radius}")
         self.tokenizer = nuwa.TextTokenizer(config.text_len)
         self.text_embed = nn.Embedding(len(self.tokenizer.vocabulary), D)
         self.text_pos = nn.Embedding(config.text_len, D)
@@ -351,7 +438,7 @@ class Infinity(nn.Module):
         self.bos = nn.Parameter(torch.zeros(D))
         self.pos_h, self.pos_w = nn.Embedding(ph, D), nn.Embedding(pw, D)  # position inside a patch
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
-        self.norm = nn.LayerNorm(D)
+        self.decoder_norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, config.codebook_size, bias=False)
         self.apply(nuwa.NUWA._init_weights)
         # ADC: a learned bias per layer and head for each offset (dt, dh, dw) of a context
@@ -360,6 +447,22 @@ class Infinity(nn.Module):
         e_t, e_h, e_w = config.extent
         self.offset_bias = nn.Parameter(torch.zeros(config.layers, config.num_heads, 2 * e_t + 1, 2 * e_h + 1,
                                                      2 * e_w + 1))
+        if config.tie_head:
+            # DEVIATION (as nuwa.py): logits are h · e_k, so copying a neighbour's embedding predicts its code.
+            self.head.weight = self.token_embed.weight
+        if config.identity_init:
+            # DEVIATION (as nuwa.py): W^V = W^O = I, so a head passes on what it reads from the first step.
+            for block in self.blocks:
+                with torch.no_grad():
+                    nn.init.eye_(block.qkv.weight[2 * D:])
+                    nn.init.eye_(block.proj.weight)
+        if config.pixel_codes:
+            # DEVIATION (as nuwa.py): e_k = E[k] + W · pixels_k, the f × f cell the tokenizer draws for code
+            # k (set by `set_code_pixels`, from vqgan.VQGAN.code_patches; train.py does it), so codes that
+            # look alike start alike, and a stroke learnt in one place is a stroke everywhere.
+            self.register_buffer("code_pixels", torch.zeros(config.codebook_size, config.token_px ** 2))
+            self.pixel_embed = nn.Linear(config.token_px ** 2, D, bias=False)
+            nuwa.NUWA._init_weights(self.pixel_embed)
 
     @property
     def patch_tokens(self) -> int:
@@ -396,13 +499,51 @@ class Infinity(nn.Module):
         per_patch = torch.stack([self.offset_bias[:, :, a, b, c] for a, b, c in index], -1)  # (layers, nh, patches)
         return per_patch.repeat_interleave(self.patch_tokens, dim=-1)  # (layers, nh, C)
 
+    def token_positions(self) -> torch.Tensor:
+        """(dt, dy, dx) of the P tokens of a patch from its first token, raster order: (P, 3)."""
+        ph, pw = self.config.patch_size
+        rows, cols = torch.meshgrid(torch.arange(ph), torch.arange(pw), indexing="ij")
+        return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(ph * pw, 3)  # (P, 3)
+
+    def context_layout(self, offsets: list[Patch]) -> ContextLayout:
+        """Patch offsets of the context patches → their ADC bias and their keys' token positions."""
+        ph, pw = self.config.patch_size
+        if not offsets:
+            return ContextLayout(self.context_bias([]), torch.zeros(0, 3, dtype=torch.long))
+        corner = torch.tensor([(dt, dh * ph, dw * pw) for dt, dh, dw in offsets])  # (patches, 3)
+        positions = (corner[:, None] + self.token_positions()[None]).reshape(-1, 3)  # (C, 3)
+        return ContextLayout(self.context_bias(offsets), positions)
+
+    def relative_index(self, positions: torch.Tensor, text_len: int) -> torch.Tensor | None:
+        """Which slot of the relative tables each (query, key) pair of a patch reads → (P + 1, L + C + 1 + P).
+
+        Queries are the P + 1 inputs; input i predicts the token at raster position i of the patch (the
+        last, i = P, stands just after it). Keys: the caption (slot V, no position), the context tokens
+        at `positions` (C, 3), bos (the bos slot V − 1) and the patch's P tokens. The offset is the key's
+        (dt, dy, dx) from the query's, dt clipped to ±e_t and dy, dx to ±relative_radius."""
+        R = self.config.relative_radius
+        if not R:
+            return None
+        e_t, P, pw = self.config.extent[0], self.patch_tokens, self.config.patch_size[1]
+        V = relative_offsets(self.config) - 1  # the bos slot; V + 1 is "no position"
+        inputs = torch.arange(P + 1)
+        queries = torch.stack([torch.zeros_like(inputs), inputs // pw, inputs % pw], -1)  # (P + 1, 3)
+        keys = torch.cat([positions.cpu(), self.token_positions()])  # (C + P, 3)
+        d = keys[None] - queries[:, None]  # (P + 1, C + P, 3)
+        dt, dy, dx = d[..., 0].clamp(-e_t, e_t) + e_t, d[..., 1].clamp(-R, R) + R, d[..., 2].clamp(-R, R) + R
+        slots = (dt * (2 * R + 1) + dy) * (2 * R + 1) + dx  # (P + 1, C + P)
+        C = positions.shape[0]
+        text = torch.full((P + 1, text_len), V + 1)
+        bos = torch.full((P + 1, 1), V)
+        return torch.cat([text, slots[:, :C], bos, slots[:, C:]], 1).to(self.bos.device)  # (P + 1, L + C + 1 + P)
+
     def inputs(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """[bos, y_0 + pos(0), …, y_{P−1} + pos(P−1)]: every token at its own position, after a
         learned start. Input i < P predicts y_i; the last input y_{P−1} predicts nothing but gives
         the patch's last token its keys and values, so the pool holds all P tokens (a patch's
         bottom-right token borders the patches to its right and below). (B, P) → (B, P + 1, D)."""
         B, P = patch_tokens.shape
-        tokens = self.token_embed(patch_tokens) + self.positions()  # (B, P, D)
+        tokens = F.embedding(patch_tokens, self.code_vectors()) + self.positions()  # (B, P, D)
         return torch.cat([self.bos.expand(B, 1, -1), tokens], 1)  # (B, P + 1, D)
 
     def positions(self) -> torch.Tensor:
@@ -417,38 +558,43 @@ class Infinity(nn.Module):
         text_bias = bias.new_zeros(self.config.layers, self.config.num_heads, text.shape[4])
         return states, torch.cat([text_bias, bias], -1)  # (layers, nh, L+C)
 
-    def forward(self, patch_tokens, text, context, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, patch_tokens, text, context, layout: ContextLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced pass over one patch: tokens (B, P), caption states, context states
-        (layers, 2, B, nh, C, hs) and their bias (layers, nh, C) → logits (B, P, K) for every y_p and
-        the patch's own per-layer states (layers, 2, B, nh, P, hs), which the pool will keep."""
+        (layers, 2, B, nh, C, hs) and their layout (bias, positions) → logits (B, P, K) for every y_p
+        and the patch's own per-layer states (layers, 2, B, nh, P, hs), which the pool will keep."""
         B, P = patch_tokens.shape
         assert P == self.patch_tokens, f"a patch has {self.patch_tokens} tokens, got {P}"
-        prefix, prefix_bias = self.prefix(text, context, bias)
+        prefix, prefix_bias = self.prefix(text, context, layout.bias)
+        index = self.relative_index(layout.positions, text.shape[4])  # (P + 1, L + C + P + 1) or None
         x, own = self.inputs(patch_tokens), []  # (B, P + 1, D)
         for layer, block in enumerate(self.blocks):
-            x, (k, v) = block(x, prefix[layer, 0], prefix[layer, 1], prefix_bias[layer], causal=True)  # (B, P+1, D)
+            x, (k, v) = block(x, prefix[layer, 0], prefix[layer, 1], prefix_bias[layer], causal=True,
+                              index=index)  # (B, P+1, D)
             own.append(torch.stack([k, v])[:, :, :, 1:])  # the P tokens' keys and values (bos is not pooled)
-        return self.head(self.norm(x[:, :P])), torch.stack(own)  # (B, P, K), (layers, 2, B, nh, P, hs)
+        return self.logits(x[:, :P]), torch.stack(own)  # (B, P, K), (layers, 2, B, nh, P, hs)
 
-    def generate_patch(self, text, context, bias, forced, keep, sampling: dict):
+    def generate_patch(self, text, context, layout: ContextLayout, forced, keep, sampling: dict):
         """Token-level AR: sample one patch token by token. forced/keep (B, P): kept tokens are
         written, not sampled. → tokens (B, P), states (layers, 2, B, nh, P, hs), logits (B, P, K)."""
         if bool(keep.all()):  # a given patch: one teacher-forced pass makes its states
-            logits, states = self(forced, text, context, bias)
+            logits, states = self(forced, text, context, layout)
             return forced, states, logits
         B, P = forced.shape
-        prefix, prefix_bias = self.prefix(text, context, bias)
+        prefix, prefix_bias = self.prefix(text, context, layout.bias)
+        index = self.relative_index(layout.positions, text.shape[4])  # (P + 1, L + C + P + 1) or None
         start = prefix.shape[4]  # bos, then the patch's own P tokens, follow the prefix
         buffers = torch.cat([prefix, self.empty_states(B, P + 1)], dim=4)  # (layers, 2, B, nh, L+C+1+P, hs)
         bias_rows = torch.cat([prefix_bias, prefix_bias.new_zeros(*prefix_bias.shape[:2], P + 1)], -1)  # (layers, nh, …)
         positions, tokens, logits = self.positions(), forced.clone(), []
+        codes = self.code_vectors()  # (K, D), once per patch
         for p in range(P + 1):  # input p is bos (p = 0) or y_{p−1} at its own position; the last predicts nothing
-            x_p = self.bos.expand(B, 1, -1) if p == 0 else self.token_embed(tokens[:, p - 1:p]) + positions[p - 1]
+            x_p = self.bos.expand(B, 1, -1) if p == 0 else F.embedding(tokens[:, p - 1:p], codes) + positions[p - 1]
             for layer, block in enumerate(self.blocks):
-                x_p = block.step(x_p, start + p, buffers[layer, 0], buffers[layer, 1], bias_rows[layer])  # (B, 1, D)
+                x_p = block.step(x_p, start + p, buffers[layer, 0], buffers[layer, 1], bias_rows[layer],
+                                 None if index is None else index[p])  # (B, 1, D)
             if p == P:  # y_{P−1}'s keys and values are in the buffers now: the patch is complete
                 break
-            logits.append(self.head(self.norm(x_p))[:, 0])  # (B, K)
+            logits.append(self.logits(x_p, codes)[:, 0])  # (B, K)
             sampled = nuwa.sample_logits(logits[-1], **sampling)  # (B,)
             tokens[:, p] = torch.where(keep[:, p], forced[:, p], sampled)
         states = buffers[:, :, :, :, start + 1:].clone()  # (layers, 2, B, nh, P, hs): the tokens, not bos
@@ -456,12 +602,13 @@ class Infinity(nn.Module):
 
 
 def gather_context(model: Infinity, patch: Patch, selected: list[tuple[Patch, torch.Tensor]], B: int):
-    """Selected (patch, states) → context states (layers, 2, B, nh, C, hs) and ADC bias (layers, nh, C)."""
+    """Selected (patch, states) → context states (layers, 2, B, nh, C, hs) and their ContextLayout
+    (the ADC bias (layers, nh, C) and each key's token position from the current patch)."""
     if not selected:
-        return model.empty_states(B), model.context_bias([])
+        return model.empty_states(B), model.context_layout([])
     states = torch.cat([s for _, s in selected], dim=4)  # (layers, 2, B, nh, C, hs)
     offsets = [tuple(a - b for a, b in zip(q, patch)) for q, _ in selected]  # (dt, dh, dw) each
-    return states, model.context_bias(offsets)
+    return states, model.context_layout(offsets)
 
 
 def cut(tokens: torch.Tensor, patch: Patch, patch_size) -> torch.Tensor:
@@ -527,9 +674,9 @@ def patch_loss(model: Infinity, tokens: torch.Tensor, order: list[Patch], index:
         raise ValueError(f"patch index {index}, but the pool expects index {pool.next_index} next")
     B, patch = tokens.shape[0], order[index]
     text = model.text_states(captions, B)  # recomputed per patch: it is a graph of its own
-    context, bias = gather_context(model, patch, pool.select(patch), B)
+    context, layout = gather_context(model, patch, pool.select(patch), B)
     targets = cut(tokens, patch, model.config.patch_size).to(model.bos.device)  # (B, P)
-    logits, states = model(targets, text, context, bias)  # (B, P, K)
+    logits, states = model(targets, text, context, layout)  # (B, P, K)
     pool.add(patch, states)
     pool.evict(index)
     return F.cross_entropy(logits.transpose(1, 2), targets)
@@ -693,8 +840,8 @@ def generate(model: Infinity, grid_shape: tuple[int, int, int], direction: str =
         for index, patch in enumerate(tqdm(order, desc="patches", unit="patch", disable=not progress, leave=False)):
             start = time.perf_counter()
             selected = pool.select(patch)
-            context, bias = gather_context(model, patch, selected, B)
-            made, states, logits = model.generate_patch(text, context, bias, cut(forced, patch, size),
+            context, layout = gather_context(model, patch, selected, B)
+            made, states, logits = model.generate_patch(text, context, layout, cut(forced, patch, size),
                                                         cut(keep, patch, size), sampling)
             paste(tokens, patch, size, made)
             pool.add(patch, states)
@@ -725,8 +872,8 @@ def generate_reference(model: Infinity, grid_shape: tuple[int, int, int], direct
             selected = [(r, states[r]) for r in context_rule(order, earlier, extent)]
             states[q] = model(cut(tokens, q, size), text, *gather_context(model, q, selected, B))[1]
         selected = [(q, states[q]) for q in context_rule(order, index, extent)]
-        context, bias = gather_context(model, patch, selected, B)
-        made, own, logits = model.generate_patch(text, context, bias, cut(forced, patch, size),
+        context, layout = gather_context(model, patch, selected, B)
+        made, own, logits = model.generate_patch(text, context, layout, cut(forced, patch, size),
                                                  cut(keep, patch, size), sampling)
         paste(tokens, patch, size, made)
         if trace is not None:
@@ -759,6 +906,15 @@ def outpaint_given(source: torch.Tensor, grid_shape: tuple[int, int, int], direc
 # ---------------------------------------------------------------------------------------------
 
 
+def check_tokenizer(model: Infinity, vqgan) -> None:
+    """The VQ-GAN must be the kind the model predicts codes of: the same f and codebook size."""
+    f, K = vqgan.config.downsample, vqgan.config.codebook_size
+    if (f, K) != (model.config.token_px, model.config.codebook_size):
+        raise ValueError(f"this VQ-GAN has f = {f} px per token and {K} codes, but the Infinity model was trained "
+                         f"on f = {model.config.token_px} and {model.config.codebook_size} codes (its vqgan_ckpt "
+                         f"{model.config.vqgan_ckpt!r})")
+
+
 @torch.no_grad()
 def generate_canvas(model: Infinity, vqgan, height_px: int, width_px: int, direction: str = "column", *,
                     source: torch.Tensor | None = None, captions=None, batch_size: int | None = None,
@@ -770,6 +926,7 @@ def generate_canvas(model: Infinity, vqgan, height_px: int, width_px: int, direc
     f = model.config.token_px
     if height_px % f or width_px % f:
         raise ValueError(f"canvas {height_px}×{width_px} px is not a multiple of f = {f} px per token")
+    check_tokenizer(model, vqgan)
     grid_shape = (1, height_px // f, width_px // f)
     given = None
     if source is not None:
@@ -783,6 +940,7 @@ def generate_video(model: Infinity, vqgan, frames: int, *, given_frames: torch.T
                    captions=None, batch_size: int | None = None, **sampling) -> torch.Tensor:
     """Frames (B, T, 1, 64, 64) in [0, 1], frame by frame (`video` order); `given_frames`
     (B, k, 1, 64, 64) are kept as the first k frames (prediction)."""
+    check_tokenizer(model, vqgan)
     h = w = data.CANVAS // model.config.token_px
     grid_shape = (frames, h, w)
     given = None
@@ -846,7 +1004,16 @@ def load_infinity(path, *, map_location="cpu") -> Infinity:
     unknown = sorted(set(checkpoint["config"]) - known)
     if unknown:
         raise ValueError(f"{path} has config fields InfinityConfig does not know: {unknown}")
-    config = InfinityConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["config"].items()})
+    values = {**LEGACY_DEFAULTS, **checkpoint["config"]}  # written before the learning aids: the paper's scheme
+    config = InfinityConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     model = Infinity(config)
-    model.load_state_dict(checkpoint["model"])
+    # Before the learning aids, the final LayerNorm was called `norm`.
+    state = {("decoder_norm." + k[len("norm."):] if k.startswith("norm.") else k): v
+             for k, v in checkpoint["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not match the model its config describes (relative_radius="
+                         f"{config.relative_radius}, tie_head={config.tie_head}, pixel_codes={config.pixel_codes}, "
+                         f"patch_size={config.patch_size}): {error}") from error
     return model.to(map_location).eval()

@@ -696,7 +696,16 @@ def infinity_tokenizer(config: infinity.InfinityConfig, device: torch.device) ->
 
 def build_infinity(config: infinity.InfinityConfig, device: torch.device) -> infinity.Infinity:
     infinity.training_directions(config)  # fail on a bad direction list before any work
-    return infinity.Infinity(config).to(device)
+    if Path(config.vqgan_ckpt).exists():  # a tokenizer of another f: say which flag fixes it
+        f = vqgan.load_vqgan(config.vqgan_ckpt).config.downsample
+        if f != config.token_px:
+            raise ValueError(f"{config.vqgan_ckpt} has f = {f} px per token, but the Infinity config has token_px "
+                             f"{config.token_px}: pass --token-px {f} (and a --patch-size that cuts "
+                             f"{data.CANVAS // f}×{data.CANVAS // f} tokens), or the f = {config.token_px} tokenizer")
+    model = infinity.Infinity(config).to(device)
+    if config.pixel_codes:  # what each code of the frozen tokenizer looks like (pixel code embeddings)
+        model.set_code_pixels(infinity_tokenizer(config, device).code_patches())
+    return model
 
 
 def infinity_batch(config: infinity.InfinityConfig, seed: int, step: int, part: int, parts: int) -> dict:
@@ -749,7 +758,8 @@ STAGES: dict[str, Stage] = {
                       batch=infinity_batch, phases=[Phase("infinity", infinity_loss, lambda model: list(model.parameters()))],
                       visualise=visualise_infinity, tokens_per_batch=infinity_tokens_per_batch,
                       warmup=linear_warmup,
-                      fsdp_units=lambda model: list(model.blocks), units=infinity.num_patches),
+                      fsdp_units=lambda model: list(model.blocks), units=infinity.num_patches,
+                      legacy_defaults=infinity.LEGACY_DEFAULTS),
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tests for infinity.py: the pool's bound and eviction, context = rule, given patches kept, pool =
 pool-free reference, render-and-optimize gradients, bad inputs, the ADC offset bias, the benchmark."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,13 +18,20 @@ EXTENTS = [(1, 1, 1), (1, 2, 1), (0, 1, 2)]
 
 
 def toy_model(**overrides) -> inf.Infinity:
-    """float64, width 16, patches of 2×2 tokens; a random offset bias so the ADC term is exercised."""
+    """float64, width 16, patches of 2×2 tokens; a random offset bias, random token-level relative
+    tables and random code pixels, so that every term of the scores and embeddings is exercised."""
     config = inf.InfinityConfig.preset("tiny", dim=16, num_heads=2, layers=2, codebook_size=K,
                                        patch_size=(2, 2), **overrides)
     torch.manual_seed(0)
     model = inf.Infinity(config).double().eval()
     with torch.no_grad():
         model.offset_bias.normal_()
+        for block in model.blocks:
+            if block.position_bias is not None:
+                block.position_bias.normal_(std=0.1)
+                block.relative_keys.normal_(std=0.1)
+        if config.pixel_codes:
+            model.set_code_pixels(torch.rand(K, config.token_px ** 2, dtype=torch.float64))
     return model
 
 
@@ -278,7 +286,9 @@ def test_offset_bias_changes_outputs_and_has_gradients():
     e_t, e_h, e_w = model.config.extent
     used = grad[:, :, e_t, e_h, e_w - 1]  # offset (0, 0, −1)
     assert (used != 0).all()  # every layer and head learns from the left neighbour's offset
-    assert grad.abs().sum() == used.abs().sum()  # and no other offset was involved
+    others = grad.clone()
+    others[:, :, e_t, e_h, e_w - 1] = 0
+    assert torch.count_nonzero(others) == 0  # and no other offset was involved
     with torch.no_grad():
         before = model(inf.cut(tokens, order[1], (2, 2)), model.text_states(None, 1),
                        *inf.gather_context(model, order[1], selected, 1))[0]
@@ -318,7 +328,7 @@ def test_bad_inputs_raise_clear_errors():
                                                        torch.zeros(1, 1, 4, 6, dtype=torch.bool)))
     with pytest.raises(ValueError, match="batch sizes disagree"):
         inf.generate(model, (1, 4, 6), "column", captions=["3"], batch_size=2)
-    with pytest.raises(ValueError, match="multiple of f = 4"):
+    with pytest.raises(ValueError, match="multiple of f = 8"):
         inf.generate_canvas(model, None, 64, 130)
     with pytest.raises(ValueError, match="does not fit"):
         inf.outpaint_given(torch.zeros(1, 1, 3, 2, dtype=torch.long), (1, 4, 6), "right")
@@ -366,10 +376,15 @@ def test_training_batch_and_visualise(tmp_path):
     assert batch["pixels"].shape == (2, 1, 1, 64, 64) and len(batch["caption"]) == 2
     assert torch.equal(batch["pixels"], inf.training_batch(config, 0, 3)["pixels"])
     torch.manual_seed(0)
-    tokenizer = vqgan.VQGAN(vqgan.VQGANConfig.preset("tiny")).eval()  # untrained: shapes only
+    # untrained, shapes only: the f = 8 cell tokenizer the tiny Infinity is built for
+    tokenizer = vqgan.VQGAN(dataclasses.replace(vqgan.VQGANConfig.preset("tiny"), cell_encoder=True, ch_mult=(1, 2, 4, 4))).eval()
     model = inf.Infinity(config)
+    model.set_code_pixels(tokenizer.code_patches())
     path = inf.visualise(model, tokenizer, tmp_path / "infinity.png")
     assert path.exists() and path.stat().st_size > 1000
+    f4 = vqgan.VQGAN(vqgan.VQGANConfig.preset("tiny")).eval()
+    with pytest.raises(ValueError, match="f = 4 .* f = 8"):
+        inf.generate_canvas(model, f4, 64, 64)
 
 
 # --- the benchmark -----------------------------------------------------------------------------
@@ -401,7 +416,7 @@ def test_every_token_of_a_patch_reaches_its_pooled_states():
     model = toy_model()
     tokens = torch.randint(K, (1, 4), generator=torch.Generator().manual_seed(9))
     text = model.text_states(None, 1)
-    context, bias = model.empty_states(1), model.context_bias([])
+    context, bias = model.empty_states(1), model.context_layout([])
     _, states = model(tokens, text, context, bias)
     for p in (0, 3):  # the first and the last token of the 2×2 patch
         changed = tokens.clone()
@@ -424,3 +439,109 @@ def test_given_tokens_that_cover_everything_or_leave_the_codebook_are_clear_erro
     keep[..., 2:] = False
     with pytest.raises(ValueError, match=r"given tokens must lie in \[0, 11\)"):
         inf.generate(model, (1, 2, 4), "right", given=(tokens + K, keep))
+
+
+# --- token-level relative positions ------------------------------------------------------------
+
+
+def loop_attention(block, x, prefix_k, prefix_v, prefix_bias, key_positions, query_positions, gain, R, e_t):
+    """The slow reference of Block.forward's attention with relative positions: every (batch, head,
+    query, key) score written out, the offset taken from explicit positions (None: no position;
+    "bos": the bos slot), clipped by hand; then softmax and the weighted sum."""
+    q, k, v = block.heads(x)  # (B, nh, N, hs)
+    B, nh, N, hs = q.shape
+    keys, values = torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2)
+    C = prefix_k.shape[2]
+    side = 2 * R + 1
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(nh):
+            for i in range(N):
+                scores = []
+                for j in range(C + N):
+                    if j >= C and j - C > i:
+                        continue  # causal inside the patch
+                    s = q[b, h, i] @ keys[b, h, j] / hs ** 0.5 + (prefix_bias[h, j] if j < C else 0.0)
+                    where = key_positions[j]
+                    if where is not None:
+                        if where == "bos":
+                            slot = (2 * e_t + 1) * side * side
+                        else:
+                            dt, dy, dx = (a - c for a, c in zip(where, query_positions[i]))
+                            dt, dy, dx = max(-e_t, min(e_t, dt)), max(-R, min(R, dy)), max(-R, min(R, dx))
+                            slot = ((dt + e_t) * side + dy + R) * side + dx + R
+                        s = s + gain * (block.position_bias[h, slot] + q[b, h, i] @ block.relative_keys[h, slot] / hs ** 0.5)
+                    scores.append((j, s))
+                weights = torch.stack([s for _, s in scores]).softmax(0)
+                out[b, h, i] = sum(w * values[b, h, j] for w, (j, _) in zip(weights, scores))
+    return block.finish(x, out)
+
+
+def test_relative_positions_equal_a_loop_over_every_query_and_key():
+    """float64, forward and gradients: the gathered relative tables of Block.forward against the
+    loop above, for a patch with context to its left and above (offsets across the patch border)."""
+    import nearby_attention
+
+    model = toy_model(relative_radius=2).train()
+    ph, pw = model.config.patch_size
+    P, L = ph * pw, model.config.text_len
+    generator = torch.Generator().manual_seed(11)
+    neighbours = [(0, 0, -1), (0, -1, 0), (0, -1, -1)]
+    context = torch.randn(2, 2, 2, 2, len(neighbours) * P, 8, dtype=torch.float64, generator=generator)
+    layout = model.context_layout(neighbours)
+    text = model.text_states(["3 7", None], 2)
+    prefix, prefix_bias = model.prefix(text, context, layout.bias)
+    x = torch.randn(2, P + 1, 16, dtype=torch.float64, generator=generator)
+    index = model.relative_index(layout.positions, L)
+    block = model.blocks[0]
+    fast, _ = block(x, prefix[0, 0], prefix[0, 1], prefix_bias[0], causal=True, index=index)
+    # Key positions written out: caption (none), context tokens, bos, the patch's own tokens.
+    key_positions = [None] * L
+    for dt, dh, dw in neighbours:
+        key_positions += [(dt, dh * ph + r, dw * pw + c) for r in range(ph) for c in range(pw)]
+    key_positions += ["bos"] + [(0, r, c) for r in range(ph) for c in range(pw)]
+    query_positions = [(0, i // pw, i % pw) for i in range(P + 1)]
+    slow = loop_attention(block, x, prefix[0, 0], prefix[0, 1], prefix_bias[0], key_positions, query_positions,
+                          nearby_attention.RELATIVE_GAIN, 2, model.config.extent[0])
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(fast.shape, dtype=torch.float64, generator=generator)
+    grads = [torch.autograd.grad((out * weights).sum(), [block.position_bias, block.relative_keys, block.qkv.weight],
+                                 retain_graph=True)
+             for out in (fast, slow)]
+    for fast_grad, slow_grad in zip(*grads):
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-10, atol=1e-12)
+    assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
+
+
+def test_cached_steps_give_the_logits_of_the_full_pass_with_relative_positions():
+    model = toy_model()
+    neighbours = [(0, 0, -1), (0, -1, 0)]
+    context = torch.randn(2, 2, 1, 2, 2 * model.patch_tokens, 8, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(12))
+    layout = model.context_layout(neighbours)
+    text = model.text_states(["5"], 1)
+    forced = torch.zeros(1, model.patch_tokens, dtype=torch.long)
+    made, _, step_logits = model.generate_patch(text, context, layout, forced, torch.zeros_like(forced, dtype=torch.bool),
+                                                dict(temperature=1.0, top_k=None, generator=torch.Generator().manual_seed(0)))
+    full_logits, _ = model(made, text, context, layout)
+    torch.testing.assert_close(step_logits, full_logits, rtol=1e-10, atol=1e-10)
+    # The relative tables matter: without them the same tokens score otherwise.
+    with torch.no_grad():
+        for block in model.blocks:
+            block.position_bias.zero_()
+            block.relative_keys.zero_()
+    assert (model(made, text, context, layout)[0] - full_logits).abs().max() > 1e-3
+
+
+def test_learning_aid_options_are_validated_and_the_paper_scheme_has_none():
+    with pytest.raises(ValueError, match="relative_radius must be ≥ 0"):
+        toy_model(relative_radius=-1)
+    paper = inf.Infinity(inf.InfinityConfig.preset("tiny", **inf.PAPER_SCHEME))
+    assert all(block.position_bias is None for block in paper.blocks)
+    assert paper.head.weight is not paper.token_embed.weight and not hasattr(paper, "pixel_embed")
+    aided = inf.Infinity(inf.InfinityConfig.preset("tiny"))
+    assert aided.head.weight is aided.token_embed.weight
+    D = aided.config.dim
+    assert torch.equal(aided.blocks[0].qkv.weight[2 * D:], torch.eye(D))
+    with pytest.raises(ValueError, match="code pixels of shape"):
+        aided.set_code_pixels(torch.zeros(3, 3))

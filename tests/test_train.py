@@ -296,7 +296,7 @@ def test_infinity_stage_backpropagates_patch_by_patch_and_resumes_exactly(tmp_pa
     monkeypatch.setattr(infinity, "unit_loss", lambda *a, **k: calls.append(k["unit"]) or unit_loss(*a, **k))
     flags = ["--stage", "infinity", "--preset", "tiny", "--dim", "16", "--num-heads", "2", "--layers", "1",
              "--batch-size", "2", "--codebook-size", "32", "--vqgan-ckpt", str(tokenizer), "--device", "cpu",
-             "--log-every", "1", "--sample-every", "0"]
+             "--log-every", "1", "--sample-every", "0", "--token-px", "4", "--patch-size", "8", "8"]  # an f = 4 tokenizer
     train.main([*flags, "--max-steps", "3", "--out", str(tmp_path / "whole")])
     patches = infinity.num_patches(infinity.InfinityConfig.preset("tiny"))
     assert patches == 8 and calls == list(range(patches)) * 3
