@@ -628,6 +628,8 @@ def run_infinity(args: argparse.Namespace) -> dict:
     tokenizer = tokenizer.to(args.device).eval()
     classifier = load_classifier(args.classifier, args.device)
     sampling = sampling_options(args, args.device)
+    if model.config.data == "video":
+        return run_infinity_video(args, model, tokenizer, classifier, sampling)
     real = infinity.DigitCanvases("test", args.height, args.width, seed=0, length=args.num_canvases)
     # Half the canvases are captioned with a real canvas's digit set, half are not (the "None" caption).
     captions = [real[i]["caption"] if i % 2 == 0 else None for i in range(len(real))]
@@ -657,6 +659,63 @@ def run_infinity(args: argparse.Namespace) -> dict:
         labels = [f"generated ({c or 'no caption'})" for c in captions[:4]] + ["real", "real"]
         data.save_grid(rows, args.grid, captions=labels, max_frames=args.width // data.CANVAS)
         print(f"wrote {args.grid}")
+    return metrics
+
+
+LAST_FRAMES = 10  # a long video "still holds its digit" when it is read in most of its last 10 frames
+
+
+@torch.no_grad()
+def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, sampling: dict) -> dict:
+    """NÜWA-Infinity on video (a model trained with data="video"): from the first --given frames of
+    one-digit Moving MNIST test clips, generate --frames frames (100 by default, far longer than
+    the training clips) frame by frame with the pool, then read the last 10 frames.
+
+    still_read: share of videos whose given digit is read in more than half of their last 10 frames.
+    last_frames_read: share of those frames read as the given digit. moving: share of videos whose digit
+    (the biggest blob) moves ≥ 1 px per frame on average over the last 10 frames, so a model that
+    froze the digit is seen for what it is (a frozen digit stays legible)."""
+    import infinity
+
+    frames = args.frames or 100
+    if not 0 < args.given < frames:
+        raise ValueError(f"need 0 < --given < --frames, got {args.given} and {frames}")
+    clips = data.MovingMNIST("test", num_frames=args.given, num_digits=1, seed=0, length=args.num_canvases)
+    print(f"seed {args.seed}; {len(clips)} one-digit clips; {args.given} given → {frames} frames; "
+          f"temperature {args.temperature}, top-k {args.top_k or 'off'}")
+    read, per_frame, moving, made, start = [], [], [], [], time.perf_counter()
+    for first in tqdm(range(0, len(clips), args.batch_size), desc="videos", unit="batch"):
+        items = [clips[i] for i in range(first, min(first + args.batch_size, len(clips)))]
+        given = torch.stack([item["video"] for item in items])  # (b, given, 1, 64, 64)
+        videos = infinity.generate_video(model, tokenizer, frames, given_frames=given, batch_size=len(items),
+                                         **sampling).cpu()  # (b, frames, 1, 64, 64)
+        for video, item in zip(videos, items):
+            digit = int(item["digits"][0])
+            last = video[-LAST_FRAMES:]  # (10, 1, 64, 64)
+            blobs = locate_digits(last)
+            biggest = [(t, found[0]) for t, found in enumerate(blobs) if found]
+            classify_blobs(last[:, 0], biggest, classifier)
+            hits = sum(blob.label == digit for _, blob in biggest)
+            read.append(hits > LAST_FRAMES // 2)
+            per_frame.append(hits / LAST_FRAMES)
+            centres = [(blob.y, blob.x) for _, blob in biggest]
+            steps = [math.dist(a, b) for a, b in zip(centres, centres[1:])]
+            moving.append(bool(steps) and float(np.mean(steps)) >= 1.0)
+        made.append(videos)
+    seconds = time.perf_counter() - start
+    metrics = {"still_read": float(np.mean(read)), "last_frames_read": float(np.mean(per_frame)),
+               "moving": float(np.mean(moving)), "num_videos": len(clips), "frames": frames, "given": args.given,
+               "training_frames": model.config.frames, "seconds_per_video": seconds / len(clips),
+               "temperature": args.temperature, "top_k": args.top_k or None, "seed": args.seed, "ckpt": str(args.ckpt)}
+    if args.grid:
+        videos = torch.cat(made)[:4]  # (4, frames, 1, 64, 64)
+        shown = list(range(0, frames, max(1, frames // 10)))[:10]
+        rows = [video[shown] for video in videos]
+        data.save_grid(rows, args.grid, captions=[f"frames {shown[0]}…{shown[-1]} of {frames}"] * len(rows),
+                       max_frames=len(shown))
+        gif = Path(args.grid).with_suffix(".gif")
+        data.save_gif([video for video in videos], gif, captions=[f"{frames} frames, {args.given} given"] * len(videos))
+        print(f"wrote {args.grid} and {gif}")
     return metrics
 
 
@@ -771,7 +830,10 @@ def build_parser() -> argparse.ArgumentParser:
     wide.add_argument("--direction", default="column", choices=("column", "raster"),
                       help="patch order of the canvases (outpainting needs given patches: sample.py infinity)")
     wide.add_argument("--classifier", default=DEFAULT_CLASSIFIER_DIR, help=f"folder of {CLASSIFIER_FILE}")
-    wide.add_argument("--grid", default="", help="also write a PNG of canvases to this path")
+    wide.add_argument("--grid", default="", help="also write a PNG of canvases (and, for video, a GIF) to this path")
+    wide.add_argument("--frames", type=int, default=0,
+                      help="video models (data=video): frames to generate (0 = 100); --num-canvases is the number of videos")
+    wide.add_argument("--given", type=int, default=2, help="video models: real frames given (default 2)")
     add_common(wide)
     return parser
 
