@@ -11,7 +11,7 @@ export NUWA_DATA := $(SHARED_MNIST)
 endif
 endif
 
-.PHONY: demo models tasks lip test notebooks bench lint clean
+.PHONY: demo models tasks lip infinity test notebooks bench lint clean
 
 # The stamp depends on pyproject.toml so a changed dependency list re-installs.
 $(VENV)/.installed: pyproject.toml
@@ -119,6 +119,29 @@ lip: $(VENV)/.installed
 	$(PY) benchmarks/bench_lip.py --lip $(MODELS)/lip/ckpt.pt --baseline $(MODELS)/nuwa/ckpt.pt --n 200 --candidates 4 \
 		--guidance 3 --png $(MODELS)/lip_bench/inpainting.png
 	@echo "lip done: out/dfvqgan, out/lip (sample.py inpaint and notebook 05 use them), benchmark in out/lip_bench"
+
+# NÜWA-Infinity on the frame tokenizer of `make models` (about 30 minutes on 2 cores, after `make
+# models`): a canvas model trained 12 minutes on 64×128 px canvases of MNIST digits (patches of 32×32
+# px, orders sampled among raster / column / left / up), and a video model trained 12 minutes on
+# 4-frame one-digit Moving MNIST clips (two frames of context). Written to out/infinity and
+# out/infinity_video; then the digit classifier if it is missing (`evaluate.py classifier`), strips
+# 4× and 16× wider than training read slot by slot, and 100-frame videos read in their last 10 frames
+# (README, NÜWA-Infinity). Together with `make lip`, under an hour for these stages.
+INFINITY_SECONDS ?= 720
+INFINITY_VIDEO_SECONDS ?= 720
+infinity: $(VENV)/.installed
+	@test -f $(MODELS)/vqgan/ckpt.pt || { echo "make infinity draws with the frame tokenizer of make models: run make models first"; exit 1; }
+	$(PY) train.py --stage infinity --preset tiny --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt \
+		--max-seconds $(INFINITY_SECONDS) --out $(MODELS)
+	$(PY) train.py --stage infinity --preset tiny --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --data video --directions video \
+		--extent 2 1 1 --max-seconds $(INFINITY_VIDEO_SECONDS) --out $(MODELS)/infinity_video
+	test -f $(MODELS)/classifier/classifier.pt || $(PY) evaluate.py classifier --out $(MODELS)/classifier --max-seconds 300
+	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity/ckpt.pt --width 512 --grid $(MODELS)/infinity_eval/strips_512.png
+	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity/ckpt.pt --width 2048 --num-canvases 10 \
+		--grid $(MODELS)/infinity_eval/strips_2048.png
+	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt --frames 100 \
+		--grid $(MODELS)/infinity_eval/video_100.png
+	@echo "infinity done: out/infinity, out/infinity_video (sample.py infinity and notebook 06 use them), readings in out/infinity_eval"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
