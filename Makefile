@@ -123,10 +123,11 @@ lip: $(VENV)/.installed
 # NÜWA-Infinity on the frame tokenizer of `make models` (about 30 minutes on 2 cores, after `make
 # models`): a canvas model trained 12 minutes on 64×128 px canvases of MNIST digits (patches of 32×32
 # px, orders sampled among raster / column / left / up), and a video model trained 12 minutes on
-# 4-frame one-digit Moving MNIST clips (two frames of context). Written to out/infinity and
-# out/infinity_video; then the digit classifier if it is missing (`evaluate.py classifier`), strips
-# 4× and 16× wider than training read slot by slot, and 100-frame videos read in their last 10 frames
-# (README, NÜWA-Infinity). Together with `make lip`, under an hour for these stages.
+# 4-frame one-digit Moving MNIST clips captioned with their digit's name (one patch per frame, two
+# frames of context). Written to out/infinity and out/infinity_video; then the digit classifier if it
+# is missing (`evaluate.py classifier`), strips 4× and 16× wider than training read slot by slot, and
+# 100-frame videos read in their last 10 frames (README, NÜWA-Infinity). With `make lip`, under an
+# hour for these stages.
 INFINITY_SECONDS ?= 720
 INFINITY_VIDEO_SECONDS ?= 720
 infinity: $(VENV)/.installed
@@ -134,7 +135,8 @@ infinity: $(VENV)/.installed
 	$(PY) train.py --stage infinity --preset tiny --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt \
 		--max-seconds $(INFINITY_SECONDS) --out $(MODELS)
 	$(PY) train.py --stage infinity --preset tiny --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --data video --directions video \
-		--extent 2 1 1 --max-seconds $(INFINITY_VIDEO_SECONDS) --out $(MODELS)/infinity_video
+		--extent 2 1 1 --patch-size 8 8 --video-captions --max-seconds $(INFINITY_VIDEO_SECONDS) \
+		--out $(MODELS)/infinity_video
 	test -f $(MODELS)/classifier/classifier.pt || $(PY) evaluate.py classifier --out $(MODELS)/classifier --max-seconds 300
 	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity/ckpt.pt --width 512 --grid $(MODELS)/infinity_eval/strips_512.png
 	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity/ckpt.pt --width 2048 --num-canvases 10 \

@@ -671,6 +671,7 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
     one-digit Moving MNIST test clips, generate --frames frames (100 by default, far longer than
     the training clips) frame by frame with the pool, then read the last 10 frames.
 
+    A model trained on captioned clips (video_captions) gets each clip's digit name as its caption.
     still_read: share of videos whose given digit is read in more than half of their last 10 frames.
     last_frames_read: share of those frames read as the given digit. moving: share of videos whose digit
     (the biggest blob) moves ≥ 1 px per frame on average over the last 10 frames, so a model that
@@ -678,6 +679,8 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
     import infinity
 
     frames = args.frames or 100
+    # A model trained on captioned clips gets each clip's digit name (--no-caption: "None", to see what it adds).
+    captioned = model.config.video_captions and not args.no_caption
     if not 0 < args.given < frames:
         raise ValueError(f"need 0 < --given < --frames, got {args.given} and {frames}")
     clips = data.MovingMNIST("test", num_frames=args.given, num_digits=1, seed=0, length=args.num_canvases)
@@ -687,8 +690,9 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
     for first in tqdm(range(0, len(clips), args.batch_size), desc="videos", unit="batch"):
         items = [clips[i] for i in range(first, min(first + args.batch_size, len(clips)))]
         given = torch.stack([item["video"] for item in items])  # (b, given, 1, 64, 64)
+        captions = [infinity.clip_caption(item["digits"]) if captioned else None for item in items]
         videos = infinity.generate_video(model, tokenizer, frames, given_frames=given, batch_size=len(items),
-                                         **sampling).cpu()  # (b, frames, 1, 64, 64)
+                                         captions=captions, **sampling).cpu()  # (b, frames, 1, 64, 64)
         for video, item in zip(videos, items):
             digit = int(item["digits"][0])
             last = video[-LAST_FRAMES:]  # (10, 1, 64, 64)
@@ -703,7 +707,7 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
             moving.append(bool(steps) and float(np.mean(steps)) >= 1.0)
         made.append(videos)
     seconds = time.perf_counter() - start
-    metrics = {"still_read": float(np.mean(read)), "last_frames_read": float(np.mean(per_frame)),
+    metrics = {"still_read": float(np.mean(read)), "last_frames_read": float(np.mean(per_frame)), "captioned": captioned,
                "moving": float(np.mean(moving)), "num_videos": len(clips), "frames": frames, "given": args.given,
                "training_frames": model.config.frames, "seconds_per_video": seconds / len(clips),
                "temperature": args.temperature, "top_k": args.top_k or None, "seed": args.seed, "ckpt": str(args.ckpt)}
@@ -834,6 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
     wide.add_argument("--frames", type=int, default=0,
                       help="video models (data=video): frames to generate (0 = 100); --num-canvases is the number of videos")
     wide.add_argument("--given", type=int, default=2, help="video models: real frames given (default 2)")
+    wide.add_argument("--no-caption", "--no_caption", dest="no_caption", action="store_true",
+                      help="video models trained with captions: generate under \"None\" instead of the digit's name")
     add_common(wide)
     return parser
 

@@ -125,7 +125,7 @@ OUTPAINTING = ("right", "left", "up", "down")  # directions that start from give
 
 
 # The paper's scheme: none of the learning aids (`--set` these on train.py to train it).
-PAPER_SCHEME = dict(relative_radius=0, tie_head=False, pixel_codes=False, identity_init=False)
+PAPER_SCHEME = dict(relative_radius=0, tie_head=False, pixel_codes=False, identity_init=False, text_encoder=True)
 
 
 # What a checkpoint written before these fields existed was trained with.
@@ -153,6 +153,9 @@ class InfinityConfig:
     tie_head: bool = True  # logits are h · e_k, the code's own embedding
     pixel_codes: bool = True  # a code's embedding includes a projection of the 8×8 pixels it draws
     identity_init: bool = True  # attention's value and output projections start as the identity
+    # False: every layer reads the caption's embedded words themselves (word + position), as NÜWA's tiny
+    # model without encoder layers; True: the caption first passes through the blocks (the first Infinity).
+    text_encoder: bool = False
     text_len: int = 4  # L, caption words after padding (our captions: one or two digit names)
     # --- training data (train.py --stage infinity)
     data: str = "canvas"  # "canvas": DigitCanvases; "video": Moving MNIST clips, frame by frame
@@ -160,6 +163,10 @@ class InfinityConfig:
     canvas_width: int = 128  # training canvas width in pixels: 2×4 patches of 32 px
     frames: int = 4  # T of training videos (data="video")
     video_digits: int = 1  # digits per Moving MNIST training clip (data="video")
+    # data="video": caption each clip with its digits' names ("3"), dropped to "None" with none_prob, as
+    # canvases are captioned. The caption is the one thing every patch of every frame sees, however long the
+    # video: it can hold the digit's identity where the two frames of context drift. False: uncaptioned clips.
+    video_captions: bool = False
     # Orders sampled in training (ADC), each equally often. `right` is the same order as `column` and
     # `down` the same as `raster`, so the four distinct orders are listed once each.
     directions: str = "raster,column,left,up"
@@ -473,8 +480,10 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         return self.bos.new_zeros(self.config.layers, 2, B, nh, n, self.config.dim // nh)
 
     def text_states(self, captions: list[str | None] | None, B: int) -> torch.Tensor:
-        """Caption (None → the word "None") through the blocks, non-causal → per-layer (k, v)
-        (layers, 2, B, nh, L, hs): the caption is a prefix every patch attends to."""
+        """Caption (None → the word "None") → per-layer (k, v) (layers, 2, B, nh, L, hs): the caption
+        is a prefix every patch attends to. Each layer's keys and values are its projections of the
+        embedded words (word + position); with `text_encoder`, of the words after the blocks before
+        it, run over the caption non-causally."""
         ids = self.tokenizer.encode([None] * B if captions is None else list(captions)).to(self.bos.device)  # (B, L)
         if ids.shape[0] != B:
             raise ValueError(f"{ids.shape[0]} captions for a batch of {B}")
@@ -482,7 +491,13 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         states, none = [], self.empty_states(B)[0, 0]  # none: (B, nh, 0, hs)
         no_bias = x.new_zeros(self.config.num_heads, 0)
         for block in self.blocks:
-            x, (k, v) = block(x, none, none, no_bias, causal=False)  # (B, L, D)
+            if self.config.text_encoder:
+                x, (k, v) = block(x, none, none, no_bias, causal=False)  # (B, L, D)
+            else:
+                # DEVIATION (as NÜWA's tiny model without encoder layers, nuwa.py): a caption run through
+                # shared blocks collapsed into one summary of its words there; here every layer reads
+                # the words themselves, and the patch's queries pick the word they need.
+                _, k, v = block.heads(x)  # (B, nh, L, hs)
             states.append(torch.stack([k, v]))
         return torch.stack(states)  # (layers, 2, B, nh, L, hs)
 
@@ -739,6 +754,11 @@ class DigitCanvases(Dataset):
                 "digits": torch.tensor(digits, dtype=torch.int64)}
 
 
+def clip_caption(digits: torch.Tensor) -> str:
+    """A Moving MNIST clip's caption for Infinity: the set of its digits' names, increasing ("3 7")."""
+    return " ".join(str(d) for d in sorted(set(int(d) for d in digits)))
+
+
 @functools.lru_cache(maxsize=4)  # built once per process: loading MNIST takes seconds
 def training_source(kind: str, height: int, width: int, frames: int, digits: int, none_prob: float, seed: int):
     if kind == "video":
@@ -756,7 +776,11 @@ def training_batch(config: InfinityConfig, seed: int, step: int, part: int = 0, 
                              config.video_digits, config.none_prob, seed)
     items = [source[(step * config.batch_size + part * b + i) % len(source)] for i in range(b)]
     if config.data == "video":
-        return {"pixels": torch.stack([item["video"] for item in items]), "caption": [None] * b}
+        captions = [None] * b
+        if config.video_captions:  # the digits' names; "None" with probability none_prob (drawn per item)
+            drops = np.random.default_rng([seed, step, part]).random(b) < config.none_prob
+            captions = [None if drop else clip_caption(item["digits"]) for item, drop in zip(items, drops)]
+        return {"pixels": torch.stack([item["video"] for item in items]), "caption": captions}
     return {"pixels": torch.stack([item["image"][None] for item in items]), "caption": [item["caption"] for item in items]}
 
 
@@ -974,7 +998,9 @@ def visualise(model: Infinity, vqgan, path) -> Path:
     sampling = dict(temperature=1.0, top_k=16, generator=torch.Generator(device=device).manual_seed(0))
     if config.data == "video":
         clip = data.MovingMNIST("test", num_frames=2 * config.frames, num_digits=config.video_digits, length=1)[0]
-        made = generate_video(model, vqgan, 2 * config.frames, given_frames=clip["video"][None, :2], **sampling)
+        captions = [clip_caption(clip["digits"])] if config.video_captions else None
+        made = generate_video(model, vqgan, 2 * config.frames, given_frames=clip["video"][None, :2],
+                              captions=captions, **sampling)
         rows, labels = [clip["video"], made[0].cpu()], ["real clip", "first 2 frames given, the rest generated"]
         data.save_gif(rows, Path(path).with_suffix(".gif"), captions=labels)
     else:

@@ -571,6 +571,27 @@ def test_infinity_subcommand_reports_generated_real_and_tokenizer_legibility(cla
     assert (tmp_path / "g.png").stat().st_size > 0
 
 
+def test_infinity_subcommand_reads_the_last_frames_of_long_videos(classifier_dir, tmp_path, capsys):
+    """A video model (data=video, captioned clips): --frames far beyond training, the last 10 read."""
+    out = tmp_path / "run"
+    train.main(["--stage", "vqgan", *TOKENIZER, "--out", str(out)])  # f = 8: 8×8 tokens per frame
+    train.main(["--stage", "infinity", "--preset", "tiny", "--dim", "16", "--num-heads", "2", "--layers", "1",
+                "--codebook-size", "32", "--patch-size", "8", "8", "--data", "video", "--directions", "video",
+                "--extent", "2", "1", "1", "--video-captions", "--batch-size", "2", "--max-steps", "1",
+                "--sample-every", "0", "--vqgan-ckpt", str(out / "vqgan" / "ckpt.pt"), "--out", str(out)])
+    ckpt = str(out / "infinity" / "ckpt.pt")
+    for extra in ([], ["--no-caption"]):
+        evaluate.main(["infinity", "--ckpt", ckpt, "--classifier", str(classifier_dir), "--num-canvases", "2",
+                       "--frames", "12", "--device", "cpu", "--grid", str(tmp_path / "v.png"), "--json", *extra])
+        last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert last["frames"] == 12 and last["training_frames"] == 4 and last["num_videos"] == 2
+        assert 0 <= last["still_read"] <= 1 and 0 <= last["moving"] <= 1 and last["captioned"] == (not extra)
+    assert (tmp_path / "v.png").stat().st_size > 0 and (tmp_path / "v.gif").stat().st_size > 0
+    with pytest.raises(ValueError, match="need 0 < --given < --frames"):
+        evaluate.main(["infinity", "--ckpt", ckpt, "--classifier", str(classifier_dir), "--frames", "2",
+                       "--given", "2", "--device", "cpu"])
+
+
 def test_word_use_changes_one_kind_of_word_and_reports_the_gap_it_measures(nuwa_checkpoint):
     import data
     import nuwa

@@ -545,3 +545,30 @@ def test_learning_aid_options_are_validated_and_the_paper_scheme_has_none():
     assert torch.equal(aided.blocks[0].qkv.weight[2 * D:], torch.eye(D))
     with pytest.raises(ValueError, match="code pixels of shape"):
         aided.set_code_pixels(torch.zeros(3, 3))
+
+
+def test_each_layer_reads_the_caption_words_themselves_unless_text_encoder():
+    """text_encoder=False (the default): a word's keys and values at every layer depend on that word
+    and its slot only, so changing the second word leaves the first word's states as they were;
+    text_encoder=True (the first Infinity) mixes the caption through the blocks."""
+    for text_encoder in (False, True):
+        model = toy_model(text_encoder=text_encoder)
+        a, b = model.text_states(["3 7"], 1), model.text_states(["3 8"], 1)  # (layers, 2, 1, nh, L, hs)
+        same_first_word = torch.equal(a[..., 0, :], b[..., 0, :])
+        assert same_first_word != text_encoder
+        assert not torch.equal(a[..., 1, :], b[..., 1, :])
+
+
+@needs_mnist
+def test_video_training_captions_name_the_clip_digits():
+    config = inf.InfinityConfig.preset("tiny", data="video", patch_size=(8, 8), video_captions=True, none_prob=0.25)
+    batches = [inf.training_batch(config, 0, step) for step in range(6)]
+    captions = [c for batch in batches for c in batch["caption"]]
+    assert any(c is None for c in captions) and any(c is not None for c in captions)
+    source = inf.training_source("video", 64, 128, 4, 1, 0.25, 0)
+    for step, batch in enumerate(batches):
+        for i, caption in enumerate(batch["caption"]):
+            if caption is not None:
+                assert caption == str(int(source[step * config.batch_size + i]["digits"][0]))
+    plain = inf.InfinityConfig.preset("tiny", data="video", patch_size=(8, 8))
+    assert inf.training_batch(plain, 0, 0)["caption"] == [None] * plain.batch_size
