@@ -126,8 +126,8 @@ lip: $(VENV)/.installed
 # 4-frame one-digit Moving MNIST clips captioned with their digit's name (one patch per frame, two
 # frames of context). Written to out/infinity and out/infinity_video; then the digit classifier if it
 # is missing (`evaluate.py classifier`), strips 4× and 16× wider than training read slot by slot, and
-# 100-frame videos read in their last 10 frames (README, NÜWA-Infinity). With `make lip`, under an
-# hour for these stages.
+# 100-frame videos read in their last 10 frames, plain and with classifier-free guidance 3 on the
+# caption naming the digit (README, NÜWA-Infinity). With `make lip`, about an hour for these stages.
 INFINITY_SECONDS ?= 720
 INFINITY_VIDEO_SECONDS ?= 720
 infinity: $(VENV)/.installed
@@ -141,8 +141,9 @@ infinity: $(VENV)/.installed
 	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity/ckpt.pt --width 512 --grid $(MODELS)/infinity_eval/strips_512.png
 	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity/ckpt.pt --width 2048 --num-canvases 10 \
 		--grid $(MODELS)/infinity_eval/strips_2048.png
-	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt --frames 100 \
-		--grid $(MODELS)/infinity_eval/video_100.png
+	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt --frames 100 --batch-size 10
+	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt --frames 100 --batch-size 10 \
+		--guidance 3 --grid $(MODELS)/infinity_eval/video_100.png
 	@echo "infinity done: out/infinity, out/infinity_video (sample.py infinity and notebook 06 use them), readings in out/infinity_eval"
 
 test: $(VENV)/.installed

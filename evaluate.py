@@ -638,8 +638,9 @@ def run_infinity(args: argparse.Namespace) -> dict:
     made, start = [], time.perf_counter()
     for first in tqdm(range(0, len(real), args.batch_size), desc="canvases", unit="batch"):
         batch = captions[first:first + args.batch_size]
+        guided = args.guidance if any(c is not None for c in batch) else None  # a "None" row is its own guide
         made.append(infinity.generate_canvas(model, tokenizer, args.height, args.width, args.direction,
-                                             captions=batch, batch_size=len(batch), **sampling).cpu())
+                                             captions=batch, batch_size=len(batch), guidance=guided, **sampling).cpu())
     seconds = time.perf_counter() - start
     made = torch.cat(made)  # (N, 1, H, W)
     images = torch.stack([real[i]["image"] for i in range(len(real))])  # (N, 1, H, W)
@@ -652,6 +653,7 @@ def run_infinity(args: argparse.Namespace) -> dict:
     training = (model.config.canvas_height, model.config.canvas_width)
     metrics.update(slots=slots * len(real), num_canvases=len(real), canvas=[args.height, args.width],
                    training_canvas=list(training), direction=args.direction, seconds_per_canvas=seconds / len(real),
+                   guidance=args.guidance,
                    temperature=args.temperature, top_k=args.top_k or None, seed=args.seed, ckpt=str(args.ckpt))
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
@@ -692,7 +694,8 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
         given = torch.stack([item["video"] for item in items])  # (b, given, 1, 64, 64)
         captions = [infinity.clip_caption(item["digits"]) if captioned else None for item in items]
         videos = infinity.generate_video(model, tokenizer, frames, given_frames=given, batch_size=len(items),
-                                         captions=captions, **sampling).cpu()  # (b, frames, 1, 64, 64)
+                                         captions=captions, guidance=args.guidance if captioned else None,
+                                         **sampling).cpu()  # (b, frames, 1, 64, 64)
         for video, item in zip(videos, items):
             digit = int(item["digits"][0])
             last = video[-LAST_FRAMES:]  # (10, 1, 64, 64)
@@ -710,6 +713,7 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
     metrics = {"still_read": float(np.mean(read)), "last_frames_read": float(np.mean(per_frame)), "captioned": captioned,
                "moving": float(np.mean(moving)), "num_videos": len(clips), "frames": frames, "given": args.given,
                "training_frames": model.config.frames, "seconds_per_video": seconds / len(clips),
+               "guidance": args.guidance if captioned else None,
                "temperature": args.temperature, "top_k": args.top_k or None, "seed": args.seed, "ckpt": str(args.ckpt)}
     if args.grid:
         videos = torch.cat(made)[:4]  # (4, frames, 1, 64, 64)
@@ -838,6 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
     wide.add_argument("--frames", type=int, default=0,
                       help="video models (data=video): frames to generate (0 = 100); --num-canvases is the number of videos")
     wide.add_argument("--given", type=int, default=2, help="video models: real frames given (default 2)")
+    wide.add_argument("--guidance", type=float, default=None,
+                      help="classifier-free guidance scale s on the captioned canvases / videos (default off)")
     wide.add_argument("--no-caption", "--no_caption", dest="no_caption", action="store_true",
                       help="video models trained with captions: generate under \"None\" instead of the digit's name")
     add_common(wide)

@@ -588,12 +588,17 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
             own.append(torch.stack([k, v])[:, :, :, 1:])  # the P tokens' keys and values (bos is not pooled)
         return self.logits(x[:, :P]), torch.stack(own)  # (B, P, K), (layers, 2, B, nh, P, hs)
 
-    def generate_patch(self, text, context, layout: ContextLayout, forced, keep, sampling: dict):
+    def generate_patch(self, text, context, layout: ContextLayout, forced, keep, sampling: dict,
+                       guidance: float | None = None):
         """Token-level AR: sample one patch token by token. forced/keep (B, P): kept tokens are
-        written, not sampled. → tokens (B, P), states (layers, 2, B, nh, P, hs), logits (B, P, K)."""
+        written, not sampled. → tokens (B, P), states (layers, 2, B, nh, P, hs), logits (B, P, K).
+
+        guidance s (classifier-free): the batch is two halves, the same canvases under their captions
+        and under "None"; each token is sampled once from u + s·(c − u) and written into both halves,
+        and the logits returned are those guided ones (B/2, P, K)."""
         if bool(keep.all()):  # a given patch: one teacher-forced pass makes its states
             logits, states = self(forced, text, context, layout)
-            return forced, states, logits
+            return forced, states, guide(logits, guidance)
         B, P = forced.shape
         prefix, prefix_bias = self.prefix(text, context, layout.bias)
         index = self.relative_index(layout.positions, text.shape[4])  # (P + 1, L + C + P + 1) or None
@@ -609,11 +614,22 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
                                  None if index is None else index[p])  # (B, 1, D)
             if p == P:  # y_{P−1}'s keys and values are in the buffers now: the patch is complete
                 break
-            logits.append(self.logits(x_p, codes)[:, 0])  # (B, K)
-            sampled = nuwa.sample_logits(logits[-1], **sampling)  # (B,)
+            logits.append(guide(self.logits(x_p, codes)[:, 0], guidance))  # (B, K), or (B/2, K) guided
+            sampled = nuwa.sample_logits(logits[-1], **sampling)  # (B,) or (B/2,)
+            if guidance is not None:
+                sampled = sampled.repeat(2)  # the captioned and the "None" half draw the same token
             tokens[:, p] = torch.where(keep[:, p], forced[:, p], sampled)
         states = buffers[:, :, :, :, start + 1:].clone()  # (layers, 2, B, nh, P, hs): the tokens, not bos
         return tokens, states, torch.stack(logits, 1)  # (B, P), states, (B, P, K)
+
+
+def guide(logits: torch.Tensor, guidance: float | None) -> torch.Tensor:
+    """Classifier-free guidance over a doubled batch (captioned half, then the "None" half) along
+    dim 0: u + s·(c − u). None: the logits as they are. An option we add; the paper does not use it."""
+    if guidance is None:
+        return logits
+    conditional, unconditional = logits.chunk(2)
+    return unconditional + guidance * (conditional - unconditional)
 
 
 def gather_context(model: Infinity, patch: Patch, selected: list[tuple[Patch, torch.Tensor]], B: int):
@@ -840,39 +856,54 @@ def prepare(model: Infinity, grid_shape, direction: str, given, captions, batch_
     return patch_order(direction, grid), B, forced, keep
 
 
+def doubled(guidance: float | None, captions, forced, keep, B: int):
+    """Guidance runs the batch twice, under the captions and under "None": (captions, forced, keep) of
+    2B rows. Without guidance, unchanged."""
+    if guidance is None:
+        return captions, forced, keep
+    if not guidance >= 0:
+        raise ValueError(f"guidance must be ≥ 0 (1 = the captioned model alone), got {guidance}")
+    if captions is None or all(c is None for c in captions):
+        raise ValueError("guidance needs captions: it pushes the captioned model away from the uncaptioned one")
+    return list(captions) + [None] * B, forced.repeat(2, 1, 1, 1), keep.repeat(2, 1, 1, 1)
+
+
 @torch.no_grad()
 def generate(model: Infinity, grid_shape: tuple[int, int, int], direction: str = "column", *, given=None,
              captions: list[str | None] | None = None, batch_size: int | None = None, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None, progress: bool = False,
-             trace: GenerationTrace | None = None) -> torch.Tensor:
+             trace: GenerationTrace | None = None, guidance: float | None = None) -> torch.Tensor:
     """AR over AR: tokens (B, T, H, W) for a token grid of `grid_shape`, patch by patch in the
     ADC order of `direction`, each patch token by token with its context from the NCP.
 
     given: (tokens, keep) both (B, T, H, W): kept tokens are copied exactly (outpainting; required by
     right / left / up / down, whose orders start from the given side). temperature 0 is greedy.
+    guidance s: classifier-free guidance (`guide`; two passes per token, two pools in one batch).
     Memory: the pool (≤ pool_bound patches) plus one patch, whatever the canvas's long side."""
     order, B, forced, keep = prepare(model, grid_shape, direction, given, captions, batch_size)
+    captions, forced, keep = doubled(guidance, captions, forced, keep, B)
     sampling = dict(temperature=temperature, top_k=top_k, generator=generator)
     size = model.config.patch_size
     threads = torch.get_num_threads()
     if model.bos.device.type == "cpu":  # thousands of tiny kernels: more threads only synchronise (as nuwa.py)
         torch.set_num_threads(1)
     try:
-        text = model.text_states(captions, B)  # (layers, 2, B, nh, L, hs), once per canvas
+        rows = forced.shape[0]  # B, or 2B with guidance
+        text = model.text_states(captions, rows)  # (layers, 2, rows, nh, L, hs), once per canvas
         pool = NearbyContextPool(order, model.config.extent)
-        tokens = forced.clone()  # (B, T, H, W); the output, O(canvas) at 8 bytes a token
+        tokens = forced.clone()  # (rows, T, H, W); the output, O(canvas) at 8 bytes a token
         for index, patch in enumerate(tqdm(order, desc="patches", unit="patch", disable=not progress, leave=False)):
             start = time.perf_counter()
             selected = pool.select(patch)
-            context, layout = gather_context(model, patch, selected, B)
+            context, layout = gather_context(model, patch, selected, rows)
             made, states, logits = model.generate_patch(text, context, layout, cut(forced, patch, size),
-                                                        cut(keep, patch, size), sampling)
+                                                        cut(keep, patch, size), sampling, guidance)
             paste(tokens, patch, size, made)
             pool.add(patch, states)
             pool.evict(index)
             if trace is not None:
                 trace.record(pool, selected, context.nbytes + states.nbytes, logits, time.perf_counter() - start)
-        return tokens
+        return tokens[:B]
     finally:
         torch.set_num_threads(threads)
 
@@ -881,30 +912,33 @@ def generate(model: Infinity, grid_shape: tuple[int, int, int], direction: str =
 def generate_reference(model: Infinity, grid_shape: tuple[int, int, int], direction: str = "column", *,
                        given=None, captions: list[str | None] | None = None, batch_size: int | None = None,
                        temperature: float = 1.0, top_k: int | None = None,
-                       generator: torch.Generator | None = None, trace: GenerationTrace | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, trace: GenerationTrace | None = None,
+                       guidance: float | None = None) -> torch.Tensor:
     """The slow reference of `generate`, with no pool: for every patch, recompute the states of all
     earlier patches from the tokens made so far (each with its own context by `context_rule`, in
     order, teacher-forced), then take the current patch's context by `context_rule`. O(patches²)."""
     order, B, forced, keep = prepare(model, grid_shape, direction, given, captions, batch_size)
+    captions, forced, keep = doubled(guidance, captions, forced, keep, B)
     sampling = dict(temperature=temperature, top_k=top_k, generator=generator)
     size, extent = model.config.patch_size, model.config.extent
-    text = model.text_states(captions, B)
-    tokens = forced.clone()  # (B, T, H, W)
+    rows = forced.shape[0]  # B, or 2B with guidance
+    text = model.text_states(captions, rows)
+    tokens = forced.clone()  # (rows, T, H, W)
     for index, patch in enumerate(order):
         states = {}  # every earlier patch, recomputed from its tokens
         for earlier, q in enumerate(order[:index]):
             selected = [(r, states[r]) for r in context_rule(order, earlier, extent)]
-            states[q] = model(cut(tokens, q, size), text, *gather_context(model, q, selected, B))[1]
+            states[q] = model(cut(tokens, q, size), text, *gather_context(model, q, selected, rows))[1]
         selected = [(q, states[q]) for q in context_rule(order, index, extent)]
-        context, layout = gather_context(model, patch, selected, B)
+        context, layout = gather_context(model, patch, selected, rows)
         made, own, logits = model.generate_patch(text, context, layout, cut(forced, patch, size),
-                                                 cut(keep, patch, size), sampling)
+                                                 cut(keep, patch, size), sampling, guidance)
         paste(tokens, patch, size, made)
         if trace is not None:
             trace.context_patches.append(len(selected))
             if trace.keep_logits:
                 trace.logits.append(logits)
-    return tokens
+    return tokens[:B]
 
 
 def outpaint_given(source: torch.Tensor, grid_shape: tuple[int, int, int], direction: str):

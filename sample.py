@@ -227,7 +227,8 @@ def run_infinity(args) -> list[Path]:
     if tokenizer.codebook_size != model.config.codebook_size:
         raise ValueError(f"VQ-GAN codebook {tokenizer.codebook_size} ≠ Infinity's {model.config.codebook_size}")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, generator=generator, progress=True)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, generator=generator, progress=True,
+                    guidance=args.guidance)
     captions = [args.caption] * args.n if args.caption else None
     out = Path(args.out)
     if args.frames > 1:  # a video, frame by frame
@@ -398,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--index", type=int, default=0, help="held-out item used when no input file is given")
     sub.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     sub.add_argument("--top-k", type=int, default=None)
+    sub.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (needs --caption; Infinity trains with captions dropped)")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sub = tasks.add_parser("inpaint", help="NÜWA-LIP: fill the masked pixels of a frame as the caption says")

@@ -572,3 +572,43 @@ def test_video_training_captions_name_the_clip_digits():
                 assert caption == str(int(source[step * config.batch_size + i]["digits"][0]))
     plain = inf.InfinityConfig.preset("tiny", data="video", patch_size=(8, 8))
     assert inf.training_batch(plain, 0, 0)["caption"] == [None] * plain.batch_size
+
+
+# --- classifier-free guidance ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["column", "right", "video"])
+def test_guided_pool_generation_equals_the_guided_reference(direction):
+    model = toy_model()
+    grid_shape = (2, 4, 6) if direction == "video" else (1, 4, 6)
+    given = given_for(direction, 2, grid_shape, torch.Generator().manual_seed(2)) if direction in inf.OUTPAINTING else None
+    captions = ["3 7", "1"]
+    traces = [inf.GenerationTrace(keep_logits=True) for _ in range(2)]
+    fast = inf.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0, guidance=2.5,
+                        trace=traces[0])
+    slow = inf.generate_reference(model, grid_shape, direction, given=given, captions=captions, temperature=0,
+                                  guidance=2.5, trace=traces[1])
+    assert torch.equal(fast, slow) and fast.shape == (2, *grid_shape)
+    for fast_logits, slow_logits in zip(traces[0].logits, traces[1].logits):
+        assert fast_logits.shape[0] == 2  # the guided logits of the B canvases, not of the doubled batch
+        torch.testing.assert_close(fast_logits, slow_logits, rtol=1e-10, atol=1e-10)
+    plain = inf.GenerationTrace(keep_logits=True)
+    inf.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0, trace=plain)
+    assert (plain.logits[-1] - traces[0].logits[-1]).abs().max() > 1e-3  # guidance 2.5 changes the scores
+
+
+def test_guidance_is_u_plus_s_times_c_minus_u_and_one_is_the_captioned_model():
+    model = toy_model()
+    trace = inf.GenerationTrace(keep_logits=True)
+    inf.generate(model, (1, 2, 2), "raster", captions=["3 7"], temperature=0, guidance=3.0, trace=trace)
+    empty = model.empty_states(1), model.context_layout([])
+    tokens = torch.zeros(1, 4, dtype=torch.long)  # the first token's logits do not depend on the tokens
+    conditional = model(tokens, model.text_states(["3 7"], 1), *empty)[0][:, 0]
+    unconditional = model(tokens, model.text_states(None, 1), *empty)[0][:, 0]
+    torch.testing.assert_close(trace.logits[0][:, 0], unconditional + 3.0 * (conditional - unconditional))
+    plain = inf.generate(model, (1, 4, 6), "column", captions=["3 7"], temperature=0)
+    assert torch.equal(inf.generate(model, (1, 4, 6), "column", captions=["3 7"], temperature=0, guidance=1.0), plain)
+    with pytest.raises(ValueError, match="guidance must be ≥ 0"):
+        inf.generate(model, (1, 4, 6), "column", captions=["3"], guidance=-1.0)
+    with pytest.raises(ValueError, match="guidance needs captions"):
+        inf.generate(model, (1, 4, 6), "column", batch_size=1, guidance=2.0)
