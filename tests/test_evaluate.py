@@ -580,12 +580,13 @@ def test_infinity_subcommand_reads_the_last_frames_of_long_videos(classifier_dir
                 "--extent", "2", "1", "1", "--video-captions", "--batch-size", "2", "--max-steps", "1",
                 "--sample-every", "0", "--vqgan-ckpt", str(out / "vqgan" / "ckpt.pt"), "--out", str(out)])
     ckpt = str(out / "infinity" / "ckpt.pt")
-    for extra in ([], ["--no-caption"]):
+    for extra in ([], ["--no-caption"], ["--guidance", "2"]):
         evaluate.main(["infinity", "--ckpt", ckpt, "--classifier", str(classifier_dir), "--num-canvases", "2",
                        "--frames", "12", "--device", "cpu", "--grid", str(tmp_path / "v.png"), "--json", *extra])
         last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert last["frames"] == 12 and last["training_frames"] == 4 and last["num_videos"] == 2
-        assert 0 <= last["still_read"] <= 1 and 0 <= last["moving"] <= 1 and last["captioned"] == (not extra)
+        assert 0 <= last["still_read"] <= 1 and 0 <= last["moving"] <= 1
+        assert last["captioned"] == (extra != ["--no-caption"]) and last["guidance"] == (2.0 if "2" in extra else None)
     assert (tmp_path / "v.png").stat().st_size > 0 and (tmp_path / "v.gif").stat().st_size > 0
     with pytest.raises(ValueError, match="need 0 < --given < --frames"):
         evaluate.main(["infinity", "--ckpt", ckpt, "--classifier", str(classifier_dir), "--frames", "2",
