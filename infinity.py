@@ -75,7 +75,11 @@ Deviations from the paper (each also marked `# DEVIATION` where it happens):
   the paper's landscapes (LHQC) and its 38912×2048 showcase; a tiny model; the f = 8 cell VQ-GAN (8
   tokens per 64 px, K = 512); patches of 4×4 tokens (32×32 px), not 16×16 tokens of an F16 VQ-GAN.
 - Learning aids the paper does not have (above): token-level relative positions across patches, a
-  tied head, pixel code embeddings, identity-initialised attention projections.
+  tied head, pixel code embeddings, identity-initialised attention projections; every layer reads the
+  caption's embedded words (`text_encoder` False) rather than a caption run through the blocks.
+- Classifier-free guidance at sampling (`guide`, off by default), as NÜWA's option: the paper does not
+  use it. It is what makes the tiny models follow their caption, and keep a video's digit (README).
+- Video: Moving MNIST clips, optionally captioned with their digits' names (`video_captions`).
 - Captions are sets of digit names ("3 7": the digits drawn come from these classes). A left-to-right
   list cannot be followed by a model that only knows relative positions. No caption is the word
   "None" (as in NÜWA), and training drops captions to "None" with probability none_prob.
@@ -85,8 +89,9 @@ Deviations from the paper (each also marked `# DEVIATION` where it happens):
   re-embedded for every new current patch; a bias on them can. There are no absolute patch positions
   at all, which is what lets a model trained on 2×4 patches draw any width; tokens inside a patch
   have learned positions.
-- Video patches are 8×8-token quarters of a frame like image patches, not whole frames; the `video`
-  order goes frame by frame (raster inside a frame), so one model and one pool serve both.
+- Video: the `video` order goes frame by frame (raster inside a frame), so one model and one pool serve
+  canvases and videos. A frame may be cut into patches like a canvas; `make infinity`'s video model uses
+  one patch per frame (8×8 tokens): quarter-frame patches learned less in the same time (README).
 - The context rule is a box: every earlier patch within the extents. The paper describes nearby
   context in words; the box is our precise reading.
 - "AR over AR" is read as one token-level transformer plus the patch order and the pool; there is
