@@ -138,11 +138,11 @@ infinity: $(VENV)/.installed
 		--extent 2 1 1 --patch-size 8 8 --video-captions --max-seconds $(INFINITY_VIDEO_SECONDS) \
 		--out $(MODELS)/infinity_video
 	test -f $(MODELS)/classifier/classifier.pt || $(PY) evaluate.py classifier --out $(MODELS)/classifier --max-seconds 300
-	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity/ckpt.pt --width 512 --grid $(MODELS)/infinity_eval/strips_512.png
-	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity/ckpt.pt --width 2048 --num-canvases 10 \
+	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity/ckpt.pt --width 512 --grid $(MODELS)/infinity_eval/strips_512.png
+	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity/ckpt.pt --width 2048 --num-canvases 10 \
 		--grid $(MODELS)/infinity_eval/strips_2048.png
-	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt --frames 100 --batch-size 10
-	$(PY) evaluate.py infinity --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt --frames 100 --batch-size 10 \
+	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt --frames 100 --batch-size 10
+	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt --frames 100 --batch-size 10 \
 		--guidance 3 --grid $(MODELS)/infinity_eval/video_100.png
 	@echo "infinity done: out/infinity, out/infinity_video (sample.py infinity and notebook 06 use them), readings in out/infinity_eval"
 
