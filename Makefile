@@ -120,30 +120,37 @@ lip: $(VENV)/.installed
 		--guidance 3 --png $(MODELS)/lip_bench/inpainting.png
 	@echo "lip done: out/dfvqgan, out/lip (sample.py inpaint and notebook 05 use them), benchmark in out/lip_bench"
 
-# NÜWA-Infinity on the frame tokenizer of `make models` (about 30 minutes on 2 cores, after `make
-# models`): a canvas model trained 12 minutes on 64×128 px canvases of MNIST digits (patches of 32×32
-# px, orders sampled among raster / column / left / up), and a video model trained 12 minutes on
-# 4-frame one-digit Moving MNIST clips captioned with their digit's name (one patch per frame, two
-# frames of context). Written to out/infinity and out/infinity_video; then the digit classifier if it
-# is missing (`evaluate.py classifier`), strips 4× and 16× wider than training read slot by slot, and
-# 100-frame videos read in their last 10 frames, plain and with classifier-free guidance 3 on the
-# caption naming the digit (README, NÜWA-Infinity). With `make lip`, about an hour for these stages.
-INFINITY_SECONDS ?= 720
-INFINITY_VIDEO_SECONDS ?= 720
+# NÜWA-Infinity on the frame tokenizer of `make models` (about 32 minutes on 2 cores, after `make
+# models`): two models trained side by side for 25 minutes, one CPU thread each (their per-patch
+# kernels are too small for two threads to help: a step takes twice as long on two), logs in
+# out/infinity_*.log: a canvas model on 64×128 px canvases of MNIST digits (patches of 32×32 px, orders
+# sampled among raster / column / left / up), and a video model on 4-frame one-digit Moving MNIST
+# clips captioned with their digit's name (one patch per frame, two frames of context). Written to
+# out/infinity and out/infinity_video; then the digit classifier if it is missing (`evaluate.py
+# classifier`), strips 4× and 16× wider than training read slot by slot, and 100-frame videos read in
+# their last 10 frames, plain and with classifier-free guidance 3 on the caption naming the digit
+# (README, NÜWA-Infinity). With `make lip`, under an hour for these stages.
+INFINITY_SECONDS ?= 1500
+INFINITY_VIDEO_SECONDS ?= 1500
 infinity: $(VENV)/.installed
 	@test -f $(MODELS)/vqgan/ckpt.pt || { echo "make infinity draws with the frame tokenizer of make models: run make models first"; exit 1; }
-	$(PY) train.py --stage infinity --preset tiny --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt \
-		--max-seconds $(INFINITY_SECONDS) --out $(MODELS)
-	$(PY) train.py --stage infinity --preset tiny --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --data video --directions video \
-		--extent 2 1 1 --patch-size 8 8 --video-captions --max-seconds $(INFINITY_VIDEO_SECONDS) \
-		--out $(MODELS)/infinity_video
+	@echo "training the canvas and the video model side by side (logs: $(MODELS)/infinity_canvas.log, $(MODELS)/infinity_video.log)"
+	$(PY) train.py --stage infinity --preset tiny --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --threads 1 \
+		--max-seconds $(INFINITY_SECONDS) --out $(MODELS) > $(MODELS)/infinity_canvas.log 2>&1 & canvas=$$!; \
+	$(PY) train.py --stage infinity --preset tiny --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --threads 1 --data video \
+		--directions video --extent 2 1 1 --patch-size 8 8 --video-captions --max-seconds $(INFINITY_VIDEO_SECONDS) \
+		--out $(MODELS)/infinity_video > $(MODELS)/infinity_video.log 2>&1 & video=$$!; \
+	wait $$canvas; a=$$?; wait $$video; b=$$?; tail -n 1 $(MODELS)/infinity_canvas.log $(MODELS)/infinity_video.log; \
+	test $$a -eq 0 -a $$b -eq 0
 	test -f $(MODELS)/classifier/classifier.pt || $(PY) evaluate.py classifier --out $(MODELS)/classifier --max-seconds 300
-	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity/ckpt.pt --width 512 --grid $(MODELS)/infinity_eval/strips_512.png
-	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity/ckpt.pt --width 2048 --num-canvases 10 \
-		--grid $(MODELS)/infinity_eval/strips_2048.png
-	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt --frames 100 --batch-size 10
-	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt --frames 100 --batch-size 10 \
-		--guidance 3 --grid $(MODELS)/infinity_eval/video_100.png
+	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity/ckpt.pt --width 512 \
+		--grid $(MODELS)/infinity_eval/strips_512.png
+	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity/ckpt.pt --width 2048 \
+		--num-canvases 10 --grid $(MODELS)/infinity_eval/strips_2048.png
+	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt \
+		--frames 100 --batch-size 10
+	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt \
+		--frames 100 --batch-size 10 --guidance 3 --grid $(MODELS)/infinity_eval/video_100.png
 	@echo "infinity done: out/infinity, out/infinity_video (sample.py infinity and notebook 06 use them), readings in out/infinity_eval"
 
 test: $(VENV)/.installed
