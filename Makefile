@@ -120,7 +120,7 @@ lip: $(VENV)/.installed
 		--guidance 3 --png $(MODELS)/lip_bench/inpainting.png
 	@echo "lip done: out/dfvqgan, out/lip (sample.py inpaint and notebook 05 use them), benchmark in out/lip_bench"
 
-# NÜWA-Infinity on the frame tokenizer of `make models` (about 32 minutes on 2 cores, after `make
+# NÜWA-Infinity on the frame tokenizer of `make models` (29 minutes on 2 cores, after `make
 # models`): two models trained side by side for 25 minutes, one CPU thread each (their per-patch
 # kernels are too small for two threads to help: a step takes twice as long on two), logs in
 # out/infinity_*.log: a canvas model on 64×128 px canvases of MNIST digits (patches of 32×32 px, orders
