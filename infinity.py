@@ -129,7 +129,8 @@ DIRECTIONS = ("raster", "column", "right", "left", "up", "down", "video")
 OUTPAINTING = ("right", "left", "up", "down")  # directions that start from given patches
 
 
-# The paper's scheme: none of the learning aids (`--set` these on train.py to train it).
+# The paper's scheme: none of the learning aids (train.py: --relative-radius 0 --no-tie-head --no-pixel-codes
+# --no-identity-init --text-encoder).
 PAPER_SCHEME = dict(relative_radius=0, tie_head=False, pixel_codes=False, identity_init=False, text_encoder=True)
 
 
