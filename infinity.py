@@ -771,13 +771,13 @@ class DigitCanvases(Dataset):
             np.maximum(window, image, out=window)
             digits.append(digit)
         # DEVIATION (data): the caption is the set of digit classes, position-free like the model.
-        caption = None if rng.random() < self.none_prob else " ".join(str(d) for d in sorted(set(digits)))
+        caption = None if rng.random() < self.none_prob else clip_caption(torch.tensor(digits))
         return {"image": torch.from_numpy(canvas)[None], "caption": caption,
                 "digits": torch.tensor(digits, dtype=torch.int64)}
 
 
 def clip_caption(digits: torch.Tensor) -> str:
-    """A Moving MNIST clip's caption for Infinity: the set of its digits' names, increasing ("3 7")."""
+    """Infinity's caption of a canvas or a Moving MNIST clip: the set of its digits' names, increasing ("3 7")."""
     return " ".join(str(d) for d in sorted(set(int(d) for d in digits)))
 
 
