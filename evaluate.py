@@ -626,6 +626,7 @@ def run_infinity(args: argparse.Namespace) -> dict:
     model = infinity.load_infinity(args.ckpt, map_location=args.device)
     tokenizer = vqgan_module.load_vqgan(args.vqgan or model.config.vqgan_ckpt, map_location=args.device)
     tokenizer = tokenizer.to(args.device).eval()
+    model.check_code_pixels(tokenizer, args.vqgan or model.config.vqgan_ckpt)
     classifier = load_classifier(args.classifier, args.device)
     sampling = sampling_options(args, args.device)
     if model.config.data == "video":

@@ -341,6 +341,21 @@ class CodeEmbeddings:
                              f"{self.config.token_h} × {self.config.token_w} token grid on {data.CANVAS} px)")
         self.code_pixels.copy_(pixels)
 
+    @torch.no_grad()
+    def check_code_pixels(self, tokenizer, path: str) -> None:
+        """Refuse a frame tokenizer other than the one this model was trained on. Its codes must draw
+        the pixels stored with the model (`code_pixels`): the same code count is not enough, since
+        two tokenizers number their codes differently and the samples would decode as noise. (A
+        relative `vqgan_ckpt` recorded at training is read from the current folder.) Models
+        without pixel codes store nothing to compare and are not checked."""
+        if not self.config.pixel_codes:
+            return
+        drawn = tokenizer.code_patches().to(self.code_pixels)
+        if drawn.shape != self.code_pixels.shape or not torch.allclose(drawn, self.code_pixels, atol=1e-3):
+            raise ValueError(f"{path} is not the tokenizer this model was trained on: its codes draw other "
+                             f"pixels than the ones stored with the model (code_pixels). Pass the right one "
+                             f"(--vqgan PATH) or run from the folder the model was trained in")
+
 
 class NUWA(CodeEmbeddings, nn.Module):
     """The 3D encoder-decoder of NÜWA §3.3. Conditions and targets are token grids."""

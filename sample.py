@@ -56,6 +56,7 @@ class Models:
         self.seg = vqgan.load_vqgan(seg_path, map_location=device).to(device) if seg_path else None
         if self.vqgan.codebook_size != self.nuwa.config.codebook_size:
             raise ValueError(f"VQ-GAN codebook {self.vqgan.codebook_size} ≠ NÜWA's {self.nuwa.config.codebook_size}")
+        self.nuwa.check_code_pixels(self.vqgan, vqgan_ckpt or config.vqgan_ckpt)
 
     @torch.no_grad()
     def tokens(self, video: torch.Tensor) -> torch.Tensor:
@@ -226,6 +227,7 @@ def run_infinity(args) -> list[Path]:
     tokenizer = vqgan.load_vqgan(args.vqgan or model.config.vqgan_ckpt, map_location=args.device).to(args.device).eval()
     if tokenizer.codebook_size != model.config.codebook_size:
         raise ValueError(f"VQ-GAN codebook {tokenizer.codebook_size} ≠ Infinity's {model.config.codebook_size}")
+    model.check_code_pixels(tokenizer, args.vqgan or model.config.vqgan_ckpt)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, generator=generator, progress=True,
                     guidance=args.guidance)

@@ -16,8 +16,9 @@ folder. The first steps are warm-up (allocator, kernels, data caches) and are no
 
     python benchmarks/bench_train.py --quick        # tiny presets, a few steps: ~30 s on 2 busy cores
     python benchmarks/bench_train.py --device cuda  # tiny and small presets
+    python benchmarks/bench_train.py --demo --no-bf16 --procs 2 --threads 1  # make demo's NÜWA on 2 CPU cores
 
-The last line is one JSON object: device, torch, and `results`, one entry per (stage, preset) with
+The last line is one JSON object: device, torch, processes and `results`, one entry per (stage, preset) with
 bf16 (whether the step ran under bf16 autocast, as train.py would run it), tokens_per_step, step_s,
 tokens_per_s, flops_per_step, tflops_per_s and mfu (null without a GPU).
 """
@@ -36,6 +37,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,7 +84,9 @@ def untrained_tokenizers(folder: Path, **tokenizer) -> dict[str, str]:
 def measure(stage_name: str, preset: str, device: torch.device, warmup: int, steps: int, overrides: dict,
             bf16: bool = True) -> dict:
     """Median step time of `steps` timed train_steps after `warmup` untimed ones, and one step's FLOPs.
-    bf16: autocast wherever train.py would (CUDA; a CPU with bf16 matmuls, for stages that opt in)."""
+    bf16: autocast wherever train.py would (CUDA; a CPU with bf16 matmuls, for stages that opt in).
+    Inside a process group (--procs): this process's share of the global batch, under DDP as train.py
+    wraps it; the step time is rank 0's, and the FLOPs are this process's (1/W of the step's)."""
     stage = train.STAGES[stage_name]
     config = stage.preset(preset)
     for name, value in overrides.items():
@@ -88,13 +94,16 @@ def measure(stage_name: str, preset: str, device: torch.device, warmup: int, ste
     torch.manual_seed(SEED)
     model = stage.build(config, device).train()
     objectives = train.StageObjectives(model, stage.phases)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world > 1:
+        objectives = DistributedDataParallel(objectives, find_unused_parameters=True)  # as distributed.wrap_model
     optimizers = stage.optimizers(model, config, device)
     autocast = train.autocast_for(stage, device, bf16)
 
     def one_step(step: int) -> float:
         start = time.perf_counter()
-        torch.manual_seed(train.step_seed(SEED, 0, step))
-        batch = train.to_device(stage.batch(config, SEED, step, 0, 1), device)
+        torch.manual_seed(train.step_seed(SEED, rank, step))
+        batch = train.to_device(stage.batch(config, SEED, step, rank, world), device)
         train.train_step(objectives, model, optimizers, stage.phases, [batch], step=step, config=config,
                          autocast=autocast, ckpt_path=Path("unused"))
         if device.type == "cuda":
@@ -108,7 +117,7 @@ def measure(stage_name: str, preset: str, device: torch.device, warmup: int, ste
     times = [one_step(warmup + i) for i in range(steps)]
     step_s = statistics.median(times)
     tokens = stage.tokens_per_batch(config)
-    flops = counter.get_total_flops()
+    flops = counter.get_total_flops() * world  # every process computes an equal share
     return {"stage": stage_name, "preset": preset, "bf16": autocast is not nullcontext,
             "tokens_per_step": tokens, "step_s": step_s,
             "tokens_per_s": round(tokens / step_s, 1), "flops_per_step": flops,
@@ -146,7 +155,32 @@ def main() -> None:
                         help="float32 throughout, as train.py --no-bf16 (default: bf16 autocast where train.py uses it)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a NÜWA config field, e.g. --set backend=dense (repeatable)")
+    parser.add_argument("--procs", type=int, default=1,
+                        help="processes on this CPU, each on its share of every step's batch under DDP over gloo "
+                             "(as `torchrun --nproc_per_node N train.py`, make demo's NÜWA); use with --threads")
     args = parser.parse_args()
+    if args.procs > 1:
+        if args.device != "cpu":
+            raise SystemExit("--procs runs CPU processes (gloo); on GPUs start train.py with torchrun")
+        port = 29500 + os.getpid() % 1000
+        mp.spawn(run_process, args=(args, port), nprocs=args.procs)
+    else:
+        run(args)
+
+
+def run_process(rank: int, args: argparse.Namespace, port: int) -> None:
+    """One of --procs CPU processes: join the gloo group, measure, leave (rank 0 prints)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=args.procs)
+    try:
+        run(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> None:
+    main_process = not dist.is_initialized() or dist.get_rank() == 0
+    say = print if main_process else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -156,8 +190,8 @@ def main() -> None:
         torch.set_float32_matmul_precision("high")  # as train.py: TF32 tensor cores
     peak = peak_tflops(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"seed {SEED}; device {device} ({name}); torch {torch.__version__}; {torch.get_num_threads()} threads; "
-          f"peak {peak or 'unknown'} TFLOP/s; {warmup} warm-up + {steps} timed steps per row")
+    say(f"seed {SEED}; device {device} ({name}); torch {torch.__version__}; {torch.get_num_threads()} threads; "
+        f"{args.procs} process(es); peak {peak or 'unknown'} TFLOP/s; {warmup} warm-up + {steps} timed steps per row")
     results = []
     with tempfile.TemporaryDirectory() as folder:
         nuwa_overrides = untrained_tokenizers(Path(folder), **(DEMO_TOKENIZER if args.demo else {}))
@@ -172,11 +206,13 @@ def main() -> None:
                 if stage_name == "nuwa":
                     row["settings"] = {k: v for k, v in nuwa_overrides.items() if not k.endswith("ckpt")}
                 results.append(row)
-                print(f"{stage_name:>6} {preset:>6} {'bf16' if row['bf16'] else 'fp32'}: "
-                      f"{row['tokens_per_step']:>7} tokens/step  {row['step_s']:8.3f} s/step"
-                      f"  {row['tokens_per_s']:>10.0f} tokens/s  {row['flops_per_step'] / 1e9:9.2f} GFLOP/step"
-                      + (f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""))
-    print(json.dumps({"device": name, "torch": torch.__version__, "results": results}))
+                say(f"{stage_name:>6} {preset:>6} {'bf16' if row['bf16'] else 'fp32'}: "
+                    f"{row['tokens_per_step']:>7} tokens/step  {row['step_s']:8.3f} s/step"
+                    f"  {row['tokens_per_s']:>10.0f} tokens/s  {row['flops_per_step'] / 1e9:9.2f} GFLOP/step"
+                    + (f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""))
+    say(json.dumps({"device": name, "torch": torch.__version__, "processes": args.procs, "results": results}))
+
+
 
 
 if __name__ == "__main__":

@@ -395,6 +395,27 @@ def test_code_patches_draw_each_code_in_its_own_cell():
     assert torch.equal(tokenizer.blank_codes(0.0), torch.arange(8) == empty)  # no pixel is darker than 0
 
 
+def test_a_model_refuses_a_tokenizer_other_than_its_own():
+    # A NÜWA stores what its tokenizer's codes look like; another tokenizer of the same size numbers
+    # its codes differently and would decode the samples as noise (e.g. a relative vqgan_ckpt read
+    # from another folder), so sample.py and evaluate.py refuse it.
+    import vqgan
+
+    torch.manual_seed(0)
+    own = vqgan.VQGAN(vqgan.VQGANConfig(codebook_size=8)).eval()
+    torch.manual_seed(1)
+    other = vqgan.VQGAN(vqgan.VQGANConfig(codebook_size=8)).eval()
+    h, w = own.config.token_shape
+    model = nuwa.NUWA(nuwa.NUWAConfig(dim=16, num_heads=2, decoder_layers=1, codebook_size=8, token_h=h, token_w=w))
+    model.set_code_pixels(own.code_patches())
+    model.check_code_pixels(own, "own.pt")  # its own: accepted
+    with pytest.raises(ValueError, match="other.pt is not the tokenizer this model was trained on"):
+        model.check_code_pixels(other, "other.pt")
+    paper = nuwa.NUWA(nuwa.NUWAConfig(dim=16, num_heads=2, decoder_layers=1, codebook_size=8, token_h=h, token_w=w,
+                                      pixel_codes=False))
+    paper.check_code_pixels(other, "other.pt")  # nothing stored to compare: not checked
+
+
 def test_empty_first_frames_are_drawn_again():
     model = trained_looking(toy_model())
     captions = ["digit 3 is moving left"] * 8

@@ -196,6 +196,28 @@ def test_bench_train_measures_tokens_per_second_and_flops(tmp_path):
     assert bench.peak_tflops(torch.device("cpu"), None) is None  # no MFU without a GPU's peak
 
 
+@needs_mnist
+def test_bench_train_procs_measures_the_same_global_step_over_two_processes():
+    # --procs 2 (make demo's two CPU processes under DDP) must time the same global batch as one
+    # process: the same target tokens per step and, each process computing its half, the same
+    # FLOPs (a process measuring only its own half would count about half).
+    small = ["--demo", "--quick", "--steps", "1", "--no-bf16", "--threads", "1", "--set", "dim=32", "--set", "num_heads=2",
+             "--set", "decoder_layers=1", "--set", "frames=2", "--set", "predict_frames=2"]
+    rows = []
+    for procs in ("1", "2"):
+        result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), *small, "--procs", procs],
+                                capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["processes"] == int(procs)
+        rows.append(report["results"][0])
+    one, two = rows
+    assert two["tokens_per_step"] == one["tokens_per_step"] == 4 * 8 * 8 * (2 + 2)  # t2v + v2v, 4 clips each
+    # Each process also computes the batch-independent code vectors (pixel codes) once: a few % more.
+    assert one["flops_per_step"] <= two["flops_per_step"] <= 1.1 * one["flops_per_step"]
+    assert two["step_s"] > 0
+
+
 def test_bf16_autocast_where_it_is_fast(monkeypatch):
     # CUDA always; a CPU only with native bf16 matmuls and only for stages that opt in (NÜWA); never
     # with --no-bf16.
