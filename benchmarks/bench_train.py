@@ -86,7 +86,7 @@ def measure(stage_name: str, preset: str, device: torch.device, warmup: int, ste
     """Median step time of `steps` timed train_steps after `warmup` untimed ones, and one step's FLOPs.
     bf16: autocast wherever train.py would (CUDA; a CPU with bf16 matmuls, for stages that opt in).
     Inside a process group (--procs): this process's share of the global batch, under DDP as train.py
-    wraps it; the step time is rank 0's, and the FLOPs are this process's (1/W of the step's)."""
+    wraps it; the step time is rank 0's, and the FLOPs are this process's count × W (equal shares)."""
     stage = train.STAGES[stage_name]
     config = stage.preset(preset)
     for name, value in overrides.items():
