@@ -621,12 +621,8 @@ def run_infinity(args: argparse.Namespace) -> dict:
     read every 32 px slot; next to the same reading of real held-out canvases of that size (the
     ceiling) and of their tokenizer reconstructions (what the VQ-GAN alone keeps)."""
     import infinity
-    import vqgan as vqgan_module
 
-    model = infinity.load_infinity(args.ckpt, map_location=args.device)
-    tokenizer = vqgan_module.load_vqgan(args.vqgan or model.config.vqgan_ckpt, map_location=args.device)
-    tokenizer = tokenizer.to(args.device).eval()
-    model.check_code_pixels(tokenizer, args.vqgan or model.config.vqgan_ckpt)
+    model, tokenizer = infinity.load_with_tokenizer(args.ckpt, vqgan_ckpt=args.vqgan, map_location=args.device)
     classifier = load_classifier(args.classifier, args.device)
     sampling = sampling_options(args, args.device)
     if model.config.data == "video":

@@ -118,6 +118,7 @@ from tqdm import tqdm
 import data
 import nearby_attention
 import nuwa
+import vqgan as vqgan_module
 
 Patch = tuple[int, int, int]  # (t, i, j) on the patch grid
 
@@ -1083,3 +1084,16 @@ def load_infinity(path, *, map_location="cpu") -> Infinity:
                          f"{config.relative_radius}, tie_head={config.tie_head}, pixel_codes={config.pixel_codes}, "
                          f"patch_size={config.patch_size}): {error}") from error
     return model.to(map_location).eval()
+
+
+def load_with_tokenizer(path, *, vqgan_ckpt: str | None = None, map_location="cpu") -> tuple[Infinity, vqgan_module.VQGAN]:
+    """(the model at `path`, its frame VQ-GAN), both in eval mode. The VQ-GAN is the one recorded in
+    the checkpoint unless `vqgan_ckpt` overrides it, and it must be the one the model was trained on:
+    the same f and codebook size (check_tokenizer) and codes that draw the stored pixels
+    (nuwa.CodeEmbeddings.check_code_pixels)."""
+    model = load_infinity(path, map_location=map_location)
+    vqgan_path = vqgan_ckpt or model.config.vqgan_ckpt
+    tokenizer = vqgan_module.load_vqgan(vqgan_path, map_location=map_location).to(map_location).eval()
+    check_tokenizer(model, tokenizer)
+    model.check_code_pixels(tokenizer, vqgan_path)
+    return model, tokenizer

@@ -220,14 +220,7 @@ def save_canvases(canvases: torch.Tensor, path: Path) -> Path:
 
 def run_infinity(args) -> list[Path]:
     """Generate with the Nearby Context Pool: memory stays that of a few patches whatever the size."""
-    if not Path(args.ckpt).exists():
-        raise FileNotFoundError(f"no NÜWA-Infinity checkpoint at {args.ckpt}; train one with "
-                                f"`python train.py --stage infinity --preset tiny --out out`")
-    model = infinity.load_infinity(args.ckpt, map_location=args.device)
-    tokenizer = vqgan.load_vqgan(args.vqgan or model.config.vqgan_ckpt, map_location=args.device).to(args.device).eval()
-    if tokenizer.codebook_size != model.config.codebook_size:
-        raise ValueError(f"VQ-GAN codebook {tokenizer.codebook_size} ≠ Infinity's {model.config.codebook_size}")
-    model.check_code_pixels(tokenizer, args.vqgan or model.config.vqgan_ckpt)
+    model, tokenizer = infinity.load_with_tokenizer(args.ckpt, vqgan_ckpt=args.vqgan, map_location=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, generator=generator, progress=True,
                     guidance=args.guidance)
