@@ -129,14 +129,14 @@ lip: $(VENV)/.installed
 
 # NÜWA-Infinity on the frame tokenizer of `make models` (29 minutes on 2 cores, after `make
 # models`): two models trained side by side for 25 minutes, one CPU thread each (their per-patch
-# kernels are too small for two threads to help: a step takes twice as long on two), logs in
-# out/infinity_*.log: a canvas model on 64×128 px canvases of MNIST digits (patches of 32×32 px, orders
-# sampled among raster / column / left / up), and a video model on 4-frame one-digit Moving MNIST
-# clips captioned with their digit's name (one patch per frame, two frames of context). Written to
-# out/infinity and out/infinity_video; then the digit classifier if it is missing (`evaluate.py
-# classifier`), strips 4× and 16× wider than training read slot by slot, and 100-frame videos read in
-# their last 10 frames, plain and with classifier-free guidance 3 on the caption naming the digit
-# (README, NÜWA-Infinity). With `make lip`, under an hour for these stages.
+# kernels are too small for two threads to help: a step takes twice as long on two; when one fails,
+# the other is stopped), logs in out/infinity_*.log: a canvas model on 64×128 px canvases of MNIST
+# digits (patches of 32×32 px, orders sampled among raster / column / left / up), and a video model
+# on 4-frame one-digit Moving MNIST clips captioned with their digit's name (one patch per frame,
+# two frames of context). Written to out/infinity and out/infinity_video; then the digit classifier
+# if it is missing (`evaluate.py classifier`), strips 4× and 16× wider than training read slot by
+# slot, and 100-frame videos read in their last 10 frames, plain and with classifier-free guidance 3
+# on the caption naming the digit (README, NÜWA-Infinity). With `make lip`, under an hour for these stages.
 INFINITY_SECONDS ?= 1500
 INFINITY_VIDEO_SECONDS ?= 1500
 infinity: $(VENV)/.installed
@@ -147,8 +147,9 @@ infinity: $(VENV)/.installed
 	$(PY) train.py --stage infinity --preset tiny --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --threads 1 --data video \
 		--directions video --extent 2 1 1 --patch-size 8 8 --video-captions --max-seconds $(INFINITY_VIDEO_SECONDS) \
 		--out $(MODELS)/infinity_video > $(MODELS)/infinity_video.log 2>&1 & video=$$!; \
+	wait -n; first=$$?; test $$first -eq 0 || kill $$canvas $$video 2>/dev/null; \
 	wait $$canvas; a=$$?; wait $$video; b=$$?; tail -n 1 $(MODELS)/infinity_canvas.log $(MODELS)/infinity_video.log; \
-	test $$a -eq 0 -a $$b -eq 0
+	test $$first -eq 0 -a $$a -eq 0 -a $$b -eq 0
 	test -f $(MODELS)/classifier/classifier.pt || $(PY) evaluate.py classifier --out $(MODELS)/classifier --max-seconds 300
 	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity/ckpt.pt --width 512 \
 		--grid $(MODELS)/infinity_eval/strips_512.png
