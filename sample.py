@@ -15,7 +15,8 @@ NÜWA-Infinity (infinity.py), with a checkpoint of `train.py --stage infinity`:
 NÜWA-LIP (lip.py), with a checkpoint of `train.py --stage lip`:
   inpaint     image + mask + caption → the missing pixels filled as the caption says
               (--image FRAME.png --mask MASK.png, white = missing; --candidates K reranked by the
-              digit classifier of judge.py, our offline stand-in for CLIP)
+              digit classifier of judge.py, or with --rerank-nuwa CKPT by NÜWA's caption score,
+              two offline stand-ins for CLIP)
 
 Inputs: images are 64×64 grey PNGs (`--image`), videos GIFs or .npy arrays (`--video`), sketches
 .npy class maps (`--sketch`: 0 = background, 1 + d = digit d). Without a file, `--index i` takes
@@ -281,6 +282,29 @@ def digit_scorer(classifier) -> lip.Scorer:
     return score
 
 
+def nuwa_caption_scorer(model: nuwa.NUWA, tokenizer: vqgan.VQGAN) -> lip.Scorer:
+    """Rerank inpaintings with a text-image model trained apart from the judge, as LIP reranks with
+    CLIP (§3.3): a candidate's score is how much better NÜWA's text→image explains its tokens under the
+    caption than under "None", log p(z | caption) − log p(z | None) in nats (teacher-forced, one
+    frame). The digit classifier that scores the benchmark plays no part in the choice."""
+
+    @torch.no_grad()
+    def score(pixels: torch.Tensor, caption: str) -> torch.Tensor:
+        device = model.bos.device
+        tokens = tokenizer.encode(pixels.to(device))[:, None]  # (K, 1, h, w)
+        K = tokens.shape[0]
+
+        def log_likelihood(cond: nuwa.Condition) -> torch.Tensor:
+            logits = model(cond, tokens)  # (K, h·w, codes)
+            return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens.reshape(K, -1),
+                                                      reduction="none").sum(1)  # (K,)
+
+        caption_cond = nuwa.text_condition(model.tokenizer, [caption] * K)
+        return (log_likelihood(caption_cond) - log_likelihood(nuwa.none_condition(model.tokenizer, K))).cpu()
+
+    return score
+
+
 def read_mask(path: str) -> torch.Tensor:
     """A 64×64 PNG (white = missing, anything above mid-grey) → bool mask (1, 1, 64, 64)."""
     from PIL import Image
@@ -312,18 +336,22 @@ def run_inpaint(args) -> list[Path]:
         raise FileNotFoundError(f"no NÜWA-LIP checkpoint at {args.ckpt}; train one with "
                                 f"`python train.py --stage dfvqgan` then `python train.py --stage lip`")
     model, tokenizer = lip.load_lip(args.ckpt, dfvqgan_ckpt=args.dfvqgan, map_location=args.device)
-    scorer = None
-    if args.candidates > 1 and args.classifier:
+    scorer, judged_by = None, ""
+    if args.candidates > 1 and args.rerank_nuwa:
+        reranker = nuwa.load_nuwa(args.rerank_nuwa, map_location=args.device).eval()
+        scorer, judged_by = nuwa_caption_scorer(reranker, vqgan.load_vqgan(reranker.config.vqgan_ckpt,
+                                                                           map_location=args.device)), "NÜWA's caption score"
+    elif args.candidates > 1 and args.classifier:
         import judge
 
-        scorer = digit_scorer(judge.load_classifier(args.classifier, args.device))
+        scorer, judged_by = digit_scorer(judge.load_classifier(args.classifier, args.device)), "the digit classifier"
     result, info = lip.inpaint(model, tokenizer, image, mask, [caption], candidates=args.candidates, scorer=scorer,
                                temperature=args.temperature, top_k=args.top_k, guidance_scale=args.guidance,
                                generator=torch.Generator(device=args.device).manual_seed(args.seed))
     best = int(info["best"][0])
     others = [info["candidates"][0, k].cpu() for k in range(args.candidates) if k != best]
     strip = torch.stack([image[0], mask[0].float(), image[0].masked_fill(mask[0], 0.5), result[0].cpu(), *others])
-    label = caption + (f" (best of {args.candidates} by the digit classifier)" if scorer else "")
+    label = caption + (f" (best of {args.candidates} by {judged_by})" if scorer else "")
     out = Path(args.out)
     written = [data.save_grid([strip], out / "inpaint.png", captions=[label], max_frames=len(strip))]
     from PIL import Image
@@ -408,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--candidates", type=int, default=1, help="K samples, reranked by --classifier when K > 1")
     sub.add_argument("--classifier", default="out/classifier", help="digit classifier (evaluate.py classifier); "
                                                                     "\"\" = no reranking")
+    sub.add_argument("--rerank-nuwa", default="", help="rerank by this NÜWA's caption score instead of the classifier "
+                                                      "(as LIP reranks with CLIP; e.g. out/nuwa/ckpt.pt)")
     sub.add_argument("--out", default="out/samples")
     sub.add_argument("--index", type=int, default=0, help="held-out item used when no input file is given")
     sub.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")

@@ -465,6 +465,34 @@ def test_digit_scorer_is_the_classifier_probability_of_the_caption_digit():
     assert sample.digit_scorer(ThreeForInk())(pixels, "digit 4 is moving up")[2] < scores[2]
 
 
+def test_nuwa_caption_scorer_prefers_the_candidate_its_caption_explains():
+    import sample
+
+    class TokensInPixels:  # a stand-in tokenizer: the token ids are written in the pixels' top-left corner
+        def encode(self, pixels):
+            return pixels[:, 0, :3, :4].round().long()  # (K, 3, 4)
+
+    config = nuwa.NUWAConfig.preset("tiny", dim=32, num_heads=2, decoder_layers=2, codebook_size=8, token_h=3,
+                                    token_w=4, max_frames=2, pixel_codes=False)
+    torch.manual_seed(0)
+    model = nuwa.NUWA(config)
+    captions = ["digit 1 is moving left", "digit 2 is moving left"]
+    grids = torch.stack([torch.full((1, 3, 4), 1), torch.full((1, 3, 4), 2)])  # (2, 1, 3, 4): caption i → code i + 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):  # "None" sees both grids, each caption only its own
+        loss = (model.loss(nuwa.text_condition(model.tokenizer, captions), grids)
+                + model.loss(nuwa.none_condition(model.tokenizer, 2), grids))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    pixels = torch.zeros(2, 1, 64, 64)
+    pixels[0, 0, :3, :4], pixels[1, 0, :3, :4] = 1.0, 2.0
+    score = sample.nuwa_caption_scorer(model, TokensInPixels())
+    first, second = score(pixels, captions[0]), score(pixels, captions[1])
+    assert first[0] > 0 > first[1] and second[1] > 0 > second[0]  # log p(z | caption) − log p(z | None)
+
+
 # --- masks ---------------------------------------------------------------------------------
 
 
