@@ -39,10 +39,13 @@ CPU; the README's NÜWA-LIP section has every run): 200 held-out one-digit frame
 digit's ink box missing. On `make models`' cell tokenizer, with MP-S2S started from its NÜWA and
 trained 20 minutes, the digit classifier reads the caption's digit in 81.5 % of one-sample fills
 (masked input alone 44 %, NÜWA's completion 45.5 %, the first LIP on the f = 4 tokenizer trained
-from scratch 44.5 %). Known limits: a caption naming another digit than the visible half shows is
-followed in both fills of a pair only 42 % of the time; visible pixels of every 8×8 cell the mask
-touches are redrawn (visible MSE 0.0085 against the first LIP's 0.0008); best-of-K is picked by the
-same classifier that scores it.
+from scratch 44.5 %). Started from a NÜWA trained three times the steps (2026-12-05): 85.5–88 %,
+and a caption naming another digit than the visible half shows is followed in both fills of a pair
+55–60 % of the time with one sample, 63 % when each fill is the best of 4 by NÜWA's caption score
+(sample.nuwa_caption_scorer, a model apart from the judge, as the paper reranks with CLIP). Known
+limits: visible pixels of every 8×8 cell the mask touches are redrawn (visible MSE 0.007–0.0085
+against the first LIP's 0.0008); `sample.digit_scorer`'s best-of-K is picked by the same classifier
+that scores it.
 
 Sections: 1. configurations and presets · 2. mask-aware layers (relative estimation) · 3. DF-VQGAN
 · 4. MP-S2S · 5. inpainting · 6. masks for training and evaluation · 7. loading checkpoints.
@@ -60,8 +63,9 @@ Deviations from the paper (each also marked `# DEVIATION` at its line):
   features come from the full input"); visible positions use visible-only statistics (the paper).
 - The pixel-patch encoder sees the mask as a second channel (a black visible pixel and a missing
   one are both 0 in the masked frame); each perspective gets a learned type embedding. Ours.
-- Reranking: the paper ranks candidates with CLIP; offline we pass any `scorer` (sample.py uses the
-  digit classifier of judge.py: the probability of the caption's digit).
+- Reranking: the paper ranks candidates with CLIP; offline we pass any `scorer` (sample.py: the
+  digit classifier of judge.py, the probability of the caption's digit; or NÜWA's caption score,
+  log p(z | caption) − log p(z | None), `sample.nuwa_caption_scorer`).
 - Training-mask mix and the 50 % skip-less decoding rate are our numbers (the paper trains with a
   mix of no mask, full mask and random boxes, and without skips part of the time, no rates given).
 - `init_vqgan` (optional): DF-VQGAN may start from a trained plain VQGAN's weights (the parameter
