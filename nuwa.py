@@ -473,13 +473,16 @@ class NUWA(CodeEmbeddings, nn.Module):
         self.check_targets(targets)
         if self.training and self.config.cond_drop_prob > 0:
             cond = self.drop_condition(cond)
-        logits = self(cond, targets)  # (B, N, K)
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets.reshape(targets.shape[0], -1),
-                                    reduction="none")  # (B, N)
+        per_token = self.token_nats(cond, targets)  # (B, N)
         if loss_mask is None:
             return per_token.mean()
         weights = loss_mask.reshape(per_token.shape).to(per_token.dtype)  # (B, N)
         return (per_token * weights).sum() / weights.sum().clamp(min=1)
+
+    def token_nats(self, cond: Condition, targets: torch.Tensor) -> torch.Tensor:
+        """− log p(y_p | y_<p, C) of every target token, teacher-forced: targets (B, T, h, w) → (B, N)."""
+        logits = self(cond, targets)  # (B, N, K)
+        return F.cross_entropy(logits.transpose(1, 2), targets.reshape(targets.shape[0], -1), reduction="none")
 
     def drop_condition(self, cond: Condition) -> Condition:
         """Replace a random fraction of text conditions by "None" (for classifier-free guidance)."""

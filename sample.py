@@ -290,17 +290,11 @@ def nuwa_caption_scorer(model: nuwa.NUWA, tokenizer: vqgan.VQGAN) -> lip.Scorer:
 
     @torch.no_grad()
     def score(pixels: torch.Tensor, caption: str) -> torch.Tensor:
-        device = model.bos.device
-        tokens = tokenizer.encode(pixels.to(device))[:, None]  # (K, 1, h, w)
+        tokens = tokenizer.encode(pixels.to(model.bos.device))[:, None]  # (K, 1, h, w)
         K = tokens.shape[0]
-
-        def log_likelihood(cond: nuwa.Condition) -> torch.Tensor:
-            logits = model(cond, tokens)  # (K, h·w, codes)
-            return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens.reshape(K, -1),
-                                                      reduction="none").sum(1)  # (K,)
-
-        caption_cond = nuwa.text_condition(model.tokenizer, [caption] * K)
-        return (log_likelihood(caption_cond) - log_likelihood(nuwa.none_condition(model.tokenizer, K))).cpu()
+        under_caption = model.token_nats(nuwa.text_condition(model.tokenizer, [caption] * K), tokens).sum(1)  # (K,)
+        under_none = model.token_nats(nuwa.none_condition(model.tokenizer, K), tokens).sum(1)  # (K,)
+        return (under_none - under_caption).cpu()  # log p(z | caption) − log p(z | None)
 
     return score
 
@@ -338,9 +332,8 @@ def run_inpaint(args) -> list[Path]:
     model, tokenizer = lip.load_lip(args.ckpt, dfvqgan_ckpt=args.dfvqgan, map_location=args.device)
     scorer, judged_by = None, ""
     if args.candidates > 1 and args.rerank_nuwa:
-        reranker = nuwa.load_nuwa(args.rerank_nuwa, map_location=args.device).eval()
-        scorer, judged_by = nuwa_caption_scorer(reranker, vqgan.load_vqgan(reranker.config.vqgan_ckpt,
-                                                                           map_location=args.device)), "NÜWA's caption score"
+        reranker = Models(args.rerank_nuwa, device=args.device)  # its own tokenizer, checked
+        scorer, judged_by = nuwa_caption_scorer(reranker.nuwa, reranker.vqgan), "NÜWA's caption score"
     elif args.candidates > 1 and args.classifier:
         import judge
 

@@ -136,6 +136,7 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
     model, tokenizer = lip.load_lip(lip_ckpt, dfvqgan_ckpt=dfvqgan_ckpt)
     baseline = nuwa.load_nuwa(baseline_ckpt)
     plain = vqgan.load_vqgan(vqgan_ckpt or baseline.config.vqgan_ckpt)
+    baseline.check_code_pixels(plain, vqgan_ckpt or baseline.config.vqgan_ckpt)  # NÜWA completes and reranks with it
     result: dict = {"n": n, "candidates": candidates, "top_k": top_k, "seed": seed, "guidance": guidance,
                     "temperature": temperature,
                     "mask": "half of the digit's ink box"}
