@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import sample
 import train
@@ -92,3 +93,37 @@ def test_infinity_bad_sizes_and_directions_are_clear_errors(infinity_checkpoint,
         sample.main([*base, "--image", "x.png"])
     with pytest.raises(FileNotFoundError, match="no NÜWA-Infinity checkpoint"):
         sample.main(["infinity", "--ckpt", str(tmp_path / "missing.pt")])
+
+
+def test_inpaint_reranks_its_candidates_by_the_nuwa_it_is_given(checkpoint, tmp_path, monkeypatch):
+    """`sample.py inpaint --candidates K --rerank-nuwa CKPT`: the K candidates go to that NÜWA's caption
+    score (with the caption asked for), not to the digit classifier, and a missing NÜWA is a clear error."""
+    from test_lip import TINY_DFVQGAN, TINY_LIP
+
+    common = ["--preset", "tiny", "--max-steps", "1", "--sample-every", "0", "--device", "cpu", "--out", str(tmp_path)]
+    train.main(["--stage", "dfvqgan", *common, *TINY_DFVQGAN])
+    train.main(["--stage", "lip", *common, *TINY_LIP, "--dfvqgan-ckpt", str(tmp_path / "dfvqgan" / "ckpt.pt")])
+    scored = []
+    make_scorer = sample.nuwa_caption_scorer
+
+    def recording_scorer(model, tokenizer):
+        score = make_scorer(model, tokenizer)
+
+        def record(pixels, caption):
+            scores = score(pixels, caption)
+            scored.append((tuple(pixels.shape), caption, model.config.dim, scores))
+            return scores
+
+        return record
+
+    monkeypatch.setattr(sample, "nuwa_caption_scorer", recording_scorer)
+    base = ["inpaint", "--ckpt", str(tmp_path / "lip" / "ckpt.pt"), "--device", "cpu", "--candidates", "3",
+            "--caption", "digit 7 is moving up", "--out", str(tmp_path / "pictures")]
+    written = sample.main([*base, "--rerank-nuwa", str(checkpoint), "--classifier", "no/classifier/here"])
+    assert [path.name for path in written] == ["inpaint.png", "inpaint_result.png"]
+    assert len(scored) == 1
+    shape, caption, dim, scores = scored[0]
+    assert shape == (3, 1, 64, 64) and caption == "digit 7 is moving up" and scores.shape == (3,)
+    assert dim == 32 and torch.isfinite(scores).all()  # the NÜWA of --rerank-nuwa (dim 32), not another
+    with pytest.raises(FileNotFoundError, match="no NÜWA checkpoint"):
+        sample.main([*base, "--rerank-nuwa", str(tmp_path / "missing.pt")])
