@@ -917,7 +917,8 @@ LEGACY_LIP_DEFAULTS = dict(tie_head=False, pixel_codes=False)
 
 def load_lip(path, *, dfvqgan_ckpt: str | None = None, map_location="cpu") -> tuple[MPS2S, DFVQGAN]:
     """(MP-S2S, its DF-VQGAN), both in eval mode; the DF-VQGAN path is the one recorded in the
-    checkpoint unless `dfvqgan_ckpt` overrides it. Their codebooks and token grids must agree."""
+    checkpoint unless `dfvqgan_ckpt` overrides it. Their codebooks and token grids must agree, and
+    the DF-VQGAN's codes must mean what they meant at training (`check_code_meaning`)."""
     checkpoint = load_checkpoint(path, "lip", map_location)
     model = MPS2S(config_from(LIPConfig, {**LEGACY_LIP_DEFAULTS, **checkpoint["config"]}, path))
     try:
@@ -926,9 +927,33 @@ def load_lip(path, *, dfvqgan_ckpt: str | None = None, map_location="cpu") -> tu
         raise ValueError(f"{path} does not match the MP-S2S its config describes (tie_head={model.config.tie_head}, "
                          f"pixel_codes={model.config.pixel_codes}, codebook_size={model.config.codebook_size}, "
                          f"token grid {model.config.token_h}×{model.config.token_w}): {error}") from error
-    tokenizer = load_dfvqgan(dfvqgan_ckpt or model.config.dfvqgan_ckpt, map_location=map_location)
+    tokenizer_path = dfvqgan_ckpt or model.config.dfvqgan_ckpt
+    tokenizer = load_dfvqgan(tokenizer_path, map_location=map_location)
     check_pair(model.config, tokenizer.config)
+    check_code_meaning(model, tokenizer, tokenizer_path)
     return model.to(map_location).eval(), tokenizer
+
+
+def check_code_meaning(model: MPS2S, tokenizer: DFVQGAN, path: str) -> None:
+    """Refuse a DF-VQGAN whose codes mean something else than the ones this MP-S2S learnt: the same K
+    and grid are not enough (two tokenizers number their codes differently, and inpaintings would
+    decode as noise). The pixels stored with the model (`code_pixels`) are what each code looked like
+    at training: drawn by the DF-VQGAN itself, or, for a model started from a NÜWA (`init_nuwa`), by
+    the plain VQGAN that the DF-VQGAN froze its tokens from (its `init_vqgan`, read from the current
+    folder when relative; not checked when that file is absent). Models without pixel codes store
+    nothing to compare."""
+    if not model.config.pixel_codes:
+        return
+    if not model.config.init_nuwa:
+        model.check_code_pixels(tokenizer, path)
+        return
+    plain_path = tokenizer.config.init_vqgan
+    if not (tokenizer.config.freeze_tokens and plain_path):
+        raise ValueError(f"{path} is not a DF-VQGAN that keeps a plain VQGAN's tokens (init_vqgan="
+                         f"{plain_path!r}, freeze_tokens={tokenizer.config.freeze_tokens}), but this MP-S2S was "
+                         f"started from a NÜWA and predicts such tokens: pass the DF-VQGAN it was trained with")
+    if Path(plain_path).exists():  # the plain tokenizer whose pixels init_from_nuwa copied in
+        model.check_code_pixels(vqgan.load_vqgan(plain_path), f"{path} (its tokens are those of {plain_path})")
 
 
 def check_pair(config: LIPConfig, tokenizer_config: DFVQGANConfig) -> None:

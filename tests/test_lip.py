@@ -376,6 +376,44 @@ def test_a_nuwa_that_does_not_fit_is_refused_naming_the_field():
 # --- inpaint: candidates, reranking, bad inputs -------------------------------------------------
 
 
+def test_a_dfvqgan_whose_codes_mean_other_pixels_is_refused(tmp_path):
+    """load_lip compares what each code looked like at training (code_pixels) with what the DF-VQGAN
+    it is handed draws, or, for an MP-S2S started from a NÜWA, with the plain VQGAN whose tokens that
+    DF-VQGAN froze. Same K and grid, other codes: refused, naming the file."""
+    import train
+
+    def save(stage: str, model, name: str) -> str:
+        path = tmp_path / name
+        train.save_checkpoint({"stage": stage, "config": train.config_to_dict(model.config),
+                               "model": model.state_dict()}, path)
+        return str(path)
+
+    shape = dict(ch=8, norm_groups=4, codebook_size=K, embed_dim=8, cell_encoder=True)
+    plains = []
+    for seed in (0, 1):  # two plain cell VQGANs: the same shapes, codes numbered differently
+        torch.manual_seed(seed)
+        config = vqgan.VQGANConfig.preset("tiny")
+        for field, value in shape.items():
+            setattr(config, field, value)
+        plains.append(save("vqgan", vqgan.VQGAN(config), f"plain{seed}.pt"))
+    tokenizers = {}
+    for name, extra in (("own", dict(init_vqgan=plains[0], freeze_tokens=True)),
+                        ("other_plain", dict(init_vqgan=plains[1], freeze_tokens=True)), ("unfrozen", {})):
+        torch.manual_seed(len(tokenizers))
+        model = lip.DFVQGAN(lip.DFVQGANConfig.preset("tiny", **shape, disc_ch=8, **extra))
+        tokenizers[name] = (model, save("dfvqgan", model, f"{name}.pt"))
+    drawn_by_itself, from_nuwa = toy_model(), toy_model(init_nuwa="nuwa.pt")
+    drawn_by_itself.set_code_pixels(tokenizers["unfrozen"][0].code_patches())
+    from_nuwa.set_code_pixels(vqgan.load_vqgan(plains[0]).code_patches())  # as init_from_nuwa copies them in
+    for model, dfvqgan in ((drawn_by_itself, "unfrozen"), (from_nuwa, "own")):
+        model.config.dfvqgan_ckpt = tokenizers[dfvqgan][1]
+        path = save("lip", model.float(), f"lip_{dfvqgan}.pt")
+        lip.load_lip(path)  # its own tokenizer: accepted
+        for other in {"unfrozen", "own", "other_plain"} - {dfvqgan}:
+            with pytest.raises(ValueError, match=f"{other}.pt"):
+                lip.load_lip(path, dfvqgan_ckpt=tokenizers[other][1])
+
+
 @pytest.fixture(scope="module")
 def pair():
     return toy_model(), toy_tokenizer()
@@ -543,21 +581,26 @@ def run_folder(tmp_path_factory):
 
 
 @needs_mnist
-def test_dfvqgan_and_lip_stages_train_and_resume(run_folder):
+def test_dfvqgan_and_lip_stages_train_and_resume(run_folder, tmp_path):
+    import shutil
+
     import train
 
-    for stage, flags in (("dfvqgan", TINY_DFVQGAN), ("lip", TINY_LIP)):
-        path = run_folder / stage / "ckpt.pt"
+    folder = shutil.copytree(run_folder, tmp_path / "run")  # the module's run stays as trained for the others
+    tokenizer_path = str(run_folder / "dfvqgan" / "ckpt.pt")  # the one the LIP recorded, left at step 2
+    for stage, flags in (("lip", [*TINY_LIP, "--dfvqgan-ckpt", tokenizer_path]), ("dfvqgan", TINY_DFVQGAN)):
+        path = folder / stage / "ckpt.pt"
         checkpoint = torch.load(path, weights_only=True)
-        assert checkpoint["step"] == 2 and (run_folder / stage / "samples.png").stat().st_size > 0
-        extra = ["--dfvqgan-ckpt", str(run_folder / "dfvqgan" / "ckpt.pt")] if stage == "lip" else []
+        assert checkpoint["step"] == 2 and (folder / stage / "samples.png").stat().st_size > 0
         train.main(["--stage", stage, "--preset", "tiny", "--max-steps", "3", "--sample-every", "0", "--device", "cpu",
-                    "--out", str(run_folder), "--resume", *flags, *extra])
+                    "--out", str(folder), "--resume", *flags])
         assert torch.load(path, weights_only=True)["step"] == 3
-    model, tokenizer = lip.load_lip(run_folder / "lip" / "ckpt.pt",
-                                    dfvqgan_ckpt=str(run_folder / "dfvqgan" / "ckpt.pt"))
-    assert model.config.dim == 32 and tokenizer.config.codebook_size == K and not model.training
-    log = (run_folder / "lip" / "log.jsonl").read_text()
+        if stage == "lip":  # resumed on the DF-VQGAN it was trained with
+            model, tokenizer = lip.load_lip(folder / "lip" / "ckpt.pt", dfvqgan_ckpt=tokenizer_path)
+            assert model.config.dim == 32 and tokenizer.config.codebook_size == K and not model.training
+    with pytest.raises(ValueError, match="not the tokenizer this model was trained on"):  # trained on: other pixels
+        lip.load_lip(folder / "lip" / "ckpt.pt", dfvqgan_ckpt=str(folder / "dfvqgan" / "ckpt.pt"))
+    log = (folder / "lip" / "log.jsonl").read_text()
     assert "hole_fraction" in log
 
 
