@@ -945,7 +945,7 @@ def check_code_meaning(model: MPS2S, tokenizer: DFVQGAN, path: str) -> None:
     if not model.config.pixel_codes:
         return
     if not model.config.init_nuwa:
-        model.check_code_pixels(tokenizer, path)
+        model.check_code_pixels(tokenizer, path, flag="--dfvqgan")
         return
     plain_path = tokenizer.config.init_vqgan
     if not (tokenizer.config.freeze_tokens and plain_path):
@@ -953,7 +953,8 @@ def check_code_meaning(model: MPS2S, tokenizer: DFVQGAN, path: str) -> None:
                          f"{plain_path!r}, freeze_tokens={tokenizer.config.freeze_tokens}), but this MP-S2S was "
                          f"started from a NÜWA and predicts such tokens: pass the DF-VQGAN it was trained with")
     if Path(plain_path).exists():  # the plain tokenizer whose pixels init_from_nuwa copied in
-        model.check_code_pixels(vqgan.load_vqgan(plain_path), f"{path} (its tokens are those of {plain_path})")
+        model.check_code_pixels(vqgan.load_vqgan(plain_path), f"{path} (its tokens are those of {plain_path})",
+                                flag="--dfvqgan")
 
 
 def check_pair(config: LIPConfig, tokenizer_config: DFVQGANConfig) -> None:

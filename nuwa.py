@@ -342,7 +342,7 @@ class CodeEmbeddings:
         self.code_pixels.copy_(pixels)
 
     @torch.no_grad()
-    def check_code_pixels(self, tokenizer, path: str) -> None:
+    def check_code_pixels(self, tokenizer, path: str, flag: str = "--vqgan") -> None:
         """Refuse a frame tokenizer other than the one this model was trained on. Its codes must draw
         the pixels stored with the model (`code_pixels`): the same code count is not enough, since
         two tokenizers number their codes differently and the samples would decode as noise. (A
@@ -354,7 +354,7 @@ class CodeEmbeddings:
         if drawn.shape != self.code_pixels.shape or not torch.allclose(drawn, self.code_pixels, atol=1e-3):
             raise ValueError(f"{path} is not the tokenizer this model was trained on: its codes draw other "
                              f"pixels than the ones stored with the model (code_pixels). Pass the right one "
-                             f"(--vqgan PATH) or run from the folder the model was trained in")
+                             f"({flag} PATH) or run from the folder the model was trained in")
 
 
 class NUWA(CodeEmbeddings, nn.Module):

@@ -659,14 +659,14 @@ def test_sample_inpaint_writes_pictures_and_rejects_bad_files(run_folder, tmp_pa
 @needs_mnist
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_both_stages_train_under_torchrun(mode, run_folder, tmp_path):
+def test_both_stages_train_under_torchrun(mode, tmp_path):
     """Two CPU processes (gloo), DDP or FSDP2: each stage trains 2 steps and writes one whole checkpoint."""
     from test_distributed import (
         torchrun,  # the shared launcher (exit status checked, output shown on failure)
     )
 
-    for stage, flags in (("dfvqgan", TINY_DFVQGAN), ("lip", [*TINY_LIP, "--dfvqgan-ckpt",
-                                                             str(run_folder / "dfvqgan" / "ckpt.pt")])):
+    for stage, flags in (("dfvqgan", TINY_DFVQGAN), ("lip", [*TINY_LIP, "--dfvqgan-ckpt",  # the one just trained
+                                                             str(tmp_path / "dfvqgan" / "ckpt.pt")])):
         result = torchrun("train.py", "--stage", stage, "--preset", "tiny", "--max-steps", "2", "--sample-every", "0",
                           "--device", "cpu", "--out", str(tmp_path), *flags, *(["--fsdp"] if mode == "fsdp" else []),
                           timeout=300)
