@@ -39,10 +39,11 @@ CPU; the README's NÜWA-LIP section has every run): 200 held-out one-digit frame
 digit's ink box missing. On `make models`' cell tokenizer, with MP-S2S started from its NÜWA and
 trained 20 minutes, the digit classifier reads the caption's digit in 81.5 % of one-sample fills
 (masked input alone 44 %, NÜWA's completion 45.5 %, the first LIP on the f = 4 tokenizer trained
-from scratch 44.5 %). Started from a NÜWA trained three times the steps (2026-12-05): 85.5–88 %,
-and a caption naming another digit than the visible half shows is followed in both fills of a pair
-55–60 % of the time with one sample, 63 % when each fill is the best of 4 by NÜWA's caption score
-(sample.nuwa_caption_scorer, a model apart from the judge, as the paper reranks with CLIP). Known
+from scratch 44.5 %). On today's `make models` NÜWA (two processes, 8,116 steps; 2026-12-05):
+85.5–88 %, and a caption naming another digit than the visible half shows is followed in both fills
+of a pair 55–60 % of the time with one sample, 63 % when each fill is the best of 4 by NÜWA's
+caption score (sample.nuwa_caption_scorer, a model apart from the judge, as the paper reranks with
+CLIP); on a one-process NÜWA of 5,539 steps, 51–52 % and 66–70 %. Known
 limits: visible pixels of every 8×8 cell the mask touches are redrawn (visible MSE 0.007–0.0085
 against the first LIP's 0.0008); `sample.digit_scorer`'s best-of-K is picked by the same classifier
 that scores it.
@@ -814,17 +815,23 @@ def inpaint(model: MPS2S, tokenizer: DFVQGAN, image: torch.Tensor, mask: torch.T
                             guidance_scale=guidance_scale)  # (B·K, h, w)
     pixels = tokenizer.decode(tokens, [repeat(s) for s in skips], repeat(mask)).clamp(0, 1)  # (B·K, 1, H, W)
     pixels = pixels.view(B, K, *pixels.shape[1:])  # (B, K, 1, H, W)
-    scores = None
-    best = torch.zeros(B, dtype=torch.long, device=device)
+    scores, best = None, torch.zeros(B, dtype=torch.long, device=device)
     if scorer is not None:
         # DEVIATION (LIP §3.3): the paper reranks with CLIP; the caller's scorer stands in for it.
-        scores = torch.stack([torch.as_tensor(scorer(pixels[b], captions[b]), dtype=torch.float32).reshape(K)
-                              for b in range(B)]).to(device)  # (B, K)
-        best = scores.argmax(1)
+        scores, best = rerank(pixels, captions, scorer)
     chosen = pixels[torch.arange(B, device=device), best]  # (B, 1, H, W)
     info = {"candidates": pixels, "scores": scores, "best": best, "tokens": tokens.view(B, K, *tokens.shape[1:]),
             "hole": hole, "reconstruction": reconstruction}
     return chosen, info
+
+
+def rerank(candidates: torch.Tensor, captions: list[str], scorer: Scorer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score every frame's K candidates under its caption: candidates (B, K, 1, H, W) → scores (B, K)
+    and the index of the best (B,). (LIP §3.3 ranks with CLIP; `inpaint` calls this with its scorer.)"""
+    B, K = candidates.shape[:2]
+    scores = torch.stack([torch.as_tensor(scorer(candidates[b], captions[b]), dtype=torch.float32).reshape(K)
+                          for b in range(B)]).to(candidates.device)  # (B, K)
+    return scores, scores.argmax(1)
 
 
 # ---------------------------------------------------------------------------------------------

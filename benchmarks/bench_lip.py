@@ -62,7 +62,6 @@ import judge  # noqa: E402
 import lip  # noqa: E402
 import nuwa  # noqa: E402
 import sample  # noqa: E402
-import vqgan  # noqa: E402
 
 SEED = 0
 CHUNK = 25  # frames inpainted per generate call (× K candidates rows)
@@ -134,9 +133,8 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
     classifier = judge.load_classifier(classifier_path)
     scorer = sample.digit_scorer(classifier)
     model, tokenizer = lip.load_lip(lip_ckpt, dfvqgan_ckpt=dfvqgan_ckpt)
-    baseline = nuwa.load_nuwa(baseline_ckpt)
-    plain = vqgan.load_vqgan(vqgan_ckpt or baseline.config.vqgan_ckpt)
-    baseline.check_code_pixels(plain, vqgan_ckpt or baseline.config.vqgan_ckpt)  # NÜWA completes and reranks with it
+    nuwa_models = sample.Models(baseline_ckpt, vqgan_ckpt)  # its tokenizer checked: NÜWA completes and reranks with it
+    baseline, plain = nuwa_models.nuwa, nuwa_models.vqgan
     result: dict = {"n": n, "candidates": candidates, "top_k": top_k, "seed": seed, "guidance": guidance,
                     "temperature": temperature,
                     "mask": "half of the digit's ink box"}
@@ -165,10 +163,10 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
     generator = torch.Generator().manual_seed(seed)
     nuwa_scorer = sample.nuwa_caption_scorer(baseline, plain)
 
-    def rerank(candidate_pixels: torch.Tensor, part_captions: list[str]) -> torch.Tensor:
-        """The candidate NÜWA's caption score prefers, per frame: (b, K, 1, H, W) → (b, 1, H, W)."""
-        best = [int(nuwa_scorer(pixels, caption).argmax()) for pixels, caption in zip(candidate_pixels, part_captions)]
-        return candidate_pixels[torch.arange(len(best)), torch.tensor(best)]
+    def best_of(candidates: torch.Tensor, part_captions: list[str], by: lip.Scorer) -> torch.Tensor:
+        """Each frame's best candidate by `by`: (b, K, 1, H, W) → (b, 1, H, W)."""
+        _, best = lip.rerank(candidates, part_captions, by)
+        return candidates[torch.arange(len(best)), best]
 
     lip_first, lip_best, lip_reranked, nuwa_first, nuwa_best = [], [], [], [], []
     timings = {"lip_s": 0.0, "nuwa_s": 0.0}
@@ -181,7 +179,7 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
         timings["lip_s"] += time.perf_counter() - tick
         lip_first.append(info["candidates"][:, 0])
         lip_best.append(chosen)
-        lip_reranked.append(rerank(info["candidates"], captions[part]))
+        lip_reranked.append(best_of(info["candidates"], captions[part], nuwa_scorer))
         tick = time.perf_counter()
         b = chosen.shape[0]
         plain_tokens = plain.encode(masked[part])[:, None].repeat_interleave(candidates, 0)  # (b·K, 1, h, w)
@@ -190,9 +188,8 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
                                  temperature=1.0, top_k=top_k, generator=generator)  # (b·K, 1, h, w)
         pixels = plain.decode(tokens[:, 0]).clamp(0, 1).view(b, candidates, 1, *frames.shape[-2:])
         timings["nuwa_s"] += time.perf_counter() - tick
-        scores = torch.stack([scorer(pixels[i], captions[part][i]) for i in range(b)])  # (b, K)
         nuwa_first.append(pixels[:, 0])
-        nuwa_best.append(pixels[torch.arange(b), scores.argmax(1)])
+        nuwa_best.append(best_of(pixels, captions[part], scorer))
         print(f"  {part.stop}/{n} frames inpainted ({timings['lip_s']:.0f} s LIP, {timings['nuwa_s']:.0f} s NÜWA)",
               file=sys.stderr)
     lip_first, lip_best, lip_reranked, nuwa_first, nuwa_best = (
@@ -208,7 +205,7 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
         _, info = lip.inpaint(model, tokenizer, frames[part], masks[part], part_captions, candidates=candidates,
                               top_k=top_k, generator=generator, guidance_scale=guidance, temperature=temperature)
         swapped_fills.append(info["candidates"][:, 0])
-        swapped_reranked.append(rerank(info["candidates"], part_captions))
+        swapped_reranked.append(best_of(info["candidates"], part_captions, nuwa_scorer))
     if swap:
         swapped_digits = torch.tensor([d for _, d in swaps[:swap]])
         for suffix, true_fills, fills in (("", lip_first, swapped_fills), ("_nuwa_rerank", lip_reranked, swapped_reranked)):
