@@ -717,7 +717,7 @@ def patch_loss(model: Infinity, tokens: torch.Tensor, order: list[Patch], index:
     logits, states = model(targets, text, context, layout)  # (B, P, K)
     pool.add(patch, states)
     pool.evict(index)
-    return F.cross_entropy(logits.transpose(1, 2), targets)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # a contiguous row of K codes per token
 
 
 def unit_loss(model: Infinity, tokens: torch.Tensor, captions, *, unit: int, carry: dict, step: int,
