@@ -98,6 +98,7 @@ Deviations from the paper (each also marked `# DEVIATION` at its line):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -947,8 +948,8 @@ def check_code_meaning(model: MPS2S, tokenizer: DFVQGAN, path: str) -> None:
     decode as noise). The pixels stored with the model (`code_pixels`) are what each code looked like
     at training: drawn by the DF-VQGAN itself, or, for a model started from a NÜWA (`init_nuwa`), by
     the plain VQGAN that the DF-VQGAN froze its tokens from (its `init_vqgan`, read from the current
-    folder when relative; not checked when that file is absent). Models without pixel codes store
-    nothing to compare."""
+    folder when relative; when that file is absent the check cannot be made, and a warning says so).
+    Models without pixel codes store nothing to compare."""
     if not model.config.pixel_codes:
         return
     if not model.config.init_nuwa:
@@ -959,9 +960,13 @@ def check_code_meaning(model: MPS2S, tokenizer: DFVQGAN, path: str) -> None:
         raise ValueError(f"{path} is not a DF-VQGAN that keeps a plain VQGAN's tokens (init_vqgan="
                          f"{plain_path!r}, freeze_tokens={tokenizer.config.freeze_tokens}), but this MP-S2S was "
                          f"started from a NÜWA and predicts such tokens: pass the DF-VQGAN it was trained with")
-    if Path(plain_path).exists():  # the plain tokenizer whose pixels init_from_nuwa copied in
-        model.check_code_pixels(vqgan.load_vqgan(plain_path), f"{path} (its tokens are those of {plain_path})",
-                                flag="--dfvqgan")
+    if not Path(plain_path).exists():  # e.g. a model copied to another machine without that file
+        warnings.warn(f"cannot check that {path} gives the codes this MP-S2S learnt: the plain VQGAN whose tokens "
+                      f"it froze ({plain_path}) is not there. Inpaintings decode as noise if it is another one.",
+                      stacklevel=3)
+        return
+    model.check_code_pixels(vqgan.load_vqgan(plain_path), f"{path} (its tokens are those of {plain_path})",
+                            flag="--dfvqgan")  # the plain tokenizer whose pixels init_from_nuwa copied in
 
 
 def check_pair(config: LIPConfig, tokenizer_config: DFVQGANConfig) -> None:

@@ -881,6 +881,21 @@ def train(stage_name: str, config: Any, run: TrainConfig) -> Path:
             dist.destroy_process_group()
 
 
+def check_resumed_code_pixels(model: nn.Module, state: dict, path: Path) -> None:
+    """A run resumes on the frozen tokenizer it was trained on. A model with pixel codes stores what each
+    code looked like (`code_pixels`); `stage.build` has just drawn them again with the tokenizer given
+    now. If they differ (that file was trained on since, or is another one), resuming would overwrite the
+    new drawing with the old and train on codes that mean something else: refuse instead."""
+    for name, drawn in model.state_dict().items():
+        if name.rsplit(".", 1)[-1] == "code_pixels" and name in state:
+            stored = state[name].to(drawn)
+            if stored.shape != drawn.shape or not torch.allclose(stored, drawn, atol=1e-3):
+                raise ValueError(f"cannot resume {path}: its codes drew other pixels ({name}) than those of the "
+                                 f"tokenizer given now, so that tokenizer is not the one this run was trained on "
+                                 f"(or it was trained on since). Pass the one recorded in the checkpoint's config, "
+                                 f"or start a new run in another --out")
+
+
 def train_processes(stage_name: str, config: Any, run: TrainConfig, procs: Processes) -> Path:
     """The body of train() on one of the W processes."""
     from tqdm import tqdm
@@ -905,6 +920,7 @@ def train_processes(stage_name: str, config: Any, run: TrainConfig, procs: Proce
     checkpoint = (load_checkpoint(ckpt_path, stage=stage_name, config=config, legacy=stage.legacy_defaults)
                   if run.resume else None)
     if checkpoint is not None:
+        check_resumed_code_pixels(model, checkpoint["model"], ckpt_path)
         model.load_state_dict(checkpoint["model"])  # whole, before any sharding
         step, seconds_before = checkpoint["step"], checkpoint.get("seconds", 0.0)
     if run.compile:

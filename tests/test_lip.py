@@ -5,6 +5,7 @@ sampling, inpaint's candidates and bad inputs; and the dfvqgan / lip stages and 
 end to end on tiny checkpoints."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -412,6 +413,9 @@ def test_a_dfvqgan_whose_codes_mean_other_pixels_is_refused(tmp_path):
         for other in {"unfrozen", "own", "other_plain"} - {dfvqgan}:
             with pytest.raises(ValueError, match=f"{other}.pt"):
                 lip.load_lip(path, dfvqgan_ckpt=tokenizers[other][1])
+    Path(plains[0]).unlink()  # the plain VQGAN left behind: the check cannot be made, and says so
+    with pytest.warns(UserWarning, match="cannot check .*plain0.pt"):
+        lip.load_lip(tmp_path / "lip_own.pt")
 
 
 @pytest.fixture(scope="module")
@@ -581,7 +585,7 @@ def run_folder(tmp_path_factory):
 
 
 @needs_mnist
-def test_dfvqgan_and_lip_stages_train_and_resume(run_folder, tmp_path):
+def test_dfvqgan_and_lip_stages_train_and_resume(run_folder, tmp_path, monkeypatch):
     import shutil
 
     import train
@@ -600,6 +604,15 @@ def test_dfvqgan_and_lip_stages_train_and_resume(run_folder, tmp_path):
             assert model.config.dim == 32 and tokenizer.config.codebook_size == K and not model.training
     with pytest.raises(ValueError, match="not the tokenizer this model was trained on"):  # trained on: other pixels
         lip.load_lip(folder / "lip" / "ckpt.pt", dfvqgan_ckpt=str(folder / "dfvqgan" / "ckpt.pt"))
+    # Nor does training resume when the recorded file was trained on since (here: the path the LIP
+    # recorded now gives the DF-VQGAN trained one step further): the stored code pixels would hide the
+    # new drawing.
+    trained_on = lip.load_dfvqgan(folder / "dfvqgan" / "ckpt.pt").requires_grad_(False)
+    monkeypatch.setattr(train, "frozen_dfvqgan", lambda path, device: trained_on)
+    with pytest.raises(ValueError, match="cannot resume .*code_pixels"):
+        train.main(["--stage", "lip", "--preset", "tiny", "--max-steps", "4", "--sample-every", "0", "--device", "cpu",
+                    "--out", str(folder), "--resume", *TINY_LIP, "--dfvqgan-ckpt", tokenizer_path])
+    assert torch.load(folder / "lip" / "ckpt.pt", weights_only=True)["step"] == 3  # untouched
     log = (folder / "lip" / "log.jsonl").read_text()
     assert "hole_fraction" in log
 
