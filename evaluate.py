@@ -564,8 +564,7 @@ def run_word_use(args: argparse.Namespace) -> dict:
         for kind in nats:
             captions = [item["caption"] if kind == "true" else changed_caption(item["caption"], kind) for item in items]
             cond = nuwa.text_condition(model.tokenizer, captions)
-            logits = model(cond._replace(tokens=cond.tokens.to(args.device)), tokens)  # (b, N, K)
-            per_token = F.cross_entropy(logits.float().transpose(1, 2), tokens.flatten(1), reduction="none")  # (b, N)
+            per_token = model.token_nats(cond._replace(tokens=cond.tokens.to(args.device)), tokens)  # (b, N)
             nats[kind][first:first + len(items)] = per_token.view(len(items), frames, -1).sum(-1).cpu()
     metrics = {"true_nats_per_frame": [round(v, 3) for v in nats["true"].mean(0).tolist()]}
     for kind in WORD_CHANGES:

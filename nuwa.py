@@ -316,6 +316,14 @@ class CodeEmbeddings:
     modules `token_embed` (E, K × D), `head`, `decoder_norm` and, with pixel codes, `pixel_embed` (W)
     and the buffer `code_pixels` (K, f·f). See the NUWA deviations on the tied head and pixel codes."""
 
+    def add_pixel_codes(self, cell: int) -> None:
+        """Build the pixel-code path: the buffer `code_pixels` (K, cell), filled by `set_code_pixels`,
+        and W (cell → D), initialised as every other weight. Hosts call it last in __init__, so every
+        other weight starts as in a model without pixel codes (paired ablations)."""
+        self.register_buffer("code_pixels", torch.zeros(self.config.codebook_size, cell))  # (K, f·f)
+        self.pixel_embed = nn.Linear(cell, self.token_embed.embedding_dim, bias=False)
+        NUWA._init_weights(self.pixel_embed)
+
     def code_vectors(self) -> torch.Tensor:
         """The embedding of every code (K, D): E[k], plus W · pixels_k with pixel_codes."""
         if not self.config.pixel_codes:
@@ -405,11 +413,7 @@ class NUWA(CodeEmbeddings, nn.Module):
             # alike, and with the tied head the logit of code k is a score of its pixels, so what the
             # model learns about one stroke transfers to the hundreds of codes that draw shifted copies
             # of it (a digit moving 3.6 px per frame is redrawn by new codes in every frame).
-            cell = (data.CANVAS // config.token_h) * (data.CANVAS // config.token_w)
-            self.register_buffer("code_pixels", torch.zeros(config.codebook_size, cell))  # (K, f·f)
-            self.pixel_embed = nn.Linear(cell, D, bias=False)
-            # Built last, so every other weight starts as in a model without pixel codes (paired ablations).
-            self._init_weights(self.pixel_embed)
+            self.add_pixel_codes((data.CANVAS // config.token_h) * (data.CANVAS // config.token_w))
         if config.first_frame_context:
             # OPTION, off by default (not in NÜWA §3.3; an experiment that did not help, module docstring):
             # an input p of frame 0 also carries W_f · frame_so_far, the mean embedding of the codes drawn
@@ -487,11 +491,7 @@ class NUWA(CodeEmbeddings, nn.Module):
 
     def token_nats(self, cond: Condition, targets: torch.Tensor) -> torch.Tensor:
         """− log p(y_p | y_<p, C) of every target token, teacher-forced: targets (B, T, h, w) → (B, N)."""
-        logits = self(cond, targets)  # (B, N, K)
-        # One row of K codes per token: the softmax runs over contiguous memory (over a transposed
-        # (B, K, N) view it strode across N: 29.5 → 10.7 ms per call with its backward on a CPU).
-        nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B·N,)
-        return nats.view(logits.shape[:2])  # (B, N)
+        return code_nats(self(cond, targets), targets)  # (B, N)
 
     def drop_condition(self, cond: Condition) -> Condition:
         """Replace a random fraction of text conditions by "None" (for classifier-free guidance)."""
@@ -581,6 +581,16 @@ class NUWA(CodeEmbeddings, nn.Module):
         for layer, layer_caches in zip(self.decoder, caches):
             x_p = layer.step(x_p, p, shape, layer_caches, memory, memory_shape, cross_extent)  # (B, 1, D)
         return self.logits(x_p, code_vectors)[:, 0]  # (B, K)
+
+
+def code_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """− log p of each target code under teacher-forced logits (B, N, K); targets hold B·N codes
+    (any shape, raster order) → (B, N). Every decoder over VQ codes (NUWA, lip.MPS2S) and every probe
+    that scores one uses this."""
+    # One row of K codes per token: the softmax runs over contiguous memory (over a transposed
+    # (B, K, N) view it strode across N: 29.5 → 10.7 ms per call with its backward on a CPU).
+    nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B·N,)
+    return nats.view(logits.shape[:2])  # (B, N)
 
 
 def frame_so_far(embedded: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -250,17 +249,15 @@ def evaluate(model: nuwa.NUWA, probe: str, clips) -> dict:
     was_training = model.training
     model.eval()
     B, T, h, w = targets.shape
-    logits = model(cond, targets)  # (B, N, K')
-    per_token = F.cross_entropy(logits.transpose(1, 2), targets.reshape(B, -1), reduction="none")  # (B, N)
+    per_token = model.token_nats(cond, targets)  # (B, N)
     per_frame = per_token.view(B, T, h * w).mean(dim=(0, 2))  # (T,)
     value = float(per_frame[list(PROBES[probe].scored)].mean())
     if probe == "caption":
         value -= floors(probe)[0]  # the excess over the place's entropy
     if probe == "order":  # frame 1's nats per clip under the swapped caption minus under the true one
-        swapped = model(cond._replace(tokens=SWAP_DIRECTIONS[cond.tokens]), targets)  # (B, N, K')
-        frame1 = lambda scores: F.cross_entropy(scores[:, h * w:].transpose(1, 2), targets[:, 1].reshape(B, -1),
-                                                reduction="none").sum(1)  # (B,)
-        value = float((frame1(swapped) - frame1(logits)).mean())
+        swapped = model.token_nats(cond._replace(tokens=SWAP_DIRECTIONS[cond.tokens]), targets)  # (B, N)
+        frame1 = lambda nats: nats.view(B, T, h * w)[:, 1].sum(1)  # (B,)
+        value = float((frame1(swapped) - frame1(per_token)).mean())
     model.train(was_training)
     return {"per_frame": [float(per_frame[t]) for t in PROBES[probe].shown], "value": value}
 

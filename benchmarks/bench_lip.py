@@ -104,7 +104,7 @@ def caption_use(model: lip.MPS2S, tokenizer: lip.DFVQGAN, frames, masks, caption
 
     def nats(text_captions) -> torch.Tensor:  # (n,) summed over each frame's hole tokens
         logits = model(model.tokenizer.encode(text_captions), tokens, hole, masked, masks)  # (n, N, K)
-        per_token = F.cross_entropy(logits.float().transpose(1, 2), tokens.flatten(1), reduction="none")  # (n, N)
+        per_token = nuwa.code_nats(logits.float(), tokens)  # (n, N)
         return (per_token * weights).sum(1)
 
     true, other, none = nats(captions), nats(swapped), nats([None] * len(captions))

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,8 +53,7 @@ def split_losses(model: nuwa.NUWA, tokens: torch.Tensor, captions: list[str], ba
     """Teacher-forced nats/token on held-out clips: frame-0 ink, later ink, background, all."""
     was_training = model.training
     model.eval()
-    logits = model(nuwa.text_condition(model.tokenizer, captions), tokens)  # (B, N, K)
-    loss = F.cross_entropy(logits.transpose(1, 2), tokens.flatten(1), reduction="none")  # (B, N)
+    loss = model.token_nats(nuwa.text_condition(model.tokenizer, captions), tokens)  # (B, N)
     loss = loss.view(*tokens.shape[:2], -1)  # (B, T, h·w)
     ink = tokens.flatten(2) != background  # (B, T, h·w)
     flipped = [evaluate.changed_caption(caption, "direction") for caption in captions]
@@ -63,8 +61,7 @@ def split_losses(model: nuwa.NUWA, tokens: torch.Tensor, captions: list[str], ba
     cell_count = opening[0, 0].numel()
 
     def frame1_nats(texts: list[str]) -> torch.Tensor:  # (B,) nats of frame 1, summed over its tokens
-        logits = model(nuwa.text_condition(model.tokenizer, texts), opening)[:, cell_count:]  # (B, h·w, K)
-        return F.cross_entropy(logits.transpose(1, 2), opening[:, 1].flatten(1), reduction="none").sum(1)
+        return model.token_nats(nuwa.text_condition(model.tokenizer, texts), opening)[:, cell_count:].sum(1)
 
     gap = frame1_nats(flipped) - frame1_nats(captions)  # (B,)
     model.train(was_training)
