@@ -391,10 +391,8 @@ class Block(nn.Module):
         key without a position) → (B, nh, Nq, Nk); 0 without relative positions."""
         if index is None or self.position_bias is None:
             return 0.0
-        B, nh, Nq, hs = q.shape
-        keys = nearby_attention.RELATIVE_GAIN * self.relative_keys.to(q.dtype)  # (nh, V, hs)
-        table = torch.einsum("bhqd,hvd->bhqv", q, keys) / math.sqrt(hs)  # (B, nh, Nq, V)
-        table = table + nearby_attention.RELATIVE_GAIN * self.position_bias.to(q.dtype)[:, None, :]
+        B, nh = q.shape[:2]
+        table = nearby_attention.relative_table(q, self.position_bias, self.relative_keys)  # (B, nh, Nq, V)
         table = F.pad(table, (0, 1))  # slot V: no position, no score
         return table.gather(-1, index.expand(B, nh, -1, -1))  # (B, nh, Nq, Nk)
 
@@ -474,9 +472,7 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
             # DEVIATION (as nuwa.py): e_k = E[k] + W · pixels_k, the f × f cell the tokenizer draws for code
             # k (set by `set_code_pixels`, from vqgan.VQGAN.code_patches; train.py does it), so codes that
             # look alike start alike, and a stroke learnt in one place is a stroke everywhere.
-            self.register_buffer("code_pixels", torch.zeros(config.codebook_size, config.token_px ** 2))
-            self.pixel_embed = nn.Linear(config.token_px ** 2, D, bias=False)
-            nuwa.NUWA._init_weights(self.pixel_embed)
+            self.add_pixel_codes(config.token_px ** 2)
 
     @property
     def patch_tokens(self) -> int:

@@ -668,6 +668,18 @@ def bias_table(bias: Tensor | None, q: Tensor, extent: Shape3) -> Tensor | None:
     return table.to(q.dtype).expand(B, nh, n_q, V)
 
 
+def relative_table(q: Tensor, position_bias: Tensor | None, relative_keys: Tensor | None) -> Tensor | None:
+    """The relative position table of queries q (B, nh, Nq, hs) from a layer's stored parameters,
+    b (nh, V) and r (nh, V, hs), both divided by RELATIVE_GAIN: b + q·rᵀ/√hs, as (nh, V) with b alone,
+    (B, nh, Nq, V) with r; None with neither. 3DNA's layers and NÜWA-Infinity's blocks use it."""
+    table = None if position_bias is None else RELATIVE_GAIN * position_bias.to(q.dtype)  # (nh, V)
+    if relative_keys is not None:
+        keys = RELATIVE_GAIN * relative_keys.to(q.dtype)  # (nh, V, hs)
+        by_query = torch.einsum("bhqd,hvd->bhqv", q, keys) / math.sqrt(q.shape[-1])  # (B, nh, Nq, V)
+        table = by_query if table is None else by_query + table[None, :, None, :]  # (B, nh, Nq, V)
+    return table
+
+
 def nearby_attention(q: Tensor, k: Tensor, v: Tensor, q_shape, kv_shape, extent, causal: bool,
                      bos: bool = False, backend: str = "blocked", *, tile=BLOCKED_TILE,
                      bias: Tensor | None = None) -> Tensor:
@@ -858,14 +870,9 @@ class NearbyAttention(nn.Module):
     def _bias(self, q: Tensor, extent) -> Tensor | None:
         """The relative position table of a windowed call, b + q·rᵀ/√hs: (nh, V) or (B, nh, Nq, V);
         None for full attention or without one."""
-        if extent is None or (self.position_bias is None and self.relative_keys is None):
+        if extent is None:
             return None
-        table = None if self.position_bias is None else RELATIVE_GAIN * self.position_bias.to(q.dtype)  # (nh, V)
-        if self.relative_keys is not None:
-            keys = RELATIVE_GAIN * self.relative_keys.to(q.dtype)  # (nh, V, hs)
-            by_query = torch.einsum("bhqd,hvd->bhqv", q, keys) / math.sqrt(self.head_size)
-            table = by_query if table is None else by_query + table[None, :, None, :]  # (B, nh, Nq, V)
-        return table
+        return relative_table(q, self.position_bias, self.relative_keys)
 
     def _context_shape(self, context: Tensor | None, kv_shape, extent) -> Shape3:
         """The context grid: given, or (1, 1, L) for a flat (text) context under full attention."""
