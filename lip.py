@@ -560,9 +560,7 @@ class MPS2S(nuwa.CodeEmbeddings, nn.Module):
             # pixels_k the f × f cell the DF-VQGAN draws for code k (`set_code_pixels`, stored with the
             # model). Without it, 5,000 steps learnt only the black code: every ink token of a
             # half-hidden digit cost 5.5 nats, about a uniform guess among the ink codes (README, NÜWA-LIP).
-            self.register_buffer("code_pixels", torch.zeros(config.codebook_size, config.patch ** 2))  # (K, f·f)
-            self.pixel_embed = nn.Linear(config.patch ** 2, D, bias=False)
-            nuwa.NUWA._init_weights(self.pixel_embed)
+            self.add_pixel_codes(config.patch ** 2)
 
     @property
     def token_shape(self) -> tuple[int, int, int]:
