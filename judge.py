@@ -154,6 +154,17 @@ def one_cycle(done: float, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (done - warmup) / (1 - warmup)))
 
 
+def classifier_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                    labels: torch.Tensor, bar: tqdm) -> None:
+    """One optimiser step of cross-entropy on a batch (both classifiers), its loss on the bar."""
+    loss = F.cross_entropy(model(inputs), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def train_classifier(config: ClassifierConfig, *, max_seconds: float = 0.0, max_steps: int = 0,
                      device: str = "cpu", progress: bool = True) -> DigitClassifier:
     """Adam on cross-entropy over augmented MNIST training digits; returns the model in eval mode.
@@ -180,13 +191,8 @@ def train_classifier(config: ClassifierConfig, *, max_seconds: float = 0.0, max_
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * one_cycle(done, config.warmup)
             batch = order[first:first + config.batch_size]
-            loss = F.cross_entropy(model(augment(x[batch], config, generator).to(device)), y[batch].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            classifier_step(model, optimizer, augment(x[batch], config, generator).to(device), y[batch].to(device), bar)
             step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.info = {"train_seconds": round(time.perf_counter() - start, 1), "steps": step,
                   "epochs_seen": round(step / steps_per_epoch, 2), "threads": torch.get_num_threads()}
@@ -356,13 +362,8 @@ def train_pair_classifier(config: PairConfig, *, max_seconds: float = 0.0, max_s
         for group in optimizer.param_groups:
             group["lr"] = config.lr * one_cycle(done, config.warmup)
         canvases, labels = draw_pairs(x, y, config.batch_size, generator)
-        loss = F.cross_entropy(model(centre_crops(canvases).to(device)), labels.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        classifier_step(model, optimizer, centre_crops(canvases).to(device), labels.to(device), bar)
         step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.info = {"train_seconds": round(time.perf_counter() - start, 1), "steps": step}
     return model.eval()
