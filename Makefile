@@ -87,7 +87,7 @@ models: $(VENV)/.installed
 	$(PY) sample.py t2v --ckpt $(MODELS)/nuwa/ckpt.pt --caption "digit 3 is moving up then down" -n 3 \
 		--top-k 16 --guidance 1.5 --redraw-empty --out $(MODELS)/samples
 	$(PY) sample.py predict --ckpt $(MODELS)/nuwa/ckpt.pt -n 3 --top-k 16 --out $(MODELS)/samples
-	@echo "models done: out/vqgan, out/nuwa (the defaults of sample.py and the notebooks), samples in out/samples"
+	@echo "models done: $(MODELS)/vqgan, $(MODELS)/nuwa (sample.py and the notebooks read out/vqgan, out/nuwa by default), samples in $(MODELS)/samples"
 
 # The eight tasks of notebook 03 (about 30 minutes on 2 cores, after `make models`): a sketch tokenizer
 # (VQ-GAN-Seg with the same 8×8 px cells, 5 min) and a NÜWA trained 25 min on every conditioned task
@@ -107,7 +107,7 @@ tasks: $(VENV)/.installed
 		--start-batch-size 32 --mix-start-batch-size 16 --cond-drop-prob 0.1 --max-seconds $(TASKS_NUWA_SECONDS) \
 		--token-h 8 --token-w 8 --batch-size 4 --vqgan-ckpt $(MODELS)/vqgan/ckpt.pt --seg-ckpt $(TASKS)/seg/ckpt.pt \
 		--out $(TASKS)
-	@echo "tasks done: out/tasks (notebook 03's model of every task)"
+	@echo "tasks done: $(TASKS) (notebook 03 reads out/tasks: its model of every task)"
 
 # NÜWA-LIP on the models of `make models` (27 minutes on 2 cores, after `make models`): a DF-VQGAN
 # that keeps that frame tokenizer's encoder and codes and learns only the symmetrical connection of its
@@ -130,7 +130,7 @@ lip: $(VENV)/.installed
 	$(PY) sample.py inpaint --ckpt $(MODELS)/lip/ckpt.pt --top-k 16 --guidance 3 --out $(MODELS)/samples
 	$(PY) benchmarks/bench_lip.py --lip $(MODELS)/lip/ckpt.pt --baseline $(MODELS)/nuwa/ckpt.pt --n 200 --candidates 4 \
 		--guidance 3 --png $(MODELS)/lip_bench/inpainting.png
-	@echo "lip done: out/dfvqgan, out/lip (sample.py inpaint and notebook 05 use them), benchmark in out/lip_bench"
+	@echo "lip done: $(MODELS)/dfvqgan, $(MODELS)/lip (sample.py inpaint and notebook 05 read out/dfvqgan, out/lip), benchmark in $(MODELS)/lip_bench"
 
 # NÜWA-Infinity on the frame tokenizer of `make models` (29 minutes on 2 cores, after `make
 # models`): two models trained side by side for 25 minutes, one CPU thread each (their per-patch
@@ -164,7 +164,7 @@ infinity: $(VENV)/.installed
 		--frames 100 --batch-size 10
 	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity_video/infinity/ckpt.pt \
 		--frames 100 --batch-size 10 --guidance 3 --grid $(MODELS)/infinity_eval/video_100.png
-	@echo "infinity done: out/infinity, out/infinity_video (sample.py infinity and notebook 06 use them), readings in out/infinity_eval"
+	@echo "infinity done: $(MODELS)/infinity, $(MODELS)/infinity_video (sample.py infinity and notebook 06 read them under out/), readings in $(MODELS)/infinity_eval"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
