@@ -142,15 +142,21 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 
 
 @torch.no_grad()
-def recon_frames(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device: torch.device) -> dict:
-    """x̂ = decode(encode(x)) on every frame of the first `num_sequences` 20-frame test sequences."""
+def recon_frames(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device: torch.device,
+                 classifier=None) -> dict:
+    """x̂ = decode(encode(x)) on every frame of the first `num_sequences` 20-frame test sequences.
+
+    With a classifier, also the tokenizer's ceiling for 10 → 10 prediction (`predict`): how often the
+    reader finds both digits in the real frames 10–19 and in their round trips, over all ten frames
+    and in the last one. A predictor drawing these codes can at best match the round trip."""
     clips = data.MovingMNIST("test", num_frames=20, num_digits=2, seed=0, length=num_sequences)
     totals = {"frame_mse": 0.0, "frame_mae": 0.0, "psnr": 0.0, "ssim": 0.0}
+    found = {"real": torch.zeros(10), "recon": torch.zeros(10)}  # clips read right, per frame 10 … 19
     used = torch.zeros(model.codebook_size, dtype=torch.bool)
     frames = 0
     for first in range(0, num_sequences, batch_size):
-        video = torch.stack([clips[i]["video"] for i in range(first, min(first + batch_size, num_sequences))])
-        video = video.to(device)  # (B, T, 1, 64, 64)
+        items = [clips[i] for i in range(first, min(first + batch_size, num_sequences))]
+        video = torch.stack([item["video"] for item in items]).to(device)  # (B, T, 1, 64, 64)
         tokens = model.encode_video(video)  # (B, T, h, w)
         x = video.flatten(0, 1)  # (B·T, 1, 64, 64)
         x_rec = model.decode_video(tokens).float().clamp(0, 1).flatten(0, 1)  # (B·T, 1, 64, 64)
@@ -160,9 +166,19 @@ def recon_frames(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device
         totals["ssim"] += ssim(x_rec, x).sum().item()
         used[tokens.flatten().unique().cpu()] = True
         frames += len(x)
+        if classifier is not None:
+            shown = {"real": video.float().clamp(0, 1).cpu(), "recon": x_rec.view(video.shape).cpu()}
+            for name, pictures in shown.items():
+                for b, item in enumerate(items):
+                    found[name] += torch.tensor([digits_found(pictures[b, t], item["digits"], classifier)
+                                                 for t in range(10, 20)], dtype=torch.float)
     metrics = {name: total / frames for name, total in totals.items()}
     metrics["codebook_usage"] = used.float().mean().item()
     metrics["frames"] = frames
+    if classifier is not None:
+        for name, count in found.items():
+            metrics[f"{name}_last_frame_digits"] = count[-1].item() / num_sequences  # as `predict` names them
+            metrics[f"{name}_frames_10_19_digits"] = count.mean().item() / num_sequences
     return metrics
 
 
@@ -191,8 +207,11 @@ def run_recon(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     model = vqgan.load_vqgan(args.ckpt, map_location=device)
     is_seg = model.config.rec_loss == "ce"
-    measure = recon_sketches if is_seg else recon_frames
-    metrics = measure(model, args.num_sequences, args.batch_size, device)
+    if is_seg:
+        metrics = recon_sketches(model, args.num_sequences, args.batch_size, device)
+    else:
+        classifier = load_classifier(args.classifier, args.device) if args.classifier else None
+        metrics = recon_frames(model, args.num_sequences, args.batch_size, device, classifier)
     metrics.update(kind="seg" if is_seg else "frames", ckpt=str(args.ckpt), num_sequences=args.num_sequences,
                    codebook_size=model.codebook_size, token_shape=list(model.config.token_shape))
     if args.grid:
@@ -765,6 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8,
                        help="sequences per forward pass")
     recon.add_argument("--grid", default="", help="also write a PNG of reconstructions to this path")
+    recon.add_argument("--classifier", default="",
+                       help="a digit classifier folder (e.g. out/classifier): also report how often the reader finds "
+                            "both digits in real frames 10-19 and in their round trips (the ceiling of `predict`)")
     add_common(recon, threads=0)
 
     classifier = sub.add_parser("classifier", help="train (or load) the MNIST digit classifier; test accuracy")

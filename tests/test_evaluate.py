@@ -13,6 +13,7 @@ from conftest import mnist_available, needs_mnist
 import evaluate
 import judge
 import train
+import vqgan
 
 
 def test_ssim_of_an_image_with_itself_is_one():
@@ -111,6 +112,35 @@ def test_quickly_trained_classifier_reads_mnist_and_round_trips_through_its_file
         torch.testing.assert_close(again(x[:5]), model(x[:5]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="28, 28"):
         model(torch.zeros(2, 1, 64, 64))
+
+
+@needs_mnist
+def test_recon_reports_the_ceiling_of_prediction_frame_by_frame(classifier_dir, tmp_path, capsys):
+    import data
+
+    train.main(["--stage", "vqgan", "--max-steps", "1", "--out", str(tmp_path), "--ch", "8", "--norm-groups", "4",
+                "--codebook-size", "32", "--embed-dim", "8", "--batch-size", "2", "--frames-per-clip", "2",
+                "--device", "cpu", "--sample-every", "0"])
+    capsys.readouterr()
+    ckpt = tmp_path / "vqgan" / "ckpt.pt"
+    evaluate.main(["recon", "--ckpt", str(ckpt), "--num-sequences", "3", "--batch-size", "2", "--json",
+                   "--device", "cpu", "--classifier", str(classifier_dir)])
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Recomputed here clip by clip: the reader on the real frames 10-19 and on their round trips.
+    classifier = judge.load_classifier(classifier_dir)
+    tokenizer = vqgan.load_vqgan(ckpt)
+    clips = data.MovingMNIST("test", num_frames=20, num_digits=2, seed=0, length=3)
+    real = torch.tensor([[evaluate.digits_found(clips[i]["video"][t], clips[i]["digits"], classifier)
+                          for t in range(10, 20)] for i in range(3)], dtype=torch.float)  # (3, 10)
+    with torch.no_grad():
+        video = torch.stack([clips[i]["video"] for i in range(3)])  # (3, 20, 1, 64, 64)
+        round_trips = tokenizer.decode_video(tokenizer.encode_video(video)).clamp(0, 1)  # (3, 20, 1, 64, 64)
+    recon = torch.tensor([[evaluate.digits_found(round_trips[i, t], clips[i]["digits"], classifier)
+                           for t in range(10, 20)] for i in range(3)], dtype=torch.float)  # (3, 10)
+    assert real.sum() > 0  # the real frames are read at least once: the comparisons are not of zeros only
+    for name, count in (("real", real), ("recon", recon)):
+        assert metrics[f"{name}_frames_10_19_digits"] == pytest.approx(count.mean().item())
+        assert metrics[f"{name}_last_frame_digits"] == pytest.approx(count[:, -1].mean().item())
 
 
 def test_missing_corrupt_or_foreign_classifier_files_are_clear_errors(tmp_path):
