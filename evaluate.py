@@ -151,7 +151,7 @@ def recon_frames(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device
     and in the last one. A predictor drawing these codes can at best match the round trip."""
     clips = data.MovingMNIST("test", num_frames=20, num_digits=2, seed=0, length=num_sequences)
     totals = {"frame_mse": 0.0, "frame_mae": 0.0, "psnr": 0.0, "ssim": 0.0}
-    found = {"real": torch.zeros(10), "recon": torch.zeros(10)}  # clips read right, per frame 10 … 19
+    found = {name: torch.zeros(10, dtype=torch.float64) for name in ("real", "recon")}  # clips read right, frames 10 … 19
     used = torch.zeros(model.codebook_size, dtype=torch.bool)
     frames = 0
     for first in range(0, num_sequences, batch_size):
@@ -171,7 +171,7 @@ def recon_frames(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device
             for name, pictures in shown.items():
                 for b, item in enumerate(items):
                     found[name] += torch.tensor([digits_found(pictures[b, t], item["digits"], classifier)
-                                                 for t in range(10, 20)], dtype=torch.float)
+                                                 for t in range(10, 20)], dtype=torch.float64)
     metrics = {name: total / frames for name, total in totals.items()}
     metrics["codebook_usage"] = used.float().mean().item()
     metrics["frames"] = frames
@@ -208,6 +208,8 @@ def run_recon(args: argparse.Namespace) -> dict:
     model = vqgan.load_vqgan(args.ckpt, map_location=device)
     is_seg = model.config.rec_loss == "ce"
     if is_seg:
+        if args.classifier:
+            raise ValueError(f"--classifier reads digits in frames; {args.ckpt} is a sketch tokenizer (VQ-GAN-Seg)")
         metrics = recon_sketches(model, args.num_sequences, args.batch_size, device)
     else:
         classifier = load_classifier(args.classifier, args.device) if args.classifier else None

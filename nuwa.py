@@ -585,8 +585,8 @@ class NUWA(CodeEmbeddings, nn.Module):
 
 def code_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """− log p of each target code under teacher-forced logits (B, N, K); targets hold B·N codes
-    (any shape, raster order) → (B, N). Every decoder over VQ codes (NUWA, lip.MPS2S) and every probe
-    that scores one uses this."""
+    (any shape, raster order) → (B, N). NÜWA's loss and every evaluation or probe that scores a sequence
+    of codes use it (MP-S2S's loss keeps hole tokens only: lip.hole_token_loss)."""
     # One row of K codes per token: the softmax runs over contiguous memory (over a transposed
     # (B, K, N) view it strode across N: 29.5 → 10.7 ms per call with its backward on a CPU).
     nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B·N,)

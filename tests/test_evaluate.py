@@ -76,6 +76,9 @@ def test_recon_prints_one_json_object_last(stage, tmp_path, capsys):
     else:
         assert {"pixel_accuracy", "foreground_accuracy", "codebook_usage"} <= set(metrics)
         assert 0 <= metrics["pixel_accuracy"] <= 1 and metrics["frames"] == 20
+        with pytest.raises(ValueError, match="sketch tokenizer"):  # no digits to read in class maps
+            evaluate.main(["recon", "--ckpt", str(tmp_path / stage / "ckpt.pt"), "--num-sequences", "2",
+                           "--device", "cpu", "--classifier", str(tmp_path)])
 
 
 # ---------------------------------------------------------------------------------------------
