@@ -141,6 +141,13 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 
+def frames_read(videos: torch.Tensor, items: list[dict], classifier) -> torch.Tensor:
+    """How many of the clips' frames 10 … 19 the reader reads right (`digits_found`): videos
+    (B, 20, 1, 64, 64) in [0, 1], one clip item per video → (10,) counts."""
+    return torch.tensor([sum(digits_found(video[t], item["digits"], classifier) for video, item in zip(videos, items))
+                         for t in range(10, 20)], dtype=torch.float64)  # (10,)
+
+
 @torch.no_grad()
 def recon_frames(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device: torch.device,
                  classifier=None) -> dict:
@@ -167,11 +174,8 @@ def recon_frames(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device
         used[tokens.flatten().unique().cpu()] = True
         frames += len(x)
         if classifier is not None:
-            shown = {"real": video.float().clamp(0, 1).cpu(), "recon": x_rec.view(video.shape).cpu()}
-            for name, pictures in shown.items():
-                for b, item in enumerate(items):
-                    found[name] += torch.tensor([digits_found(pictures[b, t], item["digits"], classifier)
-                                                 for t in range(10, 20)], dtype=torch.float64)
+            found["real"] += frames_read(video.float().clamp(0, 1).cpu(), items, classifier)
+            found["recon"] += frames_read(x_rec.view(video.shape).cpu(), items, classifier)
     metrics = {name: total / frames for name, total in totals.items()}
     metrics["codebook_usage"] = used.float().mean().item()
     metrics["frames"] = frames

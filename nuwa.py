@@ -371,6 +371,16 @@ def same_code_pixels(drawn: torch.Tensor, stored: torch.Tensor) -> bool:
     return drawn.shape == stored.shape and torch.allclose(drawn.to(stored), stored, atol=1e-3)
 
 
+def code_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """− log p of each target code under teacher-forced logits (B, N, K); targets hold B·N codes
+    (any shape, raster order) → (B, N). NÜWA's loss and every evaluation or probe that scores a sequence
+    of codes use it (MP-S2S's loss keeps hole tokens only: lip.hole_token_loss)."""
+    # One row of K codes per token: the softmax runs over contiguous memory (over a transposed
+    # (B, K, N) view it strode across N: 29.5 → 10.7 ms per call with its backward on a CPU).
+    nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B·N,)
+    return nats.view(logits.shape[:2])  # (B, N)
+
+
 class NUWA(CodeEmbeddings, nn.Module):
     """The 3D encoder-decoder of NÜWA §3.3. Conditions and targets are token grids."""
 
@@ -581,16 +591,6 @@ class NUWA(CodeEmbeddings, nn.Module):
         for layer, layer_caches in zip(self.decoder, caches):
             x_p = layer.step(x_p, p, shape, layer_caches, memory, memory_shape, cross_extent)  # (B, 1, D)
         return self.logits(x_p, code_vectors)[:, 0]  # (B, K)
-
-
-def code_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """− log p of each target code under teacher-forced logits (B, N, K); targets hold B·N codes
-    (any shape, raster order) → (B, N). NÜWA's loss and every evaluation or probe that scores a sequence
-    of codes use it (MP-S2S's loss keeps hole tokens only: lip.hole_token_loss)."""
-    # One row of K codes per token: the softmax runs over contiguous memory (over a transposed
-    # (B, K, N) view it strode across N: 29.5 → 10.7 ms per call with its backward on a CPU).
-    nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B·N,)
-    return nats.view(logits.shape[:2])  # (B, N)
 
 
 def frame_so_far(embedded: torch.Tensor) -> torch.Tensor:

@@ -887,8 +887,8 @@ def check_resumed_code_pixels(model: nn.Module, state: dict, path: Path) -> None
     now. If they differ (that file was trained on since, or is another one), resuming would overwrite the
     new drawing with the old and train on codes that mean something else: refuse instead."""
     for name, drawn in model.state_dict().items():
-        if name.rsplit(".", 1)[-1] == "code_pixels" and name in state and \
-                not nuwa.same_code_pixels(drawn, state[name]):
+        is_code_pixels = name.rsplit(".", 1)[-1] == "code_pixels" and name in state
+        if is_code_pixels and not nuwa.same_code_pixels(drawn, state[name]):
             raise ValueError(f"cannot resume {path}: its codes drew other pixels ({name}) than those of the "
                              f"tokenizer given now, so that tokenizer is not the one this run was trained on "
                              f"(or it was trained on since). Pass the one recorded in the checkpoint's config, "
