@@ -40,3 +40,16 @@ def mnist_available() -> bool:
 
 
 needs_mnist = pytest.mark.skipif(not mnist_available(), reason="MNIST not found; set NUWA_DATA")
+
+
+# Pinned seeds (test_nuwa, test_lip, test_infinity): tokens that seeded generation gives with the
+# code as it is. Restructuring the code (moving functions, renaming, splitting files) must leave them
+# exactly as they are: the same seeds build the same models and draw the same samples. A deliberate
+# change of a model, its initialisation or the sampler changes them; update the pins in that commit
+# and say so.
+def position_weighted_sum(x) -> float:
+    """Σ_i x_i · sin(i) over x flattened: one number that moves with any entry of x, however little
+    (the pins' check of the float64 numbers behind the tokens)."""
+    import torch
+
+    return float((x * torch.arange(x.numel(), dtype=x.dtype).sin().view(x.shape)).sum())

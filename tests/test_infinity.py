@@ -614,10 +614,7 @@ def test_guidance_is_u_plus_s_times_c_minus_u_and_one_is_the_captioned_model():
         inf.generate(model, (1, 4, 6), "column", batch_size=1, guidance=2.0)
 
 
-# Tokens that seeded generation gives with the code as it is, pinned: restructuring the code (moving
-# functions, renaming, splitting files) must leave them exactly as they are — the same seeds build the
-# same models and draw the same samples. A deliberate change of a model, its initialisation or the
-# sampler changes them; update the pins in that commit and say so.
+# Seeded generation, pinned: the same seeds must keep giving these tokens (conftest: pinned seeds).
 PINNED_VIDEO = [
     [3, 3, 5, 1, 5, 1, 5, 4, 1, 3, 4, 4, 5, 3, 1, 5, 1, 5, 5, 10, 5, 5, 10, 5, 4, 10, 10, 5, 4, 1, 3,
      5, 1, 4, 0, 1, 4, 1, 4, 5, 5, 1, 1, 10, 10, 10, 10, 5],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_mnist
+from conftest import needs_mnist, position_weighted_sum
 
 import lip
 import nuwa
@@ -690,10 +690,7 @@ def test_both_stages_train_under_torchrun(mode, tmp_path):
     assert not model.training and not tokenizer.training
 
 
-# Tokens that seeded generation gives with the code as it is, pinned: restructuring the code (moving
-# functions, renaming, splitting files) must leave them exactly as they are — the same seeds build the
-# same models and draw the same samples. A deliberate change of a model, its initialisation or the
-# sampler changes them; update the pins in that commit and say so.
+# Seeded generation, pinned: the same seeds must keep giving these tokens (conftest: pinned seeds).
 PINNED_FILL = [
     [8, 15, 13, 8, 31, 30, 7, 11, 16, 16, 10, 17, 31, 11, 21, 15],
     [31, 31, 26, 29, 28, 20, 5, 7, 4, 6, 4, 10, 29, 19, 7, 6],
@@ -707,5 +704,4 @@ def test_seeded_inpainting_gives_the_pinned_tokens():
     # And the numbers behind them: a position-weighted sum of the teacher-forced logits (float64).
     with torch.no_grad():
         logits = model(*toy_inputs(model))
-    weights = torch.arange(logits.numel(), dtype=logits.dtype).sin().view(logits.shape)
-    assert float((logits * weights).sum()) == pytest.approx(0.8082201939645215, rel=1e-9)
+    assert position_weighted_sum(logits) == pytest.approx(0.8082201939645215, rel=1e-9)

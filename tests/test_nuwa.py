@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import position_weighted_sum
 
 import nearby_attention
 import nuwa
@@ -470,10 +471,7 @@ def test_pixel_codes_leave_every_other_initial_weight_as_without_them():
     assert ours.keys() == theirs.keys() and all(torch.equal(p, theirs[n]) for n, p in ours.items())
 
 
-# Tokens that seeded generation gives with the code as it is, pinned: restructuring the code (moving
-# functions, renaming, splitting files) must leave them exactly as they are — the same seeds build the
-# same models and draw the same samples. A deliberate change of a model, its initialisation or the
-# sampler changes them; update the pins in that commit and say so.
+# Seeded generation, pinned: the same seeds must keep giving these tokens (conftest: pinned seeds).
 PINNED_SKETCH_SAMPLE = [
     [14, 14, 14, 10, 14, 10, 1, 13, 8, 8, 3, 11, 12, 8, 8, 14, 12, 8, 12, 7, 8, 8, 6, 1, 15, 1, 7, 7,
      2, 7, 6, 7, 1, 1, 5, 12],
@@ -500,5 +498,4 @@ def test_seeded_generation_gives_the_pinned_tokens():
     model = trained_looking(toy_model())
     with torch.no_grad():
         logits = model(conditions(model)["text"], torch.tensor(PINNED_SKETCH_SAMPLE).view(2, 3, 3, 4))  # (2, N, K)
-    weights = torch.arange(logits.numel(), dtype=logits.dtype).sin().view(logits.shape)
-    assert float((logits * weights).sum()) == pytest.approx(2.6839483609784267, rel=1e-9)
+    assert position_weighted_sum(logits) == pytest.approx(2.6839483609784267, rel=1e-9)
