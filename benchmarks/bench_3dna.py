@@ -4,7 +4,7 @@
     python benchmarks/bench_3dna.py --device cuda --dtype bfloat16 --shape 16,32,32
 
 Measures, for causal decoder self-attention with bos (the decoder's layout, NÜWA §3.2), one
-forward + backward of `nearby_attention` with B=1, 8 heads of 64: the best time and the peak
+forward + backward of `nearby_kernels.nearby_attention` with B=1, 8 heads of 64: the best time and the peak
 memory of each backend, at the main shape and at T/2, T, 2T frames (how each backend grows).
 
 Peak memory, above what the inputs hold, over a warm-up forward (which builds the mask or plan
@@ -37,10 +37,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import nearby_attention as na  # noqa: E402  (after the path set-up, so the script runs from anywhere)
+import nearby_kernels as kernels  # noqa: E402  (after the path set-up, so the script runs from anywhere)
 
 SEED = 0  # the same q, k, v and output gradient in every worker, so outputs can be compared
-HEADS, HEAD_SIZE, BATCH = 8, 64, 1  # the issue's fixed setting: B=1, 8 heads × 64
+HEADS, HEAD_SIZE, BATCH = 8, 64, 1  # one fixed setting for every run: B=1, 8 heads × 64
 # Time budget per (backend, shape) for timed repeats (at least MIN_REPEATS); the best is reported.
 QUICK_BUDGET_S, FULL_BUDGET_S = 1.0, 8.0
 MIN_REPEATS, MAX_REPEATS = 3, 10
@@ -63,7 +63,7 @@ def make_inputs(shape, dtype, device):
 
 def run_once(backend, shape, extent, q, k, v, grad_out):
     """One forward + backward, the unit of time and memory measured here."""
-    out = na.nearby_attention(q, k, v, shape, shape, extent, True, bos=True, backend=backend)
+    out = kernels.nearby_attention(q, k, v, shape, shape, extent, True, bos=True, backend=backend)
     out.backward(grad_out)
     return out
 
@@ -99,7 +99,7 @@ def measure_shape(backend, shape, extent, dtype, device, budget_s, save_to=None)
     """Peak memory of warm-up + first fwd+bwd (mask or plan built from cold), and the best time."""
     cpu = device.type == "cpu"
     sync = (lambda: None) if cpu else torch.cuda.synchronize
-    for cached in (na._cached_mask, na._blocked_plan, na._flex_plan):
+    for cached in (kernels._cached_mask, kernels._blocked_plan, kernels._flex_plan):
         cached.cache_clear()  # the warm-up rebuilds the mask or plan, so that memory counts too
     if cpu:
         # RSS follows live memory only if freed blocks go back to the OS: a small fixed mmap
@@ -115,7 +115,7 @@ def measure_shape(backend, shape, extent, dtype, device, budget_s, save_to=None)
         base = torch.cuda.memory_allocated(device)
     # Warm-up forward: builds the cached mask or plan (and compiles flex); not timed.
     with torch.no_grad():
-        na.nearby_attention(q, k, v, shape, shape, extent, True, bos=True, backend=backend)
+        kernels.nearby_attention(q, k, v, shape, shape, extent, True, bos=True, backend=backend)
     # The memory call: the first forward + backward, under the small mmap threshold. It is not
     # timed: with every block mmapped, page faults would make it the slowest call of all.
     out = run_once(backend, shape, extent, q, k, v, grad_out)
@@ -149,8 +149,9 @@ def measure_backend(backend, shapes, extent, dtype, device, budget_s, save_to) -
 
 def measure_in_subprocess(backend, shapes, args, save_to) -> list[dict]:
     """CPU: a fresh process per backend, so one backend's memory never hides another's."""
-    command = [sys.executable, __file__, "--worker", backend, "--shapes", ";".join(",".join(map(str, s)) for s in shapes),
-               "--extent", args.extent, "--dtype", args.dtype, "--device", "cpu", "--save", save_to]
+    command = [sys.executable, __file__, "--worker", backend,
+               "--shapes", ";".join(",".join(map(str, s)) for s in shapes), "--extent", args.extent,
+               "--dtype", args.dtype, "--device", "cpu", "--save", save_to]
     command += ["--quick"] if args.quick else []
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -163,8 +164,10 @@ def max_abs_diff(path_a: str, path_b: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short time budget per measurement (CI, laptops)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="short time budget per measurement (CI, laptops)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--shape", default="10,32,32", help="main (T,H,W); scaling rows use T/2, T, 2T")
@@ -190,7 +193,8 @@ def main() -> None:
     if device.type == "cpu":
         print(f"load average before: {os.getloadavg()[0]:.2f}; memory = peak RSS growth over the first call")
     else:
-        print(f"device: {torch.cuda.get_device_name(device)}; memory = max_memory_allocated growth over the first call")
+        print(f"device: {torch.cuda.get_device_name(device)}; memory = max_memory_allocated growth over "
+              "the first call")
     rows = [{"T": s[0], "shape": list(s)} for s in shapes]
     with tempfile.TemporaryDirectory() as folder:
         saved = {backend: os.path.join(folder, f"{backend}.pt") for backend in backends}
@@ -209,10 +213,12 @@ def main() -> None:
     for row in rows:
         cells = " ".join(f"{row[b + '_s']:10.3f} {row[b + '_peak_mb']:11.1f}" for b in backends)
         n = row["shape"][0] * row["shape"][1] * row["shape"][2]
-        print(f"{'x'.join(map(str, row['shape'])):>12} {n:7d} {cells} {row['dense_s'] / row['blocked_s']:8.2f}"
-              f" {row['dense_peak_mb'] / row['blocked_peak_mb']:9.2f}")
+        speedup = row["dense_s"] / row["blocked_s"]
+        memory_ratio = row["dense_peak_mb"] / row["blocked_peak_mb"]
+        print(f"{'x'.join(map(str, row['shape'])):>12} {n:7d} {cells} {speedup:8.2f} {memory_ratio:9.2f}")
     growth = {b: rows[2][f"{b}_s"] / main_row[f"{b}_s"] for b in backends}
-    print(f"time growth from T={shape[0]} to T={2 * shape[0]}: " + ", ".join(f"{b} {g:.2f}x" for b, g in growth.items()))
+    print(f"time growth from T={shape[0]} to T={2 * shape[0]}: "
+          + ", ".join(f"{b} {g:.2f}x" for b, g in growth.items()))
     print("max |dense - other| over output and q/k/v gradients: "
           + ", ".join(f"{b} {d:.2e}" for b, d in diffs.items()))
     result = {

@@ -1,6 +1,6 @@
-"""Tests for nearby_attention.py: the rule, every backend against the loop reference, the module and
-its decode step. Correctness checks run in float64 on the CPU; flex runs on CUDA (marked gpu) and,
-compiled for the CPU, under the slow marker."""
+"""Tests for 3DNA: the rule (nearby_window.py), every backend against the loop reference
+(nearby_kernels.py), the layer and its decode step (nearby_attention.py). Correctness checks run in
+float64 on the CPU; flex runs on CUDA (marked gpu) and, compiled for the CPU, under the slow marker."""
 
 import itertools
 import math
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import nearby_attention as na
+import nearby_kernels as kernels
 
 HAS_CUDA = torch.cuda.is_available()
 TOL = 1e-10  # float64 agreement between two orderings of the same sums
@@ -28,11 +29,13 @@ CASES = {
 }
 
 
-def random_qkv(q_shape, kv_shape, *, batch=2, heads=3, head_size=4, dtype=torch.float64, device="cpu", seed=0):
+def random_qkv(q_shape, kv_shape, *, batch=2, heads=3, head_size=4, dtype=torch.float64, device="cpu",
+               seed=0):
     generator = torch.Generator().manual_seed(seed)
     n_q, n_k = math.prod(q_shape), math.prod(kv_shape)
     shapes = [(batch, heads, n_q, head_size), (batch, heads, n_k, head_size), (batch, heads, n_k, head_size)]
-    return [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device) for s in shapes]
+    return [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+            for s in shapes]
 
 
 def out_and_grads(fn, q, k, v, seed=1):
@@ -51,7 +54,8 @@ def _module(extent, *, causal=False, context_dim=None, backend="blocked", dim=12
 
 
 def brute_force_mask(q_shape, kv_shape, extent, causal, bos):
-    """The 3DNA rule of NÜWA §3.2 (nearby_attention.py's docstring), spelled out with loops over every (query, key) pair."""
+    """The 3DNA rule of NÜWA §3.2 (nearby_window.py's docstring), spelled out with loops over every
+    (query, key) pair."""
     (T, H, W), (T2, H2, W2), (e_t, e_h, e_w) = q_shape, kv_shape, extent
     n_q, n_k = T * H * W, T2 * H2 * W2
     mask = torch.zeros(n_q, n_k, dtype=torch.bool)
@@ -115,11 +119,12 @@ def test_tile_order_is_a_permutation_and_the_flex_mask_is_the_rule():
 
     for name in ("causal_bos", "cross_shrink", "causal_no_bos"):
         q_shape, kv_shape, extent, causal, bos, _ = CASES[name]
-        q_order, kv_order, mask_mod = na.flex_mask_mod(q_shape, kv_shape, extent, causal, bos)
+        q_order, kv_order, mask_mod = kernels.flex_mask_mod(q_shape, kv_shape, extent, causal, bos)
         assert torch.equal(q_order.sort().values, torch.arange(math.prod(q_shape)))
         assert torch.equal(kv_order.sort().values, torch.arange(math.prod(kv_shape)))
         flex_mask = create_mask(mask_mod, None, None, q_order.numel(), kv_order.numel(), device="cpu")[0, 0]
-        assert torch.equal(flex_mask, na.nearby_mask(q_shape, kv_shape, extent, causal, bos)[q_order][:, kv_order])
+        rule = na.nearby_mask(q_shape, kv_shape, extent, causal, bos)  # (Nq, Nk) in raster order
+        assert torch.equal(flex_mask, rule[q_order][:, kv_order])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +155,7 @@ BLOCKED_ROUTES = [("dense", None), ("blocked", "case"), ("blocked", "default"), 
 
 def blocked_route(tile, monkeypatch) -> None:
     if tile == "recompute":
-        monkeypatch.setattr(na, "BLOCKED_KEEP_BYTES", 0)
+        monkeypatch.setattr(kernels, "BLOCKED_KEEP_BYTES", 0)
 
 
 @pytest.mark.parametrize("backend,tile", BLOCKED_ROUTES)
@@ -160,8 +165,8 @@ def test_backend_equals_reference(name, backend, tile, monkeypatch):
     q_shape, kv_shape, extent, causal, bos, case_tile = CASES[name]
     q, k, v = random_qkv(q_shape, kv_shape)
     kwargs = {"tile": case_tile} if tile in ("case", "recompute") else {}
-    expected = out_and_grads(lambda *x: na.nearby_attention_reference(*x, q_shape, kv_shape, extent, causal, bos),
-                             q, k, v)
+    expected = out_and_grads(
+        lambda *x: na.nearby_attention_reference(*x, q_shape, kv_shape, extent, causal, bos), q, k, v)
     got = out_and_grads(lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos,
                                                        backend=backend, **kwargs), q, k, v)
     for what, g, e in zip(("output", "dq", "dk", "dv"), got, expected):
@@ -181,17 +186,17 @@ def test_blocked_gradcheck(route, monkeypatch):
 
 def test_blocked_uses_several_chunks_and_stays_exact(monkeypatch):
     # A tiny chunk size forces many chunks through forward and the recomputing backward.
-    monkeypatch.setitem(na.BLOCKED_CHUNK_QUERIES, "cpu", 4)
+    monkeypatch.setitem(kernels.BLOCKED_CHUNK_QUERIES, "cpu", 4)
     blocked_route("recompute", monkeypatch)
-    na._blocked_plan.cache_clear()
+    kernels._blocked_plan.cache_clear()
     q_shape, kv_shape, extent, causal, bos, tile = CASES["causal_bos"]
     q, k, v = random_qkv(q_shape, kv_shape)
     expected = out_and_grads(lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos,
                                                             backend="dense"), q, k, v)
     got = out_and_grads(lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos, tile=tile),
                         q, k, v)
-    assert na._blocked_plan(q_shape, kv_shape, extent, causal, bos, tile, torch.device("cpu")).chunk == 1
-    na._blocked_plan.cache_clear()
+    assert kernels._blocked_plan(q_shape, kv_shape, extent, causal, bos, tile, torch.device("cpu")).chunk == 1
+    kernels._blocked_plan.cache_clear()
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=0, atol=TOL)
 
@@ -211,7 +216,8 @@ def test_bfloat16_blocked_matches_dense():
     q_shape, kv_shape, extent, causal, bos, tile = CASES["causal_bos"]
     q, k, v = random_qkv(q_shape, kv_shape, dtype=torch.bfloat16, head_size=16)
     got = na.nearby_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile=tile)
-    expected = na.nearby_attention_reference(*(x.double() for x in (q, k, v)), q_shape, kv_shape, extent, causal, bos)
+    expected = na.nearby_attention_reference(*(x.double() for x in (q, k, v)), q_shape, kv_shape, extent,
+                                             causal, bos)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=3e-2)
 
@@ -221,14 +227,15 @@ def test_blocked_keeps_small_scores_and_recomputes_large_ones(monkeypatch):
     q_shape, kv_shape, extent, causal, bos, tile = CASES["causal_bos"]
     q, k, v = (x.requires_grad_() for x in random_qkv(q_shape, kv_shape))
     kept = []
-    monkeypatch.setattr(na, "_blocked_kept", lambda *args, real=na._blocked_kept: kept.append(1) or real(*args))
+    monkeypatch.setattr(kernels, "_blocked_kept",
+                        lambda *args, real=kernels._blocked_kept: kept.append(1) or real(*args))
     attend = lambda: na.nearby_attention(q, k, v, q_shape, kv_shape, extent, causal, bos, tile=tile)
     attend()
     assert kept == [1]  # small: plain autograd ops
     with torch.no_grad():
         attend()
     assert kept == [1]  # nothing to keep without autograd: the chunked forward
-    monkeypatch.setattr(na, "BLOCKED_KEEP_BYTES", 0)
+    monkeypatch.setattr(kernels, "BLOCKED_KEEP_BYTES", 0)
     attend()
     assert kept == [1]  # too large: recomputed in chunks
 
@@ -255,7 +262,8 @@ def test_bf16_autocast_blocked_with_table_matches_the_reference(route, monkeypat
     got = _out_and_all_grads(autocast_blocked, *(x.float() for x in (q, k, v, bias)))
     for what, g, e in zip(("output", "dq", "dk", "dv", "dbias"), got, expected):
         scale = e.abs().max().item()
-        torch.testing.assert_close(g.double(), e, rtol=0, atol=0.05 * scale, msg=lambda m, w=what: f"{w}: {m}")
+        torch.testing.assert_close(g.double(), e, rtol=0, atol=0.05 * scale,
+                                   msg=lambda m, w=what: f"{w}: {m}")
 
 
 def test_full_attention_runs_in_float32_under_cpu_autocast():
@@ -385,10 +393,13 @@ def test_reference_bias_is_an_additive_score():
 def test_bias_of_the_wrong_size_is_a_clear_error():
     shape = (2, 3, 4)
     q, k, v = random_qkv(shape, shape)
-    with pytest.raises(ValueError, match=r"relative position bias must be \(heads, offset_count\(extent\)\) = \(3, 28\)"):
-        na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False, bias=torch.zeros(3, 27, dtype=torch.float64))
+    per_head = r"relative position bias must be \(heads, offset_count\(extent\)\) = \(3, 28\)"
+    with pytest.raises(ValueError, match=per_head):
+        na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False,
+                            bias=torch.zeros(3, 27, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"per query \(B, heads, Nq, 28\) = \(2, 3, 24, 28\)"):
-        na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False, bias=torch.zeros(2, 3, 23, 28, dtype=torch.float64))
+        na.nearby_attention(q, k, v, shape, shape, (1, 1, 1), False,
+                            bias=torch.zeros(2, 3, 23, 28, dtype=torch.float64))
     layer = na.NearbyAttention(12, 3, (1, 1, 1), relative_bias=True)
     with pytest.raises(ValueError, match="covers the extent"):
         layer(torch.randn(1, 24, 12), shape, extent=(2, 1, 1))
@@ -399,13 +410,15 @@ def _biased_module(extent, backend="blocked", **kwargs):
     by the gain the module multiplies them by, so no softmax saturates and hides a wrong entry)."""
     layer = _module(extent, **kwargs)
     biased = na.NearbyAttention(12, 3, extent, causal=kwargs.get("causal", False), backend=backend,
-                                context_dim=kwargs.get("context_dim"), relative_bias=True, relative_keys=True).double()
+                                context_dim=kwargs.get("context_dim"), relative_bias=True,
+                                relative_keys=True).double()
     biased.load_state_dict(layer.state_dict(), strict=False)
     if biased.position_bias is not None:
         with torch.no_grad():
             biased.position_bias.copy_(random_bias(3, extent) / na.RELATIVE_GAIN)
-            biased.relative_keys.copy_(torch.randn(biased.relative_keys.shape, dtype=torch.float64,
-                                                   generator=torch.Generator().manual_seed(5)) / na.RELATIVE_GAIN)
+            keys = torch.randn(biased.relative_keys.shape, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(5))
+            biased.relative_keys.copy_(keys / na.RELATIVE_GAIN)
     return biased
 
 
@@ -431,7 +444,8 @@ def test_zero_bias_changes_nothing():
     shape = (3, 4, 5)
     x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
     plain = _module((1, 1, 2), causal=True)
-    biased = na.NearbyAttention(12, 3, (1, 1, 2), causal=True, relative_bias=True, relative_keys=True).double()
+    biased = na.NearbyAttention(12, 3, (1, 1, 2), causal=True, relative_bias=True,
+                                relative_keys=True).double()
     biased.load_state_dict(plain.state_dict(), strict=False)
     torch.testing.assert_close(biased(x, shape, bos=True), plain(x, shape, bos=True), rtol=0, atol=TOL)
 
@@ -443,7 +457,8 @@ def test_zero_bias_changes_nothing():
 def test_module_backends_agree():
     shape = (3, 4, 5)
     x = torch.randn(2, math.prod(shape), 12, dtype=torch.float64)
-    outs = [_module((1, 1, 2), causal=True, backend=b)(x, shape, bos=True) for b in ("reference", "dense", "blocked")]
+    outs = [_module((1, 1, 2), causal=True, backend=b)(x, shape, bos=True)
+            for b in ("reference", "dense", "blocked")]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=TOL)
     assert outs[0].shape == x.shape
@@ -467,8 +482,8 @@ def test_self_decode_step_equals_forward(extent, biased):
 
 
 @pytest.mark.parametrize("biased", [False, True], ids=["plain", "relative"])
-@pytest.mark.parametrize("extent,kv_shape", [((1, 1, 1), (2, 5, 3)), ((0, 2, 1), (6, 2, 4)), ((3, 4, 4), (2, 2, 3)),
-                                             (None, (1, 1, 7))])
+@pytest.mark.parametrize("extent,kv_shape", [((1, 1, 1), (2, 5, 3)), ((0, 2, 1), (6, 2, 4)),
+                                             ((3, 4, 4), (2, 2, 3)), (None, (1, 1, 7))])
 def test_cross_decode_step_equals_forward(extent, kv_shape, biased):
     shape = (4, 3, 5)
     layer = _biased_module(extent, context_dim=8) if biased else _module(extent, context_dim=8)
@@ -525,6 +540,17 @@ def test_bad_inputs_raise_clear_errors():
                                           context=torch.randn(1, 6, 8, dtype=torch.float64))
 
 
+def test_callers_reach_the_rule_and_the_kernels_through_nearby_attention():
+    # nuwa.py, infinity.py, the notebooks and the README use these as nearby_attention.X: the same
+    # objects as where they live, not copies.
+    import nearby_window as window
+    for name in ("nearby_mask", "nearby_rule", "project", "offset_count", "relative_offset", "relative_table",
+                 "RELATIVE_GAIN"):
+        assert getattr(na, name) is getattr(window, name), name
+    for name in ("BACKENDS", "nearby_attention", "nearby_attention_reference"):
+        assert getattr(na, name) is getattr(kernels, name), name
+
+
 # ---------------------------------------------------------------------------------------------
 # Flex (FlexAttention): CUDA, or the CPU through torch.compile (slow to compile)
 # ---------------------------------------------------------------------------------------------
@@ -537,8 +563,8 @@ def _flex_matches_reference(name, device, dtype, atol, grads=True, biased=False)
     q, k, v = random_qkv(q_shape, kv_shape, head_size=16)
     # One table per query and sequence: a wrong query order or batch index in score_mod shows.
     bias = random_bias(q.shape[1], extent, per_query=(q.shape[0], q.shape[2]))
-    reference = lambda q, k, v, b=bias: na.nearby_attention_reference(q, k, v, q_shape, kv_shape, extent, causal, bos,
-                                                                      b if biased else None)
+    reference = lambda q, k, v, b=bias: na.nearby_attention_reference(q, k, v, q_shape, kv_shape, extent,
+                                                                      causal, bos, b if biased else None)
     flex = lambda q, k, v, b=bias: na.nearby_attention(q, k, v, q_shape, kv_shape, extent, causal, bos,
                                                        backend="flex", bias=b if biased else None)
     moved = [x.to(device=device, dtype=dtype) for x in (q, k, v, bias)]
@@ -565,7 +591,8 @@ def test_flex_forward_equals_reference_on_cpu(name, biased):
 @pytest.mark.parametrize("name", FLEX_CASES)
 @pytest.mark.parametrize("biased", [False, True])
 def test_flex_equals_reference_on_cuda(name, biased):
-    _flex_matches_reference(name, "cuda", torch.float32, 2e-3, biased=biased)  # Triton's float32 dots may use tf32
+    # Triton's float32 dots may use tf32.
+    _flex_matches_reference(name, "cuda", torch.float32, 2e-3, biased=biased)
 
 
 @pytest.mark.gpu
@@ -574,8 +601,8 @@ def test_flex_equals_reference_on_cuda(name, biased):
 def test_blocked_equals_reference_on_cuda(name):
     q_shape, kv_shape, extent, causal, bos, tile = CASES[name]
     q, k, v = random_qkv(q_shape, kv_shape)
-    expected = out_and_grads(lambda *x: na.nearby_attention_reference(*x, q_shape, kv_shape, extent, causal, bos),
-                             q, k, v)
+    expected = out_and_grads(
+        lambda *x: na.nearby_attention_reference(*x, q_shape, kv_shape, extent, causal, bos), q, k, v)
     got = out_and_grads(lambda *x: na.nearby_attention(*x, q_shape, kv_shape, extent, causal, bos, tile=tile),
                         *(x.cuda() for x in (q, k, v)))
     for g, e in zip(got, expected):
