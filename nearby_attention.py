@@ -51,11 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Also the names callers reach as `nearby_attention.X` (nuwa.py, infinity.py, the notebooks and
-# benchmarks): the kernels (the loop reference beside the dense, blocked and flex backends) ...
+# What the layer is built on: the kernels (the loop reference beside the dense, blocked and flex
+# backends) and the 3D window with its relative position tables. The names in __all__ are also what
+# callers reach as `nearby_attention.X` (nuwa.py, infinity.py, the notebooks, the README).
 from nearby_kernels import BACKENDS, nearby_attention, nearby_attention_reference
-
-# ... and the 3D window with its relative position tables.
 from nearby_window import (
     PLAN_CACHE_SIZE,
     RELATIVE_GAIN,

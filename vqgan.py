@@ -15,10 +15,10 @@ and videos share one codebook (NÜWA §3.1). The tokenizer is trained with
 and a PatchGAN discriminator D is trained with its own hinge loss. VQ-GAN-Seg is the same class with
 one-hot class maps as input (in_channels = number of classes) and cross-entropy as rec_loss.
 
-Sections: 1. configuration and presets · 2. encoder (global or per cell) and decoder · 3. vector quantizer (nearest code,
-straight-through, EMA, data-dependent initialisation, dead-code restart) · 4. PatchGAN discriminator
-and the adaptive weight · 5. the VQGAN module (encode / decode / forward, video and sketch helpers)
-· 6. loading a trained tokenizer.
+Sections: 1. configuration and presets · 2. encoder (global or per cell) and decoder · 3. vector
+quantizer (nearest code, straight-through, EMA, data-dependent initialisation, dead-code restart) ·
+4. PatchGAN discriminator and the adaptive weight · 5. the VQGAN module (encode / decode / forward,
+video and sketch helpers) · 6. loading a trained tokenizer (through checkpoints.py).
 
 Glossary: B batch, T frames, C channels of a frame (1 grey, or the number of classes for a sketch),
 H W frame height/width in pixels, h w token grid (H/f, W/f), f downsampling factor, K codebook size,
@@ -40,21 +40,14 @@ Loss names and what trains what (tests/test_vqgan.py checks each):
 Deviations from the paper (each also marked `# DEVIATION` where it happens):
 - Tiny scale: 64×64 grey frames → 16×16 tokens (f = 4), K = 512, a narrow network (width 16),
   one residual block per level and attention only in the middle block. NÜWA: 336×336 RGB → 21×21
-  (f = 16), K = 12,288. We wanted f = 8 (8×8 tokens: a 10-frame video is 640 tokens, not 2,560),
-  but f = 8 cannot reach the tiny preset's bars (frame MSE ≤ 10, PSNR ≥ 26 dB) in 300 s on 2 CPU
-  cores: replaying the CPU's step budget on a GPU, the best f = 8 variants ended at a frame MSE of
-  17-25 after ~1,000 steps of 32 frames and still 13-19 after 3,000, while f = 4 was at 5-7 after 600.
-  So the tiny preset is f = 4; `--ch_mult 1 2 4 4` gives f = 8 for whoever has more compute. With
-  the cell encoder below, f = 8 is what `make demo` uses: blurrier (frame MSE 26 after 10 minutes of
-  training), but its 640-token clips are what a tiny NÜWA learns to draw digits from on a CPU (README,
-  results table).
+  (f = 16), K = 12,288. The tiny preset is f = 4 because f = 8 reconstructs too blurrily within a
+  few CPU minutes; `--ch_mult 1 2 4 4` gives f = 8 (8×8 tokens: a 10-frame clip is 640 tokens, not
+  2,560), which `make demo` uses with the cell encoder: its short clips are what a tiny NÜWA can
+  learn to draw digits from on a CPU.
 - `cell_encoder=True` swaps VQGAN's encoder, which sees the whole frame, for a per-cell one (each
-  token reads only its own f×f pixels; `CellEncoder`). Measured on 16 held-out 10-frame clips, tiny
-  preset on the CPU (global: 300 s, 943 steps; cell: 420 s, 2,169 steps, as its steps are cheaper):
-  the global encoder spreads the empty cells (93 % of all) over 312 codes, 3.6 nats of noise per
-  empty cell that a transformer must model; the cell encoder puts them on one code (0.003 nats)
-  and reconstructs about as well (`evaluate.py recon`, 1,000 test sequences × 20 frames: frame MSE
-  6.43 vs 6.11, PSNR 28.3 vs 28.6 dB, SSIM 0.985 vs 0.987, codebook usage 77 % vs 100 %).
+  token reads only its own f×f pixels; `CellEncoder`). The global encoder spreads the empty cells
+  (most of a Moving MNIST frame) over many codes, noise that a transformer must then model; the cell
+  encoder puts them on one code and reconstructs about as well (`python evaluate.py recon`).
 - No perceptual loss by default: no pretrained VGG / LPIPS weights exist offline. The term is
   pluggable (`model.perceptual = a module returning a scalar distance`) and weighted by
   `perceptual_weight`, which is 0 in the tiny and small presets.
@@ -64,17 +57,19 @@ Deviations from the paper (each also marked `# DEVIATION` where it happens):
   papers train the codebook by gradient (still available: `ema=False`). At small scale a
   gradient-trained codebook collapses to a handful of codes.
 - VQ-GAN-Seg: NÜWA gives no loss details; we use cross-entropy as rec_loss and switch the GAN off in
-  the seg presets (the class maps are reconstructed almost exactly by cross-entropy alone).
+  the seg variant (the class maps are reconstructed almost exactly by cross-entropy alone).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import checkpoints
 
 # ---------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -109,11 +104,9 @@ class VQGANConfig:
     ema_decay: float = 0.99  # γ of the EMA updates (VQ-VAE appendix: 0.99)
     ema_eps: float = 1e-5  # ε of the Laplace smoothing of the EMA counts (Sonnet's VQ-VAE-2 code)
     data_init: bool = True  # initialise the codes from encoder outputs of the first training batch
-    # Restart codes whose EMA usage (tokens per batch) fell below this; 0 = off. Measured on the f = 8 cell
-    # tokenizer (10 min, 2 CPU cores): at 1.0 a code not used in every batch was moved each step, and
-    # 230-270 codes were in use whatever K (512: 52 %, 1,024: 22 %, 2,048: 11 %); at 0.03 all 512 are
-    # (frame MSE 35 → 26; the reader on one-digit reconstructions 93.5 → 97 %). Rare codes (a stroke's
-    # end, a thin join) are what tells an 8 from a 3.
+    # Restart codes whose EMA usage (tokens per batch) fell below this; 0 = off. At 1.0 a code not used
+    # in every batch was moved each step and half of K stayed unused; at 0.03 every code is used
+    # (measured on the f = 8 cell tokenizer). Rare codes (a stroke's end, a thin join) tell an 8 from a 3.
     dead_code_threshold: float = 0.03
     # --- losses
     perceptual_weight: float = 0.0  # weight of the pluggable perceptual term (VQGAN: 1.0 with LPIPS)
@@ -141,17 +134,13 @@ class VQGANConfig:
         return (side, side)
 
     @classmethod
-    def preset(cls, name: str, *, seg: bool = False) -> VQGANConfig:
+    def preset(cls, name: str, *, seg: bool = False, **overrides) -> VQGANConfig:
         """`tiny` (CPU, minutes), `small` (one GPU), `paper` (NÜWA's sizes; build it on the meta
-        device only). `seg=True` gives the VQ-GAN-Seg variant of the preset."""
+        device only), with any field overridden. `seg=True` gives the VQ-GAN-Seg variant of the
+        preset (SEG_FIELDS); overrides win over both."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {list(PRESETS)}")
-        config = cls(**PRESETS[name])
-        if seg:
-            config.in_channels, config.rec_loss = NUM_SKETCH_CLASSES, "ce"
-            # DEVIATION (NÜWA §3.1): the GAN is off for VQ-GAN-Seg; cross-entropy alone suffices here.
-            config.disc_weight = 0.0
-        return config
+        return cls(**{**PRESETS[name], **(SEG_FIELDS if seg else {}), **overrides})
 
 
 # Presets differ only in these fields from the defaults above (which are the tiny preset).
@@ -167,6 +156,9 @@ PRESETS: dict[str, dict] = {
                   disc_weight=0.8, disc_start=250_001, disc_ch=64, disc_layers=3, batch_size=12,
                   lr=4.5e-6 * 12, frames_per_clip=1),
 }
+# VQ-GAN-Seg (NÜWA §3.1, sketches): the same network on one-hot class maps, trained by cross-entropy.
+# DEVIATION (NÜWA §3.1): the GAN is off for VQ-GAN-Seg; cross-entropy alone suffices here.
+SEG_FIELDS: dict = dict(in_channels=NUM_SKETCH_CLASSES, rec_loss="ce", disc_weight=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +280,8 @@ class Decoder(nn.Module):
                 blocks.append(ResBlock(previous, widths[level], groups))
                 previous = widths[level]
             if level > 0:  # double the resolution between levels
-                blocks += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(previous, previous, 3, padding=1)]
+                blocks += [nn.Upsample(scale_factor=2, mode="nearest"),
+                           nn.Conv2d(previous, previous, 3, padding=1)]
         self.up = nn.Sequential(*blocks)
         self.norm_out = nn.GroupNorm(groups, previous)
         # G_last: the adaptive GAN weight compares gradient norms at this layer's weight.
@@ -340,7 +333,8 @@ class VectorQuantizer(nn.Module):
         return distances.argmin(1)  # (M,)
 
     def forward(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """E(x) (B, d_B, h, w) → (B[z] with a straight-through gradient (B, d_B, h, w), z (B, h, w), losses)."""
+        """E(x) (B, d_B, h, w) → (B[z] with a straight-through gradient (B, d_B, h, w), z (B, h, w),
+        losses)."""
         B, d, h, w = z_e.shape
         with torch.autocast(z_e.device.type, enabled=False):  # distances and EMA in float32
             z = z_e.float().permute(0, 2, 3, 1).reshape(B * h * w, d)  # (M, d_B)
@@ -381,7 +375,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialise(self, z: torch.Tensor) -> None:
-        """Data-dependent init: K random distinct encoder outputs become the codes (each one, then repeats, if fewer)."""
+        """Data-dependent init: K random distinct encoder outputs become the codes (each one, then
+        repeats, if fewer)."""
         K = self.config.codebook_size
         z = distinct(z)
         picks = torch.randperm(len(z), device=z.device)[:K] if len(z) >= K else torch.cat([  # (K,)
@@ -399,7 +394,8 @@ class VectorQuantizer(nn.Module):
         """One training step of codebook bookkeeping: usage EMA, EMA codes, dead-code restart."""
         cfg, K = self.config, self.config.codebook_size
         counts = torch.bincount(indices, minlength=K).float()  # n_k (K,)
-        self.cluster_size.mul_(cfg.ema_decay).add_(counts, alpha=1 - cfg.ema_decay)  # N_k (usage in both modes)
+        # N_k (K,): the usage EMA, kept in both modes
+        self.cluster_size.mul_(cfg.ema_decay).add_(counts, alpha=1 - cfg.ema_decay)
         if cfg.ema:
             sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, z)  # Σ_{z_i = k} E(x)_i (K, d_B)
             self.embed_sum.mul_(cfg.ema_decay).add_(sums, alpha=1 - cfg.ema_decay)  # m_k
@@ -510,11 +506,13 @@ class VQGAN(nn.Module):
         """Fail early, saying what was expected, instead of deep inside a convolution."""
         f, C = self.config.downsample, self.config.in_channels
         if x.dim() != 4 or x.shape[1] != C:
+            hint = " (for a video use encode_video)" if x.dim() == 5 else ""
             raise ValueError(f"VQGAN expects frames of shape (B, {C}, H, W) with in_channels={C}, got "
-                             f"{tuple(x.shape)}" + (" (for a video use encode_video)" if x.dim() == 5 else ""))
+                             f"{tuple(x.shape)}{hint}")
         if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"frame size {tuple(x.shape[2:])} is not divisible by the downsampling factor "
-                             f"f={f}; expected H and W that are multiples of {f} (e.g. {self.config.resolution})")
+            raise ValueError(f"frame size {tuple(x.shape[2:])} is not divisible by the downsampling "
+                             f"factor f={f}; expected H and W that are multiples of {f} "
+                             f"(e.g. {self.config.resolution})")
 
     # --- the three paths: encode, decode, forward -------------------------------------------
 
@@ -532,7 +530,8 @@ class VQGAN(nn.Module):
     def empty_code(self) -> int:
         """The code of an empty cell: the commonest code of an all-black frame."""
         size = self.config.resolution
-        empty = self.encode(torch.zeros(1, self.config.in_channels, size, size, device=self.quantizer.codebook.device))
+        blank = torch.zeros(1, self.config.in_channels, size, size, device=self.quantizer.codebook.device)
+        empty = self.encode(blank)  # (1, h, w)
         return int(empty.flatten().mode().values)
 
     @torch.no_grad()
@@ -550,7 +549,8 @@ class VQGAN(nn.Module):
         """What each code looks like: code k decoded alone in the middle of an empty frame, cropped to
         its own f × f cell. Returns (K, f·f) pixels; NÜWA's pixel code embeddings read them."""
         if self.config.in_channels != 1:
-            raise ValueError("code_patches is defined for frame tokenizers (one grey channel), not VQ-GAN-Seg")
+            raise ValueError("code_patches is defined for frame tokenizers (one grey channel), "
+                             "not VQ-GAN-Seg")
         f, (h, w) = self.config.downsample, self.config.token_shape
         device = self.quantizer.codebook.device
         grids = torch.full((self.codebook_size, h, w), self.empty_code(), dtype=torch.long, device=device)
@@ -596,7 +596,8 @@ class VQGAN(nn.Module):
             return torch.zeros((), device=x.device)
         if self.perceptual is None:
             raise RuntimeError("perceptual_weight > 0 but no perceptual network is set: assign "
-                               "model.perceptual = a module (x_rec, x) -> scalar, or use --perceptual_weight 0")
+                               "model.perceptual = a module (x_rec, x) -> scalar, or use "
+                               "--perceptual_weight 0")
         return self.perceptual(self.as_image(x_rec), x)
 
     def as_image(self, x_rec: torch.Tensor) -> torch.Tensor:
@@ -644,37 +645,26 @@ def sketch_to_onehot(sketch: torch.Tensor, num_classes: int = NUM_SKETCH_CLASSES
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Loading a trained tokenizer (checkpoints are written by train.py)
+# 6. Loading a trained tokenizer (train.py writes it; checkpoints.py reads it)
 # ---------------------------------------------------------------------------------------------
 
-
-def config_from_dict(values: dict) -> VQGANConfig:
-    """A VQGANConfig from the plain dict stored in a checkpoint (lists back to tuples)."""
-    known = {f.name for f in fields(VQGANConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"checkpoint config has fields VQGANConfig does not know: {unknown}")
-    return VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def config_mismatch(expected: dict, found: dict) -> list[str]:
-    """Names and values of every field that differs, e.g. ["codebook_size: expected 512, found 256"]."""
-    names = sorted(set(expected) | set(found))
-    return [f"{n}: expected {expected.get(n)!r}, found {found.get(n)!r}" for n in names
-            if expected.get(n) != found.get(n)]
+STAGES = ("vqgan", "seg")  # the train.py stages whose checkpoints hold a VQGAN
+# The config fields that decide which weights a VQGAN has (named when a checkpoint does not fit).
+SHAPE_FIELDS = ("in_channels", "ch", "ch_mult", "num_res_blocks", "mid_attention", "cell_encoder",
+                "codebook_size", "embed_dim", "disc_ch", "disc_layers")
 
 
 def load_vqgan(path, *, config: VQGANConfig | None = None, map_location="cpu") -> VQGAN:
-    """The tokenizer stored at `path` (train.py --stage vqgan or seg), in eval mode.
+    """The tokenizer stored at `path` (train.py --stage vqgan or seg), ready in eval mode.
 
-    With `config`, a checkpoint trained with any other configuration is rejected, naming the fields.
+    A missing or corrupt file, or a checkpoint of another stage, is an error that says how to train
+    one. With `config`, a checkpoint trained with any other configuration is rejected, naming the fields.
     """
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    found = config_from_dict(checkpoint["config"])
+    checkpoint = checkpoints.read(path, stage=STAGES, map_location=map_location,
+                                  fix="train one with `python train.py --stage vqgan` (or `--stage seg`)")
+    model = VQGAN(checkpoints.config_from(VQGANConfig, checkpoint["config"], path))
     if config is not None:
-        differences = config_mismatch(asdict(config), asdict(found))
-        if differences:
-            raise ValueError(f"{path} was trained with another VQGAN configuration: " + "; ".join(differences))
-    model = VQGAN(found)
-    model.load_state_dict(checkpoint["model"])
+        # Fields added after the file was written compare with the defaults config_from gave them.
+        checkpoints.check_config(path, checkpoint, config, defaults=checkpoints.config_to_dict(model.config))
+    checkpoints.load_weights(model, checkpoint["model"], path, shape_fields=SHAPE_FIELDS)
     return model.eval()

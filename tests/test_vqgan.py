@@ -1,5 +1,6 @@
 """Tests for vqgan.py: the decode path, which parameters each loss trains, the codebook machinery
-(EMA by hand, dead-code restart), the adaptive weight by hand, overfitting, bad input, presets."""
+(EMA by hand, dead-code restart), the adaptive weight by hand, overfitting, bad input, presets, and
+loading a trained tokenizer (every way a checkpoint can be wrong)."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import vqgan
 
 
@@ -34,11 +36,13 @@ def blobs(batch: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
 def grads_by_part(model: vqgan.VQGAN, loss: torch.Tensor) -> dict[str, bool]:
     """Which parts of the model receive a non-zero gradient from `loss`."""
     parts = {"encoder": list(model.encoder.parameters()), "codebook": [model.quantizer.codebook],
-             "decoder": list(model.decoder.parameters()), "discriminator": list(model.discriminator.parameters())}
+             "decoder": list(model.decoder.parameters()),
+             "discriminator": list(model.discriminator.parameters())}
     result = {}
     for name, params in parts.items():
         trainable = [p for p in params if p.requires_grad]
-        grads = torch.autograd.grad(loss, trainable, retain_graph=True, allow_unused=True) if trainable else []
+        grads = (torch.autograd.grad(loss, trainable, retain_graph=True, allow_unused=True)
+                 if trainable else [])
         result[name] = any(g is not None and g.abs().sum() > 0 for g in grads)
     return result
 
@@ -72,8 +76,17 @@ def test_token_shape_and_presets():
     assert tiny.downsample == 4 and tiny.token_shape == (16, 16) and tiny.codebook_size == 512
     seg = vqgan.VQGANConfig.preset("tiny", seg=True)
     assert seg.in_channels == vqgan.NUM_SKETCH_CLASSES == 11 and seg.rec_loss == "ce"
+    assert seg.disc_weight == 0.0 and tiny.disc_weight > 0  # the GAN is off for VQ-GAN-Seg
     with pytest.raises(ValueError, match="unknown preset"):
         vqgan.VQGANConfig.preset("huge")
+    # Config.preset(name, **overrides), as every config of the project: overrides win over the
+    # preset and over the seg variant.
+    f8 = vqgan.VQGANConfig.preset("tiny", ch_mult=(1, 2, 4, 4), cell_encoder=True)
+    assert f8.downsample == 8 and f8.cell_encoder and f8.codebook_size == 512
+    seg_small = vqgan.VQGANConfig.preset("small", seg=True, codebook_size=64)
+    assert (seg_small.codebook_size, seg_small.rec_loss, seg_small.ch) == (64, "ce", 64)
+    with pytest.raises(TypeError, match="no_such_field"):
+        vqgan.VQGANConfig.preset("tiny", no_such_field=1)
 
 
 def test_paper_preset_parameter_count():
@@ -274,7 +287,8 @@ def test_restarted_codes_live_long_enough_to_be_used():
     assert (quantizer.codebook.data[0] - restarted).abs().max() < 0.01
     for _ in range(10):
         quantizer.update(far, torch.full((64,), 1))
-    assert (quantizer.codebook.data[0] - restarted).abs().max() > 10  # moved onto this batch once its usage decayed
+    # Moved onto this batch once its usage decayed.
+    assert (quantizer.codebook.data[0] - restarted).abs().max() > 10
     with pytest.raises(ValueError, match="dead_code_threshold"):
         vqgan.VQGAN(small_config(dead_code_threshold=-1.0))
 
@@ -349,3 +363,52 @@ def test_bad_input_says_what_was_expected():
         model.decode(torch.full((1, 8, 8), 32))
     with pytest.raises(ValueError, match="rec_loss must be"):
         vqgan.VQGAN(small_config(rec_loss="l2"))
+
+
+# --- loading a trained tokenizer -----------------------------------------------------------------
+
+
+def write_checkpoint(model: vqgan.VQGAN, path, *, stage: str = "vqgan"):
+    """The file train.py writes for a tokenizer: stage, config as plain values, weights."""
+    return checkpoints.save({"stage": stage, "config": checkpoints.config_to_dict(model.config),
+                             "model": model.state_dict()}, path)
+
+
+def test_load_vqgan_gives_the_saved_tokenizer_in_eval_mode(tmp_path):
+    torch.manual_seed(0)
+    model = vqgan.VQGAN(small_config())
+    model(blobs(), step=0)  # initialise the codebook from data, so the codes are not the init's
+    path = write_checkpoint(model.eval(), tmp_path / "vqgan" / "ckpt.pt")
+    loaded = vqgan.load_vqgan(path)
+    assert not loaded.training and loaded.config == model.config
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(blobs()), model.encode(blobs()))
+    # A VQ-GAN-Seg checkpoint loads through the same function; so does one with the expected config.
+    seg = vqgan.VQGAN(small_config(in_channels=vqgan.NUM_SKETCH_CLASSES, rec_loss="ce"))
+    seg_path = write_checkpoint(seg, tmp_path / "seg" / "ckpt.pt", stage="seg")
+    assert vqgan.load_vqgan(seg_path, config=seg.config).config.rec_loss == "ce"
+
+
+def test_load_vqgan_says_what_is_wrong_with_the_file(tmp_path):
+    model = vqgan.VQGAN(small_config())
+    with pytest.raises(FileNotFoundError, match="no vqgan or seg checkpoint at .*train.py --stage vqgan"):
+        vqgan.load_vqgan(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt or not a checkpoint"):
+        vqgan.load_vqgan(corrupt)
+    with pytest.raises(ValueError, match="stage 'nuwa', not 'vqgan' or 'seg'"):
+        vqgan.load_vqgan(write_checkpoint(model, tmp_path / "nuwa.pt", stage="nuwa"))
+    path = write_checkpoint(model, tmp_path / "ckpt.pt")
+    other = small_config(embed_dim=4)
+    with pytest.raises(ValueError, match="embed_dim: expected 4, found 8"):
+        vqgan.load_vqgan(path, config=other)
+    unknown = torch.load(path, weights_only=True)
+    unknown["config"]["wings"] = 2
+    with pytest.raises(ValueError, match=r"fields VQGANConfig does not know: \['wings'\]"):
+        vqgan.load_vqgan(checkpoints.save(unknown, tmp_path / "unknown.pt"))
+    # Weights of another shape than the stored config describes: the error names the shape fields.
+    torn = torch.load(path, weights_only=True)
+    torn["config"]["codebook_size"] = 16
+    with pytest.raises(ValueError, match="codebook_size=16"):
+        vqgan.load_vqgan(checkpoints.save(torn, tmp_path / "torn.pt"))
