@@ -30,7 +30,7 @@ Deviations from the paper:
 - The causal rule (raster order) and the bos shift are choices the paper leaves open; see
   nearby_window.py.
 - DEVIATION (NÜWA §3.2): every kernel can add a relative position table to the scores (`bias`);
-  the paper has absolute positions only (see NearbyAttention). Every backend adds the same entries
+  the paper has absolute positions only (see nearby_attention.py). Every backend adds the same entries
   as the reference (tested in float64, forward and gradients; flex in float32).
 - The blocked and flex backends are engineering, not approximations: they compute the same function
   as the reference (tested in float64).

@@ -46,7 +46,7 @@ Deviations from the paper (and choices the paper leaves open):
   uses y_p's window (not the window of the token y_{p−1} it reads). The paper does not spell this out.
 - DEVIATION (NÜWA §3.2): optional relative positions inside the window (a learned bias as in Swin /
   Neighborhood Attention, plus Shaw et al.'s relative keys). The paper has absolute position
-  embeddings only; see NearbyAttention for why the tiny models need them.
+  embeddings only; see NearbyAttention (nearby_attention.py) for why the tiny models need them.
 """
 
 from __future__ import annotations

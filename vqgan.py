@@ -146,7 +146,7 @@ class VQGANConfig:
 # Presets differ only in these fields from the defaults above (which are the tiny preset).
 PRESETS: dict[str, dict] = {
     # DEVIATION (NÜWA §3.1): f = 4 and K = 512 at 64×64 grey, not f = 16 and K = 12,288 at 336 RGB;
-    # f = 8 misses the 300-second CPU bars (module docstring).
+    # f = 8 reconstructs too blurrily in a few CPU minutes (module docstring).
     "tiny": {},
     "small": dict(ch=64, num_res_blocks=2, norm_groups=16, codebook_size=1024, embed_dim=64,
                   batch_size=64, lr=1e-3, disc_start=5000, disc_ch=64, disc_layers=3, disc_weight=0.2),
