@@ -1,6 +1,6 @@
 """Benchmark 3D Nearby Attention: dense masked vs blocked (vs flex on GPU), forward + backward.
 
-    python benchmarks/bench_3dna.py --quick                       # 2 CPU cores, under a minute
+    python benchmarks/bench_3dna.py --quick                       # 2 CPU cores: minutes (dense is O(N²))
     python benchmarks/bench_3dna.py --device cuda --dtype bfloat16 --shape 16,32,32
 
 Measures, for causal decoder self-attention with bos (the decoder's layout, NÜWA §3.2), one
