@@ -1,4 +1,5 @@
-"""Tests for nuwa.py: causality, cached = uncached generation, forced tokens, guidance, tasks."""
+"""Tests for nuwa.py and tasks.py: causality, cached = uncached generation, given tokens, guidance,
+the eight tasks."""
 
 import math
 
@@ -8,6 +9,7 @@ from conftest import position_weighted_sum
 
 import nearby_attention
 import nuwa
+import tasks
 
 K, KS = 16, 8  # codebook sizes of the toy models
 
@@ -25,7 +27,7 @@ CAPTIONS = ["digit 3 is moving left", "digit 4 is moving up then down and digit 
 
 def conditions(model):
     sketch = torch.randint(KS, (2, 3, 2, 2), generator=torch.Generator().manual_seed(1))
-    return {"text": nuwa.text_condition(model.tokenizer, CAPTIONS), "sketch": nuwa.sketch_condition(sketch)}
+    return {"text": nuwa.text_condition(model.vocabulary, CAPTIONS), "sketch": nuwa.sketch_condition(sketch)}
 
 
 # The paper's absolute positions only, the learning aids (relative bias, tied head, identity init)
@@ -85,16 +87,16 @@ def test_cached_equals_uncached_greedy(kind, scheme):
     assert torch.equal(model(cond, cached).argmax(-1), cached.view(2, -1))
 
 
-def test_cached_equals_uncached_with_sampling_and_forcing():
+def test_cached_equals_uncached_with_sampling_and_given_tokens():
     model = toy_model()
     cond = conditions(model)["text"]
-    forced = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(3))
+    given = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(3))
     keep = torch.rand(2, 3, 3, 4, generator=torch.Generator().manual_seed(4)) < 0.4
-    outs = [model.generate(cond, (3, 3, 4), forced=(forced, keep), temperature=1.0, top_k=8, top_p=0.9,
+    outs = [model.generate(cond, (3, 3, 4), given=(given, keep), temperature=1.0, top_k=8, top_p=0.9,
                            generator=torch.Generator().manual_seed(5), use_cache=c) for c in (True, False)]
     assert torch.equal(outs[0], outs[1])
-    assert torch.equal(outs[0][keep], forced[keep])  # forced tokens are kept exactly
-    assert not torch.equal(outs[0][~keep], forced[~keep])
+    assert torch.equal(outs[0][keep], given[keep])  # given tokens are kept exactly
+    assert not torch.equal(outs[0][~keep], given[~keep])
 
 
 def test_guidance_passes_share_their_input():
@@ -107,7 +109,7 @@ def test_guidance_passes_share_their_input():
     tokens = model.generate(cond, (3, 3, 4), temperature=0, guidance_scale=scale)
     # Reference: teacher-force the *generated* tokens through both passes; guided greedy decoding
     # is consistent only if both passes saw exactly these tokens as their input.
-    none = nuwa.none_condition(model.tokenizer, 2)
+    none = nuwa.none_condition(model.vocabulary, 2)
     guided = model(none, tokens) + scale * (model(cond, tokens) - model(none, tokens))
     assert torch.equal(guided.argmax(-1), tokens.view(2, -1))
     assert torch.equal(tokens, model.generate(cond, (3, 3, 4), temperature=0, guidance_scale=scale,
@@ -168,17 +170,17 @@ def test_all_eight_tasks_keep_their_given_tokens():
     image = torch.randint(K, (2, 1, 3, 4))
     video = torch.randint(K, (2, 3, 3, 4))
     sketch = torch.randint(KS, (2, 3, 3, 4))
-    assert nuwa.text_to_image(model, CAPTIONS, **gen).shape == (2, 1, 3, 4)
-    assert nuwa.sketch_to_image(model, sketch[:, :1], **gen).shape == (2, 1, 3, 4)
-    assert torch.equal(nuwa.complete_image(model, image, keep_rows=2, **gen)[:, :, :2], image[:, :, :2])
+    assert tasks.text_to_image(model, CAPTIONS, **gen).shape == (2, 1, 3, 4)
+    assert tasks.sketch_to_image(model, sketch[:, :1], **gen).shape == (2, 1, 3, 4)
+    assert torch.equal(tasks.complete_image(model, image, keep_rows=2, **gen)[:, :, :2], image[:, :, :2])
     box = torch.zeros_like(image, dtype=torch.bool)
     box[:, :, 1:, 1:3] = True
-    edited = nuwa.edit_image(model, image, CAPTIONS, box, **gen)
+    edited = tasks.edit_image(model, image, CAPTIONS, box, **gen)
     assert torch.equal(edited[~box], image[~box])
-    assert nuwa.text_to_video(model, CAPTIONS, frames=3, **gen).shape == (2, 3, 3, 4)
-    assert nuwa.sketch_to_video(model, sketch, **gen).shape == (2, 3, 3, 4)
-    assert torch.equal(nuwa.predict_video(model, video[:, :2], frames=3, **gen)[:, :2], video[:, :2])
-    assert torch.equal(nuwa.edit_video(model, video, CAPTIONS, keep_frames=1, **gen)[:, :1], video[:, :1])
+    assert tasks.text_to_video(model, CAPTIONS, frames=3, **gen).shape == (2, 3, 3, 4)
+    assert tasks.sketch_to_video(model, sketch, **gen).shape == (2, 3, 3, 4)
+    assert torch.equal(tasks.predict_video(model, video[:, :2], frames=3, **gen)[:, :2], video[:, :2])
+    assert torch.equal(tasks.edit_video(model, video, CAPTIONS, keep_frames=1, **gen)[:, :1], video[:, :1])
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -190,7 +192,7 @@ def test_a_frame_reads_only_the_frames_a_rolled_prediction_keeps(scheme):
     model = trained_looking(toy_model(extent=(1, 1, 1), **SCHEMES[scheme]))
     with torch.no_grad():
         model.target_pos.time.weight.copy_(model.target_pos.time.weight[:1].expand_as(model.target_pos.time.weight))
-    cond = nuwa.none_condition(model.tokenizer, 2)
+    cond = nuwa.none_condition(model.vocabulary, 2)
     clip = torch.randint(K, (2, 6, 3, 4), generator=torch.Generator().manual_seed(3))
     last = clip[0, -1].numel()
     whole = model(cond, clip)[:, -last:]  # (B, h·w, K): the last frame's logits
@@ -198,8 +200,8 @@ def test_a_frame_reads_only_the_frames_a_rolled_prediction_keeps(scheme):
     assert (model(cond, clip[:, -2:])[:, -last:] - whole).abs().max() > 1e-4
     greedy = dict(temperature=0.0)
     video = clip[:, :1]
-    assert torch.equal(nuwa.predict_video(model, video, frames=6, window=4, **greedy),
-                       nuwa.predict_video(model, video, frames=6, window=6, **greedy))
+    assert torch.equal(tasks.predict_video(model, video, frames=6, window=4, **greedy),
+                       tasks.predict_video(model, video, frames=6, window=6, **greedy))
 
 
 def test_rolled_prediction_stitches_frames_in_order(monkeypatch):
@@ -208,8 +210,8 @@ def test_rolled_prediction_stitches_frames_in_order(monkeypatch):
     model = toy_model()
     given_lengths = []
 
-    def fake_generate(cond, shape, *, forced, **sampling):
-        tokens, keep = forced
+    def fake_generate(cond, shape, *, given, **sampling):
+        tokens, keep = given
         g = int(keep[0].flatten(1).any(1).sum())
         given_lengths.append(g)
         out = tokens.clone()
@@ -219,18 +221,18 @@ def test_rolled_prediction_stitches_frames_in_order(monkeypatch):
 
     monkeypatch.setattr(model, "generate", fake_generate)
     video = torch.zeros(2, 2, 3, 4, dtype=torch.long)
-    rolled = nuwa.predict_video(model, video, frames=7, window=4)
+    rolled = tasks.predict_video(model, video, frames=7, window=4)
     expected = torch.tensor([0, 0, 1, 2, 3, 4, 5])[None, :, None, None].expand(2, 7, 3, 4)
     assert torch.equal(rolled, expected)
     assert given_lengths == [2, 3, 3, 3]
     with pytest.raises(ValueError, match="window of at least 2"):
-        nuwa.predict_video(model, video, frames=7, window=1)
+        tasks.predict_video(model, video, frames=7, window=1)
 
 
 def test_bad_input_errors_before_any_work():
     model = toy_model()
     with pytest.raises(ValueError, match="vocabulary is") as err:
-        nuwa.text_condition(model.tokenizer, ["digit 3 is flying left"])
+        nuwa.text_condition(model.vocabulary, ["digit 3 is flying left"])
     assert "flying" in str(err.value) and "moving" in str(err.value)
     cond = conditions(model)["text"]
     with pytest.raises(ValueError, match="does not fit the position tables"):
@@ -243,11 +245,11 @@ def test_bad_input_errors_before_any_work():
         nuwa.NUWAConfig.preset("huge")
 
 
-def test_tokenizer_round_trip_and_none():
-    tokenizer = nuwa.TextTokenizer(16)
-    ids = tokenizer.encode(CAPTIONS + [None])
+def test_caption_vocabulary_round_trip_and_none():
+    vocabulary = nuwa.CaptionVocabulary(16)
+    ids = vocabulary.encode(CAPTIONS + [None])
     assert ids.shape == (3, 16)
-    assert tokenizer.decode(ids) == CAPTIONS + ["None"]
+    assert vocabulary.decode(ids) == CAPTIONS + ["None"]
 
 
 def test_paper_preset_parameter_count():
@@ -420,21 +422,21 @@ def test_a_model_refuses_a_tokenizer_other_than_its_own():
 def test_empty_first_frames_are_drawn_again():
     model = trained_looking(toy_model())
     captions = ["digit 3 is moving left"] * 8
-    plain = nuwa.text_to_image(model, captions, generator=torch.Generator().manual_seed(0))
+    plain = tasks.text_to_image(model, captions, generator=torch.Generator().manual_seed(0))
     # Let one code that only some of these frames hold be the only "ink": the others come out empty.
     ink = next(c for c in range(K) if 0 < int((plain == c).flatten(1).any(1).sum()) < len(captions))
     blank = torch.ones(K, dtype=torch.bool)
     blank[ink] = False
     assert blank[plain].flatten(1).all(1).any()  # without redrawing some frames come out empty
     generator = torch.Generator().manual_seed(0)
-    redrawn = nuwa.text_to_image(model, captions, blank_codes=blank, redraws=50, generator=generator)
+    redrawn = tasks.text_to_image(model, captions, blank_codes=blank, redraws=50, generator=generator)
     assert not blank[redrawn].flatten(1).all(1).any()
-    video = nuwa.text_to_video(model, captions, 3, blank_codes=blank, redraws=50,
+    video = tasks.text_to_video(model, captions, 3, blank_codes=blank, redraws=50,
                                generator=torch.Generator().manual_seed(1))
     assert video.shape == (8, 3, 3, 4) and not blank[video[:, :1]].flatten(1).all(1).any()
     # Never-blank codes: nothing is redrawn and the frame is the plain sample of the same generator.
     never = torch.zeros(K, dtype=torch.bool)
-    again = nuwa.text_to_image(model, captions, blank_codes=never, generator=torch.Generator().manual_seed(0))
+    again = tasks.text_to_image(model, captions, blank_codes=never, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again, plain)
 
 
