@@ -1,5 +1,5 @@
-"""Tests for lip.py (NÜWA-LIP): the relative-estimation layers against slow references, hole
-invariance of DF-VQGAN's visible tokens (untrained and trained), symmetrical connections, visible
+"""Tests for dfvqgan.py and lip.py (NÜWA-LIP): the relative-estimation layers against slow references,
+hole invariance of DF-VQGAN's visible tokens (untrained and trained), symmetrical connections, visible
 pixels of an inpainting, the hole-only loss, MP-S2S leaks and causality, cached = uncached
 sampling, inpaint's candidates and bad inputs; and the dfvqgan / lip stages and `sample.py inpaint`
 end to end on tiny checkpoints."""
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import needs_mnist, position_weighted_sum
 
+import dfvqgan
 import lip
 import nuwa
 import vqgan
@@ -21,11 +22,11 @@ K = 32  # codebook size of the toy models
 CAPTIONS = ["digit 3 is moving up", "digit 4 is moving left then right", "digit 7 is moving down"]
 
 
-def toy_tokenizer(dtype=torch.float64, cell_encoder=False) -> lip.DFVQGAN:
-    config = lip.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8, disc_ch=8,
+def toy_tokenizer(dtype=torch.float64, cell_encoder=False) -> dfvqgan.DFVQGAN:
+    config = dfvqgan.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8, disc_ch=8,
                                       cell_encoder=cell_encoder)
     torch.manual_seed(0)
-    return lip.DFVQGAN(config).to(dtype).eval()
+    return dfvqgan.DFVQGAN(config).to(dtype).eval()
 
 
 def toy_model(**overrides) -> lip.MPS2S:
@@ -51,7 +52,7 @@ def frames(dtype=torch.float64, seed=0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def trained_tokenizer() -> lip.DFVQGAN:
+def trained_tokenizer() -> dfvqgan.DFVQGAN:
     """The toy DF-VQGAN after 30 Adam steps on a fixed batch with LIP's mask mix (float32; seconds)."""
     model = toy_tokenizer(torch.float32).train()
     x = frames(torch.float32).clamp(0.5, 1) * (frames(torch.float32, 1) > 0.7)  # sparse bright strokes
@@ -74,8 +75,8 @@ def test_masked_group_norm_equals_statistics_over_visible_entries():
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
-    m = lip.pool_mask(box_masks(), 8)  # (3, 1, 8, 8)
-    out = lip.masked_group_norm(norm, x, m)
+    m = dfvqgan.pool_mask(box_masks(), 8)  # (3, 1, 8, 8)
+    out = dfvqgan.masked_group_norm(norm, x, m)
     full = norm(x)
     for b in range(3):
         for g in range(2):
@@ -92,9 +93,9 @@ def test_masked_group_norm_equals_statistics_over_visible_entries():
 def test_masked_attention_equals_a_loop_over_queries():
     block = vqgan.AttnBlock(8, 4).double()
     x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
-    m = lip.pool_mask(box_masks()[:2], 4)  # (2, 1, 4, 4)
-    out = lip.masked_attention(block, x, m)
-    h = lip.masked_group_norm(block.norm, x, m)
+    m = dfvqgan.pool_mask(box_masks()[:2], 4)  # (2, 1, 4, 4)
+    out = dfvqgan.masked_attention(block, x, m)
+    h = dfvqgan.masked_group_norm(block.norm, x, m)
     q, k, v = block.qkv(h).view(2, 3, 8, 16).unbind(1)  # (2, C, N) each
     for b in range(2):
         defective = m[b].view(16)
@@ -132,7 +133,7 @@ def test_visible_tokens_and_skips_are_identical_whatever_the_hole_contains(train
         other_indices, other_skips = model.encode(torch.where(mask, content, x), mask)
         assert torch.equal(indices[~hole], other_indices[~hole])
         for skip, other in zip(skips, other_skips):
-            visible = ~lip.pool_mask(mask, skip.shape[-1]).expand_as(skip)
+            visible = ~dfvqgan.pool_mask(mask, skip.shape[-1]).expand_as(skip)
             assert torch.equal(skip[visible], other[visible])
         changed_somewhere |= not torch.equal(indices[hole], other_indices[hole])
     assert changed_somewhere  # the hole tokens do see the hole: the test could fail
@@ -163,9 +164,9 @@ def test_hole_tokens_are_the_max_pooled_mask():
 
 def test_symmetrical_connection_formula():
     h, skip = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    mask = lip.pool_mask(box_masks()[:2], 16)  # (2, 1, 16, 16) pixel mask of a 16-pixel "frame"
-    out = lip.DFVQGAN.connect(h, skip, mask, torch.tensor([True, False]))
-    m = lip.pool_mask(mask, 4)[0].expand(3, 4, 4)
+    mask = dfvqgan.pool_mask(box_masks()[:2], 16)  # (2, 1, 16, 16) pixel mask of a 16-pixel "frame"
+    out = dfvqgan.DFVQGAN.connect(h, skip, mask, torch.tensor([True, False]))
+    m = dfvqgan.pool_mask(mask, 4)[0].expand(3, 4, 4)
     assert torch.allclose(out[0][~m], (skip[0][~m] + h[0][~m]) / 2) and torch.equal(out[0][m], h[0][m])
     assert torch.equal(out[1], h[1])  # gate off: the skip-less decoder
 
@@ -220,9 +221,9 @@ def test_visible_pixels_of_an_inpainting_match_the_reconstruction_of_the_visible
 
 def toy_inputs(model: lip.MPS2S, batch: int = 2):
     """Text, tokens, hole, image, mask for a 4×4-token toy grid (16×16 pixels)."""
-    text = model.tokenizer.encode(CAPTIONS[:batch])
+    text = model.vocabulary.encode(CAPTIONS[:batch])
     tokens = torch.randint(K, (batch, 4, 4), generator=torch.Generator().manual_seed(2))
-    mask = lip.pool_mask(box_masks()[:batch], 16)  # (B, 1, 16, 16)
+    mask = dfvqgan.pool_mask(box_masks()[:batch], 16)  # (B, 1, 16, 16)
     image = torch.rand(batch, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     return text, tokens, lip.token_mask(mask, (4, 4)), image, mask
 
@@ -324,10 +325,10 @@ def test_the_official_decoder_input_reads_visible_tokens_only_through_the_perspe
 
 
 def test_frozen_tokens_keep_the_plain_cell_vqgans_tokens_while_the_decoder_learns():
-    config = lip.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8, disc_ch=8,
+    config = dfvqgan.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8, disc_ch=8,
                                       cell_encoder=True, freeze_tokens=True)
     torch.manual_seed(0)
-    model = lip.DFVQGAN(config).train()
+    model = dfvqgan.DFVQGAN(config).train()
     x, mask = frames(torch.float32), box_masks()
     before, decoder = model.encode(x)[0], model.decoder.conv_out.weight.clone()
     optimizer = torch.optim.Adam(model.tokenizer_parameters(), lr=1e-2)
@@ -340,7 +341,7 @@ def test_frozen_tokens_keep_the_plain_cell_vqgans_tokens_while_the_decoder_learn
     assert not torch.equal(model.decoder.conv_out.weight, decoder)
     assert all(not p.requires_grad for p in [*model.encoder.parameters(), *model.quantizer.parameters()])
     with pytest.raises(ValueError, match="cell encoder"):
-        lip.DFVQGAN(lip.DFVQGANConfig.preset("tiny", freeze_tokens=True))
+        dfvqgan.DFVQGAN(dfvqgan.DFVQGANConfig.preset("tiny", freeze_tokens=True))
 
 
 NUWA_LIKE = dict(dim=32, num_heads=2, decoder_layers=2, codebook_size=K, token_h=8, token_w=8, extent=(2, 2, 2),
@@ -360,8 +361,8 @@ def test_mps2s_started_from_a_nuwa_gives_its_text_to_image_logits_on_the_caption
     assert "decoder.0.self_attn.position_bias" in lip.init_from_nuwa(model, source)
     tokens = torch.randint(K, (3, 8, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        expected = source(nuwa.text_condition(source.tokenizer, CAPTIONS), tokens[:, None])  # (3, 64, K)
-        got = model.decode_logits(model.decoder_input(tokens, torch.ones_like(tokens, dtype=torch.bool)), model.encode_caption(model.tokenizer.encode(CAPTIONS)))
+        expected = source(nuwa.text_condition(source.vocabulary, CAPTIONS), tokens[:, None])  # (3, 64, K)
+        got = model.decode_logits(model.decoder_input(tokens, torch.ones_like(tokens, dtype=torch.bool)), model.encode_caption(model.vocabulary.encode(CAPTIONS)))
     assert torch.allclose(got, expected, atol=1e-10)
 
 
@@ -381,12 +382,12 @@ def test_a_dfvqgan_whose_codes_mean_other_pixels_is_refused(tmp_path):
     """load_lip compares what each code looked like at training (code_pixels) with what the DF-VQGAN
     it is handed draws, or, for an MP-S2S started from a NÜWA, with the plain VQGAN whose tokens that
     DF-VQGAN froze. Same K and grid, other codes: refused, naming the file."""
-    import train
+    import checkpoints
 
     def save(stage: str, model, name: str) -> str:
         path = tmp_path / name
-        train.save_checkpoint({"stage": stage, "config": train.config_to_dict(model.config),
-                               "model": model.state_dict()}, path)
+        checkpoints.save({"stage": stage, "config": checkpoints.config_to_dict(model.config),
+                          "model": model.state_dict()}, path)
         return str(path)
 
     shape = dict(ch=8, norm_groups=4, codebook_size=K, embed_dim=8, cell_encoder=True)
@@ -401,16 +402,16 @@ def test_a_dfvqgan_whose_codes_mean_other_pixels_is_refused(tmp_path):
     for name, extra in (("own", dict(init_vqgan=plains[0], freeze_tokens=True)),
                         ("other_plain", dict(init_vqgan=plains[1], freeze_tokens=True)), ("unfrozen", {})):
         torch.manual_seed(len(tokenizers))
-        model = lip.DFVQGAN(lip.DFVQGANConfig.preset("tiny", **shape, disc_ch=8, **extra))
+        model = dfvqgan.DFVQGAN(dfvqgan.DFVQGANConfig.preset("tiny", **shape, disc_ch=8, **extra))
         tokenizers[name] = (model, save("dfvqgan", model, f"{name}.pt"))
     drawn_by_itself, from_nuwa = toy_model(), toy_model(init_nuwa="nuwa.pt")
     drawn_by_itself.set_code_pixels(tokenizers["unfrozen"][0].code_patches())
     from_nuwa.set_code_pixels(vqgan.load_vqgan(plains[0]).code_patches())  # as init_from_nuwa copies them in
-    for model, dfvqgan in ((drawn_by_itself, "unfrozen"), (from_nuwa, "own")):
-        model.config.dfvqgan_ckpt = tokenizers[dfvqgan][1]
-        path = save("lip", model.float(), f"lip_{dfvqgan}.pt")
+    for model, own in ((drawn_by_itself, "unfrozen"), (from_nuwa, "own")):
+        model.config.dfvqgan_ckpt = tokenizers[own][1]
+        path = save("lip", model.float(), f"lip_{own}.pt")
         lip.load_lip(path)  # its own tokenizer: accepted
-        for other in {"unfrozen", "own", "other_plain"} - {dfvqgan}:
+        for other in {"unfrozen", "own", "other_plain"} - {own}:
             with pytest.raises(ValueError, match=f"{other}.pt"):
                 lip.load_lip(path, dfvqgan_ckpt=tokenizers[other][1])
     Path(plains[0]).unlink()  # the plain VQGAN left behind: the check cannot be made, and says so
@@ -522,8 +523,8 @@ def test_nuwa_caption_scorer_prefers_the_candidate_its_caption_explains():
     grids = torch.stack([torch.full((1, 3, 4), 1), torch.full((1, 3, 4), 2)])  # (2, 1, 3, 4): caption i → code i + 1
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):  # "None" sees both grids, each caption only its own
-        loss = (model.loss(nuwa.text_condition(model.tokenizer, captions), grids)
-                + model.loss(nuwa.none_condition(model.tokenizer, 2), grids))
+        loss = (model.loss(nuwa.text_condition(model.vocabulary, captions), grids)
+                + model.loss(nuwa.none_condition(model.vocabulary, 2), grids))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -560,7 +561,7 @@ def test_training_masks_are_a_function_of_seed_step_and_item():
     masks = [draw(0, 5, i) for i in range(12)]
     assert not all(torch.equal(masks[0], m) for m in masks[1:])
     assert all(m.any() and m.dtype == torch.bool and m.shape == (1, 64, 64) for m in masks)
-    config = lip.DFVQGANConfig()
+    config = dfvqgan.DFVQGANConfig()
     kinds = [lip.tokenizer_training_mask(lip.item_rng(0, 0, i), config).float().mean().item() for i in range(60)]
     assert 0.0 in kinds and 1.0 in kinds and any(0 < k < 1 for k in kinds)  # none, full, boxes
 
@@ -607,7 +608,7 @@ def test_dfvqgan_and_lip_stages_train_and_resume(run_folder, tmp_path, monkeypat
     # Nor does training resume when the recorded file was trained on since (here: the path the LIP
     # recorded now gives the DF-VQGAN trained one step further): the stored code pixels would hide the
     # new drawing.
-    trained_on = lip.load_dfvqgan(folder / "dfvqgan" / "ckpt.pt").requires_grad_(False)
+    trained_on = dfvqgan.load_dfvqgan(folder / "dfvqgan" / "ckpt.pt").requires_grad_(False)
     monkeypatch.setattr(train, "frozen_dfvqgan", lambda path, device: trained_on)
     with pytest.raises(ValueError, match="cannot resume .*code_pixels"):
         train.main(["--stage", "lip", "--preset", "tiny", "--max-steps", "4", "--sample-every", "0", "--device", "cpu",
@@ -627,7 +628,7 @@ def test_stage_batches_are_deterministic_and_lip_uses_the_nuwa_t2i_frames():
     assert torch.equal(first["mask"], again["mask"]) and torch.equal(first["image"], again["image"])
     t2i = train.nuwa_batch(nuwa.NUWAConfig.preset("tiny", tasks="t2i", seg_ckpt=""), 0, 7, 1, 2)["t2i"]
     assert torch.equal(first["image"], t2i["video"][:, 0]) and first["caption"] == t2i["caption"]
-    tokenizer_config = lip.DFVQGANConfig.preset("tiny", batch_size=4, frames_per_clip=2)
+    tokenizer_config = dfvqgan.DFVQGANConfig.preset("tiny", batch_size=4, frames_per_clip=2)
     one = train.dfvqgan_batch(tokenizer_config, 0, 3, 0, 1)
     halves = [train.dfvqgan_batch(tokenizer_config, 0, 3, part, 2) for part in range(2)]
     assert torch.equal(one["mask"], torch.cat([h["mask"] for h in halves]))  # micro-batches cut one batch
