@@ -79,8 +79,8 @@ class DFVQGANConfig:
     num_res_blocks: int = 1  # residual blocks per encoder level (VQGAN: 2)
     mid_attention: bool = True  # one attention block at the token resolution (VQGAN: yes)
     # DEVIATION (LIP §3.1): E may read each token's own f×f cell only (vqgan.CellEncoder, the frame
-    # tokenizer that `make models` trains). A visible cell's token then cannot see the hole at all, and the one
-    # symmetrical connection is at the token resolution (the only level such an encoder has).
+    # tokenizer that `make models` trains). A visible cell's token then cannot see the hole at all,
+    # and the one symmetrical connection is at the token resolution (the only level it has).
     cell_encoder: bool = False  # E sees only each token's own f×f pixel cell (the paper: a conv stack)
     norm_groups: int = 8  # GroupNorm groups
     codebook_size: int = 512  # K (paper: 8192)
@@ -133,7 +133,8 @@ class DFVQGANConfig:
         presets = {
             "tiny": {},  # the defaults: the tiny VQGAN's network (CPU, minutes)
             "small": dict(ch=64, num_res_blocks=2, norm_groups=16, codebook_size=1024, embed_dim=64,
-                          batch_size=64, lr=1e-3, disc_start=5000, disc_ch=64, disc_layers=3, disc_weight=0.2),
+                          batch_size=64, lr=1e-3, disc_start=5000, disc_ch=64, disc_layers=3,
+                          disc_weight=0.2),
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
@@ -268,7 +269,8 @@ class DFVQGAN(nn.Module):
 
     def tokenizer_parameters(self) -> list[nn.Parameter]:
         """E, B (when gradient-trained) and G: what the tokenizer's optimizer steps (train.py)."""
-        return [p for m in (self.encoder, self.quantizer, self.decoder) for p in m.parameters() if p.requires_grad]
+        modules = (self.encoder, self.quantizer, self.decoder)
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     # --- encoder with relative estimation ------------------------------------------------------
 
@@ -303,7 +305,8 @@ class DFVQGAN(nn.Module):
         h, _ = masked_conv(encoder.conv_out, F.silu(masked_group_norm(encoder.norm_out, h, m)), m)
         return h, skips  # (B, d_B, h, w)
 
-    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode(self, x: torch.Tensor,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Frames and masks (B, 1, H, W) → (tokens (B, h, w), skips). Visible tokens and visible skip
         entries do not depend on the hole's pixels; hole tokens are whatever the hole held."""
         mask = self.check_input(x, mask)
@@ -388,8 +391,8 @@ class DFVQGAN(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 # The config fields that decide which weights a DF-VQGAN has (named when a state dict does not fit).
-SHAPE_FIELDS = ("ch", "ch_mult", "num_res_blocks", "mid_attention", "cell_encoder", "codebook_size", "embed_dim",
-                "disc_weight", "disc_ch", "disc_layers")
+SHAPE_FIELDS = ("ch", "ch_mult", "num_res_blocks", "mid_attention", "cell_encoder", "codebook_size",
+                "embed_dim", "disc_weight", "disc_ch", "disc_layers")
 
 
 def load_dfvqgan(path, *, map_location="cpu") -> DFVQGAN:

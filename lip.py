@@ -114,9 +114,9 @@ class LIPConfig:
     # DEVIATION (the official LIP code feeds [MASK] at visible positions of the decoder input, so the
     # decoder reads visible tokens only through the perspectives): ours feeds the visible tokens
     # themselves, so the raster decoder sees the strokes just above and left of a hole token in its
-    # own window. `visible_input=False` is the official way (measured side by side: README, LIP).
+    # own window. `visible_input=False` is the official way, one flag away.
     visible_input: bool = True
-    relative_bias: bool = False  # decoder 3DNA: a learned score per head and offset (nuwa.py); needed by init_nuwa
+    relative_bias: bool = False  # decoder 3DNA: a learned score per head and offset (nuwa.py); for init_nuwa
     relative_keys: bool = False  # decoder 3DNA: + q · r_offset (nuwa.py); needed by init_nuwa
     # DEVIATION (LIP §3.2 trains MP-S2S from scratch; our option for CPU budgets): start the caption
     # embedding, code embeddings, target positions and every decoder layer from a NÜWA trained on the
@@ -138,8 +138,8 @@ class LIPConfig:
     def preset(cls, name: str, **overrides) -> LIPConfig:
         presets = {
             "tiny": {},  # CPU, minutes
-            "small": dict(dim=256, num_heads=8, token_layers=4, pixel_layers=4, decoder_layers=8, batch_size=16,
-                          lr=1e-3, warmup_steps=100),  # one GPU
+            "small": dict(dim=256, num_heads=8, token_layers=4, pixel_layers=4, decoder_layers=8,
+                          batch_size=16, lr=1e-3, warmup_steps=100),  # one GPU
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
@@ -188,7 +188,7 @@ class MPS2S(nuwa.CodeEmbeddings, nn.Module):
         self.text_pos = nuwa.PositionEmbedding3D((1, 1, config.text_len), D)
         self.text_encoder = nn.ModuleList(nuwa.EncoderLayer(config) for _ in range(config.text_layers))
         # Perspective 2: the visible tokens, hole tokens replaced by [MASK], bidirectional.
-        # DEVIATION (LIP §3.2): one token embedding for the visible-token encoder and the decoder's input (ours).
+        # DEVIATION (LIP §3.2): one token embedding for the visible-token encoder and the decoder input.
         self.token_embed = nn.Embedding(config.codebook_size, D)
         self.mask_embed = nn.Parameter(torch.zeros(D))  # the learned [MASK]
         self.token_pos = nuwa.PositionEmbedding3D(grid, D)
@@ -199,7 +199,8 @@ class MPS2S(nuwa.CodeEmbeddings, nn.Module):
         self.pixel_encoder = nn.ModuleList(nuwa.EncoderLayer(config) for _ in range(config.pixel_layers))
         # DEVIATION (LIP §3.2): a learned type embedding tells the decoder which perspective a key is from.
         self.perspective = nn.Parameter(torch.zeros(3, D))
-        # DEVIATION (LIP §3.2): a LayerNorm per perspective before concatenation, so no perspective's scale dominates (ours).
+        # DEVIATION (LIP §3.2): a LayerNorm per perspective before concatenation: no perspective's scale
+        # dominates (ours).
         self.memory_norm = nn.ModuleList(nn.LayerNorm(D) for _ in range(3))
         # The decoder: causal 3DNA self-attention, full cross-attention to the three perspectives.
         self.bos = nn.Parameter(torch.zeros(D))
@@ -215,7 +216,7 @@ class MPS2S(nuwa.CodeEmbeddings, nn.Module):
             # DEVIATION (LIP §3.2 embeds a code by a free vector; as nuwa.py): e_k = E[k] + W · pixels_k,
             # pixels_k the f × f cell the DF-VQGAN draws for code k (`set_code_pixels`, stored with the
             # model). Without it, 5,000 steps learnt only the black code: every ink token of a
-            # half-hidden digit cost 5.5 nats, about a uniform guess among the ink codes (README, NÜWA-LIP).
+            # half-hidden digit cost 5.5 nats, about a uniform guess among the ink codes.
             self.add_pixel_codes(config.patch ** 2)
 
     @property
@@ -241,13 +242,14 @@ class MPS2S(nuwa.CodeEmbeddings, nn.Module):
         self.check_inputs(text, tokens, hole, image, mask)
         B = text.shape[0]
         grid = self.token_shape
-        known = F.embedding(tokens.masked_fill(hole, 0), self.code_vectors()).view(B, -1, self.config.dim)  # (B, N, D)
+        known = F.embedding(tokens.masked_fill(hole, 0).view(B, -1), self.code_vectors())  # (B, N, D)
         known = torch.where(hole.view(B, -1, 1), self.mask_embed.to(known.dtype), known)  # [MASK] at holes
         known = known + self.token_pos(grid)  # (B, N, D)
         for layer in self.token_encoder:
             known = layer(known, grid, None)  # (B, N, D), bidirectional
         visible_pixels = torch.cat([image.masked_fill(mask, 0.0), mask.to(image.dtype)], 1)  # (B, 2, H, W)
-        patches = self.patch_embed(visible_pixels).flatten(2).transpose(1, 2) + self.patch_pos(grid)  # (B, N, D)
+        patches = self.patch_embed(visible_pixels).flatten(2).transpose(1, 2)  # (B, N, D)
+        patches = patches + self.patch_pos(grid)  # (B, N, D)
         for layer in self.pixel_encoder:
             patches = layer(patches, grid, None)  # (B, N, D)
         parts = [norm(part) + type_embedding for norm, part, type_embedding
@@ -294,11 +296,13 @@ class MPS2S(nuwa.CodeEmbeddings, nn.Module):
 
     def decode_logits(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """Decoder input (B, N, D), the perspectives (B, L + 2N, D) → logits (B, N, K)."""
-        return self.logits(nuwa.run_decoder(self.decoder, x, self.token_shape, self.memory(memory)))  # (B, N, K)
+        x = nuwa.run_decoder(self.decoder, x, self.token_shape, self.memory(memory))  # (B, N, D)
+        return self.logits(x)  # (B, N, K)
 
     def forward(self, text, tokens, hole, image, mask) -> torch.Tensor:
         """Teacher-forced logits (B, N, K) for every position of the frame (hole or not)."""
-        return self.decode_logits(self.decoder_input(tokens, hole), self.encode(text, tokens, hole, image, mask))
+        memory = self.encode(text, tokens, hole, image, mask)  # (B, L + 2N, D)
+        return self.decode_logits(self.decoder_input(tokens, hole), memory)
 
     def loss(self, text, tokens, hole, image, mask) -> torch.Tensor:
         """Cross-entropy on the hole tokens only (LIP §3.3). In training, a `cond_drop_prob` share of
@@ -338,9 +342,9 @@ class MPS2S(nuwa.CodeEmbeddings, nn.Module):
             tokens = nuwa.sample_raster(self, memories, self.token_shape, code_vectors=code_vectors,
                                         input_at=self.input_stepper(hole, code_vectors),
                                         decoder_input=functools.partial(self.decoder_input, hole=hole),
-                                        given=(given, ~hole), guidance_scale=guidance_scale, use_cache=use_cache,
-                                        draw_kept=False, temperature=temperature, top_k=top_k, top_p=top_p,
-                                        generator=generator)  # (B, N)
+                                        given=(given, ~hole), guidance_scale=guidance_scale,
+                                        use_cache=use_cache, draw_kept=False, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, generator=generator)  # (B, N)
         return tokens.view(given.shape)  # (B, h, w)
 
 
@@ -348,9 +352,11 @@ class MPS2S(nuwa.CodeEmbeddings, nn.Module):
 # 3. Starting MP-S2S from a trained NÜWA (our option, `init_nuwa`)
 # ---------------------------------------------------------------------------------------------
 
-# What must agree for a NÜWA's weights to fit MP-S2S: the shapes of every copied tensor, and how logits are formed.
-NUWA_SHARED_FIELDS = ("dim", "num_heads", "decoder_layers", "mlp_ratio", "codebook_size", "token_h", "token_w",
-                      "text_len", "extent", "relative_bias", "relative_keys", "tie_head", "pixel_codes")
+# What must agree for a NÜWA's weights to fit MP-S2S: the shapes of every copied tensor, and how
+# logits are formed.
+NUWA_SHARED_FIELDS = ("dim", "num_heads", "decoder_layers", "mlp_ratio", "codebook_size", "token_h",
+                      "token_w", "text_len", "extent", "relative_bias", "relative_keys", "tie_head",
+                      "pixel_codes")
 
 
 @torch.no_grad()
@@ -365,11 +371,13 @@ def init_from_nuwa(model: MPS2S, source: nuwa.NUWA) -> list[str]:
     would give NÜWA's text→image logits exactly (tested); the visible-token and pixel perspectives
     are new keys its cross-attention learns to read."""
     mine, theirs = model.config, source.config
-    comparable = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # extents: list or tuple
-    wrong = [f"{name}: MP-S2S {getattr(mine, name)!r}, NÜWA {getattr(theirs, name)!r}" for name in NUWA_SHARED_FIELDS
-             if comparable(getattr(mine, name)) != comparable(getattr(theirs, name))]
+    comparable = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # extents
+    differ = [name for name in NUWA_SHARED_FIELDS
+              if comparable(getattr(mine, name)) != comparable(getattr(theirs, name))]
+    wrong = [f"{name}: MP-S2S {getattr(mine, name)!r}, NÜWA {getattr(theirs, name)!r}" for name in differ]
     if theirs.encoder_layers != 0 or mine.text_layers != 0:
-        wrong.append(f"text layers: MP-S2S {mine.text_layers}, NÜWA encoder_layers {theirs.encoder_layers} (both must be 0)")
+        wrong.append(f"text layers: MP-S2S {mine.text_layers}, NÜWA encoder_layers {theirs.encoder_layers} "
+                     f"(both must be 0)")
     if model.vocabulary.words != source.vocabulary.words:
         wrong.append("caption vocabularies differ")
     if wrong:
@@ -380,7 +388,8 @@ def init_from_nuwa(model: MPS2S, source: nuwa.NUWA) -> list[str]:
              "text_pos.time.weight": source.cond_pos.time.weight[:1],
              "text_pos.height.weight": source.cond_pos.height.weight[:1],
              "text_pos.width.weight": source.cond_pos.width.weight[:L],
-             "memory_norm.0.weight": source.encoder_norm.weight, "memory_norm.0.bias": source.encoder_norm.bias,
+             "memory_norm.0.weight": source.encoder_norm.weight,
+             "memory_norm.0.bias": source.encoder_norm.bias,
              "bos": source.bos, "token_embed.weight": source.token_embed.weight,
              "target_pos.time.weight": source.target_pos.time.weight[:1],
              "target_pos.height.weight": source.target_pos.height.weight,
@@ -406,7 +415,8 @@ def init_from_nuwa(model: MPS2S, source: nuwa.NUWA) -> list[str]:
 Scorer = Callable[[torch.Tensor, str], torch.Tensor]  # (pixels (K, 1, H, W), caption) → scores (K,)
 
 
-def check_inpainting_inputs(dfvqgan: DFVQGAN, image: torch.Tensor, mask: torch.Tensor, captions: list[str]) -> None:
+def check_inpainting_inputs(dfvqgan: DFVQGAN, image: torch.Tensor, mask: torch.Tensor,
+                            captions: list[str]) -> None:
     """Clear errors for the mistakes a caller makes: shapes, dtypes, range, masks with no hole."""
     R = dfvqgan.config.resolution
     if image.dim() != 4 or tuple(image.shape[1:]) != (1, R, R):
@@ -414,20 +424,20 @@ def check_inpainting_inputs(dfvqgan: DFVQGAN, image: torch.Tensor, mask: torch.T
     if not image.is_floating_point() or image.min() < 0 or image.max() > 1:
         raise ValueError("image must be a float tensor with values in [0, 1]")
     if mask.dtype != torch.bool or mask.shape != image.shape:
-        raise ValueError(f"mask must be a bool tensor of the image's shape {tuple(image.shape)} (True = missing), "
-                         f"got {mask.dtype} of shape {tuple(mask.shape)}")
+        raise ValueError(f"mask must be a bool tensor of the image's shape {tuple(image.shape)} "
+                         f"(True = missing), got {mask.dtype} of shape {tuple(mask.shape)}")
     if len(captions) != image.shape[0]:
         raise ValueError(f"{image.shape[0]} image(s) but {len(captions)} caption(s)")
     nothing_missing = [i for i in range(len(mask)) if not mask[i].any()]
     if nothing_missing:
-        raise ValueError(f"mask of image(s) {nothing_missing} has no missing pixel: there is nothing to inpaint "
-                         f"(DFVQGAN.decode(*DFVQGAN.encode(x, mask), mask) reconstructs a frame)")
+        raise ValueError(f"mask of image(s) {nothing_missing} has no missing pixel: there is nothing to "
+                         f"inpaint (DFVQGAN.decode(*DFVQGAN.encode(x, mask), mask) reconstructs a frame)")
 
 
 @torch.no_grad()
 def inpaint(model: MPS2S, dfvqgan: DFVQGAN, image: torch.Tensor, mask: torch.Tensor, captions, *,
-            candidates: int = 1, scorer: Scorer | None = None, temperature: float = 1.0, top_k: int | None = None,
-            generator: torch.Generator | None = None, use_cache: bool = True,
+            candidates: int = 1, scorer: Scorer | None = None, temperature: float = 1.0,
+            top_k: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
             guidance_scale: float | None = None) -> tuple[torch.Tensor, dict]:
     """Fill the missing pixels of `image` (B, 1, H, W) under `mask` (B, 1, H, W) as `captions` say.
 
@@ -466,12 +476,13 @@ def inpaint(model: MPS2S, dfvqgan: DFVQGAN, image: torch.Tensor, mask: torch.Ten
         # DEVIATION (LIP §3.3): the paper reranks with CLIP; the caller's scorer stands in for it.
         scores, best = rerank(pixels, captions, scorer)
     chosen = pixels[torch.arange(B, device=device), best]  # (B, 1, H, W)
-    info = {"candidates": pixels, "scores": scores, "best": best, "tokens": tokens.view(B, K, *tokens.shape[1:]),
-            "hole": hole, "reconstruction": reconstruction}
+    info = {"candidates": pixels, "scores": scores, "best": best,
+            "tokens": tokens.view(B, K, *tokens.shape[1:]), "hole": hole, "reconstruction": reconstruction}
     return chosen, info
 
 
-def rerank(candidates: torch.Tensor, captions: list[str], scorer: Scorer) -> tuple[torch.Tensor, torch.Tensor]:
+def rerank(candidates: torch.Tensor, captions: list[str],
+           scorer: Scorer) -> tuple[torch.Tensor, torch.Tensor]:
     """Score every frame's K candidates under its caption: candidates (B, K, 1, H, W) → scores (B, K)
     and the index of the best (B,). (LIP §3.3 ranks with CLIP; `inpaint` calls this with its scorer.)"""
     B, K = candidates.shape[:2]
@@ -500,7 +511,8 @@ def half_digit_mask(frame: torch.Tensor, side: str) -> torch.Tensor:
     rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     ym, xm = (y0 + y1) // 2, (x0 + x1) // 2
-    box = {"top": (y0, ym, x0, x1), "bottom": (ym, y1, x0, x1), "left": (y0, y1, x0, xm), "right": (y0, y1, xm, x1)}
+    box = {"top": (y0, ym, x0, x1), "bottom": (ym, y1, x0, x1),
+           "left": (y0, y1, x0, xm), "right": (y0, y1, xm, x1)}
     top, bottom, left, right = box[side]
     mask[0, top:bottom, left:right] = True
     return mask
@@ -512,7 +524,8 @@ def item_rng(seed: int, step: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, index])
 
 
-def training_mask(frame: torch.Tensor, rng: np.random.Generator, box_prob: float, half_digit_prob: float) -> torch.Tensor:
+def training_mask(frame: torch.Tensor, rng: np.random.Generator, box_prob: float,
+                  half_digit_prob: float) -> torch.Tensor:
     """One MP-S2S training mask (1, H, W): LIP's random boxes, half of the digit, or half of the frame."""
     kind = rng.random()
     if kind < box_prob:
@@ -541,7 +554,8 @@ def tokenizer_training_mask(rng: np.random.Generator, config: DFVQGANConfig) -> 
 # What an MP-S2S checkpoint written before these fields existed was trained with: the paper's choices.
 LEGACY_LIP_DEFAULTS = dict(tie_head=False, pixel_codes=False)
 # The config fields that decide which weights an MP-S2S has (named when a state dict does not fit).
-SHAPE_FIELDS = ("tie_head", "pixel_codes", "codebook_size", "token_h", "token_w", "relative_bias", "relative_keys")
+SHAPE_FIELDS = ("tie_head", "pixel_codes", "codebook_size", "token_h", "token_w", "relative_bias",
+                "relative_keys")
 
 
 def load_lip(path, *, dfvqgan_ckpt: str | None = None, map_location="cpu") -> tuple[MPS2S, DFVQGAN]:
@@ -575,11 +589,13 @@ def check_code_meaning(model: MPS2S, dfvqgan: DFVQGAN, path: str) -> None:
     plain_path = dfvqgan.config.init_vqgan
     if not (dfvqgan.config.freeze_tokens and plain_path):
         raise ValueError(f"{path} is not a DF-VQGAN that keeps a plain VQGAN's tokens (init_vqgan="
-                         f"{plain_path!r}, freeze_tokens={dfvqgan.config.freeze_tokens}), but this MP-S2S was "
-                         f"started from a NÜWA and predicts such tokens: pass the DF-VQGAN it was trained with")
+                         f"{plain_path!r}, freeze_tokens={dfvqgan.config.freeze_tokens}), but this MP-S2S "
+                         f"was started from a NÜWA and predicts such tokens: pass the DF-VQGAN it was "
+                         f"trained with")
     if not Path(plain_path).exists():  # e.g. a model copied to another machine without that file
-        warnings.warn(f"cannot check that {path} gives the codes this MP-S2S learnt: the plain VQGAN whose tokens "
-                      f"it froze ({plain_path}) is not there. Inpaintings decode as noise if it is another one.",
+        warnings.warn(f"cannot check that {path} gives the codes this MP-S2S learnt: the plain VQGAN whose "
+                      f"tokens it froze ({plain_path}) is not there. Inpaintings decode as noise if it is "
+                      f"another one.",
                       stacklevel=3)
         return
     model.check_code_pixels(vqgan.load_vqgan(plain_path), f"{path} (its tokens are those of {plain_path})",
@@ -591,5 +607,6 @@ def check_pair(config: LIPConfig, dfvqgan_config: DFVQGANConfig) -> None:
     found = (dfvqgan_config.codebook_size, dfvqgan_config.token_shape, dfvqgan_config.downsample)
     if found != (config.codebook_size, (config.token_h, config.token_w), config.patch):
         raise ValueError(f"the DF-VQGAN gives {found[0]} codes on a {found[1]} grid (f = {found[2]}), but "
-                         f"MP-S2S expects {config.codebook_size} codes on ({config.token_h}, {config.token_w}) "
-                         f"with patch {config.patch}: set --codebook-size / --token-h / --token-w / --patch to match")
+                         f"MP-S2S expects {config.codebook_size} codes on ({config.token_h}, "
+                         f"{config.token_w}) with patch {config.patch}: set --codebook-size / --token-h / "
+                         f"--token-w / --patch to match")

@@ -7,12 +7,11 @@ from nearby_attention.py), §3.3 (the 3D encoder-decoder, Eq. 6-9) and §3.4 (th
 objective, Eq. 10). The eight tasks of §4 (T2I, S2I, I2I, TI2I, T2V, S2V, V2V, TV2V) are in tasks.py.
 
 In plain words: a condition C (a caption, a sketch, or the word "None") is a grid of tokens that
-an encoder of non-causal 3DNA layers (none in the tiny model: below) turns into a memory. A
-decoder reads the target's tokens in raster order (frame, row, column), each layer doing causal
-3DNA self-attention, 3DNA cross-attention to the memory, and an MLP, and predicts the next VQ
-token. Generation samples one token at a time; a rolling key/value cache makes each step cost
-O(window), not O(N). The decoder's input, one step of it, and the sampling loop (section 6) are
-written once and shared with NÜWA-LIP's MP-S2S (lip.py), whose decoder is the same.
+an encoder of non-causal 3DNA layers turns into a memory. A decoder reads the target's tokens in
+raster order (frame, row, column), each layer doing causal 3DNA self-attention, 3DNA
+cross-attention to the memory and an MLP, and predicts the next VQ token. Generation samples one
+token at a time, a rolling key/value cache making each step O(window), not O(N); that loop
+(section 6) is shared with NÜWA-LIP's MP-S2S (lip.py), whose decoder is the same.
 
 Equations (plain text; p is a target position in raster order):
     position (Eq. 6):   Pos(t, i, j) = Pos_t[t] + Pos_h[i] + Pos_w[j]   (three learned tables)
@@ -23,50 +22,35 @@ Equations (plain text; p is a target position in raster order):
     guidance (ours):    l = l_None + s · (l_C − l_None)
 
 Sections: 1. configuration · 2. the caption vocabulary and conditions · 3. building blocks
-· 4. code embeddings · 5. the model · 6. raster decoding (shared with lip.MPS2S) · 7. sampling
-and training helpers · 8. loading a checkpoint.
+· 4. code embeddings · 5. the model · 6. raster decoding and sampling (shared with lip.MPS2S)
+· 7. the optimiser's parameter groups · 8. loading a checkpoint.
 
 Glossary: B batch, T frames, h w token rows/columns per frame, N = T·h·w target tokens,
 Nc condition tokens, D width, nh heads, hs head size, K codebook size, L caption length,
 e_t e_h e_w extents (radii), p a target position in raster order, y_p the target token at p,
 e_k the embedding of code k, s the guidance scale.
 
-Deviations from the paper (each also marked at its line):
-- Scale: the `tiny` preset is ~100× narrower and shallower than the paper's 870M model, and the
-  tokens come from our small VQ-GAN on 64×64 Moving MNIST frames (16×16 tokens per frame).
-- The caption is padded to a fixed length L with a learned <pad> word that is attended like any
-  word (the paper does not say how it pads); this keeps text a fixed 1×1×L grid.
-- Positional embedding of decoder input p is that of the target position p it predicts (the paper
-  sums three tables per position; which position the shifted input carries is our choice).
-- Relative positions inside every 3DNA window (NearbyAttention's relative_bias and relative_keys: a
-  score b[h, o] + q·r[h, o]/√hs per head and 3D offset o), on top of the paper's absolute tables;
-  the output head tied to the token embedding; decoder self-attention's W^V and W^O starting as the
-  identity. Without them the tiny model does not learn to copy a token from the previous frame, so
-  no digit moves (the learning probes of benchmarks/bench_learn.py).
-- Pixel code embeddings (`pixel_codes`): a code's embedding, and so its tied logit, is a free vector
-  plus a learned projection of the f × f pixels the tokenizer draws for it. A moving digit is
-  redrawn by new codes in every frame; what the model learns about a stroke then carries over to
-  the codes that draw shifted copies of it.
-- First-frame context (`first_frame_context`, an experiment, OFF by default): an input p of frame 0
-  also carries a learned projection of the mean embedding of the codes drawn so far in that frame.
-  A 3DNA query sees only the rows just above it, so in frame 0 (nothing earlier to copy) no
-  position knows whether the digit has been drawn yet, and the model can finish the frame empty.
-  Sampling with `blank_codes` (tasks.text_to_image) is what removes empty first frames.
-- Video prediction (V2V) is trained on the predicted half only (`v2v_loss_on_given` False); the paper
-  sums the loss over every token.
-- The opening frames get more training (the `t2v_start` task and `start_steps` phase of training):
-  clips cut to their first `start_frames` frames, under the whole clip's caption. Only frame 1 shows
-  where the digit goes first; a causal decoder scores those frames exactly as in the whole clip, so
-  this re-weights Eq. 10's terms without changing the model.
+Deviations from the paper (each also marked at its line; the `paper` preset and PAPER_SCHEME turn
+off the learning aids, TINY_PAPER_SCHEME is the paper's model at the tiny scale):
+- Scale: the `tiny` preset is ~100× narrower and shallower than the paper's 870M model, over the
+  tokens of our small VQ-GAN on 64×64 Moving MNIST frames (16×16 tokens per frame).
+- Captions are padded to L words with a learned <pad> word, attended like any word (the paper does
+  not say how it pads). Decoder input p carries the position of the target p it predicts.
+- Learning aids, without which the tiny model does not learn to copy a token from the previous
+  frame (benchmarks/bench_learn.py): relative positions in every 3DNA window (`relative_bias`,
+  `relative_keys`: a score b[h, o] + q·r[h, o]/√hs per head and 3D offset o); the head tied to the
+  code embeddings (`tie_head`); self-attention's W^V = W^O = I at the start (`identity_init`); and
+  pixel code embeddings (`pixel_codes`): e_k = E[k] + W · pixels_k, the f × f pixels the tokenizer
+  draws for code k, so what is learnt about a stroke carries over to its shifted copies' codes.
+- First-frame context (`first_frame_context`, an experiment, OFF by default): input p of frame 0
+  also carries W_f · the mean embedding of the codes drawn so far in that frame.
 - No encoder layers in the tiny model (`encoder_layers` 0; the paper has 12): the memory is
-  LayerNorm(token + position) of each caption word (or sketch token), read by the decoder's
-  cross-attention. A tiny encoder collapsed the caption into one summary in which the words' order
-  ("left then right" against "right then left") was lost; without it the decoder reads each word.
-- The `paper` preset (and PAPER_SCHEME; TINY_PAPER_SCHEME adds the two encoder layers) turns all
-  of these off: `train.py --no-relative-bias --no-relative-keys --no-tie-head --no-identity-init
-  --no-pixel-codes --v2v-loss-on-given --encoder-layers 2` trains the paper's model at the tiny scale.
-- Classifier-free guidance is an option we add (off by default, the paper does not use it); the
-  unconditional pass uses the condition "None" and is fed exactly the same decoder input.
+  LayerNorm(token + position) of each caption word or sketch token (a tiny encoder collapsed the
+  caption into one summary that lost the words' order).
+- V2V is trained on the predicted half only (`v2v_loss_on_given` False; the paper: every token),
+  and the opening frames get more training (the `t2v_start` task re-weights Eq. 10's terms).
+- Classifier-free guidance is an option we add (off by default); the "None" pass is fed exactly
+  the same decoder input.
 """
 
 from __future__ import annotations
@@ -94,8 +78,7 @@ from nearby_attention import NearbyAttention
 # states none; ours is GPT-2's, `init_weights`), V2V trained on every token (NUWAConfig).
 PAPER_SCHEME = dict(relative_bias=False, relative_keys=False, tie_head=False, identity_init=False,
                     pixel_codes=False, first_frame_context=False, v2v_loss_on_given=True)
-# The paper's model at the tiny scale: those switches and a text encoder (two layers, as our tiny
-# model had before it dropped them; the `paper` preset has 12).
+# The paper's model at the tiny scale: those switches and a two-layer encoder (the `paper` preset has 12).
 TINY_PAPER_SCHEME = {**PAPER_SCHEME, "encoder_layers": 2}
 
 
@@ -104,8 +87,7 @@ class NUWAConfig:
     dim: int = 128  # D, model width (paper: 1280)
     num_heads: int = 4  # nh, attention heads (paper: 20)
     # DEVIATION (tiny model; paper: 12): no encoder layers, the memory is LayerNorm(word + position) of
-    # every caption slot. Two layers collapsed into one summary of the caption, losing word order
-    # (module docstring); `--encoder-layers 2` trains the earlier tiny encoder.
+    # every caption slot (module docstring); `--encoder-layers 2` trains a tiny encoder.
     encoder_layers: int = 0  # L_enc, 3DNA layers over the condition (paper: 12)
     decoder_layers: int = 4  # L_dec, 3DNA layers over the target (paper: 24)
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D (the usual transformer value)
@@ -125,7 +107,7 @@ class NUWAConfig:
     tie_head: bool = True  # the output head shares the target token embedding's matrix
     identity_init: bool = True  # decoder self-attention's value and output projections start as identity
     pixel_codes: bool = True  # a code's embedding (and tied logit) includes a projection of its pixels
-    first_frame_context: bool = False  # frame 0's input p adds a projection of the mean code of that frame so far
+    first_frame_context: bool = False  # frame 0's input p adds a projection of the mean code so far
     # --- training (train.py --stage nuwa); the model itself ignores these fields
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frame tokenizer whose codes this model predicts
     seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
@@ -140,7 +122,7 @@ class NUWAConfig:
     v2v_batch_size: int = 0  # V2V clips per step (20 frames each: the costliest task); 0 = batch_size
     start_frames: int = 2  # task t2v_start: the first start_frames frames of a clip, under its whole caption
     start_batch_size: int = 0  # t2v_start clips per step; 0 = batch_size
-    mix_start_batch_size: int = 0  # t2v_start clips per step of the mix, after start_steps; 0 = start_batch_size
+    mix_start_batch_size: int = 0  # t2v_start clips per mix step after start_steps; 0 = start_batch_size
     lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
     weight_decay: float = 0.01  # AdamW weight decay (paper: not stated)
     warmup_steps: int = 100  # linear learning-rate warm-up (paper: not stated)
@@ -437,31 +419,22 @@ class NUWA(CodeEmbeddings, nn.Module):
         self.decoder_norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, config.codebook_size, bias=False)
         self.apply(init_weights)
-        if config.tie_head:
-            # DEVIATION (NÜWA §3.3 does not say): logits are h · e_k, the embedding of code k, so a layer
-            # that copies a neighbour's embedding into the stream predicts that neighbour's code.
+        if config.tie_head:  # DEVIATION (NÜWA §3.3 does not say): logits h · e_k; copying e_k predicts code k
             self.head.weight = self.token_embed.weight
         if config.identity_init:
-            # DEVIATION (the paper does not state its initialisation): W^V = W^O = I in decoder
-            # self-attention, so each head passes on its slice of the normalised stream of the token it
-            # reads (its embedding and position, at the first layer) from the first step: learning to
-            # copy is then learning *where* to look.
+            # DEVIATION (the paper states no initialisation): W^V = W^O = I in decoder self-attention, so
+            # each head passes on the token it reads from the first step: learning to copy is then
+            # learning *where* to look.
             for layer in self.decoder:
                 for linear in (layer.self_attn.v_proj, layer.self_attn.out_proj):
                     nn.init.eye_(linear.weight)
         if config.pixel_codes:
-            # DEVIATION (NÜWA §3.3 embeds a code by a free vector): e_k = E[k] + W · pixels_k, where
-            # pixels_k is the f × f cell the tokenizer draws for code k (VQGAN.code_patches, copied in by
-            # `set_code_pixels` before training and stored with the model). Codes that look alike start
-            # alike, and with the tied head the logit of code k is a score of its pixels, so what the
-            # model learns about one stroke transfers to the hundreds of codes that draw shifted copies
-            # of it (a moving digit is redrawn by new codes in every frame).
+            # DEVIATION (NÜWA §3.3 embeds a code by a free vector): e_k = E[k] + W · pixels_k, pixels_k the
+            # f × f cell the tokenizer draws for code k (`set_code_pixels`, stored with the model).
             self.add_pixel_codes((data.CANVAS // config.token_h) * (data.CANVAS // config.token_w))
         if config.first_frame_context:
-            # OPTION, off by default (not in NÜWA §3.3; an experiment, module docstring): an input p of
-            # frame 0 also carries W_f · frame_so_far, the mean embedding of the codes drawn before p in
-            # frame 0. W_f starts at zero (the model starts as without it) and is built last (every
-            # other weight starts the same).
+            # OPTION, off by default (not in NÜWA §3.3): frame 0's input p adds W_f · frame_so_far. W_f
+            # starts at zero and is built last, so every other weight starts as without it.
             self.first_frame_proj = nn.Linear(D, D, bias=False)
             nn.init.zeros_(self.first_frame_proj.weight)
 
@@ -526,7 +499,8 @@ class NUWA(CodeEmbeddings, nn.Module):
         """Decoder input (B, N, D) over the grid `shape` → logits (B, N, K)."""
         return self.logits(run_decoder(self.decoder, x, tuple(shape), memory))  # (B, N, K)
 
-    def loss(self, cond: Condition, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, cond: Condition, targets: torch.Tensor,
+             loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """NÜWA Eq. 10: L = − Σ_p log p(y_p | y_<p, C), averaged over the (optionally masked) targets."""
         self.check_targets(targets)
         if self.training and self.config.cond_drop_prob > 0:
@@ -559,8 +533,9 @@ class NUWA(CodeEmbeddings, nn.Module):
     @torch.no_grad()
     def generate(self, cond: Condition, target_shape: tuple[int, int, int], *,
                  given: tuple[torch.Tensor, torch.Tensor] | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True, guidance_scale: float | None = None, caches: list | None = None,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 guidance_scale: float | None = None, caches: list | None = None,
                  progress: bool = False) -> torch.Tensor:
         """Sample target tokens (B, T, h, w) one position at a time in raster order (`sample_raster`).
 
@@ -580,9 +555,10 @@ class NUWA(CodeEmbeddings, nn.Module):
             code_vectors = self.code_vectors()  # (K, D), once for all steps
             tokens = sample_raster(self, memories, target_shape, code_vectors=code_vectors,
                                    input_at=self.input_stepper(target_shape, code_vectors),
-                                   decoder_input=self.decoder_input, given=given, guidance_scale=guidance_scale,
-                                   use_cache=use_cache, caches=caches, progress=progress, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, generator=generator)  # (B, N)
+                                   decoder_input=self.decoder_input, given=given,
+                                   guidance_scale=guidance_scale, use_cache=use_cache, caches=caches,
+                                   progress=progress, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator)  # (B, N)
         return tokens.view(-1, *target_shape)  # (B, T, h, w)
 
     def new_caches(self) -> list:
@@ -601,7 +577,7 @@ def frame_so_far(embedded: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # 6. Raster decoding, shared by NUWA and lip.MPS2S: the decoder's input, a full pass, one cached
-#    step, and the token-by-token sampling loop
+#    step, one token's sampling, guidance, and the token-by-token sampling loop
 # ---------------------------------------------------------------------------------------------
 
 StepInput = Callable[[torch.Tensor, int], torch.Tensor]  # (tokens so far (B, N), p) → input p (B, 1, D)
@@ -613,7 +589,8 @@ def shift_right(bos: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
     return torch.cat([bos.expand(embedded.shape[0], 1, -1), embedded], dim=1)  # (B, N, D)
 
 
-def previous_code(bos: torch.Tensor, tokens: torch.Tensor, p: int, code_vectors: torch.Tensor) -> torch.Tensor:
+def previous_code(bos: torch.Tensor, tokens: torch.Tensor, p: int,
+                  code_vectors: torch.Tensor) -> torch.Tensor:
     """Input p of the shifted decoder, before its position: bos at p = 0, else e(y_{p−1}).
     tokens (B, N) → (B, 1, D)."""
     if p == 0:
@@ -621,7 +598,8 @@ def previous_code(bos: torch.Tensor, tokens: torch.Tensor, p: int, code_vectors:
     return F.embedding(tokens[:, p - 1:p], code_vectors)  # (B, 1, D)
 
 
-def run_decoder(layers: nn.ModuleList, x: torch.Tensor, shape: tuple[int, int, int], memory: Memory) -> torch.Tensor:
+def run_decoder(layers: nn.ModuleList, x: torch.Tensor, shape: tuple[int, int, int],
+                memory: Memory) -> torch.Tensor:
     """The full (teacher-forced) pass of the decoder layers (Eq. 8-9): x (B, N, D) → (B, N, D)."""
     for layer in layers:
         x = layer(x, shape, memory)  # (B, N, D)
@@ -645,6 +623,30 @@ def decoder_caches(layers: nn.ModuleList) -> list:
 def cache_nbytes(caches: list) -> int:
     """Bytes held by generation caches: a list (one per pass) of per-layer (self, cross) caches."""
     return sum(cache.nbytes() for per_pass in caches for layer in per_pass for cache in layer)
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits (B, K): greedy when temperature == 0, else softmax sampling
+    restricted to the top-k codes and/or the smallest set whose probability reaches top_p."""
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature ≥ 0 (0 = greedy), top_k ≥ 1 and 0 < top_p ≤ 1 "
+                         f"(or None); got temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits.float() / temperature  # (B, K)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, K)
+        sorted_probs = sorted_logits.softmax(dim=-1)  # (B, K)
+        # Drop a code when the codes ranked above it already reach top_p (the first is always kept).
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, K)
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)  # back to code order
+        logits = logits.masked_fill(drop, -math.inf)
+    probs = logits.softmax(dim=-1)  # (B, K)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
 def guide(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale: float) -> torch.Tensor:
@@ -695,32 +697,8 @@ def sample_raster(model: nn.Module, memories: list[Memory], shape: tuple[int, in
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Sampling one token, and the optimiser's parameter groups
+# 7. The optimiser's parameter groups
 # ---------------------------------------------------------------------------------------------
-
-
-def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of logits (B, K): greedy when temperature == 0, else softmax sampling
-    restricted to the top-k codes and/or the smallest set whose probability reaches top_p."""
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"sampling needs temperature ≥ 0 (0 = greedy), top_k ≥ 1 and 0 < top_p ≤ 1 (or None); "
-                         f"got temperature={temperature}, top_k={top_k}, top_p={top_p}")
-    if temperature == 0:
-        return logits.argmax(dim=-1)  # (B,)
-    logits = logits.float() / temperature  # (B, K)
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, K)
-        sorted_probs = sorted_logits.softmax(dim=-1)  # (B, K)
-        # Drop a code when the codes ranked above it already reach top_p (the first is always kept).
-        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, K)
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)  # back to code order
-        logits = logits.masked_fill(drop, -math.inf)
-    probs = logits.softmax(dim=-1)  # (B, K)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -100,7 +100,8 @@ def text_to_video(model: nuwa.NUWA, captions: list[str], frames: int, *,
     cond = nuwa.text_condition(model.vocabulary, captions)
     if blank_codes is None:
         return model.generate(cond, frame_shape(model, frames), **sampling)
-    first = text_to_image(model, captions, blank_codes=blank_codes, redraws=redraws, **sampling)  # (B, 1, h, w)
+    first = text_to_image(model, captions, blank_codes=blank_codes, redraws=redraws,
+                          **sampling)  # (B, 1, h, w)
     tokens = first.expand(-1, frames, -1, -1).clone()  # (B, T, h, w); only frame 0 is kept
     keep = torch.zeros_like(tokens, dtype=torch.bool)
     keep[:, 0] = True
@@ -132,10 +133,12 @@ def predict_video(model: nuwa.NUWA, video_tokens: torch.Tensor, frames: int, *, 
     if frames <= k:
         raise ValueError(f"predict_video needs frames > {k} given frames, got {frames}")
     if window is None:
-        trained = model.config.predict_frames if "v2v" in model.config.tasks.split(",") else model.config.frames
+        config = model.config
+        trained = config.predict_frames if "v2v" in config.tasks.split(",") else config.frames
         window = min(trained, model.target_pos.max_shape[0])
     if window < 2:
-        raise ValueError(f"predict_video needs a window of at least 2 frames (1 given, 1 drawn), got {window}")
+        raise ValueError(f"predict_video needs a window of at least 2 frames (1 given, 1 drawn), "
+                         f"got {window}")
     cond = nuwa.none_condition(model.vocabulary, B)
     video = video_tokens
     while video.shape[1] < frames:
@@ -181,7 +184,8 @@ class Models:
         seg_path = seg_ckpt or config.seg_ckpt
         self.seg = vqgan.load_vqgan(seg_path, map_location=device).to(device) if seg_path else None
         if self.vqgan.codebook_size != self.nuwa.config.codebook_size:
-            raise ValueError(f"VQ-GAN codebook {self.vqgan.codebook_size} ≠ NÜWA's {self.nuwa.config.codebook_size}")
+            raise ValueError(f"VQ-GAN codebook {self.vqgan.codebook_size} ≠ NÜWA's "
+                             f"{self.nuwa.config.codebook_size}")
         self.nuwa.check_code_pixels(self.vqgan, vqgan_ckpt or config.vqgan_ckpt)
 
     @torch.no_grad()
@@ -201,5 +205,6 @@ class Models:
             raise ValueError("this NÜWA checkpoint was trained without a sketch tokenizer; pass --seg PATH")
         expected = self.seg.config.resolution
         if tuple(sketch.shape[-2:]) != (expected, expected):
-            raise ValueError(f"sketch must be {expected}×{expected} class maps, got {tuple(sketch.shape[-2:])}")
+            raise ValueError(f"sketch must be {expected}×{expected} class maps, "
+                             f"got {tuple(sketch.shape[-2:])}")
         return self.seg.encode_sketch(sketch.to(self.device))
