@@ -15,9 +15,10 @@ K, KS = 16, 8  # codebook sizes of the toy models
 
 
 def toy_model(**overrides) -> nuwa.NUWA:
-    toy = dict(dim=32, num_heads=2, encoder_layers=1, decoder_layers=2, codebook_size=K, sketch_codebook_size=KS,
-               token_h=3, token_w=4, max_frames=6)
-    config = nuwa.NUWAConfig.preset("tiny", **{**toy, **overrides})  # overrides win (the paper scheme's encoder)
+    toy = dict(dim=32, num_heads=2, encoder_layers=1, decoder_layers=2, codebook_size=K,
+               sketch_codebook_size=KS, token_h=3, token_w=4, max_frames=6)
+    # Overrides win (the paper scheme's encoder).
+    config = nuwa.NUWAConfig.preset("tiny", **{**toy, **overrides})
     torch.manual_seed(0)
     return nuwa.NUWA(config).double().eval()
 
@@ -34,8 +35,8 @@ def conditions(model):
 # with the first-frame context (an experiment, off by default) on so that its step is proven too, and
 # the tiny default: the aids and no encoder layers (the memory is the condition's embedding itself).
 SCHEMES = {"paper": nuwa.PAPER_SCHEME,
-           "aids": dict(relative_bias=True, relative_keys=True, tie_head=True, identity_init=True, pixel_codes=True,
-                        first_frame_context=True),
+           "aids": dict(relative_bias=True, relative_keys=True, tie_head=True, identity_init=True,
+                        pixel_codes=True, first_frame_context=True),
            "default": dict(encoder_layers=0)}
 
 
@@ -54,7 +55,8 @@ def trained_looking(model: nuwa.NUWA) -> nuwa.NUWA:
                                 / nearby_attention.RELATIVE_GAIN)
         if model.config.first_frame_context:
             weight = model.first_frame_proj.weight
-            weight.copy_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype) / weight.shape[1] ** 0.5)
+            weight.copy_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype)
+                         / weight.shape[1] ** 0.5)
     return model
 
 
@@ -301,11 +303,13 @@ def test_learning_aids_are_what_they_say():
     assert model.head.weight is model.token_embed.weight  # tied: logits are h · e_k
     layer = model.decoder[0]
     eye = torch.eye(model.config.dim, dtype=torch.float64)
-    assert torch.equal(layer.self_attn.v_proj.weight, eye) and torch.equal(layer.self_attn.out_proj.weight, eye)
+    assert torch.equal(layer.self_attn.v_proj.weight, eye)
+    assert torch.equal(layer.self_attn.out_proj.weight, eye)
     assert not torch.equal(layer.cross_attn.v_proj.weight, eye)  # only the self-attention copies
     extent = model.config.extent
     for attention in (layer.self_attn, layer.cross_attn, model.encoder[0].attn):
-        assert attention.position_bias.shape == (model.config.num_heads, math.prod(2 * e + 1 for e in extent) + 1)
+        offsets = math.prod(2 * e + 1 for e in extent)
+        assert attention.position_bias.shape == (model.config.num_heads, offsets + 1)
     paper = toy_model(**SCHEMES["paper"])
     assert paper.head.weight is not paper.token_embed.weight
     assert not hasattr(paper, "code_pixels") and not hasattr(paper, "pixel_embed")
@@ -332,15 +336,16 @@ def test_old_checkpoints_load_the_paper_way_and_mismatches_name_the_field(tmp_pa
     torch.save({"stage": "nuwa", "config": old_config, "model": paper.state_dict()}, tmp_path / "old.pt")
     loaded = nuwa.load_nuwa(tmp_path / "old.pt")
     assert not loaded.config.relative_bias and not loaded.config.relative_keys and not loaded.config.tie_head
-    assert not loaded.config.identity_init and not loaded.config.pixel_codes and loaded.config.v2v_loss_on_given
+    assert not loaded.config.identity_init and not loaded.config.pixel_codes
+    assert loaded.config.v2v_loss_on_given
     assert not loaded.config.first_frame_context
     # A state dict whose tables do not fit the config it records is refused, naming the field.
-    torch.save({"stage": "nuwa", "config": {**old_config, "relative_bias": True}, "model": paper.state_dict()},
-               tmp_path / "mismatch.pt")
+    torch.save({"stage": "nuwa", "config": {**old_config, "relative_bias": True},
+                "model": paper.state_dict()}, tmp_path / "mismatch.pt")
     with pytest.raises(ValueError, match="relative_bias=True"):
         nuwa.load_nuwa(tmp_path / "mismatch.pt")
-    torch.save({"stage": "nuwa", "config": {**old_config, "first_frame_context": True}, "model": paper.state_dict()},
-               tmp_path / "no_context.pt")  # a frame-context model's checkpoint without its W_f
+    torch.save({"stage": "nuwa", "config": {**old_config, "first_frame_context": True},
+                "model": paper.state_dict()}, tmp_path / "no_context.pt")  # a frame-context model without W_f
     with pytest.raises(ValueError, match="first_frame_context=True"):
         nuwa.load_nuwa(tmp_path / "no_context.pt")
 
@@ -358,7 +363,8 @@ def test_parameter_groups_list_every_parameter_once_and_decay_weight_matrices_on
 
 def test_pixel_codes_embed_and_score_each_code_by_its_pixels():
     model = trained_looking(toy_model(**SCHEMES["aids"]))
-    vectors = model.token_embed.weight + model.code_pixels @ model.pixel_embed.weight.t()  # e_k = E[k] + W·pixels_k
+    # e_k = E[k] + W·pixels_k
+    vectors = model.token_embed.weight + model.code_pixels @ model.pixel_embed.weight.t()
     assert torch.allclose(model.code_vectors(), vectors)
     cond = conditions(model)["text"]
     targets = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(2))
@@ -394,7 +400,8 @@ def test_code_patches_draw_each_code_in_its_own_cell():
     # Blank codes: those whose cell stays darker than the threshold, and always the empty cell's code,
     # however grey this untrained tokenizer draws it.
     blank, empty = tokenizer.blank_codes(0.5), tokenizer.empty_code()
-    torch.testing.assert_close(blank[torch.arange(8) != empty], (patches.amax(1) < 0.5)[torch.arange(8) != empty])
+    others = torch.arange(8) != empty
+    torch.testing.assert_close(blank[others], (patches.amax(1) < 0.5)[others])
     assert torch.equal(tokenizer.blank_codes(0.0), torch.arange(8) == empty)  # no pixel is darker than 0
 
 
@@ -409,13 +416,13 @@ def test_a_model_refuses_a_tokenizer_other_than_its_own():
     torch.manual_seed(1)
     other = vqgan.VQGAN(vqgan.VQGANConfig(codebook_size=8)).eval()
     h, w = own.config.token_shape
-    model = nuwa.NUWA(nuwa.NUWAConfig(dim=16, num_heads=2, decoder_layers=1, codebook_size=8, token_h=h, token_w=w))
+    shape = dict(dim=16, num_heads=2, decoder_layers=1, codebook_size=8, token_h=h, token_w=w)
+    model = nuwa.NUWA(nuwa.NUWAConfig(**shape))
     model.set_code_pixels(own.code_patches())
     model.check_code_pixels(own, "own.pt")  # its own: accepted
     with pytest.raises(ValueError, match="other.pt is not the tokenizer this model was trained on"):
         model.check_code_pixels(other, "other.pt")
-    paper = nuwa.NUWA(nuwa.NUWAConfig(dim=16, num_heads=2, decoder_layers=1, codebook_size=8, token_h=h, token_w=w,
-                                      pixel_codes=False))
+    paper = nuwa.NUWA(nuwa.NUWAConfig(**shape, pixel_codes=False))
     paper.check_code_pixels(other, "other.pt")  # nothing stored to compare: not checked
 
 
@@ -436,7 +443,8 @@ def test_empty_first_frames_are_drawn_again():
     assert video.shape == (8, 3, 3, 4) and not blank[video[:, :1]].flatten(1).all(1).any()
     # Never-blank codes: nothing is redrawn and the frame is the plain sample of the same generator.
     never = torch.zeros(K, dtype=torch.bool)
-    again = tasks.text_to_image(model, captions, blank_codes=never, generator=torch.Generator().manual_seed(0))
+    again = tasks.text_to_image(model, captions, blank_codes=never,
+                                generator=torch.Generator().manual_seed(0))
     assert torch.equal(again, plain)
 
 
@@ -467,7 +475,8 @@ def test_pixel_codes_leave_every_other_initial_weight_as_without_them():
     torch.manual_seed(0)
     with_pixels = nuwa.NUWA(nuwa.NUWAConfig.preset("tiny", dim=32, num_heads=2, token_h=4, token_w=4))
     torch.manual_seed(0)
-    without = nuwa.NUWA(nuwa.NUWAConfig.preset("tiny", dim=32, num_heads=2, token_h=4, token_w=4, pixel_codes=False))
+    without = nuwa.NUWA(nuwa.NUWAConfig.preset("tiny", dim=32, num_heads=2, token_h=4, token_w=4,
+                                               pixel_codes=False))
     theirs = dict(without.named_parameters())
     ours = {n: p for n, p in with_pixels.named_parameters() if n != "pixel_embed.weight"}
     assert ours.keys() == theirs.keys() and all(torch.equal(p, theirs[n]) for n, p in ours.items())
