@@ -1,97 +1,84 @@
-"""NÜWA: a 3D transformer encoder-decoder over token grids, its eight tasks, and cached sampling.
+"""NÜWA: a 3D transformer encoder-decoder over token grids, and the raster sampling loop.
 
 Paper: Wu et al., "NÜWA: Visual Synthesis Pre-training for Neural visUal World creAtion",
-arXiv 2111.12417 (ECCV 2022). Sections implemented: §3.1 (every modality is a 3D grid of tokens;
-this file consumes the grids that vqgan.py produces), §3.2 (3D Nearby Attention, imported from
-nearby_attention.py), §3.3 (the 3D encoder-decoder, Eq. 6-9), §3.4 (training objective, Eq. 10),
-and the eight tasks of §4 (T2I, S2I, I2I, TI2I, T2V, S2V, V2V, TV2V).
+arXiv 2111.12417 (ECCV 2022). Sections implemented here: §3.1 (every modality is a 3D grid of
+tokens; this file consumes the grids that vqgan.py produces), §3.2 (3D Nearby Attention, imported
+from nearby_attention.py), §3.3 (the 3D encoder-decoder, Eq. 6-9) and §3.4 (the training
+objective, Eq. 10). The eight tasks of §4 (T2I, S2I, I2I, TI2I, T2V, S2V, V2V, TV2V) are in tasks.py.
 
 In plain words: a condition C (a caption, a sketch, or the word "None") is a grid of tokens that
-an encoder of non-causal 3DNA layers (none in the tiny model: below) turns into a memory. A
-decoder reads the target's tokens in raster order (frame, row, column), each layer doing causal
-3DNA self-attention, 3DNA cross-attention to the memory, and an MLP, and predicts the next VQ
-token. Generation samples one token at a time; a rolling key/value cache makes each step cost
-O(window), not O(N).
+an encoder of non-causal 3DNA layers turns into a memory. A decoder reads the target's tokens in
+raster order (frame, row, column), each layer doing causal 3DNA self-attention, 3DNA
+cross-attention to the memory and an MLP, and predicts the next VQ token. Generation samples one
+token at a time, a rolling key/value cache making each step O(window), not O(N); that loop
+(section 6) is shared with NÜWA-LIP's MP-S2S (lip.py), whose decoder is the same.
+
+Equations (plain text; p is a target position in raster order):
+    position (Eq. 6):   Pos(t, i, j) = Pos_t[t] + Pos_h[i] + Pos_w[j]   (three learned tables)
+    encoder (Eq. 7):    C⁽ˡ⁾ = 3DNA(C⁽ˡ⁻¹⁾, C⁽ˡ⁻¹⁾)   (non-causal; + pre-norm and MLP)
+    decoder (Eq. 8-9):  Y⁽ˡ⁾_p = 3DNA(Y⁽ˡ⁻¹⁾_≤p, Y⁽ˡ⁻¹⁾_≤p) + 3DNA(Y⁽ˡ⁻¹⁾_p, C⁽ᴸ⁾),  input Y⁽⁰⁾ =
+                        [bos, e(y_0), …, e(y_{N-2})] + Pos   (shifted right by one)
+    loss (Eq. 10):      L = − Σ_p log p(y_p | y_<p, C)
+    guidance (ours):    l = l_None + s · (l_C − l_None)
+
+Sections: 1. configuration · 2. the caption vocabulary and conditions · 3. building blocks
+· 4. code embeddings · 5. the model · 6. raster decoding and sampling (shared with lip.MPS2S)
+· 7. the optimiser's parameter groups · 8. loading a checkpoint.
 
 Glossary: B batch, T frames, h w token rows/columns per frame, N = T·h·w target tokens,
-Nc condition tokens, D width, nh heads, K codebook size, L caption length,
-e_t e_h e_w extents (radii), p a target position in raster order, y_p the target token at p.
+Nc condition tokens, D width, nh heads, hs head size, K codebook size, L caption length,
+e_t e_h e_w extents (radii), p a target position in raster order, y_p the target token at p,
+e_k the embedding of code k, s the guidance scale.
 
-Deviations from the paper (each also marked at its line):
-- Scale: the `tiny` preset is ~100× narrower and shallower than the paper's 870M model, and the
-  tokens come from our small VQ-GAN on 64×64 Moving MNIST frames (16×16 tokens per frame).
-- The caption is padded to a fixed length L with a learned <pad> word that is attended like any
-  word (the paper does not say how it pads); this keeps text a fixed 1×1×L grid.
-- Positional embedding of decoder input p is that of the target position p it predicts (the paper
-  sums three tables per position; which position the shifted input carries is our choice).
-- Relative positions inside every 3DNA window (NearbyAttention's relative_bias and relative_keys: a
-  score b[h, o] + q·r[h, o]/√hs per head and 3D offset o), on top of the paper's absolute tables;
-  the output head tied to the token embedding; decoder self-attention's W^V and W^O starting as the
-  identity. Without them the tiny model never learns to copy a token from the previous frame, so no
-  digit moves (learning probes, README).
-- Pixel code embeddings (`pixel_codes`): a code's embedding, and so its tied logit, is a free vector
-  plus a learned projection of the f × f pixels the tokenizer draws for it. A digit moving 3.6 px
-  per frame is redrawn by new codes in every frame; what the model learns about a stroke then
-  carries over to the codes that draw shifted copies of it (real-token probe, README).
-- First-frame context (`first_frame_context`, an experiment, OFF by default): an input p of frame 0
-  also carries a learned projection of the mean embedding of the codes drawn so far in that frame.
-  A 3DNA query sees only the rows just above it, so in frame 0 (an image, or a video's first frame:
-  nothing earlier to copy) no position knows whether the digit has been drawn yet, and the model
-  can finish the frame empty (then copy it to every frame). It did not help in the `make models`
-  recipe (empty videos 5 of 16 with it, 3 of 16 without; README), nor in every frame (on the copy
-  probe it kept the model from learning to copy: 0.60 nats/token at step 300, against 0.04).
-  Sampling with `blank_codes` (nuwa.text_to_image; `--redraw-empty` in sample.py and evaluate.py)
-  is what removes empty first frames.
-- Video prediction (V2V) is trained on the predicted half only (`v2v_loss_on_given` False); the paper
-  sums the loss over every token.
-- The opening frames get more training (train.py's `t2v_start` task and `start_steps` phase): clips
-  cut to their first `start_frames` frames, under the whole clip's caption. Only frame 1 shows
-  where the digit goes first, and only the caption says it; a causal decoder scores those frames
-  exactly as in the whole clip, so this re-weights Eq. 10's terms without changing the model.
+Deviations from the paper (each also marked at its line; the `paper` preset and PAPER_SCHEME turn
+off the learning aids, TINY_PAPER_SCHEME is the paper's model at the tiny scale):
+- Scale: the `tiny` preset is ~100× narrower and shallower than the paper's 870M model, over the
+  tokens of our small VQ-GAN on 64×64 Moving MNIST frames (16×16 tokens per frame).
+- Captions are padded to L words with a learned <pad> word, attended like any word (the paper does
+  not say how it pads). Decoder input p carries the position of the target p it predicts.
+- Learning aids, without which the tiny model does not learn to copy a token from the previous
+  frame (benchmarks/bench_learn.py): relative positions in every 3DNA window (`relative_bias`,
+  `relative_keys`: a score b[h, o] + q·r[h, o]/√hs per head and 3D offset o); the head tied to the
+  code embeddings (`tie_head`); self-attention's W^V = W^O = I at the start (`identity_init`); and
+  pixel code embeddings (`pixel_codes`): e_k = E[k] + W · pixels_k, the f × f pixels the tokenizer
+  draws for code k, so what is learnt about a stroke carries over to its shifted copies' codes.
+- First-frame context (`first_frame_context`, an experiment, OFF by default): input p of frame 0
+  also carries W_f · the mean embedding of the codes drawn so far in that frame.
 - No encoder layers in the tiny model (`encoder_layers` 0; the paper has 12): the memory is
-  LayerNorm(token + position) of each caption word (or sketch token), read by the decoder's
-  cross-attention. In the three tiny models with 2 encoder layers that we opened, each head of the
-  first layer attended to one fixed slot from every position (weight ≈ 1) and wrote values of norm
-  270–620 into all slots, so after the encoder's LayerNorm every slot held almost the same vector:
-  a summary of the caption in which "left then right" and "right then left" (the same words, so
-  only their order says where the digit goes first) were nearly equal. On the order probe
-  (benchmarks/bench_learn.py) the encoder-free model reads the order from step 100, the two-layer
-  one from step 600 (README, "Reading the words' order").
-- The `paper` preset (and PAPER_SCHEME; TINY_PAPER_SCHEME adds the two encoder layers) turns all
-  of these off: `train.py --no-relative-bias --no-relative-keys --no-tie-head --no-identity-init
-  --no-pixel-codes --v2v-loss-on-given --encoder-layers 2` trains the paper's model at the tiny scale.
-- Classifier-free guidance is an option we add (off by default, the paper does not use it); the
-  unconditional pass uses the condition "None" and is fed exactly the same decoder input.
-- Video prediction longer than the clips the model was trained on rolls (`predict_video`'s window):
-  each further frame is drawn at the last trained time position, after the frames before it. The
-  3DNA window bounds how far back a frame reads, so this changes nothing but the time positions.
+  LayerNorm(token + position) of each caption word or sketch token (a tiny encoder collapsed the
+  caption into one summary that lost the words' order).
+- V2V is trained on the predicted half only (`v2v_loss_on_given` False; the paper: every token),
+  and the opening frames get more training (the `t2v_start` task re-weights Eq. 10's terms).
+- Classifier-free guidance is an option we add (off by default); the "None" pass is fed exactly
+  the same decoder input.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
+import checkpoints
 import data
+import runtime
 from nearby_attention import NearbyAttention
 
 # ---------------------------------------------------------------------------------------------
-# Configuration
+# 1. Configuration
 # ---------------------------------------------------------------------------------------------
 
 
 # The paper's model: absolute positions only, an untied head, no copying initialisation (the paper
-# states none; ours is GPT-2's, `_init_weights`), V2V trained on every token (NUWAConfig).
+# states none; ours is GPT-2's, `init_weights`), V2V trained on every token (NUWAConfig).
 PAPER_SCHEME = dict(relative_bias=False, relative_keys=False, tie_head=False, identity_init=False,
                     pixel_codes=False, first_frame_context=False, v2v_loss_on_given=True)
-# The paper's model at the tiny scale: those switches and a text encoder (two layers, as our tiny
-# model had before it dropped them; the `paper` preset has 12).
+# The paper's model at the tiny scale: those switches and a two-layer encoder (the `paper` preset has 12).
 TINY_PAPER_SCHEME = {**PAPER_SCHEME, "encoder_layers": 2}
 
 
@@ -100,8 +87,7 @@ class NUWAConfig:
     dim: int = 128  # D, model width (paper: 1280)
     num_heads: int = 4  # nh, attention heads (paper: 20)
     # DEVIATION (tiny model; paper: 12): no encoder layers, the memory is LayerNorm(word + position) of
-    # every caption slot. Two layers collapsed into one summary of the caption, losing word order
-    # (module docstring); `--encoder-layers 2` trains the earlier tiny encoder.
+    # every caption slot (module docstring); `--encoder-layers 2` trains a tiny encoder.
     encoder_layers: int = 0  # L_enc, 3DNA layers over the condition (paper: 12)
     decoder_layers: int = 4  # L_dec, 3DNA layers over the target (paper: 24)
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D (the usual transformer value)
@@ -115,13 +101,13 @@ class NUWAConfig:
     dropout: float = 0.0  # residual dropout (paper: not stated; off at our scale)
     cond_drop_prob: float = 0.0  # P(condition → "None") in training, for guidance (paper: 0, no CFG)
     backend: str = "blocked"  # 3DNA implementation used in full passes (see nearby_attention.py)
-    # --- what makes a small model learn video (README, "learning probes"); all False = the paper
+    # --- what makes a small model learn video (benchmarks/bench_learn.py); all False = the paper
     relative_bias: bool = True  # a learned score per head and 3D offset in every 3DNA window
     relative_keys: bool = True  # + q · r_offset: the query chooses the offset it reads (Shaw et al.)
     tie_head: bool = True  # the output head shares the target token embedding's matrix
     identity_init: bool = True  # decoder self-attention's value and output projections start as identity
     pixel_codes: bool = True  # a code's embedding (and tied logit) includes a projection of its pixels
-    first_frame_context: bool = False  # frame 0's input p adds a projection of the mean code of that frame so far
+    first_frame_context: bool = False  # frame 0's input p adds a projection of the mean code so far
     # --- training (train.py --stage nuwa); the model itself ignores these fields
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # the frame tokenizer whose codes this model predicts
     seg_ckpt: str = "out/seg/ckpt.pt"  # the sketch tokenizer; "" = train without sketch tasks
@@ -136,7 +122,7 @@ class NUWAConfig:
     v2v_batch_size: int = 0  # V2V clips per step (20 frames each: the costliest task); 0 = batch_size
     start_frames: int = 2  # task t2v_start: the first start_frames frames of a clip, under its whole caption
     start_batch_size: int = 0  # t2v_start clips per step; 0 = batch_size
-    mix_start_batch_size: int = 0  # t2v_start clips per step of the mix, after start_steps; 0 = start_batch_size
+    mix_start_batch_size: int = 0  # t2v_start clips per mix step after start_steps; 0 = start_batch_size
     lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
     weight_decay: float = 0.01  # AdamW weight decay (paper: not stated)
     warmup_steps: int = 100  # linear learning-rate warm-up (paper: not stated)
@@ -159,21 +145,25 @@ class NUWAConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Text: the closed caption vocabulary as a 1 × 1 × L token grid
+# 2. The caption vocabulary: a caption as a 1 × 1 × L grid of word ids; conditions
 # ---------------------------------------------------------------------------------------------
 
 PAD, NONE = "<pad>", "None"  # NONE is the constant condition of unconditional tasks (NÜWA §4)
 
 
 @dataclass
-class TextTokenizer:
-    """Word-level tokenizer over data.VOCABULARY plus <pad> and None. Unknown words are errors."""
+class CaptionVocabulary:
+    """The closed word vocabulary of our captions (data.VOCABULARY) plus <pad> and None: a caption ↔
+    L word ids. Unknown words are errors. (A "tokenizer" in this project is always a VQ-GAN.)"""
 
-    length: int = 16
-    vocabulary: list[str] = field(default_factory=lambda: [PAD, NONE] + data.VOCABULARY)
+    length: int = 16  # L, caption slots after padding
+    words: list[str] = field(default_factory=lambda: [PAD, NONE] + data.VOCABULARY)  # id → word
 
     def __post_init__(self):
-        self.index = {word: i for i, word in enumerate(self.vocabulary)}
+        self.index = {word: i for i, word in enumerate(self.words)}  # word → id
+
+    def __len__(self) -> int:
+        return len(self.words)
 
     def encode(self, captions: list[str | None]) -> torch.Tensor:
         """Captions → (B, L) word ids; `None` (the object or the word) is the unconditional caption."""
@@ -183,14 +173,15 @@ class TextTokenizer:
             unknown = [w for w in words if w not in self.index]
             if unknown:
                 raise ValueError(f"unknown caption word(s) {unknown} in {caption!r}; the vocabulary is "
-                                 f"{self.vocabulary[1:]}")
+                                 f"{self.words[1:]}")
             if len(words) > self.length:
                 raise ValueError(f"caption {caption!r} has {len(words)} words; at most {self.length} fit")
             ids[row, :len(words)] = torch.tensor([self.index[w] for w in words])
         return ids
 
     def decode(self, ids: torch.Tensor) -> list[str]:
-        return [" ".join(self.vocabulary[i] for i in row.tolist() if self.vocabulary[i] != PAD) for row in ids]
+        """(B, L) word ids → captions, without the padding."""
+        return [" ".join(self.words[i] for i in row.tolist() if self.words[i] != PAD) for row in ids]
 
 
 class Condition(NamedTuple):
@@ -202,23 +193,33 @@ class Condition(NamedTuple):
     tokens: torch.Tensor
 
 
-def text_condition(tokenizer: TextTokenizer, captions: list[str | None]) -> Condition:
-    return Condition("text", tokenizer.encode(captions)[:, None, None, :])  # (B, 1, 1, L)
+def text_condition(vocabulary: CaptionVocabulary, captions: list[str | None]) -> Condition:
+    """Captions as the condition grid (B, 1, 1, L) of word ids."""
+    return Condition("text", vocabulary.encode(captions)[:, None, None, :])  # (B, 1, 1, L)
 
 
-def none_condition(tokenizer: TextTokenizer, batch_size: int) -> Condition:
+def none_condition(vocabulary: CaptionVocabulary, batch_size: int) -> Condition:
     """The unconditional condition: the single word "None" (NÜWA's I2I and V2V)."""
-    return text_condition(tokenizer, [None] * batch_size)
+    return text_condition(vocabulary, [None] * batch_size)
 
 
 def sketch_condition(sketch_tokens: torch.Tensor) -> Condition:
+    """VQ-GAN-Seg tokens (B, T, h, w) as the condition grid."""
     if sketch_tokens.dim() != 4:
         raise ValueError(f"sketch tokens must be (B, T, h, w), got shape {tuple(sketch_tokens.shape)}")
     return Condition("sketch", sketch_tokens)
 
 
+class Memory(NamedTuple):
+    """What a decoder cross-attends to: the encoder's output, its grid, and how far to read it."""
+
+    states: torch.Tensor  # (B, Nc, D)
+    shape: tuple[int, int, int]  # its grid (Tc, Hc, Wc), Nc = Tc·Hc·Wc
+    extent: tuple[int, int, int] | None  # the 3DNA extent of cross-attention; None = in full (text)
+
+
 # ---------------------------------------------------------------------------------------------
-# Building blocks
+# 3. Building blocks
 # ---------------------------------------------------------------------------------------------
 
 
@@ -290,31 +291,40 @@ class DecoderLayer(nn.Module):
                                           backend=config.backend, **relative_positions(config))
         self.mlp = MLP(config)
 
-    def forward(self, x, shape, memory, memory_shape, cross_extent) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shape, memory: Memory) -> torch.Tensor:
         x = x + self.self_attn(self.norm_self(x), shape, bos=True)  # (B, N, D)
-        x = x + self.cross_attn(self.norm_cross(x), shape, context=memory, kv_shape=memory_shape,
-                                extent=cross_extent)  # (B, N, D)
+        x = x + self.cross_attn(self.norm_cross(x), shape, context=memory.states, kv_shape=memory.shape,
+                                extent=memory.extent)  # (B, N, D)
         return x + self.mlp(self.norm_mlp(x))  # (B, N, D)
 
-    def step(self, x_p, p, shape, caches, memory, memory_shape, cross_extent) -> torch.Tensor:
+    def step(self, x_p: torch.Tensor, p: int, shape, caches, memory: Memory) -> torch.Tensor:
         self_cache, cross_cache = caches
         x_p = x_p + self.self_attn.step(self.norm_self(x_p), p, shape, self_cache)  # (B, 1, D)
-        x_p = x_p + self.cross_attn.step(self.norm_cross(x_p), p, shape, cross_cache, context=memory,
-                                         kv_shape=memory_shape, extent=cross_extent)  # (B, 1, D)
+        x_p = x_p + self.cross_attn.step(self.norm_cross(x_p), p, shape, cross_cache, context=memory.states,
+                                         kv_shape=memory.shape, extent=memory.extent)  # (B, 1, D)
         return x_p + self.mlp(self.norm_mlp(x_p))  # (B, 1, D)
 
 
 # ---------------------------------------------------------------------------------------------
-# The model
+# 4. Code embeddings: codes in and out of a decoder (shared with lip.MPS2S and infinity.Infinity)
 # ---------------------------------------------------------------------------------------------
 
 
+def init_weights(module: nn.Module) -> None:
+    """GPT-2's small normal initialisation, N(0, 0.02²) weights and zero biases, for every linear
+    and embedding layer (the paper does not state its initialisation). Use: `model.apply(init_weights)`."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
 class CodeEmbeddings:
-    """Codes in and out of a decoder over VQ tokens: what NUWA and lip.MPS2S share.
+    """Codes in and out of a decoder over VQ tokens: what NUWA, lip.MPS2S and infinity.Infinity share.
 
     A host module has `config.tie_head`, `config.pixel_codes`, `config.token_h/token_w`, and the
     modules `token_embed` (E, K × D), `head`, `decoder_norm` and, with pixel codes, `pixel_embed` (W)
-    and the buffer `code_pixels` (K, f·f). See the NUWA deviations on the tied head and pixel codes."""
+    and the buffer `code_pixels` (K, f·f). See the deviations on the tied head and pixel codes."""
 
     def add_pixel_codes(self, cell: int) -> None:
         """Build the pixel-code path: the buffer `code_pixels` (K, cell), filled by `set_code_pixels`,
@@ -322,10 +332,10 @@ class CodeEmbeddings:
         other weight starts as in a model without pixel codes (paired ablations)."""
         self.register_buffer("code_pixels", torch.zeros(self.config.codebook_size, cell))  # (K, f·f)
         self.pixel_embed = nn.Linear(cell, self.token_embed.embedding_dim, bias=False)
-        NUWA._init_weights(self.pixel_embed)
+        init_weights(self.pixel_embed)
 
     def code_vectors(self) -> torch.Tensor:
-        """The embedding of every code (K, D): E[k], plus W · pixels_k with pixel_codes."""
+        """The embedding of every code (K, D): e_k = E[k], plus W · pixels_k with pixel_codes."""
         if not self.config.pixel_codes:
             return self.token_embed.weight  # (K, D)
         return self.token_embed.weight + self.pixel_embed(self.code_pixels.to(self.pixel_embed.weight.dtype))
@@ -381,16 +391,21 @@ def code_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nats.view(logits.shape[:2])  # (B, N)
 
 
+# ---------------------------------------------------------------------------------------------
+# 5. The model
+# ---------------------------------------------------------------------------------------------
+
+
 class NUWA(CodeEmbeddings, nn.Module):
     """The 3D encoder-decoder of NÜWA §3.3. Conditions and targets are token grids."""
 
     def __init__(self, config: NUWAConfig):
         super().__init__()
         self.config = config
-        self.tokenizer = TextTokenizer(config.text_len)
+        self.vocabulary = CaptionVocabulary(config.text_len)
         D = config.dim
         # Condition side: one word/sketch embedding per modality, its own position tables.
-        self.text_embed = nn.Embedding(len(self.tokenizer.vocabulary), D)
+        self.text_embed = nn.Embedding(len(self.vocabulary), D)
         self.sketch_embed = nn.Embedding(config.sketch_codebook_size, D)
         cond_max = (config.max_frames, config.token_h, max(config.token_w, config.text_len))
         self.cond_pos = PositionEmbedding3D(cond_max, D)
@@ -403,47 +418,30 @@ class NUWA(CodeEmbeddings, nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
         self.decoder_norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, config.codebook_size, bias=False)
-        self.apply(self._init_weights)
-        if config.tie_head:
-            # DEVIATION (NÜWA §3.3 does not say): logits are h · e_k, the embedding of code k, so a layer
-            # that copies a neighbour's embedding into the stream predicts that neighbour's code.
+        self.apply(init_weights)
+        if config.tie_head:  # DEVIATION (NÜWA §3.3 does not say): logits h · e_k; copying e_k predicts code k
             self.head.weight = self.token_embed.weight
         if config.identity_init:
-            # DEVIATION (the paper does not state its initialisation): W^V = W^O = I in decoder
-            # self-attention, so each head passes on its slice of the normalised stream of the token it
-            # reads (its embedding and position, at the first layer) from the first step: learning to
-            # copy is then learning *where* to look (probes, README).
+            # DEVIATION (the paper states no initialisation): W^V = W^O = I in decoder self-attention, so
+            # each head passes on the token it reads from the first step: learning to copy is then
+            # learning *where* to look.
             for layer in self.decoder:
                 for linear in (layer.self_attn.v_proj, layer.self_attn.out_proj):
                     nn.init.eye_(linear.weight)
         if config.pixel_codes:
-            # DEVIATION (NÜWA §3.3 embeds a code by a free vector): e_k = E[k] + W · pixels_k, where
-            # pixels_k is the f × f cell the tokenizer draws for code k (VQGAN.code_patches, copied in by
-            # `set_code_pixels` before training and stored with the model). Codes that look alike start
-            # alike, and with the tied head the logit of code k is a score of its pixels, so what the
-            # model learns about one stroke transfers to the hundreds of codes that draw shifted copies
-            # of it (a digit moving 3.6 px per frame is redrawn by new codes in every frame).
+            # DEVIATION (NÜWA §3.3 embeds a code by a free vector): e_k = E[k] + W · pixels_k, pixels_k the
+            # f × f cell the tokenizer draws for code k (`set_code_pixels`, stored with the model).
             self.add_pixel_codes((data.CANVAS // config.token_h) * (data.CANVAS // config.token_w))
         if config.first_frame_context:
-            # OPTION, off by default (not in NÜWA §3.3; an experiment that did not help, module docstring):
-            # an input p of frame 0 also carries W_f · frame_so_far, the mean embedding of the codes drawn
-            # before p in frame 0. W_f starts at zero (the model starts as without it) and is built last
-            # (every other weight starts the same).
+            # OPTION, off by default (not in NÜWA §3.3): frame 0's input p adds W_f · frame_so_far. W_f
+            # starts at zero and is built last, so every other weight starts as without it.
             self.first_frame_proj = nn.Linear(D, D, bias=False)
             nn.init.zeros_(self.first_frame_proj.weight)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # GPT-2 style small normal initialisation (the paper does not state its initialisation).
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-
     # --- encoder ------------------------------------------------------------------------------
 
-    def encode(self, cond: Condition) -> tuple[torch.Tensor, tuple[int, int, int], tuple | None]:
-        """Condition → (memory (B, Nc, D), its grid shape, the extent to attend it with)."""
+    def encode(self, cond: Condition) -> Memory:
+        """Condition → the memory (B, Nc, D), its grid and the extent to attend it with (Eq. 6-7)."""
         tokens = cond.tokens.to(self.bos.device)  # (B, Tc, Hc, Wc)
         B, Tc, Hc, Wc = tokens.shape
         if cond.kind == "text":
@@ -458,37 +456,51 @@ class NUWA(CodeEmbeddings, nn.Module):
         x = embed(tokens.reshape(B, -1)) + self.cond_pos(shape)  # (B, Nc, D)
         for layer in self.encoder:
             x = layer(x, shape, extent)  # (B, Nc, D)
-        return self.encoder_norm(x), shape, extent
+        return Memory(self.encoder_norm(x), shape, extent)
 
-    # --- decoder, full pass -------------------------------------------------------------------
+    # --- decoder ------------------------------------------------------------------------------
 
     def decoder_input(self, targets: torch.Tensor) -> torch.Tensor:
-        """Shift right: [bos, y_0, …, y_{N-2}], each plus the position of the token it predicts.
+        """Shift right: [bos, e(y_0), …, e(y_{N-2})], each plus the position of the token it predicts.
 
         targets (B, T, h, w) → (B, N, D)."""
         B, T, h, w = targets.shape
-        tokens = targets.reshape(B, -1)  # (B, N) raster order
-        embedded = F.embedding(tokens, self.code_vectors())  # (B, N, D)
-        x = torch.cat([self.bos.expand(B, 1, -1), embedded[:, :-1]], dim=1)  # (B, N, D)
+        embedded = F.embedding(targets.reshape(B, -1), self.code_vectors())  # (B, N, D), raster order
         # DEVIATION (NÜWA §3.3): input p carries the position of the target p it predicts (our choice).
-        x = x + self.target_pos((T, h, w))  # (B, N, D)
+        x = shift_right(self.bos, embedded[:, :-1]) + self.target_pos((T, h, w))  # (B, N, D)
         if self.config.first_frame_context:
             context = self.first_frame_proj(frame_so_far(embedded[:, :h * w]))  # (B, hw, D)
             x = torch.cat([x[:, :h * w] + context, x[:, h * w:]], dim=1)  # (B, N, D): frame 0 only
         return x
 
+    def input_stepper(self, shape: tuple[int, int, int], code_vectors: torch.Tensor) -> StepInput:
+        """`decoder_input` one position at a time, for cached generation: input_at(tokens (B, N), p)
+        → (B, 1, D), called for p = 0, 1, … in order (frame 0's context is a running sum)."""
+        positions = self.target_pos(shape)  # (N, D), once for all steps
+        frame = shape[1] * shape[2]  # h·w tokens of frame 0
+        frame_sum = None  # Σ of frame 0's code vectors before p (first_frame_context)
+
+        def input_at(tokens: torch.Tensor, p: int) -> torch.Tensor:
+            nonlocal frame_sum
+            previous = previous_code(self.bos, tokens, p, code_vectors)  # (B, 1, D)
+            x_p = previous + positions[p]  # (B, 1, D)
+            if self.config.first_frame_context and p < frame:
+                frame_sum = torch.zeros_like(previous) if p == 0 else frame_sum + previous
+                x_p = x_p + self.first_frame_proj(frame_sum / max(p, 1))  # (B, 1, D)
+            return x_p
+
+        return input_at
+
     def forward(self, cond: Condition, targets: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits: targets (B, T, h, w) → logits (B, N, K) for y_p at every p."""
-        memory, memory_shape, cross_extent = self.encode(cond)
-        return self.decode_logits(self.decoder_input(targets), targets.shape[1:], memory, memory_shape,
-                                  cross_extent)
+        return self.decode_logits(self.decoder_input(targets), targets.shape[1:], self.encode(cond))
 
-    def decode_logits(self, x, shape, memory, memory_shape, cross_extent) -> torch.Tensor:
-        for layer in self.decoder:
-            x = layer(x, tuple(shape), memory, memory_shape, cross_extent)  # (B, N, D)
-        return self.logits(x)  # (B, N, K)
+    def decode_logits(self, x: torch.Tensor, shape, memory: Memory) -> torch.Tensor:
+        """Decoder input (B, N, D) over the grid `shape` → logits (B, N, K)."""
+        return self.logits(run_decoder(self.decoder, x, tuple(shape), memory))  # (B, N, K)
 
-    def loss(self, cond: Condition, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, cond: Condition, targets: torch.Tensor,
+             loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """NÜWA Eq. 10: L = − Σ_p log p(y_p | y_<p, C), averaged over the (optionally masked) targets."""
         self.check_targets(targets)
         if self.training and self.config.cond_drop_prob > 0:
@@ -508,7 +520,7 @@ class NUWA(CodeEmbeddings, nn.Module):
         if cond.kind != "text":
             return cond
         drop = torch.rand(cond.tokens.shape[0], device=cond.tokens.device) < self.config.cond_drop_prob
-        none = none_condition(self.tokenizer, cond.tokens.shape[0]).tokens.to(cond.tokens.device)
+        none = none_condition(self.vocabulary, cond.tokens.shape[0]).tokens.to(cond.tokens.device)
         return Condition("text", torch.where(drop[:, None, None, None], none, cond.tokens))
 
     def check_targets(self, targets: torch.Tensor) -> None:
@@ -519,78 +531,39 @@ class NUWA(CodeEmbeddings, nn.Module):
     # --- generation ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, cond: Condition, target_shape: tuple[int, int, int], *, forced=None,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    def generate(self, cond: Condition, target_shape: tuple[int, int, int], *,
+                 given: tuple[torch.Tensor, torch.Tensor] | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True,
                  guidance_scale: float | None = None, caches: list | None = None,
                  progress: bool = False) -> torch.Tensor:
-        """Sample target tokens (B, T, h, w) one position at a time in raster order.
+        """Sample target tokens (B, T, h, w) one position at a time in raster order (`sample_raster`).
 
-        forced: a (tokens (B, T, h, w), keep (B, T, h, w) bool) pair; kept positions are written,
+        given: a (tokens (B, T, h, w), keep (B, T, h, w) bool) pair; kept positions are written,
         not sampled (prefixes for I2I/V2V, everything outside the edit box for TI2I).
         temperature = 0 is greedy. guidance_scale s (optional classifier-free guidance):
         logits = l_None + s · (l_cond − l_None), both passes fed the same decoder input.
         use_cache=False recomputes the whole decoder at every position (the slow reference).
         caches: optional fresh `[model.new_caches()]` (one per pass) to inspect after generation.
-        progress: show a progress bar over the N positions (sample.py turns it on).
+        progress: show a progress bar over the N positions (on a terminal).
         """
         check_shape_fits(target_shape, self.target_pos.max_shape)
-        # A cached step is thousands of tiny kernels: on CPU, intra-op threads only add
-        # synchronisation (measured: >10x slower with 2 threads on a busy 2-core machine).
-        threads = torch.get_num_threads()
-        if use_cache and self.bos.device.type == "cpu":
-            torch.set_num_threads(1)
-        try:
-            return self._generate(cond, target_shape, forced, temperature, top_k, top_p, generator,
-                                  use_cache, guidance_scale, caches, progress)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _generate(self, cond, target_shape, forced, temperature, top_k, top_p, generator, use_cache,
-                  guidance_scale, caches, progress) -> torch.Tensor:
-        B = cond.tokens.shape[0]
-        T, h, w = target_shape
-        N = T * h * w
-        device = self.bos.device
-        if forced is not None:
-            forced_tokens, keep = (f.reshape(B, N).to(device) for f in forced)  # (B, N) each
-        passes = [self.encode(cond)]
-        if guidance_scale is not None:
-            passes.append(self.encode(none_condition(self.tokenizer, B)))
-        tokens = torch.zeros(B, N, dtype=torch.long, device=device)  # (B, N), filled left to right
-        if use_cache and caches is None:
-            caches = [self.new_caches() for _ in passes]
-        positions = self.target_pos(target_shape)  # (N, D)
-        vectors = self.code_vectors()  # (K, D), once for all steps
-        frame_sum = torch.zeros(B, 1, vectors.shape[1], dtype=vectors.dtype, device=device)  # first_frame_context
-        for p in tqdm(range(N), desc="tokens", unit="tok", disable=not progress, leave=False):
-            if use_cache:
-                # Input p is bos (p = 0) or the embedding of y_{p-1}, plus position p; same for all passes.
-                x_p = self.bos.expand(B, 1, -1) if p == 0 else F.embedding(tokens[:, p - 1:p], vectors)
-                x_p = x_p + positions[p]  # (B, 1, D)
-                if self.config.first_frame_context and p < h * w:  # frame_so_far of frame 0, a running sum
-                    frame_sum = frame_sum if p == 0 else frame_sum + F.embedding(tokens[:, p - 1:p], vectors)
-                    x_p = x_p + self.first_frame_proj(frame_sum / max(p, 1))  # (B, 1, D)
-                logits = [self.step_logits(x_p, p, target_shape, c, *enc, code_vectors=vectors)
-                          for c, enc in zip(caches, passes)]
-            else:
-                x = self.decoder_input(tokens.view(B, T, h, w))  # (B, N, D); positions ≥ p unused (causal)
-                logits = [self.decode_logits(x, target_shape, *enc)[:, p] for enc in passes]
-            logits_p = logits[0] if guidance_scale is None else logits[1] + guidance_scale * (logits[0] - logits[1])
-            sampled = sample_logits(logits_p, temperature, top_k, top_p, generator)  # (B,)
-            if forced is not None:
-                sampled = torch.where(keep[:, p], forced_tokens[:, p], sampled)
-            tokens[:, p] = sampled
-        return tokens.view(B, T, h, w)
+        with runtime.one_cpu_thread(self.bos.device, enabled=use_cache):
+            memories = [self.encode(cond)]
+            if guidance_scale is not None:
+                memories.append(self.encode(none_condition(self.vocabulary, cond.tokens.shape[0])))
+            code_vectors = self.code_vectors()  # (K, D), once for all steps
+            tokens = sample_raster(self, memories, target_shape, code_vectors=code_vectors,
+                                   input_at=self.input_stepper(target_shape, code_vectors),
+                                   decoder_input=self.decoder_input, given=given,
+                                   guidance_scale=guidance_scale, use_cache=use_cache, caches=caches,
+                                   progress=progress, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator)  # (B, N)
+        return tokens.view(-1, *target_shape)  # (B, T, h, w)
 
     def new_caches(self) -> list:
-        return [(layer.self_attn.new_cache(), layer.cross_attn.new_cache()) for layer in self.decoder]
-
-    def step_logits(self, x_p, p, shape, caches, memory, memory_shape, cross_extent, *,
-                    code_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        for layer, layer_caches in zip(self.decoder, caches):
-            x_p = layer.step(x_p, p, shape, layer_caches, memory, memory_shape, cross_extent)  # (B, 1, D)
-        return self.logits(x_p, code_vectors)[:, 0]  # (B, K)
+        """Empty key/value caches of every decoder layer, for one pass of `generate(caches=...)`."""
+        return decoder_caches(self.decoder)
 
 
 def frame_so_far(embedded: torch.Tensor) -> torch.Tensor:
@@ -600,6 +573,51 @@ def frame_so_far(embedded: torch.Tensor) -> torch.Tensor:
     sums = F.pad(embedded.cumsum(1)[:, :-1], (0, 0, 1, 0))  # (B, S, D): Σ of slots 0 … i−1
     counts = torch.arange(embedded.shape[1], device=embedded.device).clamp(min=1).to(embedded.dtype)  # (S,)
     return sums / counts[:, None]  # (B, S, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Raster decoding, shared by NUWA and lip.MPS2S: the decoder's input, a full pass, one cached
+#    step, one token's sampling, guidance, and the token-by-token sampling loop
+# ---------------------------------------------------------------------------------------------
+
+StepInput = Callable[[torch.Tensor, int], torch.Tensor]  # (tokens so far (B, N), p) → input p (B, 1, D)
+
+
+def shift_right(bos: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+    """The decoder reads the target shifted right by one: [bos, e(y_0), …, e(y_{N-2})].
+    bos (D,), embedded (B, N − 1, D) the inputs after bos → (B, N, D)."""
+    return torch.cat([bos.expand(embedded.shape[0], 1, -1), embedded], dim=1)  # (B, N, D)
+
+
+def previous_code(bos: torch.Tensor, tokens: torch.Tensor, p: int,
+                  code_vectors: torch.Tensor) -> torch.Tensor:
+    """Input p of the shifted decoder, before its position: bos at p = 0, else e(y_{p−1}).
+    tokens (B, N) → (B, 1, D)."""
+    if p == 0:
+        return bos.expand(tokens.shape[0], 1, -1)  # (B, 1, D)
+    return F.embedding(tokens[:, p - 1:p], code_vectors)  # (B, 1, D)
+
+
+def run_decoder(layers: nn.ModuleList, x: torch.Tensor, shape: tuple[int, int, int],
+                memory: Memory) -> torch.Tensor:
+    """The full (teacher-forced) pass of the decoder layers (Eq. 8-9): x (B, N, D) → (B, N, D)."""
+    for layer in layers:
+        x = layer(x, shape, memory)  # (B, N, D)
+    return x
+
+
+def step_decoder(layers: nn.ModuleList, x_p: torch.Tensor, p: int, shape: tuple[int, int, int], caches: list,
+                 memory: Memory) -> torch.Tensor:
+    """One position of the decoder layers, reading earlier positions from the caches: x_p (B, 1, D)
+    → (B, 1, D), equal to position p of `run_decoder` (tested: cached = uncached)."""
+    for layer, layer_caches in zip(layers, caches):
+        x_p = layer.step(x_p, p, shape, layer_caches, memory)  # (B, 1, D)
+    return x_p
+
+
+def decoder_caches(layers: nn.ModuleList) -> list:
+    """Empty (self-attention, cross-attention) key/value caches of every decoder layer: one pass."""
+    return [(layer.self_attn.new_cache(), layer.cross_attn.new_cache()) for layer in layers]
 
 
 def cache_nbytes(caches: list) -> int:
@@ -612,8 +630,8 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     """One token per row of logits (B, K): greedy when temperature == 0, else softmax sampling
     restricted to the top-k codes and/or the smallest set whose probability reaches top_p."""
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"sampling needs temperature ≥ 0 (0 = greedy), top_k ≥ 1 and 0 < top_p ≤ 1 (or None); "
-                         f"got temperature={temperature}, top_k={top_k}, top_p={top_p}")
+        raise ValueError(f"sampling needs temperature ≥ 0 (0 = greedy), top_k ≥ 1 and 0 < top_p ≤ 1 "
+                         f"(or None); got temperature={temperature}, top_k={top_k}, top_p={top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits.float() / temperature  # (B, K)
@@ -631,6 +649,58 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
+def guide(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (ours; the papers do not use it): l = l_None + s · (l_C − l_None)."""
+    return unconditioned + scale * (conditioned - unconditioned)
+
+
+@torch.no_grad()
+def sample_raster(model: nn.Module, memories: list[Memory], shape: tuple[int, int, int], *,
+                  code_vectors: torch.Tensor, input_at: StepInput, decoder_input: Callable,
+                  given: tuple[torch.Tensor, torch.Tensor] | None = None, guidance_scale: float | None = None,
+                  use_cache: bool = True, caches: list | None = None, progress: bool = False,
+                  draw_kept: bool = True, **sampling) -> torch.Tensor:
+    """Sample a grid of codes (B, N) one position at a time in raster order: p(y_p | y_<p, memory).
+
+    model: a NUWA or lip.MPS2S (its `decoder` layers and `logits`). memories: one per pass, the
+    condition's first; with guidance_scale s the second is the "None" pass and the logits are
+    `guide`d. Every pass reads the same decoder input: input_at(tokens so far, p) → (B, 1, D) in a
+    cached step, decoder_input(tokens (B, *shape)) → (B, N, D) in the slow reference (use_cache=False:
+    the whole decoder recomputed at every position). given: (tokens, keep) of any shape holding B·N;
+    kept positions are written, not sampled. draw_kept: whether a position that every row keeps
+    still draws from `sampling` (temperature, top_k, top_p, generator: `sample_logits`); NÜWA draws
+    at every position, so its random stream does not depend on `given`; MP-S2S skips them (most of a
+    frame is visible). caches: optional fresh `decoder_caches` per pass, to inspect afterwards."""
+    B, N = memories[0].states.shape[0], math.prod(shape)
+    tokens = torch.zeros(B, N, dtype=torch.long, device=code_vectors.device)  # (B, N), filled in order
+    keep = None
+    if given is not None:
+        given_tokens, keep = (part.reshape(B, N).to(code_vectors.device) for part in given)  # (B, N) each
+        tokens = given_tokens.clone()
+    if use_cache and caches is None:
+        caches = [decoder_caches(model.decoder) for _ in memories]
+    for p in runtime.progress(range(N), enabled=progress, desc="tokens", unit="tok", leave=False):
+        if use_cache:  # every pass steps (its caches need position p) with the same input
+            x_p = input_at(tokens, p)  # (B, 1, D)
+            states = [step_decoder(model.decoder, x_p, p, shape, c, m) for c, m in zip(caches, memories)]
+        if not draw_kept and keep is not None and bool(keep[:, p].all()):
+            continue  # every row knows y_p: no logits needed
+        if use_cache:
+            logits = [model.logits(x, code_vectors)[:, 0] for x in states]  # (B, K) per pass
+        else:
+            x = decoder_input(tokens.view(B, *shape))  # (B, N, D); positions ≥ p unread (causal)
+            logits = [model.logits(run_decoder(model.decoder, x, shape, m))[:, p] for m in memories]
+        logits_p = logits[0] if guidance_scale is None else guide(logits[0], logits[1], guidance_scale)
+        sampled = sample_logits(logits_p, **sampling)  # (B,)
+        tokens[:, p] = sampled if keep is None else torch.where(keep[:, p], tokens[:, p], sampled)
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The optimiser's parameter groups
+# ---------------------------------------------------------------------------------------------
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on weight matrices only (the usual transformer practice). Relative
     position tables are not decayed either: a table entry is trained only by the pairs at its
@@ -642,151 +712,21 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
 
 
+# ---------------------------------------------------------------------------------------------
+# 8. Loading a trained model (a checkpoint written by train.py --stage nuwa)
+# ---------------------------------------------------------------------------------------------
+
 # What a checkpoint written before these fields existed was trained with: the paper's choices.
 LEGACY_DEFAULTS = PAPER_SCHEME
+# The config fields that decide which weights a NÜWA has (named when a state dict does not fit).
+SHAPE_FIELDS = ("relative_bias", "relative_keys", "extent", "tie_head", "pixel_codes", "first_frame_context")
 
 
 def load_nuwa(path, *, map_location="cpu") -> NUWA:
-    """The NÜWA model stored at `path` by `train.py --stage nuwa`, in eval mode."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if checkpoint.get("stage") != "nuwa":
-        raise ValueError(f"{path} is a checkpoint of stage {checkpoint.get('stage')!r}, not 'nuwa'")
-    known = {f.name for f in fields(NUWAConfig)}
-    values = checkpoint["config"]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path} has config fields NUWAConfig does not know: {unknown}")
-    # Checkpoints written before these fields existed were trained the paper's way.
-    values = {**LEGACY_DEFAULTS, **values}
-    config = NUWAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    model = NUWA(config)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise ValueError(f"{path} does not match the model its config describes (relative_bias="
-                         f"{config.relative_bias}, relative_keys={config.relative_keys}, extent={config.extent}, "
-                         f"tie_head={config.tie_head}, pixel_codes={config.pixel_codes}, "
-                         f"first_frame_context={config.first_frame_context}): {error}") from error
+    """The NÜWA model stored at `path` by `train.py --stage nuwa`, in eval mode. Checkpoints written
+    before the learning aids existed were trained the paper's way (LEGACY_DEFAULTS)."""
+    checkpoint = checkpoints.read(path, stage="nuwa", map_location=map_location,
+                                  fix="train one with `python train.py --stage nuwa --preset tiny`")
+    config = checkpoints.config_from(NUWAConfig, checkpoint["config"], path, defaults=LEGACY_DEFAULTS)
+    model = checkpoints.load_weights(NUWA(config), checkpoint["model"], path, shape_fields=SHAPE_FIELDS)
     return model.to(map_location).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# The eight tasks (NÜWA §4), at the level of token grids. sample.py adds pixels ↔ tokens.
-# ---------------------------------------------------------------------------------------------
-
-
-def frame_shape(model: NUWA, frames: int) -> tuple[int, int, int]:
-    return (frames, model.config.token_h, model.config.token_w)
-
-
-def text_to_image(model: NUWA, captions: list[str], *, blank_codes: torch.Tensor | None = None,
-                  redraws: int = 8, **sampling) -> torch.Tensor:
-    """T2I: caption → one frame of tokens (B, 1, h, w).
-
-    blank_codes (K,) bool, optional (vqgan.VQGAN.blank_codes): a frame drawn with blank codes only is
-    drawn again, up to `redraws` more times. OUR ADDITION (not in the paper): every training frame
-    shows a digit, but a 3DNA query sees only the few rows above it, so no position knows whether
-    the frame has any ink yet and the model can finish a frame empty (which T2V then copies to every
-    frame). Redrawing samples from the model's own distribution conditioned on "not empty"."""
-    cond = text_condition(model.tokenizer, captions)
-    frames = model.generate(cond, frame_shape(model, 1), **sampling)  # (B, 1, h, w)
-    if blank_codes is None:
-        return frames
-    blank_codes = blank_codes.to(frames.device)
-    for _ in range(redraws):
-        empty = blank_codes[frames].flatten(1).all(1)  # (B,)
-        if not empty.any():
-            break
-        again = Condition(cond.kind, cond.tokens[empty.to(cond.tokens.device)])
-        frames[empty] = model.generate(again, frame_shape(model, 1), **sampling)
-    return frames
-
-
-def sketch_to_image(model: NUWA, sketch_tokens: torch.Tensor, **sampling) -> torch.Tensor:
-    """S2I: VQ-GAN-Seg tokens of one frame (B, 1, hs, ws) → one frame of tokens (B, 1, h, w)."""
-    return model.generate(sketch_condition(sketch_tokens), frame_shape(model, 1), **sampling)
-
-
-def complete_image(model: NUWA, image_tokens: torch.Tensor, keep_rows: int, **sampling) -> torch.Tensor:
-    """I2I (zero-shot): the condition is "None", the top `keep_rows` token rows are a forced
-    prefix, the rest is sampled. image_tokens (B, 1, h, w) → (B, 1, h, w)."""
-    keep = torch.zeros_like(image_tokens, dtype=torch.bool)
-    keep[:, :, :keep_rows] = True
-    cond = none_condition(model.tokenizer, image_tokens.shape[0])
-    return model.generate(cond, tuple(image_tokens.shape[1:]), forced=(image_tokens, keep), **sampling)
-
-
-def edit_image(model: NUWA, image_tokens: torch.Tensor, captions: list[str], edit_mask: torch.Tensor,
-               **sampling) -> torch.Tensor:
-    """TI2I (zero-shot): tokens outside the edit box (edit_mask False) are forced to the
-    originals, tokens inside are re-sampled under the new caption. All (B, 1, h, w)."""
-    cond = text_condition(model.tokenizer, captions)
-    return model.generate(cond, tuple(image_tokens.shape[1:]), forced=(image_tokens, ~edit_mask), **sampling)
-
-
-def text_to_video(model: NUWA, captions: list[str], frames: int, *, blank_codes: torch.Tensor | None = None,
-                  redraws: int = 8, **sampling) -> torch.Tensor:
-    """T2V: caption → (B, T, h, w). With blank_codes, frame 0 is drawn as text_to_image draws it
-    (again while empty), then kept as a forced prefix while the rest is sampled."""
-    cond = text_condition(model.tokenizer, captions)
-    if blank_codes is None:
-        return model.generate(cond, frame_shape(model, frames), **sampling)
-    first = text_to_image(model, captions, blank_codes=blank_codes, redraws=redraws, **sampling)  # (B, 1, h, w)
-    forced = first.expand(-1, frames, -1, -1).clone()  # (B, T, h, w); only frame 0 is kept
-    keep = torch.zeros_like(forced, dtype=torch.bool)
-    keep[:, 0] = True
-    return model.generate(cond, frame_shape(model, frames), forced=(forced, keep), **sampling)
-
-
-def sketch_to_video(model: NUWA, sketch_tokens: torch.Tensor, **sampling) -> torch.Tensor:
-    """S2V: VQ-GAN-Seg tokens of T frames (B, T, hs, ws) → video tokens (B, T, h, w)."""
-    frames = sketch_tokens.shape[1]
-    return model.generate(sketch_condition(sketch_tokens), frame_shape(model, frames), **sampling)
-
-
-def predict_video(model: NUWA, video_tokens: torch.Tensor, frames: int, *, window: int | None = None,
-                  **sampling) -> torch.Tensor:
-    """V2V: the given k frames (B, k, h, w) are a forced prefix under "None"; frames k…T−1 are sampled.
-
-    window: the longest clip drawn in one pass (default: the clip length the model was trained on,
-    `predict_frames` when its tasks include V2V, else `frames`). Beyond it the prediction rolls: each
-    further frame is drawn at the window's last time position, after the window − 1 frames before it.
-    A model trained on 10-frame clips has never seen time positions 10-19 (its table rows there are
-    still random); rolled, every frame sits where training put frames. Nothing is lost as long as
-    window − 1 ≥ L_dec · e_t + 1 frames: through L_dec layers of a 3DNA window e_t frames deep (and the
-    input shift, one token), frame t reads nothing older (tiny: 4 · 2 + 1 = 9, window 10). Then the
-    roll differs from one long pass only in the absolute time positions (tests/test_nuwa.py).
-    DEVIATION (NÜWA §4: V2V is one pass over time positions its training covered): rolling is ours, for
-    models trained on shorter clips than they predict, such as `make models`' (no V2V task).
-    """
-    B, k, h, w = video_tokens.shape
-    if frames <= k:
-        raise ValueError(f"predict_video needs frames > {k} given frames, got {frames}")
-    if window is None:
-        trained = model.config.predict_frames if "v2v" in model.config.tasks.split(",") else model.config.frames
-        window = min(trained, model.target_pos.max_shape[0])
-    if window < 2:
-        raise ValueError(f"predict_video needs a window of at least 2 frames (1 given, 1 drawn), got {window}")
-    cond = none_condition(model.tokenizer, B)
-    video = video_tokens
-    while video.shape[1] < frames:
-        given = video[:, -(window - 1):] if video.shape[1] >= window else video  # (B, g, h, w)
-        g = given.shape[1]
-        length = min(window, g + frames - video.shape[1])  # frames in this pass: the given + new ones
-        forced = torch.zeros(B, length, h, w, dtype=torch.long, device=video_tokens.device)
-        forced[:, :g] = given
-        keep = torch.zeros_like(forced, dtype=torch.bool)
-        keep[:, :g] = True
-        drawn = model.generate(cond, (length, h, w), forced=(forced, keep), **sampling)  # (B, length, h, w)
-        video = torch.cat([video, drawn[:, g:].to(video.device)], dim=1)
-    return video
-
-
-def edit_video(model: NUWA, video_tokens: torch.Tensor, captions: list[str], keep_frames: int = 1,
-               **sampling) -> torch.Tensor:
-    """TV2V (zero-shot): the first `keep_frames` frames are kept, the rest re-generated under the
-    new caption, so the video continues from the same digits but moves as the caption says."""
-    keep = torch.zeros_like(video_tokens, dtype=torch.bool)
-    keep[:, :keep_frames] = True
-    cond = text_condition(model.tokenizer, captions)
-    return model.generate(cond, tuple(video_tokens.shape[1:]), forced=(video_tokens, keep), **sampling)

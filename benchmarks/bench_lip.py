@@ -7,7 +7,7 @@ of half-hidden digits (LIP vs NÜWA's zero-shot completion), with the digit clas
 Data: the first n one-digit clips of the held-out captioned split (data.CaptionedMovingMNIST
 "heldout": MNIST test digits), frame 0 of each. Mask of item i: the half `lip.SIDES[i % 4]` (top,
 bottom, left, right) of the digit's ink box is missing (lip.half_digit_mask). Every score reads the
-whole frame the way judge.video_digit reads a one-digit frame (locate, crop, classify).
+whole frame the way reader.video_digit reads a one-digit frame (locate, crop, classify).
 
 Rows:
 - visible MSE: mean squared error per visible pixel between the input and (a) DF-VQGAN's
@@ -22,7 +22,7 @@ Rows:
 - caption digit accuracy: how often the classifier reads the caption's digit in the masked input
   (the floor: what the visible half already gives away), in LIP's inpainting (first candidate: K = 1,
   and the best of K by the digit scorer of sample.py), and in NÜWA's completion (plain VQGAN tokens of
-  the masked frame, nuwa.edit_image: raster decoder, visible tokens forced, hole tokens sampled under
+  the masked frame, tasks.edit_image: raster decoder, visible tokens given, hole tokens sampled under
   the caption), also K = 1 and best of K. The real frame's accuracy is the ceiling. The digit scorer
   is the judge itself, so LIP's best of K is also reranked by a model that is not the judge, as the
   paper reranks with CLIP: NÜWA's caption score (sample.nuwa_caption_scorer, `_nuwa_rerank` keys).
@@ -41,10 +41,9 @@ Rows:
 - `--guidance s`: LIP samples with classifier-free guidance (models trained with
   `--cond-drop-prob`; lip.MPS2S.generate).
 
-The last printed line is one JSON object (--json prints only that). Measured figures: the README's
-NÜWA-LIP section (guidance 3, 2026-12-05: LIP 85.5 % with one sample, NÜWA 53 %, floor 45 %; caption
-swap 55 % with one sample, 63 % reranked by NÜWA). `--quick` (8 frames, K = 2) takes about 10 s on 2
-CPU cores; the full run (K = 4, swap 100 with K = 4) about 3 minutes on one thread.
+The last printed line is one JSON object (--json prints only that); the measured figures are in
+RESULTS.md (NÜWA-LIP). `--quick` (8 frames, K = 2) takes seconds on a CPU; the full run (K = 4,
+swap 100 with K = 4) minutes on one thread.
 """
 
 import argparse
@@ -57,11 +56,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import classifier  # noqa: E402
 import data  # noqa: E402
-import judge  # noqa: E402
 import lip  # noqa: E402
 import nuwa  # noqa: E402
+import reader  # noqa: E402
+import runtime  # noqa: E402
 import sample  # noqa: E402
+import tasks  # noqa: E402
+from dfvqgan import DFVQGAN  # noqa: E402
 
 SEED = 0
 CHUNK = 25  # frames inpainted per generate call (× K candidates rows)
@@ -73,7 +76,8 @@ def heldout_frames(n: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch
     items = [clips[i] for i in range(n)]
     frames = torch.stack([item["video"][0] for item in items])
     masks = torch.stack([lip.half_digit_mask(frame, lip.SIDES[i % 4]) for i, frame in enumerate(frames)])
-    return frames, masks, [item["caption"] for item in items], torch.stack([item["digits"][0] for item in items])
+    digits = torch.stack([item["digits"][0] for item in items])
+    return frames, masks, [item["caption"] for item in items], digits
 
 
 def swapped_caption(caption: str, digit: int, index: int) -> tuple[str, int]:
@@ -83,33 +87,35 @@ def swapped_caption(caption: str, digit: int, index: int) -> tuple[str, int]:
     return caption.replace(f"digit {digit}", f"digit {other}"), other
 
 
-def digits_read(pixels: torch.Tensor, classifier) -> torch.Tensor:
-    """The digit read in each frame (n, 1, 64, 64) as judge.video_digit reads a one-digit frame: (n,)."""
-    return torch.tensor([judge.video_digit(frame[None], classifier) for frame in pixels.float().cpu()])
+def digits_read(pixels: torch.Tensor, judge) -> torch.Tensor:
+    """The digit read in each frame (n, 1, 64, 64) as reader.video_digit reads a one-digit frame with
+    the digit classifier `judge`: (n,)."""
+    return torch.tensor([reader.video_digit(frame[None], judge) for frame in pixels.float().cpu()])
 
 
-def digit_accuracy(pixels: torch.Tensor, digits: torch.Tensor, classifier) -> float:
-    """Share of frames (n, 1, 64, 64) whose digit, read as judge.video_digit reads it, is the caption's."""
-    return float((digits_read(pixels, classifier) == digits.cpu()).float().mean())
+def digit_accuracy(pixels: torch.Tensor, digits: torch.Tensor, judge) -> float:
+    """Share of frames (n, 1, 64, 64) whose digit, read as reader.video_digit reads it, is the caption's."""
+    return float((digits_read(pixels, judge) == digits.cpu()).float().mean())
 
 
 @torch.no_grad()
-def caption_use(model: lip.MPS2S, tokenizer: lip.DFVQGAN, frames, masks, captions, swapped) -> dict:
+def caption_use(model: lip.MPS2S, dfvqgan: DFVQGAN, frames, masks, captions, swapped) -> dict:
     """Teacher-forced nats per hole token of the real frames' tokens under the true, the swapped and
     the "None" caption (module docstring)."""
-    tokens, _ = tokenizer.encode(frames, masks)  # (n, h, w): hole tokens of the real frame
+    tokens, _ = dfvqgan.encode(frames, masks)  # (n, h, w): hole tokens of the real frame
     hole = lip.token_mask(masks, tokens.shape[-2:])  # (n, h, w)
     masked = frames.masked_fill(masks, 0.0)
     weights = hole.flatten(1).float()  # (n, N)
 
     def nats(text_captions) -> torch.Tensor:  # (n,) summed over each frame's hole tokens
-        logits = model(model.tokenizer.encode(text_captions), tokens, hole, masked, masks)  # (n, N, K)
+        logits = model(model.vocabulary.encode(text_captions), tokens, hole, masked, masks)  # (n, N, K)
         per_token = nuwa.code_nats(logits.float(), tokens)  # (n, N)
         return (per_token * weights).sum(1)
 
     true, other, none = nats(captions), nats(swapped), nats([None] * len(captions))
     count = weights.sum()
-    return {"hole_nats_true_caption": float(true.sum() / count), "hole_nats_swapped_caption": float(other.sum() / count),
+    return {"hole_nats_true_caption": float(true.sum() / count),
+            "hole_nats_swapped_caption": float(other.sum() / count),
             "hole_nats_none_caption": float(none.sum() / count),
             "caption_gap_nats_per_frame": float((other - true).mean()),
             "true_caption_explains_better": float((true < other).float().mean())}
@@ -121,40 +127,41 @@ def visible_mse(pixels: torch.Tensor, frames: torch.Tensor, masks: torch.Tensor)
 
 
 @torch.no_grad()
-def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str, *, n: int = 200, candidates: int = 4,
-                        top_k: int | None = 16, vqgan_ckpt: str | None = None, dfvqgan_ckpt: str | None = None,
-                        seed: int = SEED, swap: int = 100, guidance: float | None = None,
-                        temperature: float = 1.0) -> dict:
+def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str, *, n: int = 200,
+                        candidates: int = 4, top_k: int | None = runtime.TOP_K, vqgan_ckpt: str | None = None,
+                        dfvqgan_ckpt: str | None = None, seed: int = SEED, swap: int = 100,
+                        guidance: float | None = None, temperature: float = 1.0) -> dict:
     """Every number of the table (module docstring). Sampling: the same top_k for both; LIP at
     `temperature`, NÜWA's completion at temperature 1."""
     frames, masks, captions, digits = heldout_frames(n)
     masked = frames.masked_fill(masks, 0.0)
     swaps = [swapped_caption(c, int(d), i) for i, (c, d) in enumerate(zip(captions, digits))]
-    classifier = judge.load_classifier(classifier_path)
-    scorer = sample.digit_scorer(classifier)
-    model, tokenizer = lip.load_lip(lip_ckpt, dfvqgan_ckpt=dfvqgan_ckpt)
-    nuwa_models = sample.Models(baseline_ckpt, vqgan_ckpt)  # its tokenizer checked: NÜWA completes and reranks with it
+    judge = classifier.load_classifier(classifier_path)
+    scorer = sample.digit_scorer(judge)
+    model, dfvqgan = lip.load_lip(lip_ckpt, dfvqgan_ckpt=dfvqgan_ckpt)
+    nuwa_models = tasks.Models(baseline_ckpt, vqgan_ckpt)  # its tokenizer checked: NÜWA completes, reranks
     baseline, plain = nuwa_models.nuwa, nuwa_models.vqgan
     result: dict = {"n": n, "candidates": candidates, "top_k": top_k, "seed": seed, "guidance": guidance,
                     "temperature": temperature,
                     "mask": "half of the digit's ink box"}
-    result.update(caption_use(model, tokenizer, frames, masks, captions, [c for c, _ in swaps]))
+    result.update(caption_use(model, dfvqgan, frames, masks, captions, [c for c, _ in swaps]))
 
     # --- visible-pixel fidelity of the tokenizers (bar 2) ------------------------------------
-    indices, skips = tokenizer.encode(masked, masks)
-    df_reconstruction = tokenizer.decode(indices, skips, masks).clamp(0, 1)
+    indices, skips = dfvqgan.encode(masked, masks)
+    df_reconstruction = dfvqgan.decode(indices, skips, masks).clamp(0, 1)
+    plain_round_trip = lambda x: plain.decode(plain.encode(x)).clamp(0, 1)
     result["visible_mse_dfvqgan_skips"] = visible_mse(df_reconstruction, frames, masks)
-    result["visible_mse_dfvqgan_no_skips"] = visible_mse(tokenizer.decode(indices).clamp(0, 1), frames, masks)
-    result["visible_mse_vqgan_masked"] = visible_mse(plain.decode(plain.encode(masked)).clamp(0, 1), frames, masks)
-    result["visible_mse_vqgan_whole_frame"] = visible_mse(plain.decode(plain.encode(frames)).clamp(0, 1), frames, masks)
-    whole_indices, whole_skips = tokenizer.encode(frames, masks)  # hole tokens of the real hole (an oracle)
+    result["visible_mse_dfvqgan_no_skips"] = visible_mse(dfvqgan.decode(indices).clamp(0, 1), frames, masks)
+    result["visible_mse_vqgan_masked"] = visible_mse(plain_round_trip(masked), frames, masks)
+    result["visible_mse_vqgan_whole_frame"] = visible_mse(plain_round_trip(frames), frames, masks)
+    whole_indices, whole_skips = dfvqgan.encode(frames, masks)  # hole tokens of the real hole (an oracle)
     result["visible_mse_dfvqgan_skips_whole_frame"] = visible_mse(
-        tokenizer.decode(whole_indices, whole_skips, masks).clamp(0, 1), frames, masks)
+        dfvqgan.decode(whole_indices, whole_skips, masks).clamp(0, 1), frames, masks)
 
     # --- how many codes stand for plain black (the entropy the token predictors must learn) ----
     black = F.max_pool2d(frames, frames.shape[-1] // indices.shape[-1])[:, 0] == 0  # (n, h, w) empty cells
-    for name, tokens in (("dfvqgan", tokenizer.encode(frames)[0]), ("vqgan", plain.encode(frames))):
-        counts = torch.bincount(tokens[black], minlength=tokenizer.codebook_size).float()
+    for name, tokens in (("dfvqgan", dfvqgan.encode(frames)[0]), ("vqgan", plain.encode(frames))):
+        counts = torch.bincount(tokens[black], minlength=dfvqgan.codebook_size).float()
         p = counts[counts > 0] / counts.sum()
         result[f"black_cell_codes_{name}"] = int((counts > 0).sum())
         result[f"black_cell_entropy_nats_{name}"] = float(-(p * p.log()).sum())
@@ -173,9 +180,9 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
     for start in range(0, n, CHUNK):
         part = slice(start, min(n, start + CHUNK))
         tick = time.perf_counter()
-        chosen, info = lip.inpaint(model, tokenizer, frames[part], masks[part], captions[part], candidates=candidates,
-                                   scorer=scorer, top_k=top_k, generator=generator, guidance_scale=guidance,
-                                   temperature=temperature)
+        chosen, info = lip.inpaint(model, dfvqgan, frames[part], masks[part], captions[part],
+                                   candidates=candidates, scorer=scorer, top_k=top_k, generator=generator,
+                                   guidance_scale=guidance, temperature=temperature)
         timings["lip_s"] += time.perf_counter() - tick
         lip_first.append(info["candidates"][:, 0])
         lip_best.append(chosen)
@@ -184,14 +191,15 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
         b = chosen.shape[0]
         plain_tokens = plain.encode(masked[part])[:, None].repeat_interleave(candidates, 0)  # (b·K, 1, h, w)
         hole = lip.token_mask(masks[part], plain_tokens.shape[-2:])[:, None].repeat_interleave(candidates, 0)
-        tokens = nuwa.edit_image(baseline, plain_tokens, [c for c in captions[part] for _ in range(candidates)], hole,
-                                 temperature=1.0, top_k=top_k, generator=generator)  # (b·K, 1, h, w)
+        repeated = [c for c in captions[part] for _ in range(candidates)]
+        tokens = tasks.edit_image(baseline, plain_tokens, repeated, hole, temperature=1.0, top_k=top_k,
+                                  generator=generator)  # (b·K, 1, h, w)
         pixels = plain.decode(tokens[:, 0]).clamp(0, 1).view(b, candidates, 1, *frames.shape[-2:])
         timings["nuwa_s"] += time.perf_counter() - tick
         nuwa_first.append(pixels[:, 0])
         nuwa_best.append(best_of(pixels, captions[part], scorer))
-        print(f"  {part.stop}/{n} frames inpainted ({timings['lip_s']:.0f} s LIP, {timings['nuwa_s']:.0f} s NÜWA)",
-              file=sys.stderr)
+        print(f"  {part.stop}/{n} frames inpainted ({timings['lip_s']:.0f} s LIP, "
+              f"{timings['nuwa_s']:.0f} s NÜWA)", file=sys.stderr)
     lip_first, lip_best, lip_reranked, nuwa_first, nuwa_best = (
         torch.cat(x) for x in (lip_first, lip_best, lip_reranked, nuwa_first, nuwa_best))
 
@@ -202,31 +210,36 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
     for start in range(0, swap, CHUNK):
         part = slice(start, min(swap, start + CHUNK))
         part_captions = [c for c, _ in swaps[part]]
-        _, info = lip.inpaint(model, tokenizer, frames[part], masks[part], part_captions, candidates=candidates,
-                              top_k=top_k, generator=generator, guidance_scale=guidance, temperature=temperature)
+        _, info = lip.inpaint(model, dfvqgan, frames[part], masks[part], part_captions, candidates=candidates,
+                              top_k=top_k, generator=generator, guidance_scale=guidance,
+                              temperature=temperature)
         swapped_fills.append(info["candidates"][:, 0])
         swapped_reranked.append(best_of(info["candidates"], part_captions, nuwa_scorer))
     if swap:
         swapped_digits = torch.tensor([d for _, d in swaps[:swap]])
-        for suffix, true_fills, fills in (("", lip_first, swapped_fills), ("_nuwa_rerank", lip_reranked, swapped_reranked)):
-            follows_swapped = digits_read(torch.cat(fills), classifier) == swapped_digits  # (swap,)
-            follows_true = digits_read(true_fills[:swap], classifier) == digits[:swap].cpu()
+        pairs = (("", lip_first, swapped_fills), ("_nuwa_rerank", lip_reranked, swapped_reranked))
+        for suffix, true_fills, fills in pairs:
+            follows_swapped = digits_read(torch.cat(fills), judge) == swapped_digits  # (swap,)
+            follows_true = digits_read(true_fills[:swap], judge) == digits[:swap].cpu()
             result.update({f"swap_follows_swapped{suffix}": float(follows_swapped.float().mean()),
                            f"swap_follows_true{suffix}": float(follows_true.float().mean()),
-                           f"swap_follows_both{suffix}": float((follows_swapped & follows_true).float().mean())})
+                           f"swap_follows_both{suffix}":
+                               float((follows_swapped & follows_true).float().mean())})
         result["swap_n"] = swap
     result["visible_mse_lip_inpainted"] = visible_mse(lip_best, frames, masks)
     result["visible_mse_nuwa_inpainted"] = visible_mse(nuwa_best, frames, masks)
-    result["lip_inpaint_vs_reconstruction_visible_mae"] = float((lip_best - df_reconstruction).abs()[~masks].mean())
-    result["accuracy_real_frame"] = digit_accuracy(frames, digits, classifier)
-    result["accuracy_masked_input"] = digit_accuracy(masked, digits, classifier)
-    result["accuracy_lip_k1"] = digit_accuracy(lip_first, digits, classifier)
-    result[f"accuracy_lip_best_of_{candidates}"] = digit_accuracy(lip_best, digits, classifier)
-    result[f"accuracy_lip_best_of_{candidates}_nuwa_rerank"] = digit_accuracy(lip_reranked, digits, classifier)
-    result["accuracy_nuwa_k1"] = digit_accuracy(nuwa_first, digits, classifier)
-    result[f"accuracy_nuwa_best_of_{candidates}"] = digit_accuracy(nuwa_best, digits, classifier)
+    visible_change = (lip_best - df_reconstruction).abs()[~masks]
+    result["lip_inpaint_vs_reconstruction_visible_mae"] = float(visible_change.mean())
+    result["accuracy_real_frame"] = digit_accuracy(frames, digits, judge)
+    result["accuracy_masked_input"] = digit_accuracy(masked, digits, judge)
+    result["accuracy_lip_k1"] = digit_accuracy(lip_first, digits, judge)
+    result[f"accuracy_lip_best_of_{candidates}"] = digit_accuracy(lip_best, digits, judge)
+    result[f"accuracy_lip_best_of_{candidates}_nuwa_rerank"] = digit_accuracy(lip_reranked, digits, judge)
+    result["accuracy_nuwa_k1"] = digit_accuracy(nuwa_first, digits, judge)
+    result[f"accuracy_nuwa_best_of_{candidates}"] = digit_accuracy(nuwa_best, digits, judge)
     result.update({k: round(v, 1) for k, v in timings.items()})
-    result["pictures"] = {"frames": frames[:8], "masked": masked[:8], "lip": lip_first[:8], "nuwa": nuwa_first[:8]}
+    result["pictures"] = {"frames": frames[:8], "masked": masked[:8], "lip": lip_first[:8],
+                          "nuwa": nuwa_first[:8]}
     if swap >= 8:
         result["pictures"]["swapped"] = torch.cat(swapped_fills)[:8]
         result["swapped_captions_shown"] = [c for c, _ in swaps[:8]]
@@ -237,31 +250,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lip", default="out/lip/ckpt.pt", help="train.py --stage lip checkpoint")
     parser.add_argument("--baseline", default="out/nuwa/ckpt.pt",
-                        help="NÜWA checkpoint trained on text→image (make models'), on the same frame tokenizer")
+                        help="NÜWA checkpoint trained on text→image (make models'), on the same frame "
+                             "tokenizer")
     parser.add_argument("--classifier", default="out/classifier")
     parser.add_argument("--n", type=int, default=200, help="held-out frames")
-    parser.add_argument("--candidates", type=int, default=4, help="K samples per frame, reranked by the digit scorer")
-    parser.add_argument("--top-k", type=int, default=16)
-    parser.add_argument("--swap", type=int, default=100, help="frames inpainted again under a swapped caption")
+    parser.add_argument("--candidates", type=int, default=4,
+                        help="K samples per frame, reranked by the digit scorer")
+    parser.add_argument("--top-k", type=int, default=runtime.TOP_K,
+                        help=f"sample among the k likeliest codes (default {runtime.TOP_K}, as every "
+                             "reported figure)")
+    parser.add_argument("--swap", type=int, default=100,
+                        help="frames inpainted again under a swapped caption")
     parser.add_argument("--guidance", type=float, default=None,
                         help="LIP's classifier-free guidance scale (a model trained with --cond-drop-prob)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="LIP's sampling temperature (0 = greedy)")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the sampling generator (the frames stay the same)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="LIP's sampling temperature (0 = greedy)")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="seed of the sampling generator (the frames stay the same)")
     parser.add_argument("--quick", action="store_true", help="8 frames, 2 candidates")
     parser.add_argument("--png", default="out/lip_bench/inpainting.png", help="picture of the first 8 frames")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
     n, candidates, swap = (8, 2, 8) if args.quick else (args.n, args.candidates, args.swap)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
     if not args.json:
-        print(f"seed {args.seed}; device cpu; torch {torch.__version__}; {n} held-out frames, K = {candidates}")
-    result = evaluate_inpainting(args.lip, args.baseline, args.classifier, n=n, candidates=candidates, top_k=args.top_k,
-                                 swap=swap, guidance=args.guidance, temperature=args.temperature, seed=args.seed)
+        print(f"seed {args.seed}; device cpu; torch {torch.__version__}; {n} held-out frames, "
+              f"K = {candidates}")
+    with runtime.one_cpu_thread("cpu"):  # token-by-token sampling throughout (runtime.py)
+        result = evaluate_inpainting(args.lip, args.baseline, args.classifier, n=n, candidates=candidates,
+                                     top_k=args.top_k, swap=swap, guidance=args.guidance,
+                                     temperature=args.temperature, seed=args.seed)
     pictures = result.pop("pictures")
     shown = result.pop("swapped_captions_shown", None)
-    rows = [torch.stack(list(group)) for group in zip(*pictures.values())]  # per frame: real, masked, LIP, NÜWA (, swap)
-    header = "frame | masked | LIP (K = 1) | NÜWA completion (K = 1)" + (" | LIP, swapped caption" if shown else "")
+    # One row per frame: real, masked, LIP, NÜWA (and the swapped caption's fill).
+    rows = [torch.stack(list(group)) for group in zip(*pictures.values())]
+    header = "frame | masked | LIP (K = 1) | NÜWA completion (K = 1)"
+    header += " | LIP, swapped caption" if shown else ""
     captions = [header + (f": {shown[0]}" if shown else "")] + ([f"swapped: {c}" for c in shown[1:]] if shown
                                                                else [""] * (len(rows) - 1))
     data.save_grid(rows, args.png, captions=captions)

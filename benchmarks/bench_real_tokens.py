@@ -16,7 +16,7 @@ train.py's t2v_start task does).
     python benchmarks/bench_real_tokens.py --vqgan out/demo/vqgan/ckpt.pt --paper   # absolute positions only
     python benchmarks/bench_real_tokens.py --vqgan out/vqgan/ckpt.pt --set pixel_codes=false   # one aid off
 
-Measured figures: README ("Learning probes").
+Measured figures: RESULTS.md (learning probes).
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ import bench_learn  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import nuwa  # noqa: E402
+import runtime  # noqa: E402
 import vqgan  # noqa: E402
 
 
 @torch.no_grad()
-def tokenized_clips(tokenizer: vqgan.VQGAN, split: str, n: int, frames: int) -> tuple[torch.Tensor, list[str]]:
+def tokenized_clips(tokenizer: vqgan.VQGAN, split: str, n: int,
+                    frames: int) -> tuple[torch.Tensor, list[str]]:
     """n one-digit captioned clips of `split` → tokens (n, T, h, w) and their captions."""
     clips = data.CaptionedMovingMNIST(split, num_frames=frames, num_digits=1, seed=0)
     items = [clips[i] for i in range(n)]
@@ -51,21 +53,21 @@ def tokenized_clips(tokenizer: vqgan.VQGAN, split: str, n: int, frames: int) -> 
 @torch.no_grad()
 def split_losses(model: nuwa.NUWA, tokens: torch.Tensor, captions: list[str], background: int) -> dict:
     """Teacher-forced nats/token on held-out clips: frame-0 ink, later ink, background, all."""
-    was_training = model.training
-    model.eval()
-    loss = model.token_nats(nuwa.text_condition(model.tokenizer, captions), tokens)  # (B, N)
-    loss = loss.view(*tokens.shape[:2], -1)  # (B, T, h·w)
     ink = tokens.flatten(2) != background  # (B, T, h·w)
     flipped = [evaluate.changed_caption(caption, "direction") for caption in captions]
     opening = tokens[:, :2]  # frames 0 and 1: a causal decoder scores them alike in any longer clip
     cell_count = opening[0, 0].numel()
 
     def frame1_nats(texts: list[str]) -> torch.Tensor:  # (B,) nats of frame 1, summed over its tokens
-        return model.token_nats(nuwa.text_condition(model.tokenizer, texts), opening)[:, cell_count:].sum(1)
+        nats = model.token_nats(nuwa.text_condition(model.vocabulary, texts), opening)  # (B, 2·h·w)
+        return nats[:, cell_count:].sum(1)
 
-    gap = frame1_nats(flipped) - frame1_nats(captions)  # (B,)
-    model.train(was_training)
-    return {"frame0_ink": loss[:, 0][ink[:, 0]].mean().item(), "later_ink": loss[:, 1:][ink[:, 1:]].mean().item(),
+    with runtime.evaluating(model):
+        loss = model.token_nats(nuwa.text_condition(model.vocabulary, captions), tokens)  # (B, N)
+        loss = loss.view(*tokens.shape[:2], -1)  # (B, T, h·w)
+        gap = frame1_nats(flipped) - frame1_nats(captions)  # (B,)
+    return {"frame0_ink": loss[:, 0][ink[:, 0]].mean().item(),
+            "later_ink": loss[:, 1:][ink[:, 1:]].mean().item(),
             "background": loss[~ink].mean().item(), "all": loss.mean().item(),
             "direction_gap": gap.mean().item()}
 
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-frames", type=int, default=0,
                         help="train on the first k frames only, under the whole clip's caption (0 = all)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--paper", action="store_true", help="the paper's scheme (no relative tables, untied head, two encoder layers)")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's scheme (no relative tables, untied head, two encoder layers)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="NUWAConfig overrides, as in bench_learn.py (e.g. pixel_codes=false)")
     args = parser.parse_args(argv)
@@ -93,8 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     h, w = train_tokens.shape[2:]
     torch.manual_seed(0)
     scheme = nuwa.TINY_PAPER_SCHEME if args.paper else {}
-    model = nuwa.NUWA(nuwa.NUWAConfig.preset("tiny", codebook_size=tokenizer.codebook_size, token_h=h, token_w=w,
-                                              **{**scheme, **overrides}))
+    config = nuwa.NUWAConfig.preset("tiny", codebook_size=tokenizer.codebook_size, token_h=h, token_w=w,
+                                    **{**scheme, **overrides})
+    model = nuwa.NUWA(config)
     if model.config.pixel_codes:
         model.set_code_pixels(tokenizer.code_patches())
     optimizer = torch.optim.AdamW(nuwa.parameter_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.95))
@@ -104,14 +108,15 @@ def main(argv: list[str] | None = None) -> dict:
         elapsed = time.perf_counter() - start
         if step % 50 == 0 or elapsed > args.max_seconds:
             losses = split_losses(model, test_tokens, test_captions, background)
-            curve.append({"step": step, "seconds": round(elapsed, 1), **{k: round(v, 4) for k, v in losses.items()}})
+            rounded = {k: round(v, 4) for k, v in losses.items()}
+            curve.append({"step": step, "seconds": round(elapsed, 1), **rounded})
             print(" ".join(f"{k} {v}" for k, v in curve[-1].items()), flush=True)
         if elapsed > args.max_seconds:
             break
         picks = torch.randint(len(train_tokens), (args.batch_size,), generator=generator)
         for group in optimizer.param_groups:  # linear warm-up over 10 steps, then constant
             group["lr"] = args.lr * min(1.0, (step + 1) / 10)
-        cond = nuwa.text_condition(model.tokenizer, [train_captions[i] for i in picks])
+        cond = nuwa.text_condition(model.vocabulary, [train_captions[i] for i in picks])
         loss = model.loss(cond, train_tokens[picks][:, :args.train_frames or None])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -39,7 +39,7 @@ def main() -> None:
     print(f"seed {SEED}; device {args.device}; torch {torch.__version__}; threads {torch.get_num_threads()}")
     config = nuwa.NUWAConfig.preset("tiny", token_h=side, token_w=side, max_frames=16)
     model = nuwa.NUWA(config).to(args.device).eval()
-    cond = nuwa.text_condition(model.tokenizer, ["digit 3 is moving left then right"])
+    cond = nuwa.text_condition(model.vocabulary, ["digit 3 is moving left then right"])
     shape = (frames, side, side)
 
     def timed(use_cache: bool):
@@ -60,7 +60,8 @@ def main() -> None:
     print(f"{'path':>10} {'seconds':>9}   tokens {result['tokens']} of shape {shape}")
     print(f"{'cached':>10} {cached_s:9.2f}\n{'uncached':>10} {uncached_s:9.2f}")
     print(f"speedup {result['speedup']}x, identical tokens: {result['identical']}")
-    print(f"cache bytes: 4 frames {result['cache_bytes_4_frames']}, 16 frames {result['cache_bytes_16_frames']}")
+    print(f"cache bytes: 4 frames {result['cache_bytes_4_frames']}, "
+          f"16 frames {result['cache_bytes_16_frames']}")
     print(json.dumps(result))
 
 

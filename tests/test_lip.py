@@ -1,5 +1,5 @@
-"""Tests for lip.py (NÜWA-LIP): the relative-estimation layers against slow references, hole
-invariance of DF-VQGAN's visible tokens (untrained and trained), symmetrical connections, visible
+"""Tests for dfvqgan.py and lip.py (NÜWA-LIP): the relative-estimation layers against slow references,
+hole invariance of DF-VQGAN's visible tokens (untrained and trained), symmetrical connections, visible
 pixels of an inpainting, the hole-only loss, MP-S2S leaks and causality, cached = uncached
 sampling, inpaint's candidates and bad inputs; and the dfvqgan / lip stages and `sample.py inpaint`
 end to end on tiny checkpoints."""
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import needs_mnist, position_weighted_sum
 
+import dfvqgan
 import lip
 import nuwa
 import vqgan
@@ -21,16 +22,17 @@ K = 32  # codebook size of the toy models
 CAPTIONS = ["digit 3 is moving up", "digit 4 is moving left then right", "digit 7 is moving down"]
 
 
-def toy_tokenizer(dtype=torch.float64, cell_encoder=False) -> lip.DFVQGAN:
-    config = lip.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8, disc_ch=8,
-                                      cell_encoder=cell_encoder)
+def toy_tokenizer(dtype=torch.float64, cell_encoder=False) -> dfvqgan.DFVQGAN:
+    config = dfvqgan.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8,
+                                          disc_ch=8, cell_encoder=cell_encoder)
     torch.manual_seed(0)
-    return lip.DFVQGAN(config).to(dtype).eval()
+    return dfvqgan.DFVQGAN(config).to(dtype).eval()
 
 
 def toy_model(**overrides) -> lip.MPS2S:
-    config = lip.LIPConfig.preset("tiny", **{**dict(dim=32, num_heads=2, text_layers=1, token_layers=1, pixel_layers=1,
-                                                    decoder_layers=2, codebook_size=K), **overrides})
+    toy = dict(dim=32, num_heads=2, text_layers=1, token_layers=1, pixel_layers=1, decoder_layers=2,
+               codebook_size=K)
+    config = lip.LIPConfig.preset("tiny", **{**toy, **overrides})
     torch.manual_seed(1)
     return lip.MPS2S(config).double().eval()
 
@@ -51,7 +53,7 @@ def frames(dtype=torch.float64, seed=0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def trained_tokenizer() -> lip.DFVQGAN:
+def trained_tokenizer() -> dfvqgan.DFVQGAN:
     """The toy DF-VQGAN after 30 Adam steps on a fixed batch with LIP's mask mix (float32; seconds)."""
     model = toy_tokenizer(torch.float32).train()
     x = frames(torch.float32).clamp(0.5, 1) * (frames(torch.float32, 1) > 0.7)  # sparse bright strokes
@@ -74,16 +76,16 @@ def test_masked_group_norm_equals_statistics_over_visible_entries():
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
-    m = lip.pool_mask(box_masks(), 8)  # (3, 1, 8, 8)
-    out = lip.masked_group_norm(norm, x, m)
+    m = dfvqgan.pool_mask(box_masks(), 8)  # (3, 1, 8, 8)
+    out = dfvqgan.masked_group_norm(norm, x, m)
     full = norm(x)
     for b in range(3):
         for g in range(2):
             channels = slice(2 * g, 2 * g + 2)
             visible = x[b, channels][:, ~m[b, 0]]  # (2, n_visible)
             mean, var = visible.mean(), visible.var(unbiased=False)
-            expected = (x[b, channels] - mean) / torch.sqrt(var + norm.eps) * norm.weight[channels, None, None] \
-                + norm.bias[channels, None, None]
+            expected = (x[b, channels] - mean) / torch.sqrt(var + norm.eps) \
+                * norm.weight[channels, None, None] + norm.bias[channels, None, None]
             got = out[b, channels]
             assert torch.allclose(got[:, ~m[b, 0]], expected[:, ~m[b, 0]], atol=1e-12)
             assert torch.allclose(got[:, m[b, 0]], full[b, channels][:, m[b, 0]], atol=1e-12)
@@ -92,15 +94,16 @@ def test_masked_group_norm_equals_statistics_over_visible_entries():
 def test_masked_attention_equals_a_loop_over_queries():
     block = vqgan.AttnBlock(8, 4).double()
     x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
-    m = lip.pool_mask(box_masks()[:2], 4)  # (2, 1, 4, 4)
-    out = lip.masked_attention(block, x, m)
-    h = lip.masked_group_norm(block.norm, x, m)
+    m = dfvqgan.pool_mask(box_masks()[:2], 4)  # (2, 1, 4, 4)
+    out = dfvqgan.masked_attention(block, x, m)
+    h = dfvqgan.masked_group_norm(block.norm, x, m)
     q, k, v = block.qkv(h).view(2, 3, 8, 16).unbind(1)  # (2, C, N) each
     for b in range(2):
         defective = m[b].view(16)
         attended = torch.zeros(8, 16, dtype=torch.float64)
         for i in range(16):
-            keys = torch.ones(16, dtype=torch.bool) if defective[i] else ~defective  # visible: visible keys only
+            # A visible query reads visible keys only.
+            keys = torch.ones(16, dtype=torch.bool) if defective[i] else ~defective
             weights = ((q[b, :, i:i + 1] * k[b][:, keys]).sum(0) / math.sqrt(8)).softmax(0)  # (n_keys,)
             attended[:, i] = (v[b][:, keys] * weights).sum(1)
         expected = x[b] + block.proj(attended.view(1, 8, 4, 4))[0]
@@ -123,7 +126,8 @@ def test_without_holes_or_with_only_holes_dfvqgan_encodes_as_the_plain_vqgan(cel
 
 @pytest.mark.parametrize("trained, cell_encoder", [(False, False), (True, False), (False, True)])
 def test_visible_tokens_and_skips_are_identical_whatever_the_hole_contains(trained, cell_encoder, request):
-    model = request.getfixturevalue("trained_tokenizer").double() if trained else toy_tokenizer(cell_encoder=cell_encoder)
+    model = (request.getfixturevalue("trained_tokenizer").double() if trained
+             else toy_tokenizer(cell_encoder=cell_encoder))
     x, mask = frames(), box_masks()
     hole = lip.token_mask(mask, model.config.token_shape)  # (3, 16, 16)
     indices, skips = model.encode(x, mask)
@@ -132,7 +136,7 @@ def test_visible_tokens_and_skips_are_identical_whatever_the_hole_contains(train
         other_indices, other_skips = model.encode(torch.where(mask, content, x), mask)
         assert torch.equal(indices[~hole], other_indices[~hole])
         for skip, other in zip(skips, other_skips):
-            visible = ~lip.pool_mask(mask, skip.shape[-1]).expand_as(skip)
+            visible = ~dfvqgan.pool_mask(mask, skip.shape[-1]).expand_as(skip)
             assert torch.equal(skip[visible], other[visible])
         changed_somewhere |= not torch.equal(indices[hole], other_indices[hole])
     assert changed_somewhere  # the hole tokens do see the hole: the test could fail
@@ -163,9 +167,9 @@ def test_hole_tokens_are_the_max_pooled_mask():
 
 def test_symmetrical_connection_formula():
     h, skip = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    mask = lip.pool_mask(box_masks()[:2], 16)  # (2, 1, 16, 16) pixel mask of a 16-pixel "frame"
-    out = lip.DFVQGAN.connect(h, skip, mask, torch.tensor([True, False]))
-    m = lip.pool_mask(mask, 4)[0].expand(3, 4, 4)
+    mask = dfvqgan.pool_mask(box_masks()[:2], 16)  # (2, 1, 16, 16) pixel mask of a 16-pixel "frame"
+    out = dfvqgan.DFVQGAN.connect(h, skip, mask, torch.tensor([True, False]))
+    m = dfvqgan.pool_mask(mask, 4)[0].expand(3, 4, 4)
     assert torch.allclose(out[0][~m], (skip[0][~m] + h[0][~m]) / 2) and torch.equal(out[0][m], h[0][m])
     assert torch.equal(out[1], h[1])  # gate off: the skip-less decoder
 
@@ -205,8 +209,8 @@ def test_visible_pixels_of_an_inpainting_match_the_reconstruction_of_the_visible
     for use_skips in (True, False):
         changes = []
         for seed in range(3):  # three random fillings of the hole tokens
-            filled = torch.where(hole, torch.randint(K, indices.shape, generator=torch.Generator().manual_seed(seed)),
-                                 indices)
+            fill = torch.randint(K, indices.shape, generator=torch.Generator().manual_seed(seed))
+            filled = torch.where(hole, fill, indices)
             out = tokenizer.decode(filled, skips, mask) if use_skips else tokenizer.decode(filled)
             reference = reconstruction if use_skips else tokenizer.decode(indices)
             changes.append((out - reference).abs()[visible].mean())
@@ -220,9 +224,9 @@ def test_visible_pixels_of_an_inpainting_match_the_reconstruction_of_the_visible
 
 def toy_inputs(model: lip.MPS2S, batch: int = 2):
     """Text, tokens, hole, image, mask for a 4×4-token toy grid (16×16 pixels)."""
-    text = model.tokenizer.encode(CAPTIONS[:batch])
+    text = model.vocabulary.encode(CAPTIONS[:batch])
     tokens = torch.randint(K, (batch, 4, 4), generator=torch.Generator().manual_seed(2))
-    mask = lip.pool_mask(box_masks()[:batch], 16)  # (B, 1, 16, 16)
+    mask = dfvqgan.pool_mask(box_masks()[:batch], 16)  # (B, 1, 16, 16)
     image = torch.rand(batch, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     return text, tokens, lip.token_mask(mask, (4, 4)), image, mask
 
@@ -255,8 +259,8 @@ def test_logits_ignore_hole_pixels_and_a_hole_token_is_seen_only_by_later_positi
     assert delta[q + 1:].max() > 0  # the causal decoder reads it afterwards
 
 
-@pytest.mark.parametrize("temperature, guidance, visible_input", [(0.0, None, True), (1.0, None, True), (1.0, 2.5, True),
-                                                                  (1.0, None, False)])
+@pytest.mark.parametrize("temperature, guidance, visible_input",
+                         [(0.0, None, True), (1.0, None, True), (1.0, 2.5, True), (1.0, None, False)])
 def test_cached_generation_gives_the_tokens_of_full_recomputation(temperature, guidance, visible_input):
     model = toy_model(token_h=4, token_w=4, visible_input=visible_input)
     text, tokens, hole, image, mask = toy_inputs(model)
@@ -270,7 +274,9 @@ def test_cached_generation_gives_the_tokens_of_full_recomputation(temperature, g
 
 def test_guidance_mixes_the_caption_and_none_logits_and_scale_one_is_the_caption():
     """Greedy guided sampling = argmax of l_None + s (l_caption − l_None), position by position."""
-    SCALE = 100.0  # the untrained toy caption moves logits by ~1 %: large enough that the toy model's guided tokens differ from its unguided ones
+    # The untrained toy caption moves logits by ~1 %: large enough that the toy model's guided tokens
+    # differ from its unguided ones.
+    SCALE = 100.0
     model = toy_model(token_h=4, token_w=4)
     text, tokens, hole, image, mask = toy_inputs(model)
     greedy = lambda s: model.generate(text, tokens, hole, image, mask, temperature=0.0, use_cache=True,
@@ -318,16 +324,17 @@ def test_the_official_decoder_input_reads_visible_tokens_only_through_the_perspe
     memory = model.encode(text, tokens, hole, image, mask)
     with torch.no_grad():
         same_input = model.decode_logits(model.decoder_input(changed, hole), memory)
-        assert torch.allclose(same_input, model.decode_logits(model.decoder_input(tokens, hole), memory), atol=1e-12)
+        unchanged = model.decode_logits(model.decoder_input(tokens, hole), memory)
+        assert torch.allclose(same_input, unchanged, atol=1e-12)
         ours = toy_model(token_h=4, token_w=4)  # visible_input=True: the decoder input does change
         assert not torch.equal(ours.decoder_input(changed, hole), ours.decoder_input(tokens, hole))
 
 
 def test_frozen_tokens_keep_the_plain_cell_vqgans_tokens_while_the_decoder_learns():
-    config = lip.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8, disc_ch=8,
-                                      cell_encoder=True, freeze_tokens=True)
+    config = dfvqgan.DFVQGANConfig.preset("tiny", ch=8, norm_groups=4, codebook_size=K, embed_dim=8,
+                                          disc_ch=8, cell_encoder=True, freeze_tokens=True)
     torch.manual_seed(0)
-    model = lip.DFVQGAN(config).train()
+    model = dfvqgan.DFVQGAN(config).train()
     x, mask = frames(torch.float32), box_masks()
     before, decoder = model.encode(x)[0], model.decoder.conv_out.weight.clone()
     optimizer = torch.optim.Adam(model.tokenizer_parameters(), lr=1e-2)
@@ -340,17 +347,18 @@ def test_frozen_tokens_keep_the_plain_cell_vqgans_tokens_while_the_decoder_learn
     assert not torch.equal(model.decoder.conv_out.weight, decoder)
     assert all(not p.requires_grad for p in [*model.encoder.parameters(), *model.quantizer.parameters()])
     with pytest.raises(ValueError, match="cell encoder"):
-        lip.DFVQGAN(lip.DFVQGANConfig.preset("tiny", freeze_tokens=True))
+        dfvqgan.DFVQGAN(dfvqgan.DFVQGANConfig.preset("tiny", freeze_tokens=True))
 
 
-NUWA_LIKE = dict(dim=32, num_heads=2, decoder_layers=2, codebook_size=K, token_h=8, token_w=8, extent=(2, 2, 2),
-                 relative_bias=True, relative_keys=True, tie_head=True)
+NUWA_LIKE = dict(dim=32, num_heads=2, decoder_layers=2, codebook_size=K, token_h=8, token_w=8,
+                 extent=(2, 2, 2), relative_bias=True, relative_keys=True, tie_head=True)
 
 
 @pytest.mark.parametrize("pixel_codes", [False, True])
 def test_mps2s_started_from_a_nuwa_gives_its_text_to_image_logits_on_the_caption_alone(pixel_codes):
     torch.manual_seed(0)
-    source = nuwa.NUWA(nuwa.NUWAConfig(encoder_layers=0, pixel_codes=pixel_codes, **NUWA_LIKE)).double().eval()
+    source = nuwa.NUWA(nuwa.NUWAConfig(encoder_layers=0, pixel_codes=pixel_codes, **NUWA_LIKE))
+    source = source.double().eval()
     with torch.no_grad():  # every parameter away from its initial value (zero tables, identity projections)
         for parameter in source.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -360,16 +368,18 @@ def test_mps2s_started_from_a_nuwa_gives_its_text_to_image_logits_on_the_caption
     assert "decoder.0.self_attn.position_bias" in lip.init_from_nuwa(model, source)
     tokens = torch.randint(K, (3, 8, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        expected = source(nuwa.text_condition(source.tokenizer, CAPTIONS), tokens[:, None])  # (3, 64, K)
-        got = model.decode_logits(model.decoder_input(tokens, torch.ones_like(tokens, dtype=torch.bool)), model.encode_caption(model.tokenizer.encode(CAPTIONS)))
+        expected = source(nuwa.text_condition(source.vocabulary, CAPTIONS), tokens[:, None])  # (3, 64, K)
+        every = torch.ones_like(tokens, dtype=torch.bool)
+        caption = model.encode_caption(model.vocabulary.encode(CAPTIONS))
+        got = model.decode_logits(model.decoder_input(tokens, every), caption)
     assert torch.allclose(got, expected, atol=1e-10)
 
 
 def test_a_nuwa_that_does_not_fit_is_refused_naming_the_field():
     source = nuwa.NUWA(nuwa.NUWAConfig(encoder_layers=0, pixel_codes=False, **NUWA_LIKE))
     with pytest.raises(ValueError, match="extent"):
-        lip.init_from_nuwa(toy_model(text_layers=0, patch=8, pixel_codes=False, **{**NUWA_LIKE, "extent": (0, 2, 2)}),
-                           source)
+        other = toy_model(text_layers=0, patch=8, pixel_codes=False, **{**NUWA_LIKE, "extent": (0, 2, 2)})
+        lip.init_from_nuwa(other, source)
     with pytest.raises(ValueError, match="text layers"):
         lip.init_from_nuwa(toy_model(text_layers=1, patch=8, pixel_codes=False, **NUWA_LIKE), source)
 
@@ -381,12 +391,12 @@ def test_a_dfvqgan_whose_codes_mean_other_pixels_is_refused(tmp_path):
     """load_lip compares what each code looked like at training (code_pixels) with what the DF-VQGAN
     it is handed draws, or, for an MP-S2S started from a NÜWA, with the plain VQGAN whose tokens that
     DF-VQGAN froze. Same K and grid, other codes: refused, naming the file."""
-    import train
+    import checkpoints
 
     def save(stage: str, model, name: str) -> str:
         path = tmp_path / name
-        train.save_checkpoint({"stage": stage, "config": train.config_to_dict(model.config),
-                               "model": model.state_dict()}, path)
+        checkpoints.save({"stage": stage, "config": checkpoints.config_to_dict(model.config),
+                          "model": model.state_dict()}, path)
         return str(path)
 
     shape = dict(ch=8, norm_groups=4, codebook_size=K, embed_dim=8, cell_encoder=True)
@@ -401,16 +411,16 @@ def test_a_dfvqgan_whose_codes_mean_other_pixels_is_refused(tmp_path):
     for name, extra in (("own", dict(init_vqgan=plains[0], freeze_tokens=True)),
                         ("other_plain", dict(init_vqgan=plains[1], freeze_tokens=True)), ("unfrozen", {})):
         torch.manual_seed(len(tokenizers))
-        model = lip.DFVQGAN(lip.DFVQGANConfig.preset("tiny", **shape, disc_ch=8, **extra))
+        model = dfvqgan.DFVQGAN(dfvqgan.DFVQGANConfig.preset("tiny", **shape, disc_ch=8, **extra))
         tokenizers[name] = (model, save("dfvqgan", model, f"{name}.pt"))
     drawn_by_itself, from_nuwa = toy_model(), toy_model(init_nuwa="nuwa.pt")
     drawn_by_itself.set_code_pixels(tokenizers["unfrozen"][0].code_patches())
     from_nuwa.set_code_pixels(vqgan.load_vqgan(plains[0]).code_patches())  # as init_from_nuwa copies them in
-    for model, dfvqgan in ((drawn_by_itself, "unfrozen"), (from_nuwa, "own")):
-        model.config.dfvqgan_ckpt = tokenizers[dfvqgan][1]
-        path = save("lip", model.float(), f"lip_{dfvqgan}.pt")
+    for model, own in ((drawn_by_itself, "unfrozen"), (from_nuwa, "own")):
+        model.config.dfvqgan_ckpt = tokenizers[own][1]
+        path = save("lip", model.float(), f"lip_{own}.pt")
         lip.load_lip(path)  # its own tokenizer: accepted
-        for other in {"unfrozen", "own", "other_plain"} - {dfvqgan}:
+        for other in {"unfrozen", "own", "other_plain"} - {own}:
             with pytest.raises(ValueError, match=f"{other}.pt"):
                 lip.load_lip(path, dfvqgan_ckpt=tokenizers[other][1])
     Path(plains[0]).unlink()  # the plain VQGAN left behind: the check cannot be made, and says so
@@ -476,10 +486,12 @@ def test_an_all_missing_mask_is_text_to_image(pair):
     """Documented behaviour: every token is sampled and the skips carry nothing."""
     model, tokenizer = pair
     x, full = frames()[:1], torch.ones(1, 1, 64, 64, dtype=torch.bool)
-    result, info = lip.inpaint(model, tokenizer, x, full, CAPTIONS[0], generator=torch.Generator().manual_seed(0))
+    result, info = lip.inpaint(model, tokenizer, x, full, CAPTIONS[0],
+                               generator=torch.Generator().manual_seed(0))
     assert info["hole"].all()
     assert torch.allclose(result, tokenizer.decode(info["tokens"][:, 0]).clamp(0, 1), atol=1e-12)
-    other, _ = lip.inpaint(model, tokenizer, 1 - x, full, CAPTIONS[0], generator=torch.Generator().manual_seed(0))
+    other, _ = lip.inpaint(model, tokenizer, 1 - x, full, CAPTIONS[0],
+                           generator=torch.Generator().manual_seed(0))
     assert torch.equal(result, other)  # nothing of the (entirely missing) frame was read
 
 
@@ -519,11 +531,12 @@ def test_nuwa_caption_scorer_prefers_the_candidate_its_caption_explains():
     torch.manual_seed(0)
     model = nuwa.NUWA(config)
     captions = ["digit 1 is moving left", "digit 2 is moving left"]
-    grids = torch.stack([torch.full((1, 3, 4), 1), torch.full((1, 3, 4), 2)])  # (2, 1, 3, 4): caption i → code i + 1
+    # (2, 1, 3, 4): caption i → code i + 1
+    grids = torch.stack([torch.full((1, 3, 4), 1), torch.full((1, 3, 4), 2)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):  # "None" sees both grids, each caption only its own
-        loss = (model.loss(nuwa.text_condition(model.tokenizer, captions), grids)
-                + model.loss(nuwa.none_condition(model.tokenizer, 2), grids))
+        loss = (model.loss(nuwa.text_condition(model.vocabulary, captions), grids)
+                + model.loss(nuwa.none_condition(model.vocabulary, 2), grids))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -541,7 +554,8 @@ def test_nuwa_caption_scorer_prefers_the_candidate_its_caption_explains():
 def test_half_digit_mask_covers_the_named_half_of_the_ink_box():
     frame = torch.zeros(1, 64, 64)
     frame[0, 10:30, 20:34] = 1.0  # ink box rows 10-29, columns 20-33
-    expected = {"top": (10, 20, 20, 34), "bottom": (20, 30, 20, 34), "left": (10, 30, 20, 27), "right": (10, 30, 27, 34)}
+    expected = {"top": (10, 20, 20, 34), "bottom": (20, 30, 20, 34),
+                "left": (10, 30, 20, 27), "right": (10, 30, 27, 34)}
     for side, (y0, y1, x0, x1) in expected.items():
         mask = lip.half_digit_mask(frame, side)
         box = torch.zeros_like(mask)
@@ -560,17 +574,18 @@ def test_training_masks_are_a_function_of_seed_step_and_item():
     masks = [draw(0, 5, i) for i in range(12)]
     assert not all(torch.equal(masks[0], m) for m in masks[1:])
     assert all(m.any() and m.dtype == torch.bool and m.shape == (1, 64, 64) for m in masks)
-    config = lip.DFVQGANConfig()
-    kinds = [lip.tokenizer_training_mask(lip.item_rng(0, 0, i), config).float().mean().item() for i in range(60)]
+    config = dfvqgan.DFVQGANConfig()
+    kinds = [lip.tokenizer_training_mask(lip.item_rng(0, 0, i), config).float().mean().item()
+             for i in range(60)]
     assert 0.0 in kinds and 1.0 in kinds and any(0 < k < 1 for k in kinds)  # none, full, boxes
 
 
 # --- training stages and sample.py, end to end on tiny checkpoints ----------------------------
 
-TINY_DFVQGAN = ["--ch", "8", "--norm-groups", "4", "--codebook-size", str(K), "--embed-dim", "8", "--disc-ch", "8",
-                "--batch-size", "4", "--frames-per-clip", "2", "--disc-start", "1"]
-TINY_LIP = ["--dim", "32", "--num-heads", "2", "--token-layers", "1", "--pixel-layers", "1", "--decoder-layers", "1",
-            "--codebook-size", str(K), "--batch-size", "2"]
+TINY_DFVQGAN = ["--ch", "8", "--norm-groups", "4", "--codebook-size", str(K), "--embed-dim", "8",
+                "--disc-ch", "8", "--batch-size", "4", "--frames-per-clip", "2", "--disc-start", "1"]
+TINY_LIP = ["--dim", "32", "--num-heads", "2", "--token-layers", "1", "--pixel-layers", "1",
+            "--decoder-layers", "1", "--codebook-size", str(K), "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -578,7 +593,8 @@ def run_folder(tmp_path_factory):
     import train
 
     out = tmp_path_factory.mktemp("lip_run")
-    common = ["--preset", "tiny", "--max-steps", "2", "--sample-every", "0", "--device", "cpu", "--out", str(out)]
+    common = ["--preset", "tiny", "--max-steps", "2", "--sample-every", "0", "--device", "cpu",
+              "--out", str(out)]
     train.main(["--stage", "dfvqgan", *common, *TINY_DFVQGAN])
     train.main(["--stage", "lip", *common, *TINY_LIP, "--dfvqgan-ckpt", str(out / "dfvqgan" / "ckpt.pt")])
     return out
@@ -596,22 +612,24 @@ def test_dfvqgan_and_lip_stages_train_and_resume(run_folder, tmp_path, monkeypat
         path = folder / stage / "ckpt.pt"
         checkpoint = torch.load(path, weights_only=True)
         assert checkpoint["step"] == 2 and (folder / stage / "samples.png").stat().st_size > 0
-        train.main(["--stage", stage, "--preset", "tiny", "--max-steps", "3", "--sample-every", "0", "--device", "cpu",
-                    "--out", str(folder), "--resume", *flags])
+        train.main(["--stage", stage, "--preset", "tiny", "--max-steps", "3", "--sample-every", "0",
+                    "--device", "cpu", "--out", str(folder), "--resume", *flags])
         assert torch.load(path, weights_only=True)["step"] == 3
         if stage == "lip":  # resumed on the DF-VQGAN it was trained with
             model, tokenizer = lip.load_lip(folder / "lip" / "ckpt.pt", dfvqgan_ckpt=tokenizer_path)
             assert model.config.dim == 32 and tokenizer.config.codebook_size == K and not model.training
-    with pytest.raises(ValueError, match="not the tokenizer this model was trained on"):  # trained on: other pixels
+    # The DF-VQGAN trained one step further draws other pixels.
+    with pytest.raises(ValueError, match="not the tokenizer this model was trained on"):
         lip.load_lip(folder / "lip" / "ckpt.pt", dfvqgan_ckpt=str(folder / "dfvqgan" / "ckpt.pt"))
     # Nor does training resume when the recorded file was trained on since (here: the path the LIP
     # recorded now gives the DF-VQGAN trained one step further): the stored code pixels would hide the
     # new drawing.
-    trained_on = lip.load_dfvqgan(folder / "dfvqgan" / "ckpt.pt").requires_grad_(False)
+    trained_on = dfvqgan.load_dfvqgan(folder / "dfvqgan" / "ckpt.pt").requires_grad_(False)
     monkeypatch.setattr(train, "frozen_dfvqgan", lambda path, device: trained_on)
     with pytest.raises(ValueError, match="cannot resume .*code_pixels"):
-        train.main(["--stage", "lip", "--preset", "tiny", "--max-steps", "4", "--sample-every", "0", "--device", "cpu",
-                    "--out", str(folder), "--resume", *TINY_LIP, "--dfvqgan-ckpt", tokenizer_path])
+        train.main(["--stage", "lip", "--preset", "tiny", "--max-steps", "4", "--sample-every", "0",
+                    "--device", "cpu", "--out", str(folder), "--resume", *TINY_LIP,
+                    "--dfvqgan-ckpt", tokenizer_path])
     assert torch.load(folder / "lip" / "ckpt.pt", weights_only=True)["step"] == 3  # untouched
     log = (folder / "lip" / "log.jsonl").read_text()
     assert "hole_fraction" in log
@@ -627,7 +645,7 @@ def test_stage_batches_are_deterministic_and_lip_uses_the_nuwa_t2i_frames():
     assert torch.equal(first["mask"], again["mask"]) and torch.equal(first["image"], again["image"])
     t2i = train.nuwa_batch(nuwa.NUWAConfig.preset("tiny", tasks="t2i", seg_ckpt=""), 0, 7, 1, 2)["t2i"]
     assert torch.equal(first["image"], t2i["video"][:, 0]) and first["caption"] == t2i["caption"]
-    tokenizer_config = lip.DFVQGANConfig.preset("tiny", batch_size=4, frames_per_clip=2)
+    tokenizer_config = dfvqgan.DFVQGANConfig.preset("tiny", batch_size=4, frames_per_clip=2)
     one = train.dfvqgan_batch(tokenizer_config, 0, 3, 0, 1)
     halves = [train.dfvqgan_batch(tokenizer_config, 0, 3, part, 2) for part in range(2)]
     assert torch.equal(one["mask"], torch.cat([h["mask"] for h in halves]))  # micro-batches cut one batch
@@ -641,8 +659,8 @@ def test_sample_inpaint_writes_pictures_and_rejects_bad_files(run_folder, tmp_pa
     import sample
 
     ckpt = str(run_folder / "lip" / "ckpt.pt")
-    common = ["inpaint", "--ckpt", ckpt, "--dfvqgan", str(run_folder / "dfvqgan" / "ckpt.pt"), "--device", "cpu",
-              "--classifier", ""]
+    common = ["inpaint", "--ckpt", ckpt, "--dfvqgan", str(run_folder / "dfvqgan" / "ckpt.pt"),
+              "--device", "cpu", "--classifier", ""]
     written = sample.main([*common, "--out", str(tmp_path / "default"), "--candidates", "2"])
     assert written and all(path.stat().st_size > 1000 for path in written)
     frame = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
@@ -650,8 +668,9 @@ def test_sample_inpaint_writes_pictures_and_rejects_bad_files(run_folder, tmp_pa
     mask[20:40, 10:50] = 255
     Image.fromarray(frame).save(tmp_path / "frame.png")
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    written = sample.main([*common, "--image", str(tmp_path / "frame.png"), "--mask", str(tmp_path / "mask.png"),
-                           "--caption", "digit 5 is moving up", "--out", str(tmp_path / "files")])
+    written = sample.main([*common, "--image", str(tmp_path / "frame.png"), "--mask",
+                           str(tmp_path / "mask.png"), "--caption", "digit 5 is moving up",
+                           "--out", str(tmp_path / "files")])
     assert written
     Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(tmp_path / "empty.png")
     with pytest.raises(ValueError, match="no missing pixel"):
@@ -678,15 +697,15 @@ def test_both_stages_train_under_torchrun(mode, tmp_path):
         torchrun,  # the shared launcher (exit status checked, output shown on failure)
     )
 
-    for stage, flags in (("dfvqgan", TINY_DFVQGAN), ("lip", [*TINY_LIP, "--dfvqgan-ckpt",  # the one just trained
-                                                             str(tmp_path / "dfvqgan" / "ckpt.pt")])):
-        result = torchrun("train.py", "--stage", stage, "--preset", "tiny", "--max-steps", "2", "--sample-every", "0",
-                          "--device", "cpu", "--out", str(tmp_path), *flags, *(["--fsdp"] if mode == "fsdp" else []),
-                          timeout=300)
+    just_trained = str(tmp_path / "dfvqgan" / "ckpt.pt")
+    for stage, flags in (("dfvqgan", TINY_DFVQGAN), ("lip", [*TINY_LIP, "--dfvqgan-ckpt", just_trained])):
+        result = torchrun("train.py", "--stage", stage, "--preset", "tiny", "--max-steps", "2",
+                          "--sample-every", "0", "--device", "cpu", "--out", str(tmp_path), *flags,
+                          *(["--fsdp"] if mode == "fsdp" else []), timeout=300)
         assert result.stdout.count(f"stage {stage}; seed 0;") == 1  # rank 0 alone prints
         checkpoint = torch.load(tmp_path / stage / "ckpt.pt", weights_only=True)
         assert checkpoint["step"] == 2 and checkpoint["world"] == 2
-    model, tokenizer = lip.load_lip(tmp_path / "lip" / "ckpt.pt", dfvqgan_ckpt=str(tmp_path / "dfvqgan" / "ckpt.pt"))
+    model, tokenizer = lip.load_lip(tmp_path / "lip" / "ckpt.pt", dfvqgan_ckpt=just_trained)
     assert not model.training and not tokenizer.training
 
 

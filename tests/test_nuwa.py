@@ -1,4 +1,5 @@
-"""Tests for nuwa.py: causality, cached = uncached generation, forced tokens, guidance, tasks."""
+"""Tests for nuwa.py and tasks.py: causality, cached = uncached generation, given tokens, guidance,
+the eight tasks."""
 
 import math
 
@@ -8,14 +9,16 @@ from conftest import position_weighted_sum
 
 import nearby_attention
 import nuwa
+import tasks
 
 K, KS = 16, 8  # codebook sizes of the toy models
 
 
 def toy_model(**overrides) -> nuwa.NUWA:
-    toy = dict(dim=32, num_heads=2, encoder_layers=1, decoder_layers=2, codebook_size=K, sketch_codebook_size=KS,
-               token_h=3, token_w=4, max_frames=6)
-    config = nuwa.NUWAConfig.preset("tiny", **{**toy, **overrides})  # overrides win (the paper scheme's encoder)
+    toy = dict(dim=32, num_heads=2, encoder_layers=1, decoder_layers=2, codebook_size=K,
+               sketch_codebook_size=KS, token_h=3, token_w=4, max_frames=6)
+    # Overrides win (the paper scheme's encoder).
+    config = nuwa.NUWAConfig.preset("tiny", **{**toy, **overrides})
     torch.manual_seed(0)
     return nuwa.NUWA(config).double().eval()
 
@@ -25,15 +28,15 @@ CAPTIONS = ["digit 3 is moving left", "digit 4 is moving up then down and digit 
 
 def conditions(model):
     sketch = torch.randint(KS, (2, 3, 2, 2), generator=torch.Generator().manual_seed(1))
-    return {"text": nuwa.text_condition(model.tokenizer, CAPTIONS), "sketch": nuwa.sketch_condition(sketch)}
+    return {"text": nuwa.text_condition(model.vocabulary, CAPTIONS), "sketch": nuwa.sketch_condition(sketch)}
 
 
 # The paper's absolute positions only, the learning aids (relative bias, tied head, identity init)
 # with the first-frame context (an experiment, off by default) on so that its step is proven too, and
 # the tiny default: the aids and no encoder layers (the memory is the condition's embedding itself).
 SCHEMES = {"paper": nuwa.PAPER_SCHEME,
-           "aids": dict(relative_bias=True, relative_keys=True, tie_head=True, identity_init=True, pixel_codes=True,
-                        first_frame_context=True),
+           "aids": dict(relative_bias=True, relative_keys=True, tie_head=True, identity_init=True,
+                        pixel_codes=True, first_frame_context=True),
            "default": dict(encoder_layers=0)}
 
 
@@ -52,7 +55,8 @@ def trained_looking(model: nuwa.NUWA) -> nuwa.NUWA:
                                 / nearby_attention.RELATIVE_GAIN)
         if model.config.first_frame_context:
             weight = model.first_frame_proj.weight
-            weight.copy_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype) / weight.shape[1] ** 0.5)
+            weight.copy_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype)
+                         / weight.shape[1] ** 0.5)
     return model
 
 
@@ -85,16 +89,16 @@ def test_cached_equals_uncached_greedy(kind, scheme):
     assert torch.equal(model(cond, cached).argmax(-1), cached.view(2, -1))
 
 
-def test_cached_equals_uncached_with_sampling_and_forcing():
+def test_cached_equals_uncached_with_sampling_and_given_tokens():
     model = toy_model()
     cond = conditions(model)["text"]
-    forced = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(3))
+    given = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(3))
     keep = torch.rand(2, 3, 3, 4, generator=torch.Generator().manual_seed(4)) < 0.4
-    outs = [model.generate(cond, (3, 3, 4), forced=(forced, keep), temperature=1.0, top_k=8, top_p=0.9,
+    outs = [model.generate(cond, (3, 3, 4), given=(given, keep), temperature=1.0, top_k=8, top_p=0.9,
                            generator=torch.Generator().manual_seed(5), use_cache=c) for c in (True, False)]
     assert torch.equal(outs[0], outs[1])
-    assert torch.equal(outs[0][keep], forced[keep])  # forced tokens are kept exactly
-    assert not torch.equal(outs[0][~keep], forced[~keep])
+    assert torch.equal(outs[0][keep], given[keep])  # given tokens are kept exactly
+    assert not torch.equal(outs[0][~keep], given[~keep])
 
 
 def test_guidance_passes_share_their_input():
@@ -107,7 +111,7 @@ def test_guidance_passes_share_their_input():
     tokens = model.generate(cond, (3, 3, 4), temperature=0, guidance_scale=scale)
     # Reference: teacher-force the *generated* tokens through both passes; guided greedy decoding
     # is consistent only if both passes saw exactly these tokens as their input.
-    none = nuwa.none_condition(model.tokenizer, 2)
+    none = nuwa.none_condition(model.vocabulary, 2)
     guided = model(none, tokens) + scale * (model(cond, tokens) - model(none, tokens))
     assert torch.equal(guided.argmax(-1), tokens.view(2, -1))
     assert torch.equal(tokens, model.generate(cond, (3, 3, 4), temperature=0, guidance_scale=scale,
@@ -168,17 +172,17 @@ def test_all_eight_tasks_keep_their_given_tokens():
     image = torch.randint(K, (2, 1, 3, 4))
     video = torch.randint(K, (2, 3, 3, 4))
     sketch = torch.randint(KS, (2, 3, 3, 4))
-    assert nuwa.text_to_image(model, CAPTIONS, **gen).shape == (2, 1, 3, 4)
-    assert nuwa.sketch_to_image(model, sketch[:, :1], **gen).shape == (2, 1, 3, 4)
-    assert torch.equal(nuwa.complete_image(model, image, keep_rows=2, **gen)[:, :, :2], image[:, :, :2])
+    assert tasks.text_to_image(model, CAPTIONS, **gen).shape == (2, 1, 3, 4)
+    assert tasks.sketch_to_image(model, sketch[:, :1], **gen).shape == (2, 1, 3, 4)
+    assert torch.equal(tasks.complete_image(model, image, keep_rows=2, **gen)[:, :, :2], image[:, :, :2])
     box = torch.zeros_like(image, dtype=torch.bool)
     box[:, :, 1:, 1:3] = True
-    edited = nuwa.edit_image(model, image, CAPTIONS, box, **gen)
+    edited = tasks.edit_image(model, image, CAPTIONS, box, **gen)
     assert torch.equal(edited[~box], image[~box])
-    assert nuwa.text_to_video(model, CAPTIONS, frames=3, **gen).shape == (2, 3, 3, 4)
-    assert nuwa.sketch_to_video(model, sketch, **gen).shape == (2, 3, 3, 4)
-    assert torch.equal(nuwa.predict_video(model, video[:, :2], frames=3, **gen)[:, :2], video[:, :2])
-    assert torch.equal(nuwa.edit_video(model, video, CAPTIONS, keep_frames=1, **gen)[:, :1], video[:, :1])
+    assert tasks.text_to_video(model, CAPTIONS, frames=3, **gen).shape == (2, 3, 3, 4)
+    assert tasks.sketch_to_video(model, sketch, **gen).shape == (2, 3, 3, 4)
+    assert torch.equal(tasks.predict_video(model, video[:, :2], frames=3, **gen)[:, :2], video[:, :2])
+    assert torch.equal(tasks.edit_video(model, video, CAPTIONS, keep_frames=1, **gen)[:, :1], video[:, :1])
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -190,7 +194,7 @@ def test_a_frame_reads_only_the_frames_a_rolled_prediction_keeps(scheme):
     model = trained_looking(toy_model(extent=(1, 1, 1), **SCHEMES[scheme]))
     with torch.no_grad():
         model.target_pos.time.weight.copy_(model.target_pos.time.weight[:1].expand_as(model.target_pos.time.weight))
-    cond = nuwa.none_condition(model.tokenizer, 2)
+    cond = nuwa.none_condition(model.vocabulary, 2)
     clip = torch.randint(K, (2, 6, 3, 4), generator=torch.Generator().manual_seed(3))
     last = clip[0, -1].numel()
     whole = model(cond, clip)[:, -last:]  # (B, h·w, K): the last frame's logits
@@ -198,8 +202,8 @@ def test_a_frame_reads_only_the_frames_a_rolled_prediction_keeps(scheme):
     assert (model(cond, clip[:, -2:])[:, -last:] - whole).abs().max() > 1e-4
     greedy = dict(temperature=0.0)
     video = clip[:, :1]
-    assert torch.equal(nuwa.predict_video(model, video, frames=6, window=4, **greedy),
-                       nuwa.predict_video(model, video, frames=6, window=6, **greedy))
+    assert torch.equal(tasks.predict_video(model, video, frames=6, window=4, **greedy),
+                       tasks.predict_video(model, video, frames=6, window=6, **greedy))
 
 
 def test_rolled_prediction_stitches_frames_in_order(monkeypatch):
@@ -208,8 +212,8 @@ def test_rolled_prediction_stitches_frames_in_order(monkeypatch):
     model = toy_model()
     given_lengths = []
 
-    def fake_generate(cond, shape, *, forced, **sampling):
-        tokens, keep = forced
+    def fake_generate(cond, shape, *, given, **sampling):
+        tokens, keep = given
         g = int(keep[0].flatten(1).any(1).sum())
         given_lengths.append(g)
         out = tokens.clone()
@@ -219,18 +223,18 @@ def test_rolled_prediction_stitches_frames_in_order(monkeypatch):
 
     monkeypatch.setattr(model, "generate", fake_generate)
     video = torch.zeros(2, 2, 3, 4, dtype=torch.long)
-    rolled = nuwa.predict_video(model, video, frames=7, window=4)
+    rolled = tasks.predict_video(model, video, frames=7, window=4)
     expected = torch.tensor([0, 0, 1, 2, 3, 4, 5])[None, :, None, None].expand(2, 7, 3, 4)
     assert torch.equal(rolled, expected)
     assert given_lengths == [2, 3, 3, 3]
     with pytest.raises(ValueError, match="window of at least 2"):
-        nuwa.predict_video(model, video, frames=7, window=1)
+        tasks.predict_video(model, video, frames=7, window=1)
 
 
 def test_bad_input_errors_before_any_work():
     model = toy_model()
     with pytest.raises(ValueError, match="vocabulary is") as err:
-        nuwa.text_condition(model.tokenizer, ["digit 3 is flying left"])
+        nuwa.text_condition(model.vocabulary, ["digit 3 is flying left"])
     assert "flying" in str(err.value) and "moving" in str(err.value)
     cond = conditions(model)["text"]
     with pytest.raises(ValueError, match="does not fit the position tables"):
@@ -243,11 +247,11 @@ def test_bad_input_errors_before_any_work():
         nuwa.NUWAConfig.preset("huge")
 
 
-def test_tokenizer_round_trip_and_none():
-    tokenizer = nuwa.TextTokenizer(16)
-    ids = tokenizer.encode(CAPTIONS + [None])
+def test_caption_vocabulary_round_trip_and_none():
+    vocabulary = nuwa.CaptionVocabulary(16)
+    ids = vocabulary.encode(CAPTIONS + [None])
     assert ids.shape == (3, 16)
-    assert tokenizer.decode(ids) == CAPTIONS + ["None"]
+    assert vocabulary.decode(ids) == CAPTIONS + ["None"]
 
 
 def test_paper_preset_parameter_count():
@@ -299,11 +303,13 @@ def test_learning_aids_are_what_they_say():
     assert model.head.weight is model.token_embed.weight  # tied: logits are h · e_k
     layer = model.decoder[0]
     eye = torch.eye(model.config.dim, dtype=torch.float64)
-    assert torch.equal(layer.self_attn.v_proj.weight, eye) and torch.equal(layer.self_attn.out_proj.weight, eye)
+    assert torch.equal(layer.self_attn.v_proj.weight, eye)
+    assert torch.equal(layer.self_attn.out_proj.weight, eye)
     assert not torch.equal(layer.cross_attn.v_proj.weight, eye)  # only the self-attention copies
     extent = model.config.extent
     for attention in (layer.self_attn, layer.cross_attn, model.encoder[0].attn):
-        assert attention.position_bias.shape == (model.config.num_heads, math.prod(2 * e + 1 for e in extent) + 1)
+        offsets = math.prod(2 * e + 1 for e in extent)
+        assert attention.position_bias.shape == (model.config.num_heads, offsets + 1)
     paper = toy_model(**SCHEMES["paper"])
     assert paper.head.weight is not paper.token_embed.weight
     assert not hasattr(paper, "code_pixels") and not hasattr(paper, "pixel_embed")
@@ -330,15 +336,16 @@ def test_old_checkpoints_load_the_paper_way_and_mismatches_name_the_field(tmp_pa
     torch.save({"stage": "nuwa", "config": old_config, "model": paper.state_dict()}, tmp_path / "old.pt")
     loaded = nuwa.load_nuwa(tmp_path / "old.pt")
     assert not loaded.config.relative_bias and not loaded.config.relative_keys and not loaded.config.tie_head
-    assert not loaded.config.identity_init and not loaded.config.pixel_codes and loaded.config.v2v_loss_on_given
+    assert not loaded.config.identity_init and not loaded.config.pixel_codes
+    assert loaded.config.v2v_loss_on_given
     assert not loaded.config.first_frame_context
     # A state dict whose tables do not fit the config it records is refused, naming the field.
-    torch.save({"stage": "nuwa", "config": {**old_config, "relative_bias": True}, "model": paper.state_dict()},
-               tmp_path / "mismatch.pt")
+    torch.save({"stage": "nuwa", "config": {**old_config, "relative_bias": True},
+                "model": paper.state_dict()}, tmp_path / "mismatch.pt")
     with pytest.raises(ValueError, match="relative_bias=True"):
         nuwa.load_nuwa(tmp_path / "mismatch.pt")
-    torch.save({"stage": "nuwa", "config": {**old_config, "first_frame_context": True}, "model": paper.state_dict()},
-               tmp_path / "no_context.pt")  # a frame-context model's checkpoint without its W_f
+    torch.save({"stage": "nuwa", "config": {**old_config, "first_frame_context": True},
+                "model": paper.state_dict()}, tmp_path / "no_context.pt")  # a frame-context model without W_f
     with pytest.raises(ValueError, match="first_frame_context=True"):
         nuwa.load_nuwa(tmp_path / "no_context.pt")
 
@@ -356,7 +363,8 @@ def test_parameter_groups_list_every_parameter_once_and_decay_weight_matrices_on
 
 def test_pixel_codes_embed_and_score_each_code_by_its_pixels():
     model = trained_looking(toy_model(**SCHEMES["aids"]))
-    vectors = model.token_embed.weight + model.code_pixels @ model.pixel_embed.weight.t()  # e_k = E[k] + W·pixels_k
+    # e_k = E[k] + W·pixels_k
+    vectors = model.token_embed.weight + model.code_pixels @ model.pixel_embed.weight.t()
     assert torch.allclose(model.code_vectors(), vectors)
     cond = conditions(model)["text"]
     targets = torch.randint(K, (2, 3, 3, 4), generator=torch.Generator().manual_seed(2))
@@ -392,7 +400,8 @@ def test_code_patches_draw_each_code_in_its_own_cell():
     # Blank codes: those whose cell stays darker than the threshold, and always the empty cell's code,
     # however grey this untrained tokenizer draws it.
     blank, empty = tokenizer.blank_codes(0.5), tokenizer.empty_code()
-    torch.testing.assert_close(blank[torch.arange(8) != empty], (patches.amax(1) < 0.5)[torch.arange(8) != empty])
+    others = torch.arange(8) != empty
+    torch.testing.assert_close(blank[others], (patches.amax(1) < 0.5)[others])
     assert torch.equal(tokenizer.blank_codes(0.0), torch.arange(8) == empty)  # no pixel is darker than 0
 
 
@@ -407,34 +416,35 @@ def test_a_model_refuses_a_tokenizer_other_than_its_own():
     torch.manual_seed(1)
     other = vqgan.VQGAN(vqgan.VQGANConfig(codebook_size=8)).eval()
     h, w = own.config.token_shape
-    model = nuwa.NUWA(nuwa.NUWAConfig(dim=16, num_heads=2, decoder_layers=1, codebook_size=8, token_h=h, token_w=w))
+    shape = dict(dim=16, num_heads=2, decoder_layers=1, codebook_size=8, token_h=h, token_w=w)
+    model = nuwa.NUWA(nuwa.NUWAConfig(**shape))
     model.set_code_pixels(own.code_patches())
     model.check_code_pixels(own, "own.pt")  # its own: accepted
     with pytest.raises(ValueError, match="other.pt is not the tokenizer this model was trained on"):
         model.check_code_pixels(other, "other.pt")
-    paper = nuwa.NUWA(nuwa.NUWAConfig(dim=16, num_heads=2, decoder_layers=1, codebook_size=8, token_h=h, token_w=w,
-                                      pixel_codes=False))
+    paper = nuwa.NUWA(nuwa.NUWAConfig(**shape, pixel_codes=False))
     paper.check_code_pixels(other, "other.pt")  # nothing stored to compare: not checked
 
 
 def test_empty_first_frames_are_drawn_again():
     model = trained_looking(toy_model())
     captions = ["digit 3 is moving left"] * 8
-    plain = nuwa.text_to_image(model, captions, generator=torch.Generator().manual_seed(0))
+    plain = tasks.text_to_image(model, captions, generator=torch.Generator().manual_seed(0))
     # Let one code that only some of these frames hold be the only "ink": the others come out empty.
     ink = next(c for c in range(K) if 0 < int((plain == c).flatten(1).any(1).sum()) < len(captions))
     blank = torch.ones(K, dtype=torch.bool)
     blank[ink] = False
     assert blank[plain].flatten(1).all(1).any()  # without redrawing some frames come out empty
     generator = torch.Generator().manual_seed(0)
-    redrawn = nuwa.text_to_image(model, captions, blank_codes=blank, redraws=50, generator=generator)
+    redrawn = tasks.text_to_image(model, captions, blank_codes=blank, redraws=50, generator=generator)
     assert not blank[redrawn].flatten(1).all(1).any()
-    video = nuwa.text_to_video(model, captions, 3, blank_codes=blank, redraws=50,
+    video = tasks.text_to_video(model, captions, 3, blank_codes=blank, redraws=50,
                                generator=torch.Generator().manual_seed(1))
     assert video.shape == (8, 3, 3, 4) and not blank[video[:, :1]].flatten(1).all(1).any()
     # Never-blank codes: nothing is redrawn and the frame is the plain sample of the same generator.
     never = torch.zeros(K, dtype=torch.bool)
-    again = nuwa.text_to_image(model, captions, blank_codes=never, generator=torch.Generator().manual_seed(0))
+    again = tasks.text_to_image(model, captions, blank_codes=never,
+                                generator=torch.Generator().manual_seed(0))
     assert torch.equal(again, plain)
 
 
@@ -465,7 +475,8 @@ def test_pixel_codes_leave_every_other_initial_weight_as_without_them():
     torch.manual_seed(0)
     with_pixels = nuwa.NUWA(nuwa.NUWAConfig.preset("tiny", dim=32, num_heads=2, token_h=4, token_w=4))
     torch.manual_seed(0)
-    without = nuwa.NUWA(nuwa.NUWAConfig.preset("tiny", dim=32, num_heads=2, token_h=4, token_w=4, pixel_codes=False))
+    without = nuwa.NUWA(nuwa.NUWAConfig.preset("tiny", dim=32, num_heads=2, token_h=4, token_w=4,
+                                               pixel_codes=False))
     theirs = dict(without.named_parameters())
     ours = {n: p for n, p in with_pixels.named_parameters() if n != "pixel_embed.weight"}
     assert ours.keys() == theirs.keys() and all(torch.equal(p, theirs[n]) for n, p in ours.items())
