@@ -120,7 +120,8 @@ def _download(name: str, folder: Path) -> Path:
         try:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, tmp:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}", leave=False) as bar:
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}",
+                          leave=False) as bar:
                     for chunk in iter(lambda: response.read(1 << 16), b""):
                         tmp.write(chunk)
                         digest.update(chunk)
@@ -153,7 +154,8 @@ def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != expected_ndim:
-        raise MNISTChecksumError(f"{path} is not an IDX file of {expected_ndim}-d uint8 data (bad magic number).")
+        raise MNISTChecksumError(f"{path} is not an IDX file of {expected_ndim}-d uint8 data "
+                                 "(bad magic number).")
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">i4", count=expected_ndim, offset=4))
     offset = 4 + 4 * expected_ndim
     if len(raw) - offset != int(np.prod(shape)):
@@ -176,7 +178,8 @@ def load_mnist(split: str = "train", root=None, download: bool = True) -> tuple[
         path = folder / name
         if not path.exists():
             if not download:
-                raise MNISTNotFoundError(f"{path} is missing (download=False). Fix: copy the MNIST files there.")
+                raise MNISTNotFoundError(f"{path} is missing (download=False). "
+                                         "Fix: copy the MNIST files there.")
             path = _download(name, folder)
         actual = _sha256(path)
         if actual != MNIST_SHA256[name]:
@@ -185,7 +188,8 @@ def load_mnist(split: str = "train", root=None, download: bool = True) -> tuple[
     images = _read_idx(paths[0], expected_ndim=3)  # (N, 28, 28)
     labels = _read_idx(paths[1], expected_ndim=1).astype(np.int64)  # (N,)
     if len(images) != len(labels):
-        raise MNISTChecksumError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels.")
+        raise MNISTChecksumError(f"{paths[0]} has {len(images)} images but {paths[1]} "
+                                 f"has {len(labels)} labels.")
     return images, labels
 
 
@@ -196,7 +200,8 @@ def load_mnist(split: str = "train", root=None, download: bool = True) -> tuple[
 FONT_DIGITS_PER_CLASS = 200  # enough variety for a demo; chosen here, not from any paper
 
 
-def font_digits(split: str = "train", per_class: int = FONT_DIGITS_PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
+def font_digits(split: str = "train",
+                per_class: int = FONT_DIGITS_PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
     """Digits 0-9 drawn with matplotlib's bundled fonts, jittered (rotation, scale, shift, stroke).
 
     A stand-in so the demo runs on a machine with neither MNIST nor the internet. Returns the
@@ -269,7 +274,8 @@ STEP = 0.1  # distance per frame in units of the free range: 0.1 * 36 = 3.6 px (
 SKETCH_THRESHOLD = 0.5  # a pixel belongs to a digit's sketch class when brighter than this
 
 
-def bounce_trajectory(start: np.ndarray, velocity: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+def bounce_trajectory(start: np.ndarray, velocity: np.ndarray,
+                      num_frames: int) -> tuple[np.ndarray, np.ndarray]:
     """The Srivastava protocol: move, then clamp to [0, 1] and negate the velocity component of
     the axis that hit the wall. As in the original generator, the position is updated before the
     first frame is recorded. Returns (positions (T, 2) in [0, 1], velocities (T, 2)), axes (y, x)."""
@@ -395,13 +401,15 @@ class MovingMNIST(Dataset):
 
 def _item_digit_picks(dataset: MovingMNIST, index: int) -> np.ndarray:
     """The digit draws of item `index` (the first numbers of its random stream), without rendering."""
-    return _item_rng(dataset.seed, dataset.split, index).integers(len(dataset.images), size=dataset.num_digits)
+    rng = _item_rng(dataset.seed, dataset.split, index)
+    return rng.integers(len(dataset.images), size=dataset.num_digits)
 
 
 # --- captions ---------------------------------------------------------------------------------
 
 DIGIT_WORDS = [str(d) for d in range(10)]
-DIRECTIONS = {(0, -1): "up", (0, +1): "down", (1, -1): "left", (1, +1): "right"}  # (axis, sign)
+# The motion words by (axis, sign): axis 0 moves along rows (y), axis 1 along columns (x).
+MOTION_WORDS = {(0, -1): "up", (0, +1): "down", (1, -1): "left", (1, +1): "right"}
 MOTION_PHRASES = ["up", "down", "left", "right", "up then down", "down then up",
                   "left then right", "right then left"]
 # The closed vocabulary of every caption (nuwa.py's tokenizer adds its special words).
@@ -436,7 +444,7 @@ def motion_phrase(axis: int, corner_track: np.ndarray) -> str:
         legs.pop(0)
     if not legs:
         raise ValueError("the digit does not move in this clip; a caption needs at least one step")
-    return " then ".join(DIRECTIONS[(axis, sign)] for sign, _ in legs)
+    return " then ".join(MOTION_WORDS[(axis, sign)] for sign, _ in legs)
 
 
 def make_caption(digits: list[int], motions: list[str]) -> str:
@@ -583,7 +591,8 @@ def save_gif(videos, path, captions=None, fps: int = 5, scale: int = 2) -> Path:
     frames = []
     for t in range(max(len(c) for c in clips)):
         row = np.concatenate([np.pad(c[min(t, len(c) - 1)], 1, constant_values=128) for c in clips], axis=1)
-        frames.append(Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST))
+        size = (row.shape[1] * scale, row.shape[0] * scale)
+        frames.append(Image.fromarray(row).resize(size, Image.NEAREST))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)

@@ -1,110 +1,79 @@
-"""NÜWA-Infinity: autoregressive over autoregressive generation of canvases and videos of any size.
+"""NÜWA-Infinity, the token level: the model that draws one patch, and how it is trained.
 
 Paper: Wu et al., "NÜWA-Infinity: Autoregressive over Autoregressive Generation for Infinite
 Visual Synthesis", arXiv 2207.09814 (NeurIPS 2022). Implemented, named as in the paper's method
-section (cited by name below, not by number): "autoregressive over autoregressive" (AR over AR: a
-global patch-level AR over a local token-level AR), the Nearby Context Pool (NCP), the Arbitrary
-Direction Controller (ADC: patch orders, and where each context patch lies), and render-and-optimize
-training. Tokens come from the frozen VQ-GAN of vqgan.py (NÜWA §3.1).
+section (cited by name, not by number): the local token-level half of "autoregressive over
+autoregressive" (AR over AR), the order-aware bias of the Arbitrary Direction Controller (ADC: where
+each context patch lies), and render-and-optimize training. The patch level (the patch grid, the
+ADC's orders, the context rule, the Nearby Context Pool (NCP), the patch-by-patch generation loop)
+is patches.py. Tokens come from the frozen VQ-GAN of vqgan.py (NÜWA §3.1).
 
-In plain words: a canvas (or a video) is a grid of VQ tokens, cut into patches of ph × pw tokens
-(one frame deep). A patch-level order (the ADC's direction) says which patch comes next. Inside the
-current patch, a small causal transformer predicts the tokens one by one in raster order; besides
-the tokens already made in this patch it attends to (a) the caption and (b) the patches around it
-that came earlier in the order, within patch-offset extents (e_t, e_h, e_w). Those context patches
-come from the NCP, which keeps every finished patch's per-layer keys and values exactly as long as a
-later patch still needs them. Memory therefore depends on the extents and on the canvas's size
-across the order, never along it (a wide canvas in a column order, a tall one in a row order, a
-video frame by frame): a model trained on 64×128 canvases draws a 64×2048 strip column by column
-with the same memory and time per patch. Each context patch's keys get a learned per-head bias indexed by
-its offset (dt, dh, dw) from the current patch, so each head can weigh context by where it lies
-(left, above, the frame before) whatever the order. A bias only reweights attention: what a head
-reads carries no offset of its own, so it learns "how much from where", not "what is where".
-Training walks the patches of a canvas in a sampled order and backpropagates each patch's loss at
-once, with the pooled context detached (render-and-optimize).
+In plain words: inside the current patch of ph × pw tokens, a small causal transformer predicts the
+tokens one by one in raster order. Besides the tokens already made in this patch it attends to
+(a) the caption and (b) the context patches the NCP hands it (patches.py): their cached per-layer
+keys and values. Each context patch's keys get a learned per-head bias indexed by its offset
+(dt, dh, dw) from the current patch, so each head can weigh context by where it lies (left, above,
+the frame before) whatever the order. A bias only reweights attention: what a head reads carries no
+offset of its own, so it learns "how much from where", not "what is where". There are no absolute
+patch positions, which is what lets a model trained on 2×4 patches draw any width.
+
+Render-and-optimize: training walks the patches of a canvas in a sampled order (`training_order`)
+and backpropagates each patch's loss at once (`patch_loss`), with the pooled context detached, so a
+graph is one patch deep: L = −(1/P) Σ_p log p(y_p | y_<p, context, caption). The gradients of all
+patches of the training canvases are averaged and the optimizer steps once per canvas batch
+(train.py's units: one unit per patch, one step per batch). Per-patch optimizer steps are not offered.
 
 Learning aids (on by default, `PAPER_SCHEME` turns them off), the ones NÜWA's tiny model needed
-(nuwa.py, README "Learning probes"): token-level relative positions, a score b and a relative key r
-per head and 3D token offset (dt, dy, dx) of a key from the token being predicted, *across* patch
-borders (the row just above, in the patch above; the same place one frame back), so a head can
-continue a stroke that a context patch began; the tied head; pixel code embeddings; identity-
-initialised value and output projections. Offsets are taken from token positions, never from the
-canvas's absolute position, so the pool and the flat cost are unchanged.
+(nuwa.py): token-level relative positions, a score b and a relative key r per head and 3D token
+offset (dt, dy, dx) of a key from the token being predicted, *across* patch borders (the row just
+above, in the patch above; the same place one frame back), so a head can continue a stroke that a
+context patch began; the tied head; pixel code embeddings; identity-initialised value and output
+projections. Offsets are taken from token positions, never from the canvas's absolute position, so
+the pool and the flat cost are unchanged.
 
-Which reading of "AR over AR" this is. There is one transformer, the token-level AR (section 4).
-The "global patch-level AR" is not a second network here: it is the patch order (the ADC's
-direction) plus the pool, i.e. each patch is generated conditioned on the cached states of the
-patches before it, so the patches form an autoregressive sequence without a model of their own. A
-separate small patch-level transformer over pooled per-patch summaries, whose output conditions the
-token-level model, would be another reading; it is not built (module deviations).
+Pixels: the frozen VQ-GAN is convolutional, so a 64×W canvas is one (64/f)×(W/f) token grid
+(f = 8: 8×(W/8)). The f = 8 cell tokenizer encodes each 8×8 cell on its own (its tokens do not
+depend on the width); its decoder's attention costs O((W/f)²) memory: decoding, not Infinity, is
+what grows with the canvas.
 
-Render-and-optimize, at what granularity. Each patch's loss is backpropagated as soon as the patch
-is rendered, so a graph is one patch deep; the gradients of all patches of the training canvases
-are averaged, and the optimizer steps once per canvas batch (train.py's units: one unit per patch,
-one step per batch). Per-patch optimizer steps are not offered.
-
-Sections: 1. configuration · 2. patches, orders (ADC) and the context rule · 3. the Nearby Context
-Pool · 4. the model (token-level AR inside a patch) · 5. render-and-optimize training, data ·
-6. generation with the pool, and the pool-free reference · 7. pixels, pictures, checkpoints.
+Sections: 1. configuration · 2. the model (token-level AR inside a patch) · 3. render-and-optimize
+training · 4. pixels and pictures · 5. checkpoints.
 
 Glossary: B batch, T frames, H W token rows / columns of the grid, (ph, pw) patch size in tokens,
-P = ph·pw tokens per patch, (nT, nH, nW) the patch grid, a patch (t, i, j) its coordinates there,
-order the list of patches in generation order, index a position in that list, (e_t, e_h, e_w)
-extents in patches, (dt, dh, dw) a context patch's offset from the current one, C context tokens,
-L caption length, D width, nh heads, hs head size, K codebook size, f pixels per token (VQ-GAN: 8),
-S the pool bound (`pool_bound`), y_p the token at position p of the current patch.
+P = ph·pw tokens per patch, a patch (t, i, j) its coordinates on the patch grid, order the list of
+patches in generation order, index a position in that list, (e_t, e_h, e_w) extents in patches,
+(dt, dh, dw) a context patch's offset from the current one, C context tokens, L caption length,
+D width, nh heads, hs head size, K codebook size, f pixels per token (VQ-GAN: 8), R the relative
+radius, V the relative offsets, y_p the token at position p of the current patch.
 
-What the pool caches, and why: per-layer key/value states of each finished patch, computed once
-when the patch is made (with its own context), detached. Not the embedded tokens: with tokens, every
-patch would re-run all layers over all its context tokens (a cost of (1 + context patches) patch
-passes per patch instead of one), and a patch's context could only reach its direct neighbours.
-With states, information flows across the canvas through the layers, like Transformer-XL memory.
-The price is that a context patch's states depend on *its* context, so the pool-free reference
-(`generate_reference`) recomputes every earlier patch from its tokens, in order, for every patch.
-
-The frozen VQ-GAN on canvases wider than 64 px: it is convolutional, so a 64×W canvas is one
-(64/f)×(W/f) token grid (f = 8 now: 8×(W/8)). Measured on the first, f = 4 tokenizer: its middle
-attention block and GroupNorm see the whole canvas, so tokens of a canvas differ from tokens of its
-64-px tiles, but 64×128 and 64×512 strips reconstructed as well as 64×64 frames (MSE per 64×64
-block: 4.0 and 4.7 vs 5.1). The f = 8 cell tokenizer encodes each 8×8 cell on its own (its tokens
-do not depend on the width at all); its decoder's attention costs O((W/f)²) memory: decoding, not
-Infinity, is what grows with the canvas.
-
-Deviations from the paper (each also marked `# DEVIATION` where it happens):
-- Scale and data: 64×W grey canvases of MNIST digits (`DigitCanvases`) and Moving MNIST videos, not
-  the paper's landscapes (LHQC) and its 38912×2048 showcase; a tiny model; the f = 8 cell VQ-GAN (8
-  tokens per 64 px, K = 512); patches of 4×4 tokens (32×32 px), not 16×16 tokens of an F16 VQ-GAN.
+Deviations from the paper (each also marked `# DEVIATION` where it happens; patches.py lists those
+of the patch level):
+- Scale and data: 64×W grey canvases of MNIST digits and Moving MNIST videos (the batches are
+  stages.py's), not the paper's landscapes (LHQC) and its 38912×2048 showcase; a tiny model; the
+  f = 8 cell VQ-GAN (8 tokens per 64 px, K = 512); patches of 4×4 tokens (32×32 px), not 16×16
+  tokens of an F16 VQ-GAN.
 - Learning aids the paper does not have (above): token-level relative positions across patches, a
   tied head, pixel code embeddings, identity-initialised attention projections; every layer reads the
   caption's embedded words (`text_encoder` False) rather than a caption run through the blocks.
-- Classifier-free guidance at sampling (`guide`, off by default), as NÜWA's option: the paper does not
-  use it. It is what makes the tiny models follow their caption, and keep a video's digit (README).
-- Video: Moving MNIST clips, optionally captioned with their digits' names (`video_captions`).
+- Classifier-free guidance at sampling (`guide`, off by default), as NÜWA's option: the paper does
+  not use it.
+- Video: Moving MNIST clips, optionally captioned with their digits' names (`video_captions`);
+  `make infinity`'s video model uses one patch per frame (8×8 tokens).
 - Captions are sets of digit names ("3 7": the digits drawn come from these classes). A left-to-right
   list cannot be followed by a model that only knows relative positions. No caption is the word
   "None" (as in NÜWA), and training drops captions to "None" with probability none_prob.
-- What the NCP caches is our choice (above): per-layer keys and values of finished patches.
 - The ADC's "order-aware positional embeddings" are, here, a learned per-layer, per-head bias on
   the attention logits indexed by the context patch's offset (dt, dh, dw). Cached keys cannot be
-  re-embedded for every new current patch; a bias on them can. There are no absolute patch positions
-  at all, which is what lets a model trained on 2×4 patches draw any width; tokens inside a patch
-  have learned positions.
-- Video: the `video` order goes frame by frame (raster inside a frame), so one model and one pool serve
-  canvases and videos. A frame may be cut into patches like a canvas; `make infinity`'s video model uses
-  one patch per frame (8×8 tokens): quarter-frame patches learned less in the same time (README).
-- The context rule is a box: every earlier patch within the extents. The paper describes nearby
-  context in words; the box is our precise reading.
-- "AR over AR" is read as one token-level transformer plus the patch order and the pool; there is
-  no separate patch-level network (above). Render-and-optimize steps the optimizer once per canvas
-  batch, with every patch's gradient accumulated (above); the paper does not state the granularity.
+  re-embedded for every new current patch; a bias on them can. Tokens inside a patch have learned
+  positions.
+- Render-and-optimize steps the optimizer once per canvas batch, with every patch's gradient
+  accumulated (above); the paper does not state the granularity.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -112,28 +81,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
-from tqdm import tqdm
 
+import checkpoints
 import data
 import nearby_attention
 import nuwa
+import patches
+import runtime
 import vqgan as vqgan_module
-
-Patch = tuple[int, int, int]  # (t, i, j) on the patch grid
 
 # ---------------------------------------------------------------------------------------------
 # 1. Configuration
 # ---------------------------------------------------------------------------------------------
 
-DIRECTIONS = ("raster", "column", "right", "left", "up", "down", "video")
-OUTPAINTING = ("right", "left", "up", "down")  # directions that start from given patches
-
-
-# The paper's scheme: none of the learning aids (train.py: --relative-radius 0 --no-tie-head --no-pixel-codes
-# --no-identity-init --text-encoder).
-PAPER_SCHEME = dict(relative_radius=0, tie_head=False, pixel_codes=False, identity_init=False, text_encoder=True)
-
+# The paper's scheme: none of the learning aids (train.py: --relative-radius 0 --no-tie-head
+# --no-pixel-codes --no-identity-init --text-encoder).
+PAPER_SCHEME = dict(relative_radius=0, tie_head=False, pixel_codes=False, identity_init=False,
+                    text_encoder=True)
 
 # What a checkpoint written before these fields existed was trained with.
 LEGACY_DEFAULTS = PAPER_SCHEME
@@ -141,15 +105,19 @@ LEGACY_DEFAULTS = PAPER_SCHEME
 
 @dataclass
 class InfinityConfig:
+    """The token-level model, the patch geometry, and the training data and optimisation of
+    `train.py --stage infinity`."""
+
     dim: int = 128  # D, model width (paper: not reproduced here)
     num_heads: int = 4  # nh
     layers: int = 4  # transformer blocks of the token-level AR
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D (the usual transformer value)
     codebook_size: int = 512  # K, VQ-GAN codes (our tiny VQ-GAN; paper: an F16 VQ-GAN)
-    # f, pixels per token: 8, the f = 8 cell tokenizer of `make models` (vqgan.py --cell-encoder --ch-mult
-    # 1 2 4 4), on which the tiny NÜWA learnt to draw digits (README); the first Infinity used f = 4.
+    # f, pixels per token: 8, the f = 8 cell tokenizer of `make models` (vqgan.py --cell-encoder
+    # --ch-mult 1 2 4 4), on which the tiny NÜWA learnt to draw digits (README).
     token_px: int = 8
-    # DEVIATION (scale): 4×4 tokens = 32×32 px of our f = 8 VQ-GAN; the paper: 16×16 tokens of an F16 VQ-GAN.
+    # DEVIATION (scale): 4×4 tokens = 32×32 px of our f = 8 VQ-GAN; the paper: 16×16 tokens of an
+    # F16 VQ-GAN.
     patch_size: tuple[int, int] = (4, 4)  # (ph, pw) tokens per patch
     extent: tuple[int, int, int] = (1, 1, 1)  # (e_t, e_h, e_w) context extents in patches
     # --- learning aids, as in NÜWA (nuwa.py); each a DEVIATION, all off = the paper's scheme
@@ -160,19 +128,20 @@ class InfinityConfig:
     tie_head: bool = True  # logits are h · e_k, the code's own embedding
     pixel_codes: bool = True  # a code's embedding includes a projection of the 8×8 pixels it draws
     identity_init: bool = True  # attention's value and output projections start as the identity
-    # False: every layer reads the caption's embedded words themselves (word + position), as NÜWA's tiny
-    # model without encoder layers; True: the caption first passes through the blocks (the first Infinity).
+    # False: every layer reads the caption's embedded words themselves (word + position), as NÜWA's
+    # tiny model without encoder layers; True: the caption first passes through the blocks.
     text_encoder: bool = False
     text_len: int = 4  # L, caption words after padding (our captions: one or two digit names)
     # --- training data (train.py --stage infinity)
-    data: str = "canvas"  # "canvas": DigitCanvases; "video": Moving MNIST clips, frame by frame
+    data: str = "canvas"  # "canvas": stages.DigitCanvases; "video": Moving MNIST clips, frame by frame
     canvas_height: int = 64  # training canvas height in pixels (one VQ-GAN frame high)
     canvas_width: int = 128  # training canvas width in pixels: 2×4 patches of 32 px
     frames: int = 4  # T of training videos (data="video")
     video_digits: int = 1  # digits per Moving MNIST training clip (data="video")
-    # data="video": caption each clip with its digits' names ("3"), dropped to "None" with none_prob, as
-    # canvases are captioned. The caption is the one thing every patch of every frame sees, however long the
-    # video: it can hold the digit's identity where the two frames of context drift. False: uncaptioned clips.
+    # data="video": caption each clip with its digits' names ("3"), dropped to "None" with none_prob,
+    # as canvases are captioned. The caption is the one thing every patch of every frame sees, however
+    # long the video: it can hold the digit's identity where the two frames of context drift.
+    # False: uncaptioned clips.
     video_captions: bool = False
     # Orders sampled in training (ADC), each equally often. `right` is the same order as `column` and
     # `down` the same as `raster`, so the four distinct orders are listed once each.
@@ -198,7 +167,8 @@ class InfinityConfig:
     def preset(cls, name: str, **overrides) -> InfinityConfig:
         presets = {
             "tiny": {},  # CPU, minutes: the defaults above
-            "small": dict(dim=256, num_heads=8, layers=8, batch_size=16, lr=1e-3, warmup_steps=100),  # one GPU
+            # one GPU
+            "small": dict(dim=256, num_heads=8, layers=8, batch_size=16, lr=1e-3, warmup_steps=100),
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)} (the paper's "
@@ -207,136 +177,7 @@ class InfinityConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Patches, orders (ADC) and the context rule (NCP)
-# ---------------------------------------------------------------------------------------------
-
-
-def patch_grid(config: InfinityConfig, grid_shape: tuple[int, int, int]) -> Patch:
-    """Token grid (T, H, W) → patch grid (nT, nH, nW); a clear error when it does not cut evenly."""
-    if len(grid_shape) != 3:
-        raise ValueError(f"grid shape must be (T, H, W) tokens, got {tuple(grid_shape)}")
-    T, H, W = grid_shape
-    ph, pw = config.patch_size
-    if T < 1 or H < ph or W < pw:
-        raise ValueError(f"grid {tuple(grid_shape)} tokens is smaller than one patch of {ph}×{pw} tokens "
-                         f"({ph * config.token_px}×{pw * config.token_px} px)")
-    if H % ph or W % pw:
-        raise ValueError(f"grid {H}×{W} tokens does not divide into patches of {ph}×{pw} tokens; use "
-                         f"multiples of {ph * config.token_px}×{pw * config.token_px} px")
-    return (T, H // ph, W // pw)
-
-
-def check_direction(direction: str) -> None:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; expected one of {list(DIRECTIONS)}")
-
-
-def patch_order(direction: str, grid: Patch) -> list[Patch]:
-    """ADC: the global patch order. Time is always outermost (frame by frame); inside a frame:
-
-    raster / down / video: rows top → bottom, each left → right;   up: rows bottom → top.
-    column / right: columns left → right, each top → bottom;       left: columns right → left.
-    (right ≡ column and down ≡ raster as orders; the outpainting names say where the given part is.)"""
-    check_direction(direction)
-    nT, nH, nW = grid
-    rows, cols = list(range(nH)), list(range(nW))
-    # DEVIATION (ADC): video patches are quarters of a frame, so `video` is raster, frame by frame.
-    if direction in ("raster", "down", "video", "up"):
-        inner = [(i, j) for i in (rows[::-1] if direction == "up" else rows) for j in cols]
-    else:
-        inner = [(i, j) for j in (cols[::-1] if direction == "left" else cols) for i in rows]
-    return [(t, i, j) for t in range(nT) for i, j in inner]
-
-
-def within(q: Patch, p: Patch, extent) -> bool:
-    return all(abs(a - b) <= e for a, b, e in zip(q, p, extent))
-
-
-def context_rule(order: list[Patch], index: int, extent) -> list[Patch]:
-    """The single source of truth (NCP): the context of patch order[index] is every patch that
-    comes earlier in the order and lies within the extents, |dt| ≤ e_t, |dh| ≤ e_h, |dw| ≤ e_w,
-    listed in order. O(index); the pool computes the same set in O(pool size)."""
-    # DEVIATION (NCP): "nearby" read as this box of extents around the current patch.
-    return [q for q in order[:index] if within(q, order[index], extent)]
-
-
-def last_uses(order: list[Patch], extent) -> dict[Patch, int]:
-    """For each patch, the index of the last patch whose context holds it (its own index if none):
-    the pool evicts it right after that patch. O(patches · box) by scanning the extent box."""
-    rank = {p: i for i, p in enumerate(order)}
-    e_t, e_h, e_w = extent
-    last = {}
-    for p, r in rank.items():
-        t, i, j = p
-        users = [rank[q] for q in ((t + a, i + b, j + c) for a in range(-e_t, e_t + 1)
-                                   for b in range(-e_h, e_h + 1) for c in range(-e_w, e_w + 1)) if q in rank]
-        last[p] = max([u for u in users if u > r], default=r)
-    return last
-
-
-def pool_bound(direction: str, grid: Patch, extent) -> int:
-    """S, the most patches the pool holds after any step. Along the order's axes from outermost to
-    innermost, lengths (n1, n2, n3) and extents clipped to e_k ≤ n_k − 1, a patch's last user is at
-    most S = e1·n2·n3 + e2·n3 + e3 places after it, so only patches of the last S places are alive.
-    It depends on the grid's short side only if the order runs along the long side: for a wide
-    canvas, column orders (column/right/left) are flat in the width, row orders grow with it."""
-    check_direction(direction)
-    nT, nH, nW = grid
-    e_t, e_h, e_w = extent
-    if direction in ("column", "right", "left"):
-        axes = [(nT, e_t), (nW, e_w), (nH, e_h)]
-    else:
-        axes = [(nT, e_t), (nH, e_h), (nW, e_w)]
-    (n1, e1), (n2, e2), (n3, e3) = [(n, min(e, n - 1)) for n, e in axes]
-    return e1 * n2 * n3 + e2 * n3 + e3
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. The Nearby Context Pool (NCP)
-# ---------------------------------------------------------------------------------------------
-
-
-class NearbyContextPool:
-    """Finished patches' states, kept exactly as long as a later patch needs them.
-
-    `add(patch, states)` stores a patch's per-layer keys/values (layers, 2, B, nh, P, hs), detached;
-    `select(patch)` returns the pooled patches within the extents, in order (all pooled patches are
-    earlier); `evict(index)` drops every patch whose last use (`last_uses`) is ≤ index. The caller
-    walks the order: select → make the patch → add → evict."""
-
-    def __init__(self, order: list[Patch], extent):
-        self.order, self.extent = list(order), tuple(extent)
-        self.rank = {p: i for i, p in enumerate(self.order)}
-        self.last_use = last_uses(self.order, self.extent)
-        self.states: dict[Patch, torch.Tensor] = {}  # insertion = order, so select() is sorted
-        self.next_index = 0  # the index of the patch that `add` expects next
-
-    def add(self, patch: Patch, states: torch.Tensor) -> None:
-        if patch != self.order[self.next_index]:
-            raise ValueError(f"patch {patch} added out of order; expected {self.order[self.next_index]}")
-        # Render-and-optimize: pooled context is a constant, no gradient flows into it.
-        # DEVIATION (NCP): what is cached is per-layer keys/values (module docstring: why).
-        self.states[patch] = states.detach()
-        self.next_index += 1
-
-    def select(self, patch: Patch) -> list[tuple[Patch, torch.Tensor]]:
-        return [(q, s) for q, s in self.states.items() if within(q, patch, self.extent)]
-
-    def evict(self, index: int) -> list[Patch]:
-        gone = [q for q in self.states if self.last_use[q] <= index]
-        for q in gone:
-            del self.states[q]
-        return gone
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.states.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. The model: token-level AR inside the current patch, attending to caption and context
+# 2. The model: token-level AR inside the current patch, attending to caption and context
 # ---------------------------------------------------------------------------------------------
 
 
@@ -404,7 +245,8 @@ class Block(nn.Module):
         own = torch.zeros(N, N, dtype=x.dtype, device=x.device)  # (N, N)
         if causal:
             own = own.masked_fill(torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1), -math.inf)
-        mask = torch.cat([prefix_bias[:, None, :].expand(-1, N, C), own.expand(self.nh, N, N)], -1)  # (nh, N, C+N)
+        mask = torch.cat([prefix_bias[:, None, :].expand(-1, N, C), own.expand(self.nh, N, N)],
+                         -1)  # (nh, N, C+N)
         mask = mask + self.relative_scores(q, index)  # (nh or B·nh, N, C+N)
         keys, values = torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2)  # (B, nh, C+N, hs)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, N, hs)
@@ -418,8 +260,8 @@ class Block(nn.Module):
         mask = bias_row[:, None, :slot + 1]  # (nh, 1, slot+1)
         if index_row is not None:
             mask = mask + self.relative_scores(q, index_row[None, :slot + 1])  # (B, nh, 1, slot+1)
-        attended = F.scaled_dot_product_attention(q, key_buffer[:, :, :slot + 1], value_buffer[:, :, :slot + 1],
-                                                  attn_mask=mask)  # (B, nh, 1, hs)
+        keys, values = key_buffer[:, :, :slot + 1], value_buffer[:, :, :slot + 1]  # (B, nh, slot+1, hs)
+        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, 1, hs)
         return self.finish(x_p, attended)
 
 
@@ -431,7 +273,7 @@ def relative_offsets(config: InfinityConfig) -> int:
 
 class Infinity(nuwa.CodeEmbeddings, nn.Module):
     """The local token-level AR of NÜWA-Infinity, with the ADC's offset bias. Patch-level work
-    (orders, pool) lives in the functions of sections 5 and 6. Codes in and out (tied head, pixel
+    (orders, pool, the generation loop) lives in patches.py. Codes in and out (tied head, pixel
     codes) as NÜWA's (nuwa.CodeEmbeddings)."""
 
     def __init__(self, config: InfinityConfig):
@@ -443,8 +285,8 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         if config.relative_radius < 0:
             raise ValueError(f"relative_radius must be ≥ 0 (0: no token-level relative positions), "
                              f"got {config.relative_radius}")
-        self.tokenizer = nuwa.TextTokenizer(config.text_len)
-        self.text_embed = nn.Embedding(len(self.tokenizer.vocabulary), D)
+        self.vocabulary = nuwa.CaptionVocabulary(config.text_len)  # caption words → ids
+        self.text_embed = nn.Embedding(len(self.vocabulary), D)  # one row per caption word
         self.text_pos = nn.Embedding(config.text_len, D)
         self.token_embed = nn.Embedding(config.codebook_size, D)
         self.bos = nn.Parameter(torch.zeros(D))
@@ -452,26 +294,28 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.decoder_norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, config.codebook_size, bias=False)
-        self.apply(nuwa.NUWA._init_weights)
+        self.apply(nuwa.init_weights)
         # ADC: a learned bias per layer and head for each offset (dt, dh, dw) of a context
         # patch, added to the attention logits of all its keys. Zero at first: no preference yet.
         # DEVIATION (ADC): the paper learns order-aware positional embeddings; cached keys take a bias.
         e_t, e_h, e_w = config.extent
-        self.offset_bias = nn.Parameter(torch.zeros(config.layers, config.num_heads, 2 * e_t + 1, 2 * e_h + 1,
-                                                     2 * e_w + 1))
+        self.offset_bias = nn.Parameter(torch.zeros(config.layers, config.num_heads, 2 * e_t + 1,
+                                                     2 * e_h + 1, 2 * e_w + 1))  # (layers, nh, 3, 3, 3)
         if config.tie_head:
-            # DEVIATION (as nuwa.py): logits are h · e_k, so copying a neighbour's embedding predicts its code.
+            # DEVIATION (as nuwa.py): logits are h · e_k, so copying a neighbour's embedding predicts
+            # its code.
             self.head.weight = self.token_embed.weight
         if config.identity_init:
-            # DEVIATION (as nuwa.py): W^V = W^O = I, so a head passes on what it reads from the first step.
+            # DEVIATION (as nuwa.py): W^V = W^O = I, so a head passes on what it reads from the first
+            # step.
             for block in self.blocks:
                 with torch.no_grad():
                     nn.init.eye_(block.qkv.weight[2 * D:])
                     nn.init.eye_(block.proj.weight)
         if config.pixel_codes:
-            # DEVIATION (as nuwa.py): e_k = E[k] + W · pixels_k, the f × f cell the tokenizer draws for code
-            # k (set by `set_code_pixels`, from vqgan.VQGAN.code_patches; train.py does it), so codes that
-            # look alike start alike, and a stroke learnt in one place is a stroke everywhere.
+            # DEVIATION (as nuwa.py): e_k = E[k] + W · pixels_k, the f × f cell the tokenizer draws for
+            # code k (set by `set_code_pixels`, from vqgan.VQGAN.code_patches; train.py does it), so codes
+            # that look alike start alike, and a stroke learnt in one place is a stroke everywhere.
             self.add_pixel_codes(config.token_px ** 2)
 
     @property
@@ -487,7 +331,8 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         is a prefix every patch attends to. Each layer's keys and values are its projections of the
         embedded words (word + position); with `text_encoder`, of the words after the blocks before
         it, run over the caption non-causally."""
-        ids = self.tokenizer.encode([None] * B if captions is None else list(captions)).to(self.bos.device)  # (B, L)
+        captions = [None] * B if captions is None else list(captions)
+        ids = self.vocabulary.encode(captions).to(self.bos.device)  # (B, L)
         if ids.shape[0] != B:
             raise ValueError(f"{ids.shape[0]} captions for a batch of {B}")
         x = self.text_embed(ids) + self.text_pos.weight  # (B, L, D)
@@ -504,7 +349,7 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
             states.append(torch.stack([k, v]))
         return torch.stack(states)  # (layers, 2, B, nh, L, hs)
 
-    def context_bias(self, offsets: list[Patch]) -> torch.Tensor:
+    def context_bias(self, offsets: list[patches.Patch]) -> torch.Tensor:
         """ADC: offsets of the context patches → bias (layers, nh, C = len(offsets)·P) on their keys.
         The context rule keeps every offset inside the extents; one outside would be a bug there."""
         if not offsets:
@@ -512,9 +357,11 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         extent = torch.tensor(self.config.extent)
         offsets = torch.tensor(offsets)  # (patches, 3)
         if bool((offsets.abs() > extent).any()):
-            raise ValueError(f"context offsets {offsets.tolist()} reach beyond the extents {self.config.extent}")
+            raise ValueError(f"context offsets {offsets.tolist()} reach beyond the extents "
+                             f"{self.config.extent}")
         index = (offsets + extent).tolist()  # (patches, 3)
-        per_patch = torch.stack([self.offset_bias[:, :, a, b, c] for a, b, c in index], -1)  # (layers, nh, patches)
+        per_patch = torch.stack([self.offset_bias[:, :, a, b, c] for a, b, c in index],
+                                -1)  # (layers, nh, patches)
         return per_patch.repeat_interleave(self.patch_tokens, dim=-1)  # (layers, nh, C)
 
     def token_positions(self) -> torch.Tensor:
@@ -523,7 +370,7 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         rows, cols = torch.meshgrid(torch.arange(ph), torch.arange(pw), indexing="ij")
         return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(ph * pw, 3)  # (P, 3)
 
-    def context_layout(self, offsets: list[Patch]) -> ContextLayout:
+    def context_layout(self, offsets: list[patches.Patch]) -> ContextLayout:
         """Patch offsets of the context patches → their ADC bias and their keys' token positions."""
         ph, pw = self.config.patch_size
         if not offsets:
@@ -533,12 +380,13 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         return ContextLayout(self.context_bias(offsets), positions)
 
     def relative_index(self, positions: torch.Tensor, text_len: int) -> torch.Tensor | None:
-        """Which slot of the relative tables each (query, key) pair of a patch reads → (P + 1, L + C + 1 + P).
+        """Which slot of the relative tables each (query, key) pair of a patch reads
+        → (P + 1, L + C + 1 + P).
 
-        Queries are the P + 1 inputs; input i predicts the token at raster position i of the patch (the
-        last, i = P, stands just after it). Keys: the caption (slot V, no position), the context tokens
-        at `positions` (C, 3), bos (the bos slot V − 1) and the patch's P tokens. The offset is the key's
-        (dt, dy, dx) from the query's, dt clipped to ±e_t and dy, dx to ±relative_radius."""
+        Queries are the P + 1 inputs; input i predicts the token at raster position i of the patch
+        (the last, i = P, stands just after it). Keys: the caption (slot V, no position), the context
+        tokens at `positions` (C, 3), bos (the bos slot V − 1) and the patch's P tokens. The offset is
+        the key's (dt, dy, dx) from the query's, dt clipped to ±e_t and dy, dx to ±relative_radius."""
         R = self.config.relative_radius
         if not R:
             return None
@@ -553,7 +401,8 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         C = positions.shape[0]
         text = torch.full((P + 1, text_len), V + 1)
         bos = torch.full((P + 1, 1), V)
-        return torch.cat([text, slots[:, :C], bos, slots[:, C:]], 1).to(self.bos.device)  # (P + 1, L + C + 1 + P)
+        index = torch.cat([text, slots[:, :C], bos, slots[:, C:]], 1)  # (P + 1, L + C + 1 + P)
+        return index.to(self.bos.device)
 
     def inputs(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """[bos, y_0 + pos(0), …, y_{P−1} + pos(P−1)]: every token at its own position, after a
@@ -576,7 +425,8 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         text_bias = bias.new_zeros(self.config.layers, self.config.num_heads, text.shape[4])
         return states, torch.cat([text_bias, bias], -1)  # (layers, nh, L+C)
 
-    def forward(self, patch_tokens, text, context, layout: ContextLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, patch_tokens, text, context,
+                layout: ContextLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced pass over one patch: tokens (B, P), caption states, context states
         (layers, 2, B, nh, C, hs) and their layout (bias, positions) → logits (B, P, K) for every y_p
         and the patch's own per-layer states (layers, 2, B, nh, P, hs), which the pool will keep."""
@@ -607,11 +457,16 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         index = self.relative_index(layout.positions, text.shape[4])  # (P + 1, L + C + P + 1) or None
         start = prefix.shape[4]  # bos, then the patch's own P tokens, follow the prefix
         buffers = torch.cat([prefix, self.empty_states(B, P + 1)], dim=4)  # (layers, 2, B, nh, L+C+1+P, hs)
-        bias_rows = torch.cat([prefix_bias, prefix_bias.new_zeros(*prefix_bias.shape[:2], P + 1)], -1)  # (layers, nh, …)
+        own_bias = prefix_bias.new_zeros(*prefix_bias.shape[:2], P + 1)  # (layers, nh, 1 + P)
+        bias_rows = torch.cat([prefix_bias, own_bias], -1)  # (layers, nh, L+C+1+P)
         positions, tokens, logits = self.positions(), forced.clone(), []
         codes = self.code_vectors()  # (K, D), once per patch
-        for p in range(P + 1):  # input p is bos (p = 0) or y_{p−1} at its own position; the last predicts nothing
-            x_p = self.bos.expand(B, 1, -1) if p == 0 else F.embedding(tokens[:, p - 1:p], codes) + positions[p - 1]
+        # Input p is bos (p = 0) or y_{p−1} at its own position; the last input predicts nothing.
+        for p in range(P + 1):
+            if p == 0:
+                x_p = self.bos.expand(B, 1, -1)  # (B, 1, D)
+            else:
+                x_p = F.embedding(tokens[:, p - 1:p], codes) + positions[p - 1]  # (B, 1, D)
             for layer, block in enumerate(self.blocks):
                 x_p = block.step(x_p, start + p, buffers[layer, 0], buffers[layer, 1], bias_rows[layer],
                                  None if index is None else index[p])  # (B, 1, D)
@@ -635,29 +490,8 @@ def guide(logits: torch.Tensor, guidance: float | None) -> torch.Tensor:
     return unconditional + guidance * (conditional - unconditional)
 
 
-def gather_context(model: Infinity, patch: Patch, selected: list[tuple[Patch, torch.Tensor]], B: int):
-    """Selected (patch, states) → context states (layers, 2, B, nh, C, hs) and their ContextLayout
-    (the ADC bias (layers, nh, C) and each key's token position from the current patch)."""
-    if not selected:
-        return model.empty_states(B), model.context_layout([])
-    states = torch.cat([s for _, s in selected], dim=4)  # (layers, 2, B, nh, C, hs)
-    offsets = [tuple(a - b for a, b in zip(q, patch)) for q, _ in selected]  # (dt, dh, dw) each
-    return states, model.context_layout(offsets)
-
-
-def cut(tokens: torch.Tensor, patch: Patch, patch_size) -> torch.Tensor:
-    """The tokens of one patch, raster inside it: (B, T, H, W) → (B, P)."""
-    (t, i, j), (ph, pw) = patch, patch_size
-    return tokens[:, t, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(tokens.shape[0], ph * pw)
-
-
-def paste(tokens: torch.Tensor, patch: Patch, patch_size, values: torch.Tensor) -> None:
-    (t, i, j), (ph, pw) = patch, patch_size
-    tokens[:, t, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw] = values.view(-1, ph, pw)
-
-
 # ---------------------------------------------------------------------------------------------
-# 5. Render-and-optimize training  and the training data
+# 3. Render-and-optimize training
 # ---------------------------------------------------------------------------------------------
 
 
@@ -670,34 +504,41 @@ def training_grid(config: InfinityConfig) -> tuple[int, int, int]:
     else:
         T, height, width = 1, config.canvas_height, config.canvas_width
     if height % config.token_px or width % config.token_px:
-        raise ValueError(f"canvas {height}×{width} px is not a multiple of f = {config.token_px} px per token")
+        raise ValueError(f"canvas {height}×{width} px is not a multiple of f = {config.token_px} px "
+                         f"per token")
     return (T, height // config.token_px, width // config.token_px)
+
+
+def training_patch_grid(config: InfinityConfig) -> patches.Patch:
+    """Patch grid (nT, nH, nW) of one training canvas (or clip)."""
+    return patches.patch_grid(training_grid(config), patch_size=config.patch_size, token_px=config.token_px)
 
 
 def num_patches(config: InfinityConfig) -> int:
     """Patches of one training canvas: the number of render-and-optimize units per micro-batch."""
-    return math.prod(patch_grid(config, training_grid(config)))
+    return math.prod(training_patch_grid(config))
 
 
 def training_directions(config: InfinityConfig) -> list[str]:
+    """The directions listed in config.directions (ADC), each checked."""
     directions = [d for d in config.directions.split(",") if d]
     if not directions:
         raise ValueError("config.directions names no direction")
     for direction in directions:
-        check_direction(direction)
+        patches.check_direction(direction)
     return directions
 
 
-def training_order(config: InfinityConfig, seed: int, step: int) -> tuple[str, list[Patch]]:
+def training_order(config: InfinityConfig, seed: int, step: int) -> tuple[str, list[patches.Patch]]:
     """ADC in training: the step's direction, drawn from (seed, step) so that every
     micro-batch and process of a step walks the same order, and that order."""
     directions = training_directions(config)
     direction = directions[np.random.default_rng([seed, step]).integers(len(directions))]
-    return direction, patch_order(direction, patch_grid(config, training_grid(config)))
+    return direction, patches.patch_order(direction, training_patch_grid(config))
 
 
-def patch_loss(model: Infinity, tokens: torch.Tensor, order: list[Patch], index: int,
-               pool: NearbyContextPool, captions: list[str | None] | None = None) -> torch.Tensor:
+def patch_loss(model: Infinity, tokens: torch.Tensor, order: list[patches.Patch], index: int,
+               pool: patches.NearbyContextPool, captions: list[str | None] | None = None) -> torch.Tensor:
     """Render-and-optimize, one patch: L = −(1/P) Σ_p log p(y_p | y_<p, context, caption) for
     the patch order[index] of tokens (B, T, H, W), its context from the pool (constants). Then its
     own states go to the pool, detached, and every patch no later patch needs is evicted. The
@@ -708,12 +549,13 @@ def patch_loss(model: Infinity, tokens: torch.Tensor, order: list[Patch], index:
         raise ValueError(f"patch index {index}, but the pool expects index {pool.next_index} next")
     B, patch = tokens.shape[0], order[index]
     text = model.text_states(captions, B)  # recomputed per patch: it is a graph of its own
-    context, layout = gather_context(model, patch, pool.select(patch), B)
-    targets = cut(tokens, patch, model.config.patch_size).to(model.bos.device)  # (B, P)
+    context, layout = patches.gather_context(model, patch, pool.select(patch), B)
+    targets = patches.cut(tokens, patch, model.config.patch_size).to(model.bos.device)  # (B, P)
     logits, states = model(targets, text, context, layout)  # (B, P, K)
     pool.add(patch, states)
     pool.evict(index)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # a contiguous row of K codes per token
+    # A contiguous row of K codes per token.
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 def unit_loss(model: Infinity, tokens: torch.Tensor, captions, *, unit: int, carry: dict, step: int,
@@ -722,248 +564,12 @@ def unit_loss(model: Infinity, tokens: torch.Tensor, captions, *, unit: int, car
     `patch_loss` of patch order[u]. tokens (B, T, H, W) stay the same for all units of a step."""
     if unit == 0:
         carry["direction"], carry["order"] = training_order(model.config, seed, step)
-        carry["pool"] = NearbyContextPool(carry["order"], model.config.extent)
+        carry["pool"] = patches.NearbyContextPool(carry["order"], model.config.extent)
     return patch_loss(model, tokens, carry["order"], unit, carry["pool"], captions)
 
 
-SLOT_PX = 32  # one digit per 32 px of width: one patch column of 8 tokens (chosen here)
-CANVAS_CLASSES = (1, 2)  # a canvas draws its digits from one or two classes, named by its caption
-
-
-class DigitCanvases(Dataset):
-    """Deterministic canvases of MNIST digits on black, for NÜWA-Infinity only (so it lives here).
-
-    A canvas of height × width px has one digit per SLOT_PX-wide slot, jittered within the slot and
-    anywhere vertically, overlapping by pixel-wise maximum. Its digits come from one or two classes;
-    the caption names them in increasing order ("3 7"), or is None with probability none_prob.
-    Items: `image` float (1, H, W) in [0, 1], `caption` str | None, `digits` int64 (slots,)."""
-
-    def __init__(self, split: str = "train", height: int = 64, width: int = 128, seed: int = 0,
-                 length: int | None = None, none_prob: float = 0.0, root=None):
-        if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
-        if height < data.DIGIT or width < SLOT_PX:
-            raise ValueError(f"a digit canvas must be at least {data.DIGIT}×{SLOT_PX} px, got {height}×{width}")
-        self.split, self.height, self.width, self.seed, self.none_prob = split, height, width, seed, none_prob
-        self.length = data.DEFAULT_LENGTH[split] if length is None else length
-        self.images, labels = data.load_digits(split, root=root)
-        self.by_class = [np.flatnonzero(labels == d) for d in range(10)]
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} items")
-        rng = np.random.default_rng([self.seed, data.SPLIT_CODES[self.split], index])
-        classes = rng.choice(10, size=rng.choice(CANVAS_CLASSES), replace=False)
-        canvas = np.zeros((self.height, self.width), dtype=np.float32)  # (H, W)
-        digits = []
-        for slot in range(self.width // SLOT_PX):
-            digit = int(classes[rng.integers(len(classes))])
-            image = self.images[rng.choice(self.by_class[digit])] / 255.0  # (28, 28)
-            x = slot * SLOT_PX + rng.integers(SLOT_PX - data.DIGIT + 1)
-            y = rng.integers(self.height - data.DIGIT + 1)
-            window = canvas[y:y + data.DIGIT, x:x + data.DIGIT]
-            np.maximum(window, image, out=window)
-            digits.append(digit)
-        # DEVIATION (data): the caption is the set of digit classes, position-free like the model.
-        caption = None if rng.random() < self.none_prob else clip_caption(torch.tensor(digits))
-        return {"image": torch.from_numpy(canvas)[None], "caption": caption,
-                "digits": torch.tensor(digits, dtype=torch.int64)}
-
-
-def clip_caption(digits: torch.Tensor) -> str:
-    """Infinity's caption of a canvas or a Moving MNIST clip: the set of its digits' names, increasing ("3 7")."""
-    return " ".join(str(d) for d in sorted(set(int(d) for d in digits)))
-
-
-@functools.lru_cache(maxsize=4)  # built once per process: loading MNIST takes seconds
-def training_source(kind: str, height: int, width: int, frames: int, digits: int, none_prob: float, seed: int):
-    if kind == "video":
-        return data.MovingMNIST("train", num_frames=frames, num_digits=digits, seed=seed)
-    return DigitCanvases("train", height, width, seed, none_prob=none_prob)
-
-
-def training_batch(config: InfinityConfig, seed: int, step: int, part: int = 0, parts: int = 1) -> dict:
-    """Micro-batch `part` of `parts` of step `step`, on the CPU: `pixels` (b, T, 1, H, W) and
-    `caption` (list of b, None entries for "None"; Moving MNIST clips are uncaptioned)."""
-    if config.batch_size % parts:
-        raise ValueError(f"batch_size {config.batch_size} does not split into {parts} micro-batches")
-    b = config.batch_size // parts
-    source = training_source(config.data, config.canvas_height, config.canvas_width, config.frames,
-                             config.video_digits, config.none_prob, seed)
-    items = [source[(step * config.batch_size + part * b + i) % len(source)] for i in range(b)]
-    if config.data == "video":
-        captions = [None] * b
-        if config.video_captions:  # the digits' names; "None" with probability none_prob (drawn per item)
-            drops = np.random.default_rng([seed, step, part]).random(b) < config.none_prob
-            captions = [None if drop else clip_caption(item["digits"]) for item, drop in zip(items, drops)]
-        return {"pixels": torch.stack([item["video"] for item in items]), "caption": captions}
-    return {"pixels": torch.stack([item["image"][None] for item in items]), "caption": [item["caption"] for item in items]}
-
-
 # ---------------------------------------------------------------------------------------------
-# 6. Generation: with the pool (flat memory), and the pool-free reference
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GenerationTrace:
-    """What generation reports per patch, when a trace is passed (tests and the benchmark)."""
-
-    keep_logits: bool = False  # also keep every patch's logits (B, P, K): memory O(canvas)
-    pool_patches: list[int] = field(default_factory=list)  # pool size after the patch's eviction
-    pool_bytes: list[int] = field(default_factory=list)  # bytes of pooled states, likewise
-    context_patches: list[int] = field(default_factory=list)  # patches the patch attended to
-    context_bytes: list[int] = field(default_factory=list)  # bytes of its gathered context and own states
-    seconds: list[float] = field(default_factory=list)  # wall time of the patch
-    logits: list[torch.Tensor] = field(default_factory=list)
-
-    def record(self, pool, selected, context_bytes, logits, seconds) -> None:
-        self.pool_patches.append(len(pool))
-        self.pool_bytes.append(pool.nbytes())
-        self.context_patches.append(len(selected))
-        self.context_bytes.append(context_bytes)
-        self.seconds.append(seconds)
-        if self.keep_logits:
-            self.logits.append(logits)
-
-
-def prepare(model: Infinity, grid_shape, direction: str, given, captions, batch_size):
-    """Checks shared by both generators → (order, B, forced tokens, keep mask), both (B, T, H, W)."""
-    check_direction(direction)
-    grid = patch_grid(model.config, grid_shape)
-    if direction in OUTPAINTING and (given is None or not bool(given[1].any())):
-        raise ValueError(f"outpainting direction {direction!r} needs given patches: pass given=(tokens, keep) "
-                         f"with some keep True, or use 'raster', 'column' or 'video'")
-    sizes = {n for n in (batch_size, None if captions is None else len(captions),
-                         None if given is None else given[0].shape[0]) if n is not None}
-    if len(sizes) > 1:
-        raise ValueError(f"batch sizes disagree: batch_size, captions and given say {sorted(sizes)}")
-    B = sizes.pop() if sizes else 1
-    device = model.bos.device
-    forced = torch.zeros(B, *grid_shape, dtype=torch.long, device=device)  # (B, T, H, W)
-    keep = torch.zeros(B, *grid_shape, dtype=torch.bool, device=device)  # (B, T, H, W)
-    if given is not None:
-        if tuple(given[0].shape) != (B, *grid_shape) or tuple(given[1].shape) != (B, *grid_shape):
-            raise ValueError(f"given tokens and keep mask must both be {(B, *grid_shape)}, got "
-                             f"{tuple(given[0].shape)} and {tuple(given[1].shape)}")
-        forced, keep = given[0].to(device).long(), given[1].to(device).bool()
-        if bool(keep.all()):
-            raise ValueError("every token is given: there is nothing to generate (make the canvas larger than "
-                             "the given part)")
-        kept = forced[keep]
-        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= model.config.codebook_size):
-            raise ValueError(f"given tokens must lie in [0, {model.config.codebook_size})")
-    return patch_order(direction, grid), B, forced, keep
-
-
-def doubled(guidance: float | None, captions, forced, keep, B: int):
-    """Guidance runs the batch twice, under the captions and under "None": (captions, forced, keep) of
-    2B rows. Without guidance, unchanged."""
-    if guidance is None:
-        return captions, forced, keep
-    if not guidance >= 0:
-        raise ValueError(f"guidance must be ≥ 0 (1 = the captioned model alone), got {guidance}")
-    if captions is None or all(c is None for c in captions):
-        raise ValueError("guidance needs captions: it pushes the captioned model away from the uncaptioned one")
-    return list(captions) + [None] * B, forced.repeat(2, 1, 1, 1), keep.repeat(2, 1, 1, 1)
-
-
-@torch.no_grad()
-def generate(model: Infinity, grid_shape: tuple[int, int, int], direction: str = "column", *, given=None,
-             captions: list[str | None] | None = None, batch_size: int | None = None, temperature: float = 1.0,
-             top_k: int | None = None, generator: torch.Generator | None = None, progress: bool = False,
-             trace: GenerationTrace | None = None, guidance: float | None = None) -> torch.Tensor:
-    """AR over AR: tokens (B, T, H, W) for a token grid of `grid_shape`, patch by patch in the
-    ADC order of `direction`, each patch token by token with its context from the NCP.
-
-    given: (tokens, keep) both (B, T, H, W): kept tokens are copied exactly (outpainting; required by
-    right / left / up / down, whose orders start from the given side). temperature 0 is greedy.
-    guidance s: classifier-free guidance (`guide`; two passes per token, two pools in one batch).
-    Memory: the pool (≤ pool_bound patches) plus one patch, whatever the canvas's long side."""
-    order, B, forced, keep = prepare(model, grid_shape, direction, given, captions, batch_size)
-    captions, forced, keep = doubled(guidance, captions, forced, keep, B)
-    sampling = dict(temperature=temperature, top_k=top_k, generator=generator)
-    size = model.config.patch_size
-    threads = torch.get_num_threads()
-    if model.bos.device.type == "cpu":  # thousands of tiny kernels: more threads only synchronise (as nuwa.py)
-        torch.set_num_threads(1)
-    try:
-        rows = forced.shape[0]  # B, or 2B with guidance
-        text = model.text_states(captions, rows)  # (layers, 2, rows, nh, L, hs), once per canvas
-        pool = NearbyContextPool(order, model.config.extent)
-        tokens = forced.clone()  # (rows, T, H, W); the output, O(canvas) at 8 bytes a token
-        for index, patch in enumerate(tqdm(order, desc="patches", unit="patch", disable=not progress, leave=False)):
-            start = time.perf_counter()
-            selected = pool.select(patch)
-            context, layout = gather_context(model, patch, selected, rows)
-            made, states, logits = model.generate_patch(text, context, layout, cut(forced, patch, size),
-                                                        cut(keep, patch, size), sampling, guidance)
-            paste(tokens, patch, size, made)
-            pool.add(patch, states)
-            pool.evict(index)
-            if trace is not None:
-                trace.record(pool, selected, context.nbytes + states.nbytes, logits, time.perf_counter() - start)
-        return tokens[:B]
-    finally:
-        torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def generate_reference(model: Infinity, grid_shape: tuple[int, int, int], direction: str = "column", *,
-                       given=None, captions: list[str | None] | None = None, batch_size: int | None = None,
-                       temperature: float = 1.0, top_k: int | None = None,
-                       generator: torch.Generator | None = None, trace: GenerationTrace | None = None,
-                       guidance: float | None = None) -> torch.Tensor:
-    """The slow reference of `generate`, with no pool: for every patch, recompute the states of all
-    earlier patches from the tokens made so far (each with its own context by `context_rule`, in
-    order, teacher-forced), then take the current patch's context by `context_rule`. O(patches²)."""
-    order, B, forced, keep = prepare(model, grid_shape, direction, given, captions, batch_size)
-    captions, forced, keep = doubled(guidance, captions, forced, keep, B)
-    sampling = dict(temperature=temperature, top_k=top_k, generator=generator)
-    size, extent = model.config.patch_size, model.config.extent
-    rows = forced.shape[0]  # B, or 2B with guidance
-    text = model.text_states(captions, rows)
-    tokens = forced.clone()  # (rows, T, H, W)
-    for index, patch in enumerate(order):
-        states = {}  # every earlier patch, recomputed from its tokens
-        for earlier, q in enumerate(order[:index]):
-            selected = [(r, states[r]) for r in context_rule(order, earlier, extent)]
-            states[q] = model(cut(tokens, q, size), text, *gather_context(model, q, selected, rows))[1]
-        selected = [(q, states[q]) for q in context_rule(order, index, extent)]
-        context, layout = gather_context(model, patch, selected, rows)
-        made, own, logits = model.generate_patch(text, context, layout, cut(forced, patch, size),
-                                                 cut(keep, patch, size), sampling, guidance)
-        paste(tokens, patch, size, made)
-        if trace is not None:
-            trace.context_patches.append(len(selected))
-            if trace.keep_logits:
-                trace.logits.append(logits)
-    return tokens[:B]
-
-
-def outpaint_given(source: torch.Tensor, grid_shape: tuple[int, int, int], direction: str):
-    """Place source tokens (B, T, h, w) on the side where `direction` starts (right: the left edge;
-    left: the right edge; down: the top; up: the bottom) → (tokens, keep), both (B, T, H, W)."""
-    if direction not in OUTPAINTING:
-        raise ValueError(f"outpainting needs one of {list(OUTPAINTING)}, got {direction!r}")
-    B, T, h, w = source.shape
-    _, H, W = grid_shape
-    if T != grid_shape[0] or h > H or w > W or (direction in ("right", "left") and h != H) or \
-            (direction in ("up", "down") and w != W):
-        raise ValueError(f"source {(T, h, w)} tokens does not fit the {direction!r} side of grid {tuple(grid_shape)}")
-    tokens = torch.zeros(B, *grid_shape, dtype=torch.long, device=source.device)  # (B, T, H, W)
-    keep = torch.zeros_like(tokens, dtype=torch.bool)
-    rows = slice(H - h, H) if direction == "up" else slice(0, h)
-    cols = slice(W - w, W) if direction == "left" else slice(0, w)
-    tokens[:, :, rows, cols], keep[:, :, rows, cols] = source, True
-    return tokens, keep
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Pixels, pictures and checkpoints
+# 4. Pixels and pictures
 # ---------------------------------------------------------------------------------------------
 
 
@@ -971,19 +577,19 @@ def check_tokenizer(model: Infinity, vqgan) -> None:
     """The VQ-GAN must be the kind the model predicts codes of: the same f and codebook size."""
     f, K = vqgan.config.downsample, vqgan.config.codebook_size
     if (f, K) != (model.config.token_px, model.config.codebook_size):
-        raise ValueError(f"this VQ-GAN has f = {f} px per token and {K} codes, but the Infinity model was trained "
-                         f"on f = {model.config.token_px} and {model.config.codebook_size} codes (its vqgan_ckpt "
-                         f"{model.config.vqgan_ckpt!r})")
+        raise ValueError(f"this VQ-GAN has f = {f} px per token and {K} codes, but the Infinity model was "
+                         f"trained on f = {model.config.token_px} and {model.config.codebook_size} codes "
+                         f"(its vqgan_ckpt {model.config.vqgan_ckpt!r})")
 
 
 @torch.no_grad()
 def generate_canvas(model: Infinity, vqgan, height_px: int, width_px: int, direction: str = "column", *,
                     source: torch.Tensor | None = None, captions=None, batch_size: int | None = None,
                     **sampling) -> torch.Tensor:
-    """Pixels (B, 1, height_px, width_px) in [0, 1]. The *tokens* of `source` pixels (B, 1, h, w) are
-    kept exactly on the side `direction` starts from (outpainting); their pixels are re-decoded with
-    the rest, so they come back as the VQ-GAN reconstructs them in this larger canvas, not bit for
-    bit. The whole canvas is one VQ-GAN grid (module docstring)."""
+    """Pixels (B, 1, height_px, width_px) in [0, 1], by patches.generate. The *tokens* of `source`
+    pixels (B, 1, h, w) are kept exactly on the side `direction` starts from (outpainting); their
+    pixels are re-decoded with the rest, so they come back as the VQ-GAN reconstructs them in this
+    larger canvas, not bit for bit. The whole canvas is one VQ-GAN grid (module docstring)."""
     f = model.config.token_px
     if height_px % f or width_px % f:
         raise ValueError(f"canvas {height_px}×{width_px} px is not a multiple of f = {f} px per token")
@@ -991,8 +597,10 @@ def generate_canvas(model: Infinity, vqgan, height_px: int, width_px: int, direc
     grid_shape = (1, height_px // f, width_px // f)
     given = None
     if source is not None:
-        given = outpaint_given(vqgan.encode(source.to(model.bos.device).float())[:, None], grid_shape, direction)
-    tokens = generate(model, grid_shape, direction, given=given, captions=captions, batch_size=batch_size, **sampling)
+        source_tokens = vqgan.encode(source.to(model.bos.device).float())[:, None]  # (B, 1, h/f, w/f)
+        given = patches.outpaint_given(source_tokens, grid_shape, direction)
+    tokens = patches.generate(model, grid_shape, direction, given=given, captions=captions,
+                              batch_size=batch_size, **sampling)  # (B, 1, H/f, W/f)
     return vqgan.decode(tokens[:, 0]).float().clamp(0, 1)  # (B, 1, H, W)
 
 
@@ -1009,16 +617,18 @@ def generate_video(model: Infinity, vqgan, frames: int, *, given_frames: torch.T
         B, k = given_frames.shape[:2]
         if k >= frames:
             raise ValueError(f"generate_video needs frames > {k} given frames, got {frames}")
-        tokens = torch.zeros(B, *grid_shape, dtype=torch.long, device=model.bos.device)
+        tokens = torch.zeros(B, *grid_shape, dtype=torch.long, device=model.bos.device)  # (B, T, h, w)
         keep = torch.zeros_like(tokens, dtype=torch.bool)
         tokens[:, :k], keep[:, :k] = vqgan.encode_video(given_frames.to(model.bos.device).float()), True
         given = (tokens, keep)
-    tokens = generate(model, grid_shape, "video", given=given, captions=captions, batch_size=batch_size, **sampling)
+    tokens = patches.generate(model, grid_shape, "video", given=given, captions=captions,
+                              batch_size=batch_size, **sampling)  # (B, T, h, w)
     return vqgan.decode_video(tokens).float().clamp(0, 1)  # (B, T, 1, 64, 64)
 
 
 def tiles(canvas: torch.Tensor, width: int = data.CANVAS) -> torch.Tensor:
-    """A canvas (1, H, W) as a row of tiles (W / width, 1, H, width): data.save_grid draws rows of frames."""
+    """A canvas (1, H, W) as a row of tiles (W / width, 1, H, width): data.save_grid draws rows of
+    frames."""
     return torch.stack(canvas.split(width, dim=-1))
 
 
@@ -1026,63 +636,62 @@ VISUAL_CAPTION = "3 7"  # a two-class caption seen in training
 
 
 @torch.no_grad()
-def visualise(model: Infinity, vqgan, path) -> Path:
+def visualise(model: Infinity, vqgan, path, *, real: torch.Tensor, caption: str | None = None) -> Path:
     """PNG: canvases 4× wider than training (with and without a caption), and outpainting to the
-    right and to the left of a held-out canvas's half; for video configs, a clip twice as long."""
+    right and to the left of the held-out canvas `real` (1, H, W) cut in half. For video configs,
+    `real` is a held-out clip (2T, 1, 64, 64) and `caption` its caption (None: uncaptioned): its
+    first 2 frames given, a clip twice as long as training's is generated (also a GIF)."""
     config, device = model.config, model.bos.device
-    was_training = model.training
-    model.eval()
-    sampling = dict(temperature=1.0, top_k=16, generator=torch.Generator(device=device).manual_seed(0))
-    if config.data == "video":
-        clip = data.MovingMNIST("test", num_frames=2 * config.frames, num_digits=config.video_digits, length=1)[0]
-        captions = [clip_caption(clip["digits"])] if config.video_captions else None
-        made = generate_video(model, vqgan, 2 * config.frames, given_frames=clip["video"][None, :2],
-                              captions=captions, **sampling)
-        rows, labels = [clip["video"], made[0].cpu()], ["real clip", "first 2 frames given, the rest generated"]
-        data.save_gif(rows, Path(path).with_suffix(".gif"), captions=labels)
-    else:
-        H, W = config.canvas_height, config.canvas_width
-        wide = generate_canvas(model, vqgan, H, 4 * W, "column", captions=[VISUAL_CAPTION, None], **sampling)
-        real = DigitCanvases("test", H, W, length=1)[0]["image"][None]  # (1, 1, H, W)
-        half = W // 2
-        right = generate_canvas(model, vqgan, H, 2 * W, "right", source=real[..., :half], **sampling)
-        left = generate_canvas(model, vqgan, H, 2 * W, "left", source=real[..., half:], **sampling)
-        rows = [tiles(c.cpu()) for c in (wide[0], wide[1], real[0], right[0], left[0])]
-        labels = [f"{H}×{4 * W} px, caption {VISUAL_CAPTION!r}", f"{H}×{4 * W} px, no caption",
-                  "a held-out canvas", f"its left {half} px given, outpainted right",
-                  f"its right {half} px given, outpainted left"]
-    model.train(was_training)
+    generator = torch.Generator(device=device).manual_seed(0)
+    sampling = dict(temperature=1.0, top_k=runtime.TOP_K, generator=generator)
+    with runtime.evaluating(model):
+        if config.data == "video":
+            captions = None if caption is None else [caption]
+            made = generate_video(model, vqgan, 2 * config.frames, given_frames=real[None, :2],
+                                  captions=captions, **sampling)  # (1, 2T, 1, 64, 64)
+            rows = [real, made[0].cpu()]
+            labels = ["real clip", "first 2 frames given, the rest generated"]
+            data.save_gif(rows, Path(path).with_suffix(".gif"), captions=labels)
+        else:
+            H, W = config.canvas_height, config.canvas_width
+            if tuple(real.shape) != (1, H, W):
+                raise ValueError(f"the held-out canvas must be (1, {H}, {W}), got {tuple(real.shape)}")
+            wide = generate_canvas(model, vqgan, H, 4 * W, "column", captions=[VISUAL_CAPTION, None],
+                                   **sampling)  # (2, 1, H, 4W)
+            real = real[None]  # (1, 1, H, W)
+            half = W // 2
+            right = generate_canvas(model, vqgan, H, 2 * W, "right", source=real[..., :half], **sampling)
+            left = generate_canvas(model, vqgan, H, 2 * W, "left", source=real[..., half:], **sampling)
+            rows = [tiles(c.cpu()) for c in (wide[0], wide[1], real[0], right[0], left[0])]
+            labels = [f"{H}×{4 * W} px, caption {VISUAL_CAPTION!r}", f"{H}×{4 * W} px, no caption",
+                      "a held-out canvas", f"its left {half} px given, outpainted right",
+                      f"its right {half} px given, outpainted left"]
     return data.save_grid(rows, path, captions=labels, max_frames=max(len(r) for r in rows))
 
 
+# ---------------------------------------------------------------------------------------------
+# 5. Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_COMMAND = "train one with `python train.py --stage infinity --preset tiny --out out`"
+# The config fields that decide which weights a model has: named when a checkpoint does not fit.
+SHAPE_FIELDS = ("relative_radius", "tie_head", "pixel_codes", "patch_size")
+
+
 def load_infinity(path, *, map_location="cpu") -> Infinity:
-    """The model stored at `path` by `train.py --stage infinity`, in eval mode."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no NÜWA-Infinity checkpoint at {path}; train one with "
-                                f"`python train.py --stage infinity --preset tiny --out out`")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if checkpoint.get("stage") != "infinity":
-        raise ValueError(f"{path} is a checkpoint of stage {checkpoint.get('stage')!r}, not 'infinity'")
-    known = {f.name for f in fields(InfinityConfig)}
-    unknown = sorted(set(checkpoint["config"]) - known)
-    if unknown:
-        raise ValueError(f"{path} has config fields InfinityConfig does not know: {unknown}")
-    values = {**LEGACY_DEFAULTS, **checkpoint["config"]}  # written before the learning aids: the paper's scheme
-    config = InfinityConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    model = Infinity(config)
+    """The model stored at `path` by `train.py --stage infinity`, in eval mode. A checkpoint written
+    before the learning aids existed loads as trained, with the paper's scheme (LEGACY_DEFAULTS)."""
+    checkpoint = checkpoints.read(path, stage="infinity", fix=TRAIN_COMMAND, map_location=map_location)
+    config = checkpoints.config_from(InfinityConfig, checkpoint["config"], path, defaults=LEGACY_DEFAULTS)
     # Before the learning aids, the final LayerNorm was called `norm`.
     state = {("decoder_norm." + k[len("norm."):] if k.startswith("norm.") else k): v
              for k, v in checkpoint["model"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"{path} does not match the model its config describes (relative_radius="
-                         f"{config.relative_radius}, tie_head={config.tie_head}, pixel_codes={config.pixel_codes}, "
-                         f"patch_size={config.patch_size}): {error}") from error
+    model = checkpoints.load_weights(Infinity(config), state, path, shape_fields=SHAPE_FIELDS)
     return model.to(map_location).eval()
 
 
-def load_with_tokenizer(path, *, vqgan_ckpt: str | None = None, map_location="cpu") -> tuple[Infinity, vqgan_module.VQGAN]:
+def load_with_tokenizer(path, *, vqgan_ckpt: str | None = None,
+                        map_location="cpu") -> tuple[Infinity, vqgan_module.VQGAN]:
     """(the model at `path`, its frame VQ-GAN), both in eval mode. The VQ-GAN is the one recorded in
     the checkpoint unless `vqgan_ckpt` overrides it, and it must be the one the model was trained on:
     the same f and codebook size (check_tokenizer) and codes that draw the stored pixels

@@ -14,7 +14,8 @@ What is measured, per width:
 - rss_growth_bytes: growth of the process's peak resident memory (ru_maxrss) during the measured
   canvas over the warm-up's; informational (allocator noise of a few MB), not part of the bar.
 
-The bar (NÜWA-Infinity's claim of a flat cost per patch): time_ratio_Nx and memory_ratio_Nx (N× width over 1×) ≤ 1.3.
+The bar (NÜWA-Infinity's claim of a flat cost per patch): time_ratio_Nx and memory_ratio_Nx
+(N× width over 1×) ≤ 1.3. The generator is patches.generate; the model is infinity.Infinity.
 
     python benchmarks/bench_infinity.py [--quick]
 
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import infinity as inf  # noqa: E402
+import patches  # noqa: E402
 
 SEED = 0
 MULTIPLES = (1, 4, 16)  # canvas widths over the training width (NÜWA-Infinity: far wider than training)
@@ -53,7 +55,7 @@ def measure(args) -> dict:
     f = config.token_px
     warm_up = (1, args.height // f, args.width // f)
     grid_shape = (1, args.height // f, args.child * args.width // f)
-    inf.generate(model, warm_up, args.direction, temperature=0)
+    patches.generate(model, warm_up, args.direction, temperature=0)
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -62,9 +64,9 @@ def measure(args) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     best = None
     for _ in range(args.repeats):  # the fastest of the repeats: the machine is shared and noisy
-        trace = inf.GenerationTrace()
+        trace = patches.GenerationTrace()
         start = time.perf_counter()
-        tokens = inf.generate(model, grid_shape, args.direction, temperature=0, trace=trace)
+        tokens = patches.generate(model, grid_shape, args.direction, temperature=0, trace=trace)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -72,8 +74,8 @@ def measure(args) -> dict:
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     pool_while_making = [0] + trace.pool_bytes[:-1]  # the pool as the patch found it
     counted = max(p + c for p, c in zip(pool_while_making, trace.context_bytes))
-    patches = len(trace.seconds)
-    return {"width": grid_shape[2] * f, "patches": patches, "s_per_patch": best / patches,
+    count = len(trace.seconds)  # patches of the canvas
+    return {"width": grid_shape[2] * f, "patches": count, "s_per_patch": best / count,
             "pool_bytes": max(trace.pool_bytes), "pool_patches": max(trace.pool_patches),
             "peak_bytes": torch.cuda.max_memory_allocated() - base if cuda else counted,
             "rss_growth_bytes": rss_growth, "output_bytes": tokens.numel() * tokens.element_size()}
@@ -86,9 +88,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks (tiny: 4)")
     parser.add_argument("--height", type=int, default=64, help="training canvas height, px")
     parser.add_argument("--width", type=int, default=128, help="training canvas width, px")
-    parser.add_argument("--direction", default="column", help="patch order; column orders are flat in the width")
+    parser.add_argument("--direction", default="column", choices=patches.DIRECTIONS,
+                        help="patch order; column orders are flat in the width")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)  # internal: measure one multiple
+    # internal: measure one multiple
+    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.repeats = 1 if args.quick else 3
     if args.child:
@@ -97,7 +101,8 @@ def main() -> None:
         return
     config = build(args)
     print(f"seed {SEED}; device {args.device}; torch {torch.__version__}; direction {args.direction}; "
-          f"model dim {config.dim}, layers {config.layers}, patch {config.patch_size} tokens, extent {config.extent}")
+          f"model dim {config.dim}, layers {config.layers}, patch {config.patch_size} tokens, "
+          f"extent {config.extent}")
     rows = []
     for multiple in MULTIPLES:  # a fresh process per width, so no width inherits another's memory
         command = [sys.executable, __file__, *sys.argv[1:], "--child", str(multiple)]

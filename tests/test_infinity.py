@@ -1,5 +1,7 @@
-"""Tests for infinity.py: the pool's bound and eviction, context = rule, given patches kept, pool =
-pool-free reference, render-and-optimize gradients, bad inputs, the ADC offset bias, the benchmark."""
+"""Tests for infinity.py with patches.py's generation loop: given patches kept, pool = pool-free
+reference, render-and-optimize gradients, bad inputs, the ADC offset bias, token-level relative
+positions, guidance, checkpoints old and new, pictures, the benchmark, pinned seeds.
+(The patch level alone, orders and the pool, is tests/test_patches.py.)"""
 
 import dataclasses
 import json
@@ -11,10 +13,11 @@ import pytest
 import torch
 from conftest import needs_mnist
 
+import checkpoints
 import infinity as inf
+import patches
 
 K = 11  # codebook size of the toy models
-EXTENTS = [(1, 1, 1), (1, 2, 1), (0, 1, 2)]
 
 
 def toy_model(**overrides) -> inf.Infinity:
@@ -35,40 +38,14 @@ def toy_model(**overrides) -> inf.Infinity:
     return model
 
 
-def walk(order, extent):
-    """Run a pool over an order with dummy states: (pool sizes, evicted per index, selected per index)."""
-    pool = inf.NearbyContextPool(order, extent)
-    sizes, evicted, selected = [], [], []
-    for index, patch in enumerate(order):
-        selected.append([q for q, _ in pool.select(patch)])
-        pool.add(patch, torch.zeros(1))
-        evicted.append(pool.evict(index))
-        sizes.append(len(pool))
-    return sizes, evicted, selected
-
-
 def given_for(direction, B, grid_shape, generator):
     """Random source tokens on the side the outpainting direction starts from (one patch deep)."""
     T, H, W = grid_shape
     shape = (B, T, H, 2) if direction in ("right", "left") else (B, T, 2, W)
-    return inf.outpaint_given(torch.randint(K, shape, generator=generator), grid_shape, direction)
+    return patches.outpaint_given(torch.randint(K, shape, generator=generator), grid_shape, direction)
 
 
-# --- orders (ADC) ------------------------------------------------------------------------------
-
-
-def test_orders_by_hand():
-    grid = (1, 2, 3)
-    assert inf.patch_order("raster", grid) == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0), (0, 1, 1), (0, 1, 2)]
-    assert inf.patch_order("column", grid) == [(0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (0, 0, 2), (0, 1, 2)]
-    assert inf.patch_order("left", grid) == [(0, 0, 2), (0, 1, 2), (0, 0, 1), (0, 1, 1), (0, 0, 0), (0, 1, 0)]
-    assert inf.patch_order("up", grid) == [(0, 1, 0), (0, 1, 1), (0, 1, 2), (0, 0, 0), (0, 0, 1), (0, 0, 2)]
-    assert inf.patch_order("right", grid) == inf.patch_order("column", grid)
-    assert inf.patch_order("down", grid) == inf.patch_order("raster", grid)
-    video = inf.patch_order("video", (2, 1, 2))
-    assert video == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1)]  # frame by frame
-    for direction in inf.DIRECTIONS:  # every order is a permutation of the grid
-        assert sorted(inf.patch_order(direction, (2, 3, 4))) == sorted(inf.patch_order("raster", (2, 3, 4)))
+# --- orders in training (ADC) ------------------------------------------------------------------
 
 
 def test_training_order_is_deterministic_and_samples_every_direction():
@@ -77,81 +54,13 @@ def test_training_order_is_deterministic_and_samples_every_direction():
     draws = [inf.training_order(config, 0, step) for step in range(60)]
     assert draws == [inf.training_order(config, 0, step) for step in range(60)]
     assert {d for d, _ in draws} == set(inf.training_directions(config))
-    assert all(order == inf.patch_order(d, (1, 2, 4)) for d, order in draws)
-
-
-# --- the Nearby Context Pool -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("direction", inf.DIRECTIONS)
-@pytest.mark.parametrize("extent", EXTENTS)
-def test_pool_never_holds_more_than_the_bound(direction, extent):
-    for grid in [(1, 5, 40), (1, 40, 5), (4, 6, 7)]:  # much larger than the extents along some axis
-        sizes, _, _ = walk(inf.patch_order(direction, grid), extent)
-        bound = inf.pool_bound(direction, grid, extent)
-        assert max(sizes) <= bound, (grid, max(sizes), bound)
-        assert sizes[-1] == 0  # everything is evicted at the end
-        assert bound < 0.5 * len(sizes) or grid[0] > 1  # the bound is far below the canvas
-
-
-@pytest.mark.parametrize("extent", EXTENTS)
-def test_pool_is_flat_along_the_order_long_side(extent):
-    # Column orders: the pool does not grow with the width; row orders: not with the height.
-    for direction in ("column", "right", "left"):
-        peaks = [max(walk(inf.patch_order(direction, (1, 4, W)), extent)[0]) for W in (10, 20, 40)]
-        assert len(set(peaks)) == 1 and peaks[0] <= inf.pool_bound(direction, (1, 4, 40), extent)
-    for direction in ("raster", "down", "up", "video"):
-        peaks = [max(walk(inf.patch_order(direction, (1, H, 4)), extent)[0]) for H in (10, 20, 40)]
-        assert len(set(peaks)) == 1
-
-
-def brute_force_last_use(order, extent) -> dict:
-    """The last index whose context (by the rule) holds each patch; its own index if none does."""
-    last = {p: i for i, p in enumerate(order)}
-    for index in range(len(order)):
-        for q in inf.context_rule(order, index, extent):
-            last[q] = max(last[q], index)
-    return last
-
-
-@pytest.mark.parametrize("direction", inf.DIRECTIONS)
-@pytest.mark.parametrize("extent", EXTENTS)
-def test_each_patch_is_evicted_right_after_its_last_use(direction, extent):
-    order = inf.patch_order(direction, (2, 3, 5))
-    last = brute_force_last_use(order, extent)
-    assert inf.last_uses(order, extent) == last
-    _, evicted, _ = walk(order, extent)
-    evicted_at = {q: index for index, gone in enumerate(evicted) for q in gone}
-    assert evicted_at == last  # every patch evicted exactly once, right after its last use
-
-
-@pytest.mark.parametrize("direction", inf.DIRECTIONS)
-@pytest.mark.parametrize("extent", EXTENTS)
-def test_selected_context_equals_the_rule(direction, extent):
-    grid = (2, 3, 4)
-    order = inf.patch_order(direction, grid)
-    rank = {p: i for i, p in enumerate(order)}
-    _, _, selected = walk(order, extent)
-    for index, patch in enumerate(order):
-        # Brute force from coordinates: every patch of the grid earlier in the order and in the box.
-        expected = sorted((q for q in rank if rank[q] < index and all(
-            abs(a - b) <= e for a, b, e in zip(q, patch, extent))), key=rank.get)
-        assert selected[index] == expected == inf.context_rule(order, index, extent)
-
-
-def test_context_by_hand():
-    # The centre of a 3×3 grid, extents 1: raster sees the row above and its left neighbour;
-    # column order sees the column to its left and the patch above it.
-    raster, column = inf.patch_order("raster", (1, 3, 3)), inf.patch_order("column", (1, 3, 3))
-    centre = (0, 1, 1)
-    assert inf.context_rule(raster, raster.index(centre), (1, 1, 1)) == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0)]
-    assert inf.context_rule(column, column.index(centre), (1, 1, 1)) == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 0, 1)]
+    assert all(order == patches.patch_order(d, (1, 2, 4)) for d, order in draws)
 
 
 # --- generation --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("direction", inf.OUTPAINTING)
+@pytest.mark.parametrize("direction", patches.OUTPAINTING)
 def test_given_patches_are_kept_exactly(direction):
     model = toy_model()
     gen = torch.Generator().manual_seed(1)
@@ -159,28 +68,33 @@ def test_given_patches_are_kept_exactly(direction):
     tokens, keep = given_for(direction, 2, grid_shape, gen)
     keep[0, 0, 3, 5] = True  # plus one lone kept token inside a generated patch
     tokens[0, 0, 3, 5] = 7
-    made = inf.generate(model, grid_shape, direction, given=(tokens, keep), temperature=1.0, generator=gen)
+    made = patches.generate(model, grid_shape, direction, given=(tokens, keep), temperature=1.0,
+                            generator=gen)
     assert torch.equal(made[keep], tokens[keep])
     assert not torch.equal(made[~keep], tokens[~keep])  # the rest was generated
 
 
-@pytest.mark.parametrize("direction", inf.DIRECTIONS)
+@pytest.mark.parametrize("direction", patches.DIRECTIONS)
 def test_pool_generation_equals_the_pool_free_reference(direction):
     model = toy_model()
     grid_shape = (2, 4, 6) if direction == "video" else (1, 4, 6)
-    given = given_for(direction, 2, grid_shape, torch.Generator().manual_seed(2)) if direction in inf.OUTPAINTING else None
+    given = None
+    if direction in patches.OUTPAINTING:
+        given = given_for(direction, 2, grid_shape, torch.Generator().manual_seed(2))
     captions = ["3 7", None]
-    traces = [inf.GenerationTrace(keep_logits=True) for _ in range(2)]
-    fast = inf.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0, trace=traces[0])
-    slow = inf.generate_reference(model, grid_shape, direction, given=given, captions=captions, temperature=0,
-                                  trace=traces[1])
+    traces = [patches.GenerationTrace(keep_logits=True) for _ in range(2)]
+    fast = patches.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0,
+                            trace=traces[0])
+    slow = patches.generate_reference(model, grid_shape, direction, given=given, captions=captions,
+                                      temperature=0, trace=traces[1])
     assert torch.equal(fast, slow)  # greedy, float64: token-identical
     assert traces[0].context_patches == traces[1].context_patches
     for fast_logits, slow_logits in zip(traces[0].logits, traces[1].logits):  # every step of every patch
         torch.testing.assert_close(fast_logits, slow_logits, rtol=1e-10, atol=1e-10)
     # Sampling draws the same numbers from the same generator, so sampled canvases agree too.
     sampled = [g(model, grid_shape, direction, given=given, captions=captions, temperature=1.0, top_k=5,
-                 generator=torch.Generator().manual_seed(3)) for g in (inf.generate, inf.generate_reference)]
+                 generator=torch.Generator().manual_seed(3))
+               for g in (patches.generate, patches.generate_reference)]
     assert torch.equal(*sampled)
 
 
@@ -188,17 +102,17 @@ def test_generation_memory_is_that_of_the_pool():
     model = toy_model()
     traces = []
     for W in (8, 32):  # 4 and 16 patch columns, 2 patch rows
-        traces.append(inf.GenerationTrace())
-        inf.generate(model, (1, 4, W), "column", temperature=0, trace=traces[-1])
+        traces.append(patches.GenerationTrace())
+        patches.generate(model, (1, 4, W), "column", temperature=0, trace=traces[-1])
     assert max(traces[0].pool_bytes) == max(traces[1].pool_bytes) > 0
-    assert max(traces[1].pool_patches) <= inf.pool_bound("column", (1, 2, 16), model.config.extent)
+    assert max(traces[1].pool_patches) <= patches.pool_bound("column", (1, 2, 16), model.config.extent)
 
 
 # --- training ----------------------------------------------------------------------------------
 
 
 def run_patches(model, tokens, order, captions, per_patch: bool):
-    pool = inf.NearbyContextPool(order, model.config.extent)
+    pool = patches.NearbyContextPool(order, model.config.extent)
     model.zero_grad()
     losses = [inf.patch_loss(model, tokens, order, index, pool, captions) for index in range(len(order))] \
         if not per_patch else []
@@ -216,7 +130,7 @@ def run_patches(model, tokens, order, captions, per_patch: bool):
 def test_render_and_optimize_gradients_equal_the_summed_loss_with_detached_context():
     model = toy_model().train()
     tokens = torch.randint(K, (2, 1, 4, 6), generator=torch.Generator().manual_seed(4))
-    order = inf.patch_order("column", (1, 2, 3))
+    order = patches.patch_order("column", (1, 2, 3))
     captions = ["3", None]
     losses_a, grads_a = run_patches(model, tokens, order, captions, per_patch=True)
     losses_b, grads_b = run_patches(model, tokens, order, captions, per_patch=False)
@@ -224,49 +138,50 @@ def test_render_and_optimize_gradients_equal_the_summed_loss_with_detached_conte
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-12, atol=1e-14, msg=name)
     # The detach matters: a pool that kept the graph gives other gradients (so this test can fail).
-    add = inf.NearbyContextPool.add
+    add = patches.NearbyContextPool.add
     try:
         def add_with_graph(pool, patch, states):
             add(pool, patch, states)
             pool.states[patch] = states
-        inf.NearbyContextPool.add = add_with_graph
+        patches.NearbyContextPool.add = add_with_graph
         _, grads_graph = run_patches(model, tokens, order, captions, per_patch=False)
     finally:
-        inf.NearbyContextPool.add = add
+        patches.NearbyContextPool.add = add
     assert not torch.allclose(grads_graph["token_embed.weight"], grads_b["token_embed.weight"])
 
 
 def test_patch_loss_is_the_mean_cross_entropy_of_the_patch():
     model = toy_model()
     tokens = torch.randint(K, (2, 1, 2, 4), generator=torch.Generator().manual_seed(5))
-    order = inf.patch_order("raster", (1, 1, 2))
-    pool = inf.NearbyContextPool(order, model.config.extent)
+    order = patches.patch_order("raster", (1, 1, 2))
+    pool = patches.NearbyContextPool(order, model.config.extent)
     inf.patch_loss(model, tokens, order, 0, pool)
-    context, bias = inf.gather_context(model, order[1], pool.select(order[1]), 2)
-    logits, _ = model(inf.cut(tokens, order[1], (2, 2)), model.text_states(None, 2), context, bias)
-    expected = -logits.log_softmax(-1).gather(-1, inf.cut(tokens, order[1], (2, 2))[..., None]).mean()
+    context, bias = patches.gather_context(model, order[1], pool.select(order[1]), 2)
+    logits, _ = model(patches.cut(tokens, order[1], (2, 2)), model.text_states(None, 2), context, bias)
+    expected = -logits.log_softmax(-1).gather(-1, patches.cut(tokens, order[1], (2, 2))[..., None]).mean()
     torch.testing.assert_close(inf.patch_loss(model, tokens, order, 1, pool), expected)
 
 
 def test_overfits_one_canvas_and_regenerates_it():
-    config = inf.InfinityConfig.preset("tiny", dim=32, num_heads=2, layers=2, codebook_size=K, patch_size=(2, 2),
-                                       directions="raster")
+    config = inf.InfinityConfig.preset("tiny", dim=32, num_heads=2, layers=2, codebook_size=K,
+                                       patch_size=(2, 2), directions="raster")
     torch.manual_seed(0)
     model = inf.Infinity(config)
     tokens = torch.randint(K, (1, 1, 4, 4), generator=torch.Generator().manual_seed(6))
-    order = inf.patch_order("raster", (1, 2, 2))
+    order = patches.patch_order("raster", (1, 2, 2))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     # 300 steps: with every token at its own position (the last one pooled too) this toy sits on a
     # plateau near loss 0.3 around step 150-200 on one thread, and converges by step 300.
     for _ in range(300):
         optimizer.zero_grad()
-        pool = inf.NearbyContextPool(order, config.extent)
+        pool = patches.NearbyContextPool(order, config.extent)
         for index in range(len(order)):
             loss = inf.patch_loss(model, tokens, order, index, pool, ["5"])
             loss.backward()
         optimizer.step()
     assert loss.item() < 0.05
-    assert torch.equal(inf.generate(model.eval(), (1, 4, 4), "raster", captions=["5"], temperature=0), tokens)
+    made = patches.generate(model.eval(), (1, 4, 4), "raster", captions=["5"], temperature=0)
+    assert torch.equal(made, tokens)
 
 
 # --- the ADC offset bias -----------------------------------------------------------------------
@@ -275,8 +190,8 @@ def test_overfits_one_canvas_and_regenerates_it():
 def test_offset_bias_changes_outputs_and_has_gradients():
     model = toy_model().train()
     tokens = torch.randint(K, (1, 1, 2, 4), generator=torch.Generator().manual_seed(7))
-    order = inf.patch_order("raster", (1, 1, 2))  # the second patch's context is its left neighbour
-    pool = inf.NearbyContextPool(order, model.config.extent)
+    order = patches.patch_order("raster", (1, 1, 2))  # the second patch's context is its left neighbour
+    pool = patches.NearbyContextPool(order, model.config.extent)
     inf.patch_loss(model, tokens, order, 0, pool)
     selected = pool.select(order[1])  # before patch 1 is done: then patch 0 is evicted
     model.zero_grad()
@@ -290,11 +205,11 @@ def test_offset_bias_changes_outputs_and_has_gradients():
     others[:, :, e_t, e_h, e_w - 1] = 0
     assert torch.count_nonzero(others) == 0  # and no other offset was involved
     with torch.no_grad():
-        before = model(inf.cut(tokens, order[1], (2, 2)), model.text_states(None, 1),
-                       *inf.gather_context(model, order[1], selected, 1))[0]
+        before = model(patches.cut(tokens, order[1], (2, 2)), model.text_states(None, 1),
+                       *patches.gather_context(model, order[1], selected, 1))[0]
         model.offset_bias[:, :, e_t, e_h, e_w - 1] += 1.0
-        after = model(inf.cut(tokens, order[1], (2, 2)), model.text_states(None, 1),
-                      *inf.gather_context(model, order[1], selected, 1))[0]
+        after = model(patches.cut(tokens, order[1], (2, 2)), model.text_states(None, 1),
+                      *patches.gather_context(model, order[1], selected, 1))[0]
     assert (before - after).abs().max() > 1e-3
 
 
@@ -305,8 +220,9 @@ def test_offset_bias_tells_apart_where_the_context_lies():
     patch = (0, 1, 1)
     outputs = []
     for neighbour in [(0, 1, 0), (0, 0, 1)]:
-        context, bias = inf.gather_context(model, patch, [(neighbour, states)], 1)
-        outputs.append(model(torch.zeros(1, 4, dtype=torch.long), model.text_states(None, 1), context, bias)[0])
+        context, bias = patches.gather_context(model, patch, [(neighbour, states)], 1)
+        tokens = torch.zeros(1, 4, dtype=torch.long)
+        outputs.append(model(tokens, model.text_states(None, 1), context, bias)[0])
     assert (outputs[0] - outputs[1]).abs().max() > 1e-3
 
 
@@ -316,30 +232,30 @@ def test_offset_bias_tells_apart_where_the_context_lies():
 def test_bad_inputs_raise_clear_errors():
     model = toy_model()
     with pytest.raises(ValueError, match="smaller than one patch"):
-        inf.generate(model, (1, 1, 6), "column")
+        patches.generate(model, (1, 1, 6), "column")
     with pytest.raises(ValueError, match="unknown direction 'diagonal'"):
-        inf.generate(model, (1, 4, 6), "diagonal")
+        patches.generate(model, (1, 4, 6), "diagonal")
     with pytest.raises(ValueError, match="does not divide into patches"):
-        inf.generate(model, (1, 4, 5), "column")
+        patches.generate(model, (1, 4, 5), "column")
     with pytest.raises(ValueError, match="needs given patches"):
-        inf.generate(model, (1, 4, 6), "right")
+        patches.generate(model, (1, 4, 6), "right")
     with pytest.raises(ValueError, match="needs given patches"):  # a mask that keeps nothing
-        inf.generate(model, (1, 4, 6), "left", given=(torch.zeros(1, 1, 4, 6, dtype=torch.long),
-                                                       torch.zeros(1, 1, 4, 6, dtype=torch.bool)))
+        patches.generate(model, (1, 4, 6), "left", given=(torch.zeros(1, 1, 4, 6, dtype=torch.long),
+                                                           torch.zeros(1, 1, 4, 6, dtype=torch.bool)))
     with pytest.raises(ValueError, match="batch sizes disagree"):
-        inf.generate(model, (1, 4, 6), "column", captions=["3"], batch_size=2)
+        patches.generate(model, (1, 4, 6), "column", captions=["3"], batch_size=2)
     with pytest.raises(ValueError, match="multiple of f = 8"):
         inf.generate_canvas(model, None, 64, 130)
     with pytest.raises(ValueError, match="does not fit"):
-        inf.outpaint_given(torch.zeros(1, 1, 3, 2, dtype=torch.long), (1, 4, 6), "right")
+        patches.outpaint_given(torch.zeros(1, 1, 3, 2, dtype=torch.long), (1, 4, 6), "right")
     with pytest.raises(ValueError, match="unknown caption word"):
-        inf.generate(model, (1, 2, 2), "column", captions=["seven"])
+        patches.generate(model, (1, 2, 2), "column", captions=["seven"])
     with pytest.raises(ValueError, match="unknown preset"):
         inf.InfinityConfig.preset("huge")
     with pytest.raises(ValueError, match="unknown direction"):
         inf.training_order(inf.InfinityConfig.preset("tiny", directions="raster,sideways"), 0, 0)
-    order = inf.patch_order("column", (1, 2, 3))
-    pool = inf.NearbyContextPool(order, (1, 1, 1))
+    order = patches.patch_order("column", (1, 2, 3))
+    pool = patches.NearbyContextPool(order, (1, 1, 1))
     with pytest.raises(ValueError, match="out of order"):
         pool.add(order[1], torch.zeros(1))
     with pytest.raises(ValueError, match="expects index 0"):
@@ -351,40 +267,98 @@ def test_bad_inputs_raise_clear_errors():
 
 @needs_mnist
 def test_digit_canvases_are_deterministic_and_captioned():
-    canvases = inf.DigitCanvases("test", 64, 128, seed=0, length=20, none_prob=0.3)
-    again = inf.DigitCanvases("test", 64, 128, seed=0, length=20, none_prob=0.3)
+    import stages  # Infinity's training canvases are a recipe of stages.py
+
+    canvases = stages.DigitCanvases("test", 64, 128, seed=0, length=20, none_prob=0.3)
+    again = stages.DigitCanvases("test", 64, 128, seed=0, length=20, none_prob=0.3)
     captions = []
     for index in range(20):
         item = canvases[index]
         assert item["image"].shape == (1, 64, 128) and 0 <= item["image"].min() and item["image"].max() <= 1
-        assert torch.equal(item["image"], again[index]["image"]) and item["caption"] == again[index]["caption"]
-        assert len(item["digits"]) == 128 // inf.SLOT_PX
+        assert torch.equal(item["image"], again[index]["image"])
+        assert item["caption"] == again[index]["caption"]
+        assert len(item["digits"]) == 128 // stages.SLOT_PX
         if item["caption"] is not None:
             assert item["caption"] == " ".join(str(d) for d in sorted(set(item["digits"].tolist())))
         captions.append(item["caption"])
     assert None in captions and any(c is not None for c in captions)
     with pytest.raises(ValueError, match="at least"):
-        inf.DigitCanvases("test", 16, 128)
+        stages.DigitCanvases("test", 16, 128)
 
 
 @needs_mnist
-def test_training_batch_and_visualise(tmp_path):
+def test_training_batch_is_deterministic():
+    import stages
+
+    config = inf.InfinityConfig.preset("tiny", dim=16, num_heads=2, layers=1, batch_size=2, canvas_width=64)
+    batch = stages.infinity_batch(config, 0, 3, 0, 1)
+    assert batch["pixels"].shape == (2, 1, 1, 64, 64) and len(batch["caption"]) == 2
+    assert torch.equal(batch["pixels"], stages.infinity_batch(config, 0, 3, 0, 1)["pixels"])
+
+
+def cell_tokenizer():
+    """Untrained, shapes only: the f = 8 cell tokenizer the tiny Infinity is built for."""
+    import vqgan
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(vqgan.VQGANConfig.preset("tiny"), cell_encoder=True, ch_mult=(1, 2, 4, 4))
+    return vqgan.VQGAN(config).eval()
+
+
+def test_visualise_draws_canvases_and_refuses_another_tokenizer(tmp_path):
     import vqgan
 
     config = inf.InfinityConfig.preset("tiny", dim=16, num_heads=2, layers=1, batch_size=2, canvas_width=64)
-    batch = inf.training_batch(config, 0, 3)
-    assert batch["pixels"].shape == (2, 1, 1, 64, 64) and len(batch["caption"]) == 2
-    assert torch.equal(batch["pixels"], inf.training_batch(config, 0, 3)["pixels"])
-    torch.manual_seed(0)
-    # untrained, shapes only: the f = 8 cell tokenizer the tiny Infinity is built for
-    tokenizer = vqgan.VQGAN(dataclasses.replace(vqgan.VQGANConfig.preset("tiny"), cell_encoder=True, ch_mult=(1, 2, 4, 4))).eval()
+    tokenizer = cell_tokenizer()
     model = inf.Infinity(config)
     model.set_code_pixels(tokenizer.code_patches())
-    path = inf.visualise(model, tokenizer, tmp_path / "infinity.png")
-    assert path.exists() and path.stat().st_size > 1000
+    held_out = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0))  # any canvas will do
+    path = inf.visualise(model, tokenizer, tmp_path / "infinity.png", real=held_out)
+    assert path.exists() and path.stat().st_size > 1000 and model.training  # its mode is restored
+    with pytest.raises(ValueError, match=r"held-out canvas must be \(1, 64, 64\)"):
+        inf.visualise(model, tokenizer, tmp_path / "wrong.png", real=torch.rand(1, 64, 128))
     f4 = vqgan.VQGAN(vqgan.VQGANConfig.preset("tiny")).eval()
     with pytest.raises(ValueError, match="f = 4 .* f = 8"):
         inf.generate_canvas(model, f4, 64, 64)
+
+
+def test_visualise_draws_a_video_twice_as_long_from_two_given_frames(tmp_path):
+    config = inf.InfinityConfig.preset("tiny", dim=16, num_heads=2, layers=1, data="video", frames=2,
+                                       patch_size=(8, 8), video_captions=True)
+    tokenizer = cell_tokenizer()
+    model = inf.Infinity(config).eval()
+    model.set_code_pixels(tokenizer.code_patches())
+    clip = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))  # (2T, 1, 64, 64)
+    path = inf.visualise(model, tokenizer, tmp_path / "video.png", real=clip, caption="3")
+    assert path.exists() and path.with_suffix(".gif").exists() and not model.training
+
+
+def test_a_checkpoint_loads_ready_and_an_old_one_loads_as_it_was_trained(tmp_path):
+    model = toy_model().float()
+    config = checkpoints.config_to_dict(model.config)
+    checkpoints.save({"stage": "infinity", "config": config, "model": model.state_dict()},
+                     tmp_path / "new.pt")
+    loaded = inf.load_infinity(tmp_path / "new.pt")
+    assert not loaded.training and loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    # Written before the learning aids: no such config fields, and the final LayerNorm called `norm`.
+    paper = inf.Infinity(inf.InfinityConfig.preset("tiny", dim=16, num_heads=2, layers=1, **inf.PAPER_SCHEME))
+    old_config = {k: v for k, v in checkpoints.config_to_dict(paper.config).items()
+                  if k not in inf.LEGACY_DEFAULTS}
+    old_state = {k.replace("decoder_norm.", "norm."): v for k, v in paper.state_dict().items()}
+    checkpoints.save({"stage": "infinity", "config": old_config, "model": old_state}, tmp_path / "old.pt")
+    old = inf.load_infinity(tmp_path / "old.pt")
+    assert old.config == paper.config and torch.equal(old.decoder_norm.weight, paper.decoder_norm.weight)
+    with pytest.raises(FileNotFoundError, match="train.py --stage infinity"):
+        inf.load_infinity(tmp_path / "missing.pt")
+    checkpoints.save({"stage": "nuwa", "config": config, "model": {}}, tmp_path / "nuwa.pt")
+    with pytest.raises(ValueError, match="stage 'nuwa', not 'infinity'"):
+        inf.load_infinity(tmp_path / "nuwa.pt")
+    wrong = {**config, "relative_radius": 1}
+    checkpoints.save({"stage": "infinity", "config": wrong, "model": model.state_dict()},
+                     tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="relative_radius=1"):
+        inf.load_infinity(tmp_path / "wrong.pt")
 
 
 # --- the benchmark -----------------------------------------------------------------------------
@@ -400,7 +374,8 @@ def test_bench_infinity_reports_its_json_contract():
                 "time_ratio_16x", "memory_ratio_4x", "memory_ratio_16x"):
         assert key in result, key
     assert result["widths"] == [64, 256, 1024]
-    assert result["memory_ratio_16x"] == pytest.approx(result["peak_bytes"][2] / result["peak_bytes"][0], rel=1e-3)
+    peak = result["peak_bytes"]
+    assert result["memory_ratio_16x"] == pytest.approx(peak[2] / peak[0], rel=1e-3)
     assert result["memory_ratio_16x"] <= 1.3  # the pool does not grow with the width
 
 
@@ -424,10 +399,12 @@ def test_every_token_of_a_patch_reaches_its_pooled_states():
         _, other = model(changed, text, context, bias)
         assert (other - states).abs().max() > 1e-3, f"token {p} does not reach the pooled states"
         assert torch.equal(other[..., :p, :], states[..., :p, :])  # earlier tokens' states are causal
-    generated, states_made, _ = model.generate_patch(text, context, bias, tokens, torch.ones_like(tokens, dtype=torch.bool).logical_not(),
-                                                    dict(temperature=0.0))
+    keep_none = torch.zeros_like(tokens, dtype=torch.bool)
+    generated, states_made, _ = model.generate_patch(text, context, bias, tokens, keep_none,
+                                                     dict(temperature=0.0))
     _, states_forced = model(generated, text, context, bias)
-    assert torch.allclose(states_made, states_forced, atol=1e-10)  # the cached steps pool what the full pass does
+    # The cached steps pool what the full pass does.
+    assert torch.allclose(states_made, states_forced, atol=1e-10)
 
 
 def test_given_tokens_that_cover_everything_or_leave_the_codebook_are_clear_errors():
@@ -435,10 +412,10 @@ def test_given_tokens_that_cover_everything_or_leave_the_codebook_are_clear_erro
     tokens = torch.zeros(1, 1, 2, 4, dtype=torch.long)
     keep = torch.ones_like(tokens, dtype=torch.bool)
     with pytest.raises(ValueError, match="nothing to generate"):
-        inf.generate(model, (1, 2, 4), "right", given=(tokens, keep))
+        patches.generate(model, (1, 2, 4), "right", given=(tokens, keep))
     keep[..., 2:] = False
     with pytest.raises(ValueError, match=r"given tokens must lie in \[0, 11\)"):
-        inf.generate(model, (1, 2, 4), "right", given=(tokens + K, keep))
+        patches.generate(model, (1, 2, 4), "right", given=(tokens + K, keep))
 
 
 # --- token-level relative positions ------------------------------------------------------------
@@ -470,7 +447,8 @@ def loop_attention(block, x, prefix_k, prefix_v, prefix_bias, key_positions, que
                             dt, dy, dx = (a - c for a, c in zip(where, query_positions[i]))
                             dt, dy, dx = max(-e_t, min(e_t, dt)), max(-R, min(R, dy)), max(-R, min(R, dx))
                             slot = ((dt + e_t) * side + dy + R) * side + dx + R
-                        s = s + gain * (block.position_bias[h, slot] + q[b, h, i] @ block.relative_keys[h, slot] / hs ** 0.5)
+                        relative = q[b, h, i] @ block.relative_keys[h, slot] / hs ** 0.5
+                        s = s + gain * (block.position_bias[h, slot] + relative)
                     scores.append((j, s))
                 weights = torch.stack([s for _, s in scores]).softmax(0)
                 out[b, h, i] = sum(w * values[b, h, j] for w, (j, _) in zip(weights, scores))
@@ -501,11 +479,13 @@ def test_relative_positions_equal_a_loop_over_every_query_and_key():
         key_positions += [(dt, dh * ph + r, dw * pw + c) for r in range(ph) for c in range(pw)]
     key_positions += ["bos"] + [(0, r, c) for r in range(ph) for c in range(pw)]
     query_positions = [(0, i // pw, i % pw) for i in range(P + 1)]
-    slow = loop_attention(block, x, prefix[0, 0], prefix[0, 1], prefix_bias[0], key_positions, query_positions,
+    slow = loop_attention(block, x, prefix[0, 0], prefix[0, 1], prefix_bias[0], key_positions,
+                          query_positions,
                           nearby_attention.RELATIVE_GAIN, 2, model.config.extent[0])
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
     weights = torch.randn(fast.shape, dtype=torch.float64, generator=generator)
-    grads = [torch.autograd.grad((out * weights).sum(), [block.position_bias, block.relative_keys, block.qkv.weight],
+    tables = [block.position_bias, block.relative_keys, block.qkv.weight]
+    grads = [torch.autograd.grad((out * weights).sum(), tables,
                                  retain_graph=True)
              for out in (fast, slow)]
     for fast_grad, slow_grad in zip(*grads):
@@ -521,8 +501,9 @@ def test_cached_steps_give_the_logits_of_the_full_pass_with_relative_positions()
     layout = model.context_layout(neighbours)
     text = model.text_states(["5"], 1)
     forced = torch.zeros(1, model.patch_tokens, dtype=torch.long)
-    made, _, step_logits = model.generate_patch(text, context, layout, forced, torch.zeros_like(forced, dtype=torch.bool),
-                                                dict(temperature=1.0, top_k=None, generator=torch.Generator().manual_seed(0)))
+    sampling = dict(temperature=1.0, top_k=None, generator=torch.Generator().manual_seed(0))
+    made, _, step_logits = model.generate_patch(text, context, layout, forced,
+                                                torch.zeros_like(forced, dtype=torch.bool), sampling)
     full_logits, _ = model(made, text, context, layout)
     torch.testing.assert_close(step_logits, full_logits, rtol=1e-10, atol=1e-10)
     # The relative tables matter: without them the same tokens score otherwise.
@@ -561,17 +542,20 @@ def test_each_layer_reads_the_caption_words_themselves_unless_text_encoder():
 
 @needs_mnist
 def test_video_training_captions_name_the_clip_digits():
-    config = inf.InfinityConfig.preset("tiny", data="video", patch_size=(8, 8), video_captions=True, none_prob=0.25)
-    batches = [inf.training_batch(config, 0, step) for step in range(6)]
+    import stages
+
+    config = inf.InfinityConfig.preset("tiny", data="video", patch_size=(8, 8), video_captions=True,
+                                       none_prob=0.25)
+    batches = [stages.infinity_batch(config, 0, step, 0, 1) for step in range(6)]
     captions = [c for batch in batches for c in batch["caption"]]
     assert any(c is None for c in captions) and any(c is not None for c in captions)
-    source = inf.training_source("video", 64, 128, 4, 1, 0.25, 0)
+    source = stages.infinity_source("video", 64, 128, 4, 1, 0.25, 0)
     for step, batch in enumerate(batches):
         for i, caption in enumerate(batch["caption"]):
             if caption is not None:
                 assert caption == str(int(source[step * config.batch_size + i]["digits"][0]))
     plain = inf.InfinityConfig.preset("tiny", data="video", patch_size=(8, 8))
-    assert inf.training_batch(plain, 0, 0)["caption"] == [None] * plain.batch_size
+    assert stages.infinity_batch(plain, 0, 0, 0, 1)["caption"] == [None] * plain.batch_size
 
 
 # --- classifier-free guidance ------------------------------------------------------------------
@@ -581,37 +565,40 @@ def test_video_training_captions_name_the_clip_digits():
 def test_guided_pool_generation_equals_the_guided_reference(direction):
     model = toy_model()
     grid_shape = (2, 4, 6) if direction == "video" else (1, 4, 6)
-    given = given_for(direction, 2, grid_shape, torch.Generator().manual_seed(2)) if direction in inf.OUTPAINTING else None
+    given = None
+    if direction in patches.OUTPAINTING:
+        given = given_for(direction, 2, grid_shape, torch.Generator().manual_seed(2))
     captions = ["3 7", "1"]
-    traces = [inf.GenerationTrace(keep_logits=True) for _ in range(2)]
-    fast = inf.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0, guidance=2.5,
-                        trace=traces[0])
-    slow = inf.generate_reference(model, grid_shape, direction, given=given, captions=captions, temperature=0,
-                                  guidance=2.5, trace=traces[1])
+    traces = [patches.GenerationTrace(keep_logits=True) for _ in range(2)]
+    fast = patches.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0,
+                            guidance=2.5, trace=traces[0])
+    slow = patches.generate_reference(model, grid_shape, direction, given=given, captions=captions,
+                                      temperature=0, guidance=2.5, trace=traces[1])
     assert torch.equal(fast, slow) and fast.shape == (2, *grid_shape)
     for fast_logits, slow_logits in zip(traces[0].logits, traces[1].logits):
         assert fast_logits.shape[0] == 2  # the guided logits of the B canvases, not of the doubled batch
         torch.testing.assert_close(fast_logits, slow_logits, rtol=1e-10, atol=1e-10)
-    plain = inf.GenerationTrace(keep_logits=True)
-    inf.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0, trace=plain)
+    plain = patches.GenerationTrace(keep_logits=True)
+    patches.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0, trace=plain)
     assert (plain.logits[-1] - traces[0].logits[-1]).abs().max() > 1e-3  # guidance 2.5 changes the scores
 
 
 def test_guidance_is_u_plus_s_times_c_minus_u_and_one_is_the_captioned_model():
     model = toy_model()
-    trace = inf.GenerationTrace(keep_logits=True)
-    inf.generate(model, (1, 2, 2), "raster", captions=["3 7"], temperature=0, guidance=3.0, trace=trace)
+    trace = patches.GenerationTrace(keep_logits=True)
+    patches.generate(model, (1, 2, 2), "raster", captions=["3 7"], temperature=0, guidance=3.0, trace=trace)
     empty = model.empty_states(1), model.context_layout([])
     tokens = torch.zeros(1, 4, dtype=torch.long)  # the first token's logits do not depend on the tokens
     conditional = model(tokens, model.text_states(["3 7"], 1), *empty)[0][:, 0]
     unconditional = model(tokens, model.text_states(None, 1), *empty)[0][:, 0]
     torch.testing.assert_close(trace.logits[0][:, 0], unconditional + 3.0 * (conditional - unconditional))
-    plain = inf.generate(model, (1, 4, 6), "column", captions=["3 7"], temperature=0)
-    assert torch.equal(inf.generate(model, (1, 4, 6), "column", captions=["3 7"], temperature=0, guidance=1.0), plain)
+    plain = patches.generate(model, (1, 4, 6), "column", captions=["3 7"], temperature=0)
+    guided = patches.generate(model, (1, 4, 6), "column", captions=["3 7"], temperature=0, guidance=1.0)
+    assert torch.equal(guided, plain)
     with pytest.raises(ValueError, match="guidance must be ≥ 0"):
-        inf.generate(model, (1, 4, 6), "column", captions=["3"], guidance=-1.0)
+        patches.generate(model, (1, 4, 6), "column", captions=["3"], guidance=-1.0)
     with pytest.raises(ValueError, match="guidance needs captions"):
-        inf.generate(model, (1, 4, 6), "column", batch_size=1, guidance=2.0)
+        patches.generate(model, (1, 4, 6), "column", batch_size=1, guidance=2.0)
 
 
 # Seeded generation, pinned: the same seeds must keep giving these tokens (conftest: pinned seeds).
@@ -625,12 +612,13 @@ PINNED_VIDEO = [
 
 def test_seeded_generation_gives_the_pinned_tokens():
     model = toy_model()
-    drawn = inf.generate(model, (2, 4, 6), "video", captions=["3 7", None], temperature=1.0, top_k=5,
-                         generator=torch.Generator().manual_seed(3))
+    drawn = patches.generate(model, (2, 4, 6), "video", captions=["3 7", None], temperature=1.0, top_k=5,
+                             generator=torch.Generator().manual_seed(3))
     assert drawn.flatten(1).tolist() == PINNED_VIDEO
     # And the numbers behind them: the summed loss of every patch of that video, teacher-forced (float64).
-    order = inf.patch_order("video", (2, 2, 3))
-    pool = inf.NearbyContextPool(order, model.config.extent)
+    order = patches.patch_order("video", (2, 2, 3))
+    pool = patches.NearbyContextPool(order, model.config.extent)
     with torch.no_grad():
-        total = sum(inf.patch_loss(model, drawn, order, index, pool, ["3 7", None]) for index in range(len(order)))
+        total = sum(inf.patch_loss(model, drawn, order, index, pool, ["3 7", None])
+                    for index in range(len(order)))
     assert float(total) == pytest.approx(25.962425346498197, rel=1e-9)
