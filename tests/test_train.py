@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_mnist
+from conftest import needs_mnist, position_weighted_sum
 
 import batches
 import checkpoints
@@ -376,3 +376,49 @@ def test_an_image_only_nuwa_run_draws_text_to_image_samples(tmp_path):
                 "--vqgan-ckpt", str(tokenizer), "--seg-ckpt", "", "--device", "cpu", "--out", str(tmp_path)])
     assert (tmp_path / "nuwa" / "samples.png").stat().st_size > 0
     assert torch.load(tmp_path / "nuwa" / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+# Micro-batch 1 of 2 of step 3 at seed 0, per stage: Σ x_i · sin(i) of every tensor, as the batch
+# functions drew them before they moved into batches.py (train.py and infinity.py at a0dde02).
+PINNED_BATCHES = {
+    "vqgan": {"": 117.335157},
+    "seg": {"": -2.149458},
+    "nuwa": {"s2i/sketch": 212.635516, "s2i/video": 18.033485, "t2i/video": 18.033485, "t2v/video": 4.912641,
+             "t2v_start/video": -0.049661, "v2v/video": 147.859233},
+    "dfvqgan": {"mask": 1.791212, "use_skips": 1.050417, "x": 117.335157},
+    "lip": {"image": 18.033485, "mask": -0.899985},
+    "infinity": {"pixels": 1.893877},
+}
+
+
+def tensors_of(batch, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return {prefix: batch}
+    found = {}
+    for key, value in batch.items():
+        if isinstance(value, (dict, torch.Tensor)):
+            found.update(tensors_of(value, f"{prefix}/{key}" if prefix else key))
+    return found
+
+
+@needs_mnist
+def test_the_same_seeds_give_the_same_batches_in_every_stage():
+    """Every stage's batch is a pure function of (config, seed, step, part, parts), pinned."""
+    import infinity
+    import lip
+    import nuwa
+
+    configs = {"vqgan": vqgan.VQGANConfig.preset("tiny"), "seg": vqgan.VQGANConfig.preset("tiny", seg=True),
+               "nuwa": nuwa.NUWAConfig.preset("tiny", tasks="t2i,t2v,v2v,s2i,t2v_start", seg_ckpt="unused"),
+               "dfvqgan": stages.STAGES["dfvqgan"].preset("tiny"), "lip": lip.LIPConfig.preset("tiny"),
+               "infinity": infinity.InfinityConfig.preset("tiny")}
+    for name, config in configs.items():
+        batch = train.STAGES[name].batch(config, 0, 3, 1, 2)
+        sums = {key: position_weighted_sum(value.double()) for key, value in tensors_of(batch).items()}
+        assert sums == pytest.approx(PINNED_BATCHES[name], abs=1e-6), name
+    nuwa_batch = train.STAGES["nuwa"].batch(configs["nuwa"], 0, 3, 1, 2)
+    assert nuwa_batch["t2v"]["caption"] == ["digit 9 is moving up then down"]
+    assert nuwa_batch["t2v_start"]["caption"] == ["digit 8 is moving left"]
+    lip_batch = train.STAGES["lip"].batch(configs["lip"], 0, 3, 1, 2)
+    assert lip_batch["caption"] == ["digit 9 is moving up then down"]  # the frames of nuwa's t2i
+    assert train.STAGES["infinity"].batch(configs["infinity"], 0, 3, 1, 2)["caption"] == ["4", "3"]
