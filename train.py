@@ -259,8 +259,8 @@ def budget_line(run: TrainConfig) -> str:
                 "continue with --resume)")
     limits = [f"{run.max_steps} steps"] if run.max_steps else []
     limits += [f"{run.max_seconds:g} s"] if run.max_seconds else []
-    return (f"budget: {' or '.join(limits)}, whichever comes first "
-            f"(Ctrl-C or SIGTERM stop earlier, with a checkpoint)")
+    first = ", whichever comes first" if len(limits) == 2 else ""
+    return f"budget: {' or '.join(limits)}{first} (Ctrl-C or SIGTERM stop earlier, with a checkpoint)"
 
 
 class StopRequest:
