@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402  (after the path set-up, so the script runs from anywhere)
 import evaluate  # noqa: E402  (word-use's direction flip, for the order probe)
 import nuwa  # noqa: E402
+import runtime  # noqa: E402
 
 GRID = 8  # h = w: token rows/columns per frame (chosen here: small enough for minutes on a CPU)
 K = 64  # codes of the target (and of the sketch); code 0 is the background
@@ -252,19 +253,17 @@ def batch_generator(seed: int, stream: int, step: int) -> torch.Generator:
 def evaluate(model: nuwa.NUWA, probe: str, clips) -> dict:
     """Teacher-forced nats/token of each scored frame, and the headline metric, on held-out clips."""
     cond, targets, _ = clips
-    was_training = model.training
-    model.eval()
     B, T, h, w = targets.shape
-    per_token = model.token_nats(cond, targets)  # (B, N)
-    per_frame = per_token.view(B, T, h * w).mean(dim=(0, 2))  # (T,)
-    value = float(per_frame[list(PROBES[probe].scored)].mean())
-    if probe == "caption":
-        value -= floors(probe)[0]  # the excess over the place's entropy
-    if probe == "order":  # frame 1's nats per clip under the swapped caption minus under the true one
-        swapped = model.token_nats(cond._replace(tokens=SWAP_DIRECTIONS[cond.tokens]), targets)  # (B, N)
-        frame1 = lambda nats: nats.view(B, T, h * w)[:, 1].sum(1)  # (B,)
-        value = float((frame1(swapped) - frame1(per_token)).mean())
-    model.train(was_training)
+    with runtime.evaluating(model):
+        per_token = model.token_nats(cond, targets)  # (B, N)
+        per_frame = per_token.view(B, T, h * w).mean(dim=(0, 2))  # (T,)
+        value = float(per_frame[list(PROBES[probe].scored)].mean())
+        if probe == "caption":
+            value -= floors(probe)[0]  # the excess over the place's entropy
+        if probe == "order":  # frame 1's nats per clip under the swapped caption minus under the true one
+            swapped = model.token_nats(cond._replace(tokens=SWAP_DIRECTIONS[cond.tokens]), targets)  # (B, N)
+            frame1 = lambda nats: nats.view(B, T, h * w)[:, 1].sum(1)  # (B,)
+            value = float((frame1(swapped) - frame1(per_token)).mean())
     return {"per_frame": [float(per_frame[t]) for t in PROBES[probe].shown], "value": value}
 
 
