@@ -1,9 +1,9 @@
-"""How one training run spreads over many processes and survives interruption: DDP / FSDP2,
-gradient accumulation, per-step seeds, and atomic, gathered checkpoints.
+"""How one training run spreads over many processes: DDP / FSDP2, gradient accumulation, and the
+gathering of sharded state for checkpoints.
 
-train.py's loop calls these; nothing here knows about VQ-GAN, NÜWA, LIP or Infinity. Split out of
-train.py (which kept growing with every stage) so that each file reads top to bottom: train.py is
-*what* is optimised (stages) and the loop, this file is *where* it runs and how it is saved.
+Papers: none; NÜWA (arXiv 2111.12417 §4) trains on 64 A100s, and this is how the same script runs
+on one CPU or many GPUs. train.py's loop calls these; nothing here knows about VQ-GAN, NÜWA, LIP or
+Infinity: stages.py is *what* is optimised, train.py the loop, this file *where* it runs.
 
 How one optimisation step is shared out. The global batch (the stage config's `batch_size`) is
 fixed; it is cut into `micro_steps` equal micro-batches (default: one per process), and process r
@@ -11,25 +11,29 @@ of W runs micro-batches r·A … r·A + A − 1 with A = micro_steps / W gradien
 Each micro-batch loss is a mean over its micro-batch, so backpropagating loss / A and letting DDP /
 FSDP average over W processes gives exactly the gradient of the mean loss over the global batch —
 for any W and A (tests/test_distributed.py checks this against one process on the full batch).
+The number of processes changes the speed of a run, not its mathematics.
 
 FSDP checkpoints are gathered, not written with torch.distributed.checkpoint (DCP): every rank
 takes part in all-gathering the full tensors and rank 0 writes one ordinary ckpt.pt, identical to a
-single-process one (see train.py's docstring for why).
+single-process one (`gathered`; train.py's docstring says why); a resumed run cuts each process's
+shard out of it again (`load_optimizer_state`).
+
+Sections: 1. processes, accumulation and synchronisation · 2. whole states for checkpoints.
 
 Glossary: W processes (world size), r rank, A accumulation (micro-batches per process per step).
+
+Deviations from the papers: state that the forward pass writes in place (EMA codebook, BatchNorm
+statistics) is rank 0's, broadcast after every step (`broadcast_in_place_state`; train.py's list).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -37,10 +41,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-import vqgan
-
 # ---------------------------------------------------------------------------------------------
-# 2. Processes: one per GPU (or CPU slot) under torchrun, each training on its share of the batch
+# 1. Processes: one per GPU (or CPU slot) under torchrun, each training on its share of the batch
 # ---------------------------------------------------------------------------------------------
 
 
@@ -66,7 +68,8 @@ def init_processes(run) -> Processes:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         if run.fsdp:
             raise ValueError("--fsdp needs a process group: start the run with torchrun, e.g. "
-                             "`torchrun --nproc_per_node=2 train.py ... --fsdp` (one process trains without it)")
+                             "`torchrun --nproc_per_node=2 train.py ... --fsdp` "
+                             "(one process trains without it)")
         return Processes(device=torch.device(run.device))
     device = torch.device(run.device)
     if device.type == "cuda":
@@ -79,31 +82,13 @@ def init_processes(run) -> Processes:
     return Processes(dist.get_rank(), dist.get_world_size(), device, started)
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The torch seed of one step on one process: a hash of (seed, rank, step). Reseeding every
-    step makes a resumed run draw exactly the numbers the uninterrupted one drew, without saving
-    generator states, and gives every rank its own numbers."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0])
-
-
 def accumulation_steps(run, world: int) -> tuple[int, int]:
     """(parts, A): the global batch is cut into `parts` micro-batches, A = parts / W per process."""
     parts = run.micro_steps or world
     if parts % world:
-        raise ValueError(f"--micro-steps {parts} cannot be shared by {world} processes; use a multiple of {world}")
+        raise ValueError(f"--micro-steps {parts} cannot be shared by {world} processes; "
+                         f"use a multiple of {world}")
     return parts, parts // world
-
-
-def equal_part(total: int, part: int, parts: int, what: str) -> range:
-    """Item indices of micro-batch `part` of `parts` equal micro-batches of a step's `total` items.
-
-    Equal sizes are what make `loss / A` exact (a mean of equal-size means is the mean); unequal
-    ones are refused rather than silently weighted wrong (the gradient-accumulation bug class)."""
-    if total % parts:
-        raise ValueError(f"a step's {total} {what} cannot be cut into {parts} equal micro-batches "
-                         f"(micro-steps × processes); choose a batch size divisible by {parts}")
-    size = total // parts
-    return range(part * size, (part + 1) * size)
 
 
 def gradient_sync(objectives: nn.Module, enabled: bool):
@@ -165,16 +150,18 @@ def wrap_model(objectives: nn.Module, stage, model: nn.Module, procs: Processes,
         # find_unused_parameters: a phase may leave parameters without gradient (D before
         # disc_start and in the tokenizer phase, sketch embeddings when no sketch task is trained).
         # Buffers are synced after each step by broadcast_in_place_state, not at every forward.
-        no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                           inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
-        return DistributedDataParallel(objectives, device_ids=[procs.device] if procs.device.type == "cuda" else None,
-                                       find_unused_parameters=True, **no_forward_sync)
+        ddp_options = inspect.signature(DistributedDataParallel).parameters
+        no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_options
+                           else {"broadcast_buffers": False})
+        device_ids = [procs.device] if procs.device.type == "cuda" else None
+        return DistributedDataParallel(objectives, device_ids=device_ids, find_unused_parameters=True,
+                                       **no_forward_sync)
     trained_in_place = [name for name, p in model.named_parameters() if p.requires_grad and
                         any(p is q for q in in_place)]
     if trained_in_place:
-        raise ValueError(f"--fsdp cannot shard {trained_in_place}: they are trained by gradient and also written "
-                         f"in place by the forward pass (vqgan --no-ema: dead-code restarts). Use DDP (drop "
-                         f"--fsdp) or the EMA codebook (--ema)")
+        raise ValueError(f"--fsdp cannot shard {trained_in_place}: they are trained by gradient and also "
+                         f"written in place by the forward pass (vqgan --no-ema: dead-code restarts). "
+                         f"Use DDP (drop --fsdp) or the EMA codebook (--ema)")
     # The in-place state stays whole on every rank (FSDP would drop writes to its gathered copy).
     mesh = dist.device_mesh.init_device_mesh(procs.device.type, (procs.world,))
     for unit in stage.fsdp_units(model):
@@ -184,61 +171,8 @@ def wrap_model(objectives: nn.Module, stage, model: nn.Module, procs: Processes,
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Checkpoints
+# 2. Whole states for checkpoints: FSDP shards gathered on save, cut again on resume
 # ---------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    """Atomic write: a temporary file in the same folder, flushed and fsync'ed, then os.replace.
-    A crash at any moment leaves either the old checkpoint or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    finally:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-    try:  # make the rename itself durable (POSIX: the new directory entry survives a power cut)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except OSError:  # e.g. Windows cannot open a folder; the rename is still atomic
-        pass
-
-
-def load_checkpoint(path: Path, *, stage: str, config: Any, legacy: dict | None = None) -> dict:
-    """Load with weights_only=True (plain tensors and containers, no pickled code) and reject a
-    checkpoint of another stage or configuration, naming every mismatching field. `legacy`: the
-    values of fields added after a checkpoint was written (what it was trained with)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}. Start the run without --resume, or "
-                                f"set --out to the folder of the run to continue (it holds {stage}/ckpt.pt)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("stage") != stage:
-        raise ValueError(f"{path} is a checkpoint of stage {checkpoint.get('stage')!r}, not {stage!r}")
-    stored = {**config_to_dict_values(legacy or {}), **checkpoint["config"]}
-    differences = vqgan.config_mismatch(config_to_dict(config), stored)
-    if differences:
-        raise ValueError(f"{path} was written with another configuration; mismatching fields: "
-                         + "; ".join(differences))
-    return checkpoint
-
-
-def config_to_dict(config: Any) -> dict:
-    """A dataclass as the plain dict a checkpoint stores (tuples as lists, as torch.load returns them)."""
-    return config_to_dict_values(asdict(config))
-
-
-def config_to_dict_values(values: dict) -> dict:
-    """Config values as a checkpoint stores them: tuples as lists."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def gathered(state: Any) -> Any:
@@ -258,19 +192,19 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     moment, cut exactly like the parameter it belongs to. The fused / foreach choice of the new run
     (e.g. fused on a GPU) is kept, whatever the run that wrote the checkpoint used."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {"param_groups": state["param_groups"], "state": {
-        index: {k: distribute_tensor(v.to(params[index].device), params[index].device_mesh, params[index].placements,
-                                     src_data_rank=None)  # every rank holds the full tensor: take its shard
-                if isinstance(params[index], DTensor) and isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                for k, v in moments.items()}
-        for index, moments in state["state"].items()}}
-    kept = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group} for group in optimizer.param_groups]
+
+    def shard(moment: Any, param: torch.Tensor) -> Any:
+        """Every rank holds the full tensor: take its shard, cut like the parameter."""
+        if isinstance(param, DTensor) and isinstance(moment, torch.Tensor) and moment.dim() > 0:
+            return distribute_tensor(moment.to(param.device), param.device_mesh, param.placements,
+                                     src_data_rank=None)
+        return moment
+
+    state = {"param_groups": state["param_groups"],
+             "state": {index: {k: shard(v, params[index]) for k, v in moments.items()}
+                       for index, moments in state["state"].items()}}
+    kept = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
+            for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, keep in zip(optimizer.param_groups, kept):
         group.update(keep)
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """A process killed (SIGKILL) inside save_checkpoint leaves its temporary file; ckpt.pt is intact."""
-    for stale in folder.glob(".ckpt.pt.*.tmp"):
-        stale.unlink(missing_ok=True)

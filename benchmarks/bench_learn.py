@@ -45,7 +45,7 @@ fresh clips from a generator seeded by (seed, step), the held-out clips by a sep
     python benchmarks/bench_learn.py --probe order --set encoder_layers=2   # the earlier tiny encoder
 
 `--set field=value` overrides any NUWAConfig field of the `tiny` preset. Every eval prints
-nats/token per frame; the last line of stdout is one JSON object. Measured figures: README.
+nats/token per frame; the last line of stdout is one JSON object. Measured figures: RESULTS.md.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402  (after the path set-up, so the script runs from anywhere)
 import evaluate  # noqa: E402  (word-use's direction flip, for the order probe)
 import nuwa  # noqa: E402
+import runtime  # noqa: E402
 
 GRID = 8  # h = w: token rows/columns per frame (chosen here: small enough for minutes on a CPU)
 K = 64  # codes of the target (and of the sketch); code 0 is the background
@@ -95,12 +96,13 @@ PROBES = {"copy": Probe(4, (0, 1, 2, 3), (1, 2, 3), "copy_nats"),
           "v2v": Probe(6, (3, 4, 5), (3, 4, 5), "v2v_nats"),
           "v2v_two": Probe(6, (3, 4, 5), (3, 4, 5), "v2v_two_nats"),
           "order": Probe(2, (0, 1), (1,), "order_gap")}
-MOVES = list(data.DIRECTIONS.items())  # [((axis, sign), word)]: axis 0 moves along rows, 1 along columns
+MOVES = list(data.MOTION_WORDS.items())  # [((axis, sign), word)]: axis 0 moves along rows, 1 along columns
 CAPTION_PATTERNS = torch.randint(1, K, (len(data.DIGIT_WORDS), S, S),
                                  generator=torch.Generator().manual_seed(PATTERN_SEED))  # (10, S, S)
 _FLIP = evaluate.WORD_CHANGES["direction"]  # up ↔ down, left ↔ right: word-use's own flip
-SWAP_DIRECTIONS = torch.tensor([nuwa.TextTokenizer().index[_FLIP.get(word, word)]
-                                for word in nuwa.TextTokenizer().vocabulary])  # token id → the flipped word's id
+_WORDS = nuwa.CaptionVocabulary()
+SWAP_DIRECTIONS = torch.tensor([_WORDS.index[_FLIP.get(word, word)]
+                                for word in _WORDS.words])  # word id → the flipped word's id
 SKETCH_PERMUTATION = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(
     K - 1, generator=torch.Generator().manual_seed(PERMUTATION_SEED))])  # (K,), 0 ↦ 0
 
@@ -115,7 +117,8 @@ def placements(frames: int) -> int:
     return (GRID - S + 1 - (frames - 1)) * (GRID - S + 1)
 
 
-def moving_block(generator: torch.Generator, frames: int, axis: int, sign: int, codes: torch.Tensor) -> torch.Tensor:
+def moving_block(generator: torch.Generator, frames: int, axis: int, sign: int,
+                 codes: torch.Tensor) -> torch.Tensor:
     """The S×S `codes` on background 0, moving one token per frame along `axis` → (T, h, w)."""
     travel = frames - 1
     lo, hi = max(0, -sign * travel), GRID - S - max(0, sign * travel)  # start range on the moving axis
@@ -135,18 +138,21 @@ def two_moving_blocks(generator: torch.Generator, frames: int) -> tuple[torch.Te
         blocks = []
         for _ in range(2):
             (axis, sign), _ = MOVES[int(torch.randint(0, len(MOVES), (1,), generator=generator))]
-            blocks.append(moving_block(generator, frames, axis, sign, torch.randint(1, K, (S, S), generator=generator)))
+            codes = torch.randint(1, K, (S, S), generator=generator)  # (S, S)
+            blocks.append(moving_block(generator, frames, axis, sign, codes))
         if not ((blocks[0] != 0) & (blocks[1] != 0)).any():
             return blocks[0], blocks[1]
-    raise RuntimeError(f"no two apart blocks in {TWO_BLOCK_ATTEMPTS} draws of {frames} frames on {GRID}×{GRID}")
+    raise RuntimeError(f"no two apart blocks in {TWO_BLOCK_ATTEMPTS} draws of {frames} frames "
+                       f"on {GRID}×{GRID}")
 
 
 def make_batch(probe: str, generator: torch.Generator, batch_size: int, config: nuwa.NUWAConfig | nuwa.NUWA):
     """One batch of `probe` → (cond, targets (B, T, h, w) long, loss_mask (B, T, h, w) bool or None)."""
     config = getattr(config, "config", config)  # a model or its config
-    if config.codebook_size < K or config.sketch_codebook_size < K or (config.token_h, config.token_w) != (GRID, GRID):
+    grid = (config.token_h, config.token_w)
+    if config.codebook_size < K or config.sketch_codebook_size < K or grid != (GRID, GRID):
         raise ValueError(f"the probes need codebook sizes ≥ {K} and {GRID}×{GRID} token grids")
-    tokenizer = nuwa.TextTokenizer(config.text_len)
+    vocabulary = nuwa.CaptionVocabulary(config.text_len)
     T, B = PROBES[probe].frames, batch_size
     randint = lambda low, high, size: torch.randint(low, high, size, generator=generator)
     clips, captions = [], []
@@ -161,7 +167,7 @@ def make_batch(probe: str, generator: torch.Generator, batch_size: int, config: 
             (axis, sign), word = MOVES[int(randint(0, len(MOVES), (1,)))]
             clips.append(moving_block(generator, T, axis, sign, randint(1, K, (S, S))))  # (T, h, w)
             digit = data.DIGIT_WORDS[int(randint(0, len(data.DIGIT_WORDS), (1,)))]  # a word to read past
-            captions.append(f"digit {digit} is moving {word} then {data.DIRECTIONS[(axis, -sign)]}")
+            captions.append(f"digit {digit} is moving {word} then {data.MOTION_WORDS[(axis, -sign)]}")
         elif probe == "caption":
             digit = int(randint(0, len(data.DIGIT_WORDS), (1,)))
             clips.append(moving_block(generator, 1, 0, 1, CAPTION_PATTERNS[digit]))  # (1, h, w)
@@ -176,8 +182,8 @@ def make_batch(probe: str, generator: torch.Generator, batch_size: int, config: 
     if probe in ("v2v", "v2v_two"):
         mask = torch.zeros(B, T, GRID, GRID, dtype=torch.bool)  # (B, T, h, w)
         mask[:, PROBES[probe].scored] = True
-        return nuwa.none_condition(tokenizer, B), clips, mask
-    return nuwa.text_condition(tokenizer, captions), clips, None
+        return nuwa.none_condition(vocabulary, B), clips, mask
+    return nuwa.text_condition(vocabulary, captions), clips, None
 
 
 def floors(probe: str) -> list[float]:
@@ -239,31 +245,30 @@ def build_model(overrides: dict) -> nuwa.NUWA:
 
 
 def batch_generator(seed: int, stream: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream, step]).generate_state(1)[0]))
+    seed_value = int(np.random.SeedSequence([seed, stream, step]).generate_state(1)[0])
+    return torch.Generator().manual_seed(seed_value)
 
 
 @torch.no_grad()
 def evaluate(model: nuwa.NUWA, probe: str, clips) -> dict:
     """Teacher-forced nats/token of each scored frame, and the headline metric, on held-out clips."""
     cond, targets, _ = clips
-    was_training = model.training
-    model.eval()
     B, T, h, w = targets.shape
-    per_token = model.token_nats(cond, targets)  # (B, N)
-    per_frame = per_token.view(B, T, h * w).mean(dim=(0, 2))  # (T,)
-    value = float(per_frame[list(PROBES[probe].scored)].mean())
-    if probe == "caption":
-        value -= floors(probe)[0]  # the excess over the place's entropy
-    if probe == "order":  # frame 1's nats per clip under the swapped caption minus under the true one
-        swapped = model.token_nats(cond._replace(tokens=SWAP_DIRECTIONS[cond.tokens]), targets)  # (B, N)
-        frame1 = lambda nats: nats.view(B, T, h * w)[:, 1].sum(1)  # (B,)
-        value = float((frame1(swapped) - frame1(per_token)).mean())
-    model.train(was_training)
+    with runtime.evaluating(model):
+        per_token = model.token_nats(cond, targets)  # (B, N)
+        per_frame = per_token.view(B, T, h * w).mean(dim=(0, 2))  # (T,)
+        value = float(per_frame[list(PROBES[probe].scored)].mean())
+        if probe == "caption":
+            value -= floors(probe)[0]  # the excess over the place's entropy
+        if probe == "order":  # frame 1's nats per clip under the swapped caption minus under the true one
+            swapped = model.token_nats(cond._replace(tokens=SWAP_DIRECTIONS[cond.tokens]), targets)  # (B, N)
+            frame1 = lambda nats: nats.view(B, T, h * w)[:, 1].sum(1)  # (B,)
+            value = float((frame1(swapped) - frame1(per_token)).mean())
     return {"per_frame": [float(per_frame[t]) for t in PROBES[probe].shown], "value": value}
 
 
 def optimizer(model: nuwa.NUWA, lr: float) -> torch.optim.AdamW:
-    """AdamW with the groups of train.nuwa_optimizers (weight decay on weight matrices only)."""
+    """AdamW with the groups of stages.nuwa_optimizers (weight decay on weight matrices only)."""
     return torch.optim.AdamW(nuwa.parameter_groups(model, WEIGHT_DECAY), lr=lr, betas=BETAS)
 
 
@@ -309,7 +314,8 @@ def run(probe: str, overrides: dict | None = None, *, steps: int = 600, max_seco
         # --- one training step: fresh clips, forward, loss (Eq. 10), backward, clip, step
         tick = time.perf_counter()
         model.train()
-        cond, targets, loss_mask = make_batch(probe, batch_generator(seed, TRAIN_STREAM, step), batch_size, model)
+        generator = batch_generator(seed, TRAIN_STREAM, step)
+        cond, targets, loss_mask = make_batch(probe, generator, batch_size, model)
         for group in adamw.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))  # linear warm-up
         loss = model.loss(cond, targets, loss_mask=loss_mask)
@@ -327,8 +333,10 @@ def run(probe: str, overrides: dict | None = None, *, steps: int = 600, max_seco
     else:
         goal, first_key = f"≤ {THRESHOLD}", f"first_step_below_{THRESHOLD}"
         first = next((s for s, _, v in curve if v <= THRESHOLD), None)
-    log(f"{probe}: {PROBES[probe].headline} {result['value']:.3f} after {step} steps; first step {goal}: {first}")
-    return {"probe": probe, "config": overrides, "steps": step, "seconds": round(time.perf_counter() - start, 2),
+    log(f"{probe}: {PROBES[probe].headline} {result['value']:.3f} after {step} steps; "
+        f"first step {goal}: {first}")
+    return {"probe": probe, "config": overrides, "steps": step,
+            "seconds": round(time.perf_counter() - start, 2),
             "seconds_per_step": round(train_seconds / max(1, step), 4), "headline": PROBES[probe].headline,
             "final": result["value"], first_key: first, "curve": curve,
             "frames": list(PROBES[probe].shown), "per_frame": result["per_frame"], "floor": floors(probe),
@@ -341,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a NUWAConfig field of the tiny preset (repeatable)")
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--max-seconds", type=float, default=None, help="stop early after this wall time (per probe)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop early after this wall time (per probe)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=10, help="linear learning-rate warm-up steps")

@@ -33,7 +33,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-# As in train.py, before torch loads OpenMP: on a busy shared CPU, spinning idle threads made steps 10-25x slower.
+# As in train.py, before torch loads OpenMP: on a busy shared CPU, spinning idle threads made steps
+# 10-25x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
@@ -44,6 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_learn, for --set
+import batches  # noqa: E402
+import checkpoints  # noqa: E402
 import train  # noqa: E402
 import vqgan  # noqa: E402
 
@@ -76,8 +79,8 @@ def untrained_tokenizers(folder: Path, **tokenizer) -> dict[str, str]:
         for field, value in ({} if seg else tokenizer).items():
             setattr(config, field, value)
         paths[name] = str(folder / f"{name}.pt")
-        train.save_checkpoint({"stage": "seg" if seg else "vqgan", "config": train.config_to_dict(config),
-                               "model": vqgan.VQGAN(config).state_dict()}, Path(paths[name]))
+        checkpoints.save({"stage": "seg" if seg else "vqgan", "config": checkpoints.config_to_dict(config),
+                          "model": vqgan.VQGAN(config).state_dict()}, Path(paths[name]))
     return paths
 
 
@@ -96,13 +99,14 @@ def measure(stage_name: str, preset: str, device: torch.device, warmup: int, ste
     objectives = train.StageObjectives(model, stage.phases)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if world > 1:
-        objectives = DistributedDataParallel(objectives, find_unused_parameters=True)  # as distributed.wrap_model
+        # as distributed.wrap_model does
+        objectives = DistributedDataParallel(objectives, find_unused_parameters=True)
     optimizers = stage.optimizers(model, config, device)
     autocast = train.autocast_for(stage, device, bf16)
 
     def one_step(step: int) -> float:
         start = time.perf_counter()
-        torch.manual_seed(train.step_seed(SEED, rank, step))
+        torch.manual_seed(batches.step_seed(SEED, rank, step))
         batch = train.to_device(stage.batch(config, SEED, step, rank, world), device)
         train.train_step(objectives, model, optimizers, stage.phases, [batch], step=step, config=config,
                          autocast=autocast, ckpt_path=Path("unused"))
@@ -152,12 +156,14 @@ def main() -> None:
     parser.add_argument("--demo", action="store_true",
                         help="NÜWA only, at `make demo`'s shapes (f = 8 tokenizer, t2v + v2v, batch 4)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false",
-                        help="float32 throughout, as train.py --no-bf16 (default: bf16 autocast where train.py uses it)")
+                        help="float32 throughout, as train.py --no-bf16 "
+                             "(default: bf16 autocast where train.py uses it)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a NÜWA config field, e.g. --set backend=dense (repeatable)")
     parser.add_argument("--procs", type=int, default=1,
-                        help="processes on this CPU, each on its share of every step's batch under DDP over gloo "
-                             "(as `torchrun --nproc_per_node N train.py`, make demo's NÜWA); use with --threads")
+                        help="processes on this CPU, each on its share of every step's batch under DDP over "
+                             "gloo (as `torchrun --nproc_per_node N train.py`, make demo's NÜWA); "
+                             "use with --threads")
     args = parser.parse_args()
     if args.procs > 1:
         if args.device != "cpu":
@@ -190,8 +196,9 @@ def run(args: argparse.Namespace) -> None:
         torch.set_float32_matmul_precision("high")  # as train.py: TF32 tensor cores
     peak = peak_tflops(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    say(f"seed {SEED}; device {device} ({name}); torch {torch.__version__}; {torch.get_num_threads()} threads; "
-        f"{args.procs} process(es); peak {peak or 'unknown'} TFLOP/s; {warmup} warm-up + {steps} timed steps per row")
+    say(f"seed {SEED}; device {device} ({name}); torch {torch.__version__}; {torch.get_num_threads()} "
+        f"threads; {args.procs} process(es); peak {peak or 'unknown'} TFLOP/s; {warmup} warm-up + {steps} "
+        f"timed steps per row")
     results = []
     with tempfile.TemporaryDirectory() as folder:
         nuwa_overrides = untrained_tokenizers(Path(folder), **(DEMO_TOKENIZER if args.demo else {}))
@@ -200,8 +207,8 @@ def run(args: argparse.Namespace) -> None:
         nuwa_overrides.update(parse_sets(args.set))
         for preset in presets:
             for stage_name in (("nuwa",) if args.demo else ("vqgan", "nuwa")):
-                row = measure(stage_name, preset, device, warmup, steps, nuwa_overrides if stage_name == "nuwa" else {},
-                              args.bf16)
+                overrides = nuwa_overrides if stage_name == "nuwa" else {}
+                row = measure(stage_name, preset, device, warmup, steps, overrides, args.bf16)
                 row["mfu"] = round(row["tflops_per_s"] / peak, 4) if peak else None
                 if stage_name == "nuwa":
                     row["settings"] = {k: v for k, v in nuwa_overrides.items() if not k.endswith("ckpt")}

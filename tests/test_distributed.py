@@ -26,6 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from conftest import needs_mnist  # noqa: E402
 
+import batches  # noqa: E402
+import checkpoints  # noqa: E402
+import distributed  # noqa: E402
 import train  # noqa: E402
 import vqgan  # noqa: E402
 
@@ -35,9 +38,9 @@ import vqgan  # noqa: E402
 # that rounding: on this 32-code model, step 3's adaptive GAN weight differed between the two by 5e-5
 # relative with no restarts and 1.8e-4 at 0.03, by < 1e-6 at 0.5 and 1 (2026-12-03). A rounding difference,
 # not a sync one: the restart state itself is broadcast from rank 0 in both (train.py).
-TOKENIZER_FLAGS = ["--ch", "8", "--norm-groups", "4", "--codebook-size", "32", "--embed-dim", "8", "--disc-ch", "8",
-                   "--batch-size", "8", "--frames-per-clip", "2", "--device", "cpu", "--threads", "1",
-                   "--dead-code-threshold", "1.0"]
+TOKENIZER_FLAGS = ["--ch", "8", "--norm-groups", "4", "--codebook-size", "32", "--embed-dim", "8",
+                   "--disc-ch", "8", "--batch-size", "8", "--frames-per-clip", "2", "--device", "cpu",
+                   "--threads", "1", "--dead-code-threshold", "1.0"]
 # Tolerance of the gradient comparison, per parameter tensor: max |Δ| ≤ GRAD_TOL · max |g| of the
 # one-process gradient. Only float32 sums in another order differ (micro-batches, then the
 # all-reduce); measured 4.3e-6 for the tokenizer (GroupNorm sums over 4,096 pixels) and 5e-7 for
@@ -58,17 +61,19 @@ def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
         # in C++ with no Python traceback, in about 1 of 10 runs of the gradient test, on the commit
         # before this retry too (measured 2026-11-25). One more try; every result is still checked.
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, (f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n"
+                                    f"{result.stderr[-5000:]}")
     return result
 
 
 def frame_tokenizer_checkpoint(folder: Path) -> Path:
     """An untrained f = 8 tokenizer (8×8 tokens per frame) for NÜWA to train on; weights do not matter."""
-    config = vqgan.VQGANConfig(ch=8, ch_mult=(1, 2, 2, 2), norm_groups=4, codebook_size=32, embed_dim=8, disc_ch=8)
+    config = vqgan.VQGANConfig(ch=8, ch_mult=(1, 2, 2, 2), norm_groups=4, codebook_size=32, embed_dim=8,
+                               disc_ch=8)
     torch.manual_seed(0)
     path = folder / "vqgan.pt"
-    train.save_checkpoint({"stage": "vqgan", "config": train.config_to_dict(config),
-                           "model": vqgan.VQGAN(config).state_dict()}, path)
+    checkpoints.save({"stage": "vqgan", "config": checkpoints.config_to_dict(config),
+                      "model": vqgan.VQGAN(config).state_dict()}, path)
     return path
 
 
@@ -81,12 +86,13 @@ def gradient_cases(vqgan_ckpt: Path, micro_steps: int) -> dict[str, list[str]]:
     """Losses that are means over the batch, so the accumulated gradient must equal the full one:
     the tokenizer without the state its forward pass changes in place (no EMA, data-dependent init,
     restarts or GAN: see train.py's deviations) and NÜWA's sum of task losses. No clipping."""
-    tokenizer = ["--stage", "vqgan", *TOKENIZER_FLAGS, "--no-ema", "--no-data-init", "--dead-code-threshold", "0",
-                 "--disc-start", "1000", "--grad-clip", "0", "--micro-steps", str(micro_steps)]
-    transformer = ["--stage", "nuwa", "--dim", "32", "--num-heads", "2", "--encoder-layers", "1", "--decoder-layers", "1",
-                   "--codebook-size", "32", "--token-h", "8", "--token-w", "8", "--frames", "2", "--predict-frames", "2",
-                   "--batch-size", "4", "--tasks", "t2v,v2v", "--seg-ckpt", "", "--vqgan-ckpt", str(vqgan_ckpt),
-                   "--grad-clip", "0", "--device", "cpu", "--threads", "1", "--micro-steps", str(micro_steps)]
+    tokenizer = ["--stage", "vqgan", *TOKENIZER_FLAGS, "--no-ema", "--no-data-init", "--dead-code-threshold",
+                 "0", "--disc-start", "1000", "--grad-clip", "0", "--micro-steps", str(micro_steps)]
+    transformer = ["--stage", "nuwa", "--dim", "32", "--num-heads", "2", "--encoder-layers", "1",
+                   "--decoder-layers", "1", "--codebook-size", "32", "--token-h", "8", "--token-w", "8",
+                   "--frames", "2", "--predict-frames", "2", "--batch-size", "4", "--tasks", "t2v,v2v",
+                   "--seg-ckpt", "", "--vqgan-ckpt", str(vqgan_ckpt), "--grad-clip", "0", "--device", "cpu",
+                   "--threads", "1", "--micro-steps", str(micro_steps)]
     cases = {"vqgan_ddp": tokenizer, "nuwa_ddp": transformer}
     if micro_steps > 1:
         cases["nuwa_fsdp"] = transformer + ["--fsdp"]
@@ -96,22 +102,24 @@ def gradient_cases(vqgan_ckpt: Path, micro_steps: int) -> dict[str, list[str]]:
 def step_gradients(argv: list[str]) -> dict[str, torch.Tensor]:
     """The full gradients after one train.train_step of the run `argv` describes, on every process."""
     stage_name, config, run = train.parse_args(argv)
-    stage, procs = train.STAGES[stage_name], train.init_processes(run)
+    stage, procs = train.STAGES[stage_name], distributed.init_processes(run)
     torch.manual_seed(run.seed)
     model = stage.build(config, procs.device)
-    objectives = train.wrap_model(train.StageObjectives(model, stage.phases), stage, model, procs, run)
+    objectives = distributed.wrap_model(train.StageObjectives(model, stage.phases), stage, model, procs, run)
     optimizers = stage.optimizers(model, config, procs.device)
-    parts, A = train.accumulation_steps(run, procs.world)
-    batches = [stage.batch(config, run.seed, 0, procs.rank * A + i, parts) for i in range(A)]
-    torch.manual_seed(train.step_seed(run.seed, procs.rank, 0))
-    train.train_step(objectives, model, optimizers, stage.phases, batches, step=0, config=config,
+    parts, A = distributed.accumulation_steps(run, procs.world)
+    micro_batches = [stage.batch(config, run.seed, 0, procs.rank * A + i, parts) for i in range(A)]
+    torch.manual_seed(batches.step_seed(run.seed, procs.rank, 0))
+    train.train_step(objectives, model, optimizers, stage.phases, micro_batches, step=0, config=config,
                      autocast=nullcontext, ckpt_path=Path("unused"))
-    return {name: train.gathered(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+    return {name: distributed.gathered(p.grad) for name, p in model.named_parameters()
+            if p.grad is not None}
 
 
 def gradient_worker(out: str, vqgan_ckpt: str) -> None:
     """torchrun entry: every case on 2 processes with 2 micro-batches each; rank 0 saves the gradients."""
-    grads = {name: step_gradients(argv) for name, argv in gradient_cases(Path(vqgan_ckpt), micro_steps=4).items()}
+    cases = gradient_cases(Path(vqgan_ckpt), micro_steps=4)
+    grads = {name: step_gradients(argv) for name, argv in cases.items()}
     if torch.distributed.get_rank() == 0:
         torch.save(grads, out)
     torch.distributed.destroy_process_group()
@@ -121,15 +129,17 @@ def gradient_worker(out: str, vqgan_ckpt: str) -> None:
 def test_ddp_and_fsdp_accumulated_gradients_equal_one_process_on_the_full_batch(tmp_path):
     vqgan_ckpt = frame_tokenizer_checkpoint(tmp_path)
     torchrun("tests/test_distributed.py", "gradients", str(tmp_path / "grads.pt"), str(vqgan_ckpt))
-    distributed = torch.load(tmp_path / "grads.pt", weights_only=True)
-    reference = {name: step_gradients(argv) for name, argv in gradient_cases(vqgan_ckpt, micro_steps=1).items()}
-    for case, grads in distributed.items():
+    two_processes = torch.load(tmp_path / "grads.pt", weights_only=True)
+    cases = gradient_cases(vqgan_ckpt, micro_steps=1)
+    reference = {name: step_gradients(argv) for name, argv in cases.items()}
+    for case, grads in two_processes.items():
         expected = reference[case.replace("fsdp", "ddp")]  # one process, one pass over the global batch
         assert grads.keys() == expected.keys() and len(grads) > 10, case
         assert sum(float(g.abs().sum()) for g in expected.values()) > 0  # a real gradient, not all zeros
         for name, grad in grads.items():
             error, scale = (grad - expected[name]).abs().max(), expected[name].abs().max()
-            assert error <= GRAD_TOL * scale, f"{case}: {name}: max |Δ| {error:.3g} against max |g| {scale:.3g}"
+            assert error <= GRAD_TOL * scale, (f"{case}: {name}: max |Δ| {error:.3g} "
+                                               f"against max |g| {scale:.3g}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +158,8 @@ def test_torchrun_ddp_and_fsdp_train_the_tokenizer_with_the_same_losses_and_resu
     # DDP for 3 steps, FSDP2 for 4; then FSDP2 resumes the DDP checkpoint (gathered once, re-sharded
     # now, Adam moments included) for its step 4. A constant lr makes 3 and 4 steps the same schedule.
     runs = {}
-    for mode, steps, extra in (("ddp", "3", []), ("fsdp", "4", ["--fsdp"]), ("ddp", "4", ["--fsdp", "--resume"])):
+    modes = (("ddp", "3", []), ("fsdp", "4", ["--fsdp"]), ("ddp", "4", ["--fsdp", "--resume"]))
+    for mode, steps, extra in modes:
         result = torchrun("train.py", "--stage", "vqgan", "--preset", "tiny", "--max-steps", steps, "--out",
                           str(tmp_path / mode), *TOKENIZER_FLAGS, "--disc-start", "1", "--log-every", "1",
                           "--sample-every", "0", "--lr-schedule", "constant", *extra)
@@ -203,9 +214,9 @@ def test_resume_after_ctrl_c_repeats_the_uninterrupted_losses_bit_for_bit(tmp_pa
 
 
 WRITER = """
-import io, sys, time, torch, train
+import io, sys, time, torch, checkpoints
 path, torn = sys.argv[1], sys.argv[2] == "torn"
-train.save_checkpoint({"step": 0, "weights": torch.zeros(1_000_000)}, path)
+checkpoints.save({"step": 0, "weights": torch.zeros(1_000_000)}, path)
 real_save = torch.save
 def half_then_hang(obj, f):  # a slow disk: half the bytes are out when the process is killed
     buffer = io.BytesIO(); real_save(obj, buffer); data = buffer.getvalue()
@@ -214,15 +225,15 @@ if torn:
     torch.save = half_then_hang
 print("ready", flush=True)
 for step in range(1, 1_000_000):
-    train.save_checkpoint({"step": step, "weights": torch.full((1_000_000,), float(step))}, path)
+    checkpoints.save({"step": step, "weights": torch.full((1_000_000,), float(step))}, path)
 """
 
 
 def test_resume_never_finds_a_corrupt_checkpoint_after_a_kill_during_the_write(tmp_path):
     path = tmp_path / "ckpt.pt"
     for mode in ("torn", "running"):  # killed inside a half-written file, and at an arbitrary moment
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), mode], stdout=subprocess.PIPE, text=True,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), mode], stdout=subprocess.PIPE,
+                                  text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert writer.stdout.readline().strip() == "ready"
         if mode == "torn":
             assert writer.stdout.readline().strip() == "torn"
@@ -233,8 +244,8 @@ def test_resume_never_finds_a_corrupt_checkpoint_after_a_kill_during_the_write(t
         checkpoint = torch.load(path, weights_only=True)  # loads: the old or the new file, never a torn one
         assert torch.equal(checkpoint["weights"], torch.full((1_000_000,), float(checkpoint["step"])))
         if mode == "torn":
-            assert checkpoint["step"] == 0 and list(tmp_path.glob(".ckpt.pt.*.tmp"))  # the torn temporary file
-    train.remove_stale_temporaries(tmp_path)  # what the next run does first
+            assert checkpoint["step"] == 0 and list(tmp_path.glob(".ckpt.pt.*.tmp"))  # the torn temporary
+    checkpoints.remove_stale_temporaries(tmp_path)  # what the next run does first
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
@@ -269,7 +280,8 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     assert "invalid choice: 'painting'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--fsdp needs a process group: start the run with torchrun"):
         train.main(["--stage", "vqgan", *TOKENIZER_FLAGS, "--fsdp", "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint at .*ckpt.pt"):
+    with pytest.raises(FileNotFoundError,
+                       match="no vqgan checkpoint at .*ckpt.pt.*Fix: start the run without --resume"):
         train.main(["--stage", "vqgan", *TOKENIZER_FLAGS, "--resume", "--out", str(tmp_path / "nowhere")])
     with pytest.raises(ValueError, match="4 clips .* cannot be cut into 3 equal micro-batches"):
         train.main(["--stage", "vqgan", *TOKENIZER_FLAGS, "--micro-steps", "3", "--max-steps", "1",

@@ -36,6 +36,12 @@ def block_corner(frame: torch.Tensor) -> tuple[int, int]:
     return int(rows.min()), int(cols.min())
 
 
+def moved(clip: torch.Tensor, t: int) -> tuple[int, int]:
+    """How far the block's corner moves from frame t to t + 1: (rows, columns)."""
+    (row0, col0), (row1, col1) = block_corner(clip[t]), block_corner(clip[t + 1])
+    return row1 - row0, col1 - col0
+
+
 @pytest.mark.parametrize("probe", ["copy", "caption", "sketch", "v2v", "order"])
 def test_batches_have_the_probe_shapes_and_a_whole_block_in_every_frame(probe):
     cond, targets, mask = batch(probe)
@@ -54,7 +60,7 @@ def test_batches_have_the_probe_shapes_and_a_whole_block_in_every_frame(probe):
 
 def test_copy_frame_t_plus_1_is_frame_t_shifted_as_the_caption_says():
     cond, targets, _ = batch("copy", batch_size=32)
-    captions = nuwa.TextTokenizer(CONFIG.text_len).decode(cond.tokens[:, 0, 0])
+    captions = nuwa.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0])
     shifts = {"moving up": (-1, 0), "moving down": (1, 0), "moving left": (0, -1), "moving right": (0, 1)}
     assert set(captions) == set(shifts)  # all four directions occur in 32 clips
     for clip, caption in zip(targets, captions):
@@ -66,8 +72,9 @@ def test_copy_frame_t_plus_1_is_frame_t_shifted_as_the_caption_says():
 
 def test_order_moves_the_block_the_way_the_first_direction_word_says():
     cond, targets, _ = batch("order", batch_size=32)
-    tokenizer = nuwa.TextTokenizer(CONFIG.text_len)
-    captions, swapped = (tokenizer.decode(tokens[:, 0, 0]) for tokens in (cond.tokens, bench.SWAP_DIRECTIONS[cond.tokens]))
+    vocabulary = nuwa.CaptionVocabulary(CONFIG.text_len)
+    captions, swapped = (vocabulary.decode(tokens[:, 0, 0])
+                         for tokens in (cond.tokens, bench.SWAP_DIRECTIONS[cond.tokens]))
     shifts = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
     firsts = set()
     for clip, caption, other in zip(targets, captions, swapped):
@@ -84,17 +91,17 @@ def test_order_moves_the_block_the_way_the_first_direction_word_says():
 
 def test_v2v_moves_the_block_and_its_loss_mask_covers_frames_3_to_5_only():
     cond, targets, mask = batch("v2v")
-    assert nuwa.TextTokenizer(CONFIG.text_len).decode(cond.tokens[:, 0, 0]) == ["None"] * 16
+    assert nuwa.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0]) == ["None"] * 16
     assert mask.shape == targets.shape and mask.dtype == torch.bool
     assert mask[:, 3:].all() and not mask[:, :3].any()
     for clip in targets:
-        steps = {tuple(a - b for a, b in zip(block_corner(clip[t + 1]), block_corner(clip[t]))) for t in range(5)}
+        steps = {moved(clip, t) for t in range(5)}
         assert len(steps) == 1 and steps.pop() in {(-1, 0), (1, 0), (0, -1), (0, 1)}  # one direction per clip
 
 
 def test_v2v_two_holds_two_apart_blocks_that_each_keep_one_direction():
     cond, targets, mask = batch("v2v_two")
-    assert nuwa.TextTokenizer(CONFIG.text_len).decode(cond.tokens[:, 0, 0]) == ["None"] * 16
+    assert nuwa.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0]) == ["None"] * 16
     assert targets.shape == (16, 6, 8, 8) and mask[:, 3:].all() and not mask[:, :3].any()
     assert ((targets != 0).sum(dim=(2, 3)) == 2 * bench.S ** 2).all()  # both blocks whole, never overlapping
     generator = torch.Generator().manual_seed(3)
@@ -104,11 +111,11 @@ def test_v2v_two_holds_two_apart_blocks_that_each_keep_one_direction():
         assert not ((first != 0) & (second != 0)).any()
         for block in (first, second):
             assert ((block != 0).sum(dim=(1, 2)) == bench.S ** 2).all()
-            steps = {tuple(a - b for a, b in zip(block_corner(block[t + 1]), block_corner(block[t]))) for t in range(5)}
+            steps = {moved(block, t) for t in range(5)}
             assert len(steps) == 1  # one direction per block, one token per frame
             directions |= steps
             codes = block[0][block[0] != 0]
-            assert all(torch.equal(block[t][block[t] != 0], codes) for t in range(6))  # the same codes, carried
+            assert all(torch.equal(block[t][block[t] != 0], codes) for t in range(6))  # the same codes
         assert not torch.equal(first[0][first[0] != 0], second[0][second[0] != 0])  # each block its own codes
     assert directions == {(-1, 0), (1, 0), (0, -1), (0, 1)}
     assert bench.floors("v2v_two") == [0.0, 0.0, 0.0]
@@ -125,7 +132,7 @@ def test_sketch_target_is_the_fixed_permutation_of_the_sketch():
 
 def test_caption_draws_each_digits_fixed_pattern():
     cond, targets, _ = batch("caption", batch_size=32)
-    captions = nuwa.TextTokenizer(CONFIG.text_len).decode(cond.tokens[:, 0, 0])
+    captions = nuwa.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0])
     for clip, caption in zip(targets[:, 0], captions):
         row, col = block_corner(clip)
         digit = data.DIGIT_WORDS.index(caption.split()[1])
@@ -159,7 +166,8 @@ def test_batches_are_a_function_of_seed_and_step():
 def test_set_values_are_parsed_by_the_fields_type():
     assert bench.parse_overrides(["dim=48", "extent=1,1,1", "dropout=0.1", "backend=dense"]) == {
         "dim": 48, "extent": (1, 1, 1), "dropout": 0.1, "backend": "dense"}
-    assert [bench.parse_value(text, False) for text in ("true", "1", "False", "0")] == [True, True, False, False]
+    parsed = [bench.parse_value(text, False) for text in ("true", "1", "False", "0")]
+    assert parsed == [True, True, False, False]
     with pytest.raises(ValueError, match="bool"):
         bench.parse_value("maybe", True)
     with pytest.raises(ValueError, match="--lr"):  # a training field the model would silently ignore
@@ -181,7 +189,8 @@ def test_a_three_step_probe_runs_and_prints_one_json_object_last(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1]) == json.loads(json.dumps(summary))
     assert summary["probe"] == "v2v" and summary["headline"] == "v2v_nats" and summary["steps"] == 3
-    assert summary["config"] == {"dim": 32, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "backend": "dense"}
+    assert summary["config"] == {"dim": 32, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
+                                 "backend": "dense"}
     assert [point[0] for point in summary["curve"]] == [0, 2, 3]
     assert summary["frames"] == [3, 4, 5] and len(summary["per_frame"]) == 3
     assert summary["final"] == pytest.approx(sum(summary["per_frame"]) / 3)
@@ -190,7 +199,8 @@ def test_a_three_step_probe_runs_and_prints_one_json_object_last(capsys):
 
 def test_probe_all_reports_every_probe():
     summary = bench.main(["--probe", "all", "--steps", "1", "--eval-clips", "2", "--batch-size", "1", *SMALL])
-    assert [r["probe"] for r in summary["results"]] == ["copy", "caption", "sketch", "v2v", "v2v_two", "order"]
+    probes = ["copy", "caption", "sketch", "v2v", "v2v_two", "order"]
+    assert [r["probe"] for r in summary["results"]] == probes
     caption = summary["results"][1]
     assert caption["final"] == pytest.approx(caption["per_frame"][0] - math.log(36) / 64)  # the excess
 
