@@ -2,7 +2,7 @@
 
     python sample.py t2v --ckpt out/nuwa/ckpt.pt --caption "digit 3 is moving left" --out out/samples
 
-Sub-commands (NÜWA §4; the task functions live in nuwa.py, this file adds pixels ↔ tokens):
+Sub-commands (NÜWA §4; the task functions live in tasks.py, this file adds pixels ↔ tokens):
   t2i         caption → image                   s2i         sketch → image
   complete    top part of an image → the rest   edit-image  image + caption + box → edited image
   t2v         caption → video                   s2v         sketch video → video
@@ -15,7 +15,7 @@ NÜWA-Infinity (infinity.py), with a checkpoint of `train.py --stage infinity`:
 NÜWA-LIP (lip.py), with a checkpoint of `train.py --stage lip`:
   inpaint     image + mask + caption → the missing pixels filled as the caption says
               (--image FRAME.png --mask MASK.png, white = missing; --candidates K reranked by the
-              digit classifier of judge.py, or with --rerank-nuwa CKPT by NÜWA's caption score,
+              digit classifier of classifier.py, or with --rerank-nuwa CKPT by NÜWA's caption score,
               two offline stand-ins for CLIP)
 
 Inputs: images are 64×64 grey PNGs (`--image`), videos GIFs or .npy arrays (`--video`), sketches
@@ -34,50 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import classifier
 import data
 import infinity
 import lip
 import nuwa
+import reader
+import tasks
 import vqgan
-
-
-class Models:
-    """A trained NÜWA with its frame tokenizer (VQ-GAN) and, when recorded, its sketch tokenizer."""
-
-    def __init__(self, ckpt: str, vqgan_ckpt: str | None = None, seg_ckpt: str | None = None,
-                 device: str = "cpu"):
-        if not Path(ckpt).exists():
-            raise FileNotFoundError(f"no NÜWA checkpoint at {ckpt}; train one with "
-                                    f"`python train.py --stage nuwa --preset tiny --out out`")
-        self.nuwa = nuwa.load_nuwa(ckpt, map_location=device)
-        self.device = device
-        config = self.nuwa.config
-        self.vqgan = vqgan.load_vqgan(vqgan_ckpt or config.vqgan_ckpt, map_location=device).to(device)
-        seg_path = seg_ckpt or config.seg_ckpt
-        self.seg = vqgan.load_vqgan(seg_path, map_location=device).to(device) if seg_path else None
-        if self.vqgan.codebook_size != self.nuwa.config.codebook_size:
-            raise ValueError(f"VQ-GAN codebook {self.vqgan.codebook_size} ≠ NÜWA's {self.nuwa.config.codebook_size}")
-        self.nuwa.check_code_pixels(self.vqgan, vqgan_ckpt or config.vqgan_ckpt)
-
-    @torch.no_grad()
-    def tokens(self, video: torch.Tensor) -> torch.Tensor:
-        """Frames (B, T, 1, 64, 64) in [0, 1] → tokens (B, T, h, w)."""
-        return self.vqgan.encode_video(video.to(self.device))
-
-    @torch.no_grad()
-    def pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, T, h, w) → frames (B, T, 1, 64, 64) in [0, 1]."""
-        return self.vqgan.as_image(self.vqgan.decode_video(tokens)).clamp(0, 1).cpu()
-
-    @torch.no_grad()
-    def sketch_tokens(self, sketch: torch.Tensor) -> torch.Tensor:
-        if self.seg is None:
-            raise ValueError("this NÜWA checkpoint was trained without a sketch tokenizer; pass --seg PATH")
-        expected = self.seg.config.resolution
-        if tuple(sketch.shape[-2:]) != (expected, expected):
-            raise ValueError(f"sketch must be {expected}×{expected} class maps, got {tuple(sketch.shape[-2:])}")
-        return self.seg.encode_sketch(sketch.to(self.device))
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading inputs
@@ -88,7 +52,7 @@ def heldout_item(index: int, frames: int) -> dict:
     return data.CaptionedMovingMNIST("heldout", num_frames=frames, num_digits=1)[index]
 
 
-def read_video(path: str | None, index: int, frames: int) -> torch.Tensor:
+def load_video(path: str | None, index: int, frames: int) -> torch.Tensor:
     """A video (1, T, 1, 64, 64) in [0, 1] from a GIF / .npy file, or held-out Moving MNIST item."""
     if path is None:
         return data.MovingMNIST("test", num_frames=frames, num_digits=2)[index]["video"][None]
@@ -107,7 +71,7 @@ def read_video(path: str | None, index: int, frames: int) -> torch.Tensor:
     return torch.from_numpy(array)[None, :, None]  # (1, T, 1, 64, 64)
 
 
-def read_image(path: str | None, index: int) -> torch.Tensor:
+def load_image(path: str | None, index: int) -> torch.Tensor:
     """An image (1, 1, 1, 64, 64) in [0, 1] from a PNG, or held-out item `index`."""
     if path is None:
         return heldout_item(index, 2)["video"][None, :1]
@@ -119,7 +83,7 @@ def read_image(path: str | None, index: int) -> torch.Tensor:
     return torch.from_numpy(image)[None, None, None]
 
 
-def read_sketch(path: str | None, index: int, frames: int) -> torch.Tensor:
+def load_sketch(path: str | None, index: int, frames: int) -> torch.Tensor:
     """Class maps int64 (1, T, 64, 64) from a .npy file ((64, 64) or (T, 64, 64)), or item `index`."""
     if path is None:
         return heldout_item(index, max(frames, 2))["sketch"][None, :frames]
@@ -148,7 +112,7 @@ def pixel_box_to_tokens(box: str, token_shape: tuple[int, int]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_task(args, models: Models) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+def run_task(args, models: tasks.Models) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """Run one sub-command: (samples (n, T, 1, 64, 64), the input shown beside them, captions)."""
     model, n = models.nuwa, args.n
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -156,37 +120,37 @@ def run_task(args, models: Models) -> tuple[torch.Tensor, torch.Tensor | None, l
                     guidance_scale=args.guidance, progress=True)
     captions = [args.caption] * n if getattr(args, "caption", None) else []
     if args.task in ("t2i", "t2v") or args.task.startswith("edit"):
-        model.tokenizer.encode(captions)  # unknown words: an error before any work starts
+        model.vocabulary.encode(captions)  # unknown words: an error before any work starts
     shown = None
     if args.task in ("t2i", "t2v") and args.redraw_empty:
         sampling.update(blank_codes=models.vqgan.blank_codes())  # frame 0 drawn again while empty
     if args.task == "t2i":
-        tokens = nuwa.text_to_image(model, captions, **sampling)
+        tokens = tasks.text_to_image(model, captions, **sampling)
     elif args.task == "t2v":
-        tokens = nuwa.text_to_video(model, captions, args.frames, **sampling)
+        tokens = tasks.text_to_video(model, captions, args.frames, **sampling)
     elif args.task in ("s2i", "s2v"):
-        sketch = read_sketch(args.sketch, args.index, 1 if args.task == "s2i" else args.frames)
+        sketch = load_sketch(args.sketch, args.index, 1 if args.task == "s2i" else args.frames)
         shown = sketch.float().div(10.0)[:, :, None]  # class maps shown as grey levels
         sketch_tokens = models.sketch_tokens(sketch).expand(n, -1, -1, -1)
-        task = nuwa.sketch_to_image if args.task == "s2i" else nuwa.sketch_to_video
+        task = tasks.sketch_to_image if args.task == "s2i" else tasks.sketch_to_video
         tokens = task(model, sketch_tokens, **sampling)
     elif args.task in ("complete", "edit-image"):
-        shown = read_image(args.image, args.index)
+        shown = load_image(args.image, args.index)
         image_tokens = models.tokens(shown).expand(n, -1, -1, -1)  # (n, 1, h, w)
         if args.task == "complete":
-            tokens = nuwa.complete_image(model, image_tokens, args.keep_rows, **sampling)
+            tokens = tasks.complete_image(model, image_tokens, args.keep_rows, **sampling)
         else:
             box = pixel_box_to_tokens(args.box, image_tokens.shape[-2:]).expand_as(image_tokens)
-            tokens = nuwa.edit_image(model, image_tokens, captions, box.to(image_tokens.device), **sampling)
+            tokens = tasks.edit_image(model, image_tokens, captions, box.to(image_tokens.device), **sampling)
     else:  # predict, edit-video
-        shown = read_video(args.video, args.index, args.frames)
+        shown = load_video(args.video, args.index, args.frames)
         video_tokens = models.tokens(shown).expand(n, -1, -1, -1)  # (n, T, h, w)
         if args.task == "predict":
             if video_tokens.shape[1] < args.given:
                 raise ValueError(f"the video has {video_tokens.shape[1]} frames, fewer than --given {args.given}")
-            tokens = nuwa.predict_video(model, video_tokens[:, :args.given], args.frames, **sampling)
+            tokens = tasks.predict_video(model, video_tokens[:, :args.given], args.frames, **sampling)
         else:
-            tokens = nuwa.edit_video(model, video_tokens, captions, args.keep_frames, **sampling)
+            tokens = tasks.edit_video(model, video_tokens, captions, args.keep_frames, **sampling)
     return models.pixels(tokens), shown, captions
 
 
@@ -231,7 +195,7 @@ def run_infinity(args) -> list[Path]:
         if args.direction not in (None, "video"):
             raise ValueError(f"a video (--frames {args.frames}) is generated frame by frame; drop --direction "
                              f"{args.direction!r} (or pass --direction video)")
-        given = read_video(args.video, args.index, args.given)[:, :args.given].expand(args.n, -1, -1, -1, -1) \
+        given = load_video(args.video, args.index, args.given)[:, :args.given].expand(args.n, -1, -1, -1, -1) \
             if args.given else None
         video = infinity.generate_video(model, tokenizer, args.frames, given_frames=given, captions=captions,
                                         batch_size=args.n, **sampling).cpu()  # (n, T, 1, 64, 64)
@@ -241,7 +205,7 @@ def run_infinity(args) -> list[Path]:
     args.direction = args.direction or "column"
     source = None
     if args.direction in infinity.OUTPAINTING:  # the given image sits where the direction starts
-        source = read_image(args.image, args.index)[:, 0].expand(args.n, -1, -1, -1)  # (n, 1, 64, 64)
+        source = load_image(args.image, args.index)[:, 0].expand(args.n, -1, -1, -1)  # (n, 1, 64, 64)
     elif args.image is not None:
         raise ValueError(f"--image is for outpainting: pass --direction right, left, up or down, not {args.direction!r}")
     canvases = infinity.generate_canvas(model, tokenizer, args.height, args.width, args.direction, source=source,
@@ -260,23 +224,21 @@ def caption_digit(caption: str) -> int:
     return int(words[words.index("digit") + 1])
 
 
-def digit_scorer(classifier) -> lip.Scorer:
+def digit_scorer(digit_classifier: classifier.DigitClassifier) -> lip.Scorer:
     """Rerank inpaintings as LIP reranks with CLIP (§3.3), offline: a candidate's score is the digit
     classifier's probability of the caption's digit for the biggest blob of ink in the frame (the
-    blob judge.read_video would follow), 0 when the frame shows no digit at all."""
-    import judge
-
+    blob reader.read_video would follow), 0 when the frame shows no digit at all."""
     @torch.no_grad()
     def score(pixels: torch.Tensor, caption: str) -> torch.Tensor:
         digit, scores = caption_digit(caption), []
         for frame in pixels.float().cpu():  # (1, H, W)
-            blobs = judge.locate_digits(frame)[0]
+            blobs = reader.locate_digits(frame)[0]
             if not blobs:
                 scores.append(0.0)
                 continue
-            crop = judge.crop_digit(frame[0], blobs[0])[None, None]  # (1, 1, 28, 28)
-            device = next(classifier.parameters()).device
-            scores.append(float(classifier(crop.to(device)).softmax(-1)[0, digit]))
+            crop = reader.crop_digit(frame[0], blobs[0])[None, None]  # (1, 1, 28, 28)
+            device = next(digit_classifier.parameters()).device
+            scores.append(float(digit_classifier(crop.to(device)).softmax(-1)[0, digit]))
         return torch.tensor(scores)  # (K,)
 
     return score
@@ -292,14 +254,14 @@ def nuwa_caption_scorer(model: nuwa.NUWA, tokenizer: vqgan.VQGAN) -> lip.Scorer:
     def score(pixels: torch.Tensor, caption: str) -> torch.Tensor:
         tokens = tokenizer.encode(pixels.to(model.bos.device))[:, None]  # (K, 1, h, w)
         K = tokens.shape[0]
-        under_caption = model.token_nats(nuwa.text_condition(model.tokenizer, [caption] * K), tokens).sum(1)  # (K,)
-        under_none = model.token_nats(nuwa.none_condition(model.tokenizer, K), tokens).sum(1)  # (K,)
+        under_caption = model.token_nats(nuwa.text_condition(model.vocabulary, [caption] * K), tokens).sum(1)  # (K,)
+        under_none = model.token_nats(nuwa.none_condition(model.vocabulary, K), tokens).sum(1)  # (K,)
         return (under_none - under_caption).cpu()  # log p(z | caption) − log p(z | None)
 
     return score
 
 
-def read_mask(path: str) -> torch.Tensor:
+def load_mask(path: str) -> torch.Tensor:
     """A 64×64 PNG (white = missing, anything above mid-grey) → bool mask (1, 1, 64, 64)."""
     from PIL import Image
 
@@ -325,19 +287,18 @@ def run_inpaint(args) -> list[Path]:
     else:
         if not args.caption:
             raise ValueError("--caption is needed with --image (words from: " + " ".join(data.VOCABULARY) + ")")
-        image, mask, caption = read_image(args.image, 0)[0], read_mask(args.mask), args.caption
+        image, mask, caption = load_image(args.image, 0)[0], load_mask(args.mask), args.caption
     if not Path(args.ckpt).exists():
         raise FileNotFoundError(f"no NÜWA-LIP checkpoint at {args.ckpt}; train one with "
                                 f"`python train.py --stage dfvqgan` then `python train.py --stage lip`")
     model, tokenizer = lip.load_lip(args.ckpt, dfvqgan_ckpt=args.dfvqgan, map_location=args.device)
     scorer, judged_by = None, ""
     if args.candidates > 1 and args.rerank_nuwa:
-        reranker = Models(args.rerank_nuwa, device=args.device)  # its own tokenizer, checked
+        reranker = tasks.Models(args.rerank_nuwa, device=args.device)  # its own tokenizer, checked
         scorer, judged_by = nuwa_caption_scorer(reranker.nuwa, reranker.vqgan), "NÜWA's caption score"
     elif args.candidates > 1 and args.classifier:
-        import judge
-
-        scorer, judged_by = digit_scorer(judge.load_classifier(args.classifier, args.device)), "the digit classifier"
+        digit_classifier = classifier.load_classifier(args.classifier, args.device)
+        scorer, judged_by = digit_scorer(digit_classifier), "the digit classifier"
     result, info = lip.inpaint(model, tokenizer, image, mask, [caption], candidates=args.candidates, scorer=scorer,
                                temperature=args.temperature, top_k=args.top_k, guidance_scale=args.guidance,
                                generator=torch.Generator(device=args.device).manual_seed(args.seed))
@@ -454,7 +415,7 @@ def main(argv=None) -> list[Path]:
         written = run_inpaint(args)
         print("wrote " + ", ".join(str(p) for p in written))
         return written
-    models = Models(args.ckpt, args.vqgan, args.seg, device=args.device)
+    models = tasks.Models(args.ckpt, args.vqgan, args.seg, device=args.device)
     print(f"seed {args.seed}; task {args.task}; device {args.device}")
     samples, shown, captions = run_task(args, models)
     written = write_outputs(samples, shown, captions, Path(args.out), args.task)
