@@ -49,7 +49,7 @@ radius, V the relative offsets, y_p the token at position p of the current patch
 Deviations from the paper (each also marked `# DEVIATION` where it happens; patches.py lists those
 of the patch level):
 - Scale and data: 64×W grey canvases of MNIST digits and Moving MNIST videos (the batches are
-  stages.py's), not the paper's landscapes (LHQC) and its 38912×2048 showcase; a tiny model; the
+  batches.py's), not the paper's landscapes (LHQC) and its 38912×2048 showcase; a tiny model; the
   f = 8 cell VQ-GAN (8 tokens per 64 px, K = 512); patches of 4×4 tokens (32×32 px), not 16×16
   tokens of an F16 VQ-GAN.
 - Learning aids the paper does not have (above): token-level relative positions across patches, a
@@ -133,7 +133,7 @@ class InfinityConfig:
     text_encoder: bool = False
     text_len: int = 4  # L, caption words after padding (our captions: one or two digit names)
     # --- training data (train.py --stage infinity)
-    data: str = "canvas"  # "canvas": stages.DigitCanvases; "video": Moving MNIST clips, frame by frame
+    data: str = "canvas"  # "canvas": batches.DigitCanvases; "video": Moving MNIST clips, frame by frame
     canvas_height: int = 64  # training canvas height in pixels (one VQ-GAN frame high)
     canvas_width: int = 128  # training canvas width in pixels: 2×4 patches of 32 px
     frames: int = 4  # T of training videos (data="video")
@@ -563,9 +563,9 @@ def unit_loss(model: Infinity, tokens: torch.Tensor, captions, *, unit: int, car
     """For train.py's units: unit 0 draws the step's order and opens a pool in `carry`; unit u is
     `patch_loss` of patch order[u]. tokens (B, T, H, W) stay the same for all units of a step."""
     if unit == 0:
-        carry["direction"], carry["order"] = training_order(model.config, seed, step)
-        carry["pool"] = patches.NearbyContextPool(carry["order"], model.config.extent)
-    return patch_loss(model, tokens, carry["order"], unit, carry["pool"], captions)
+        carry.direction, carry.order = training_order(model.config, seed, step)
+        carry.pool = patches.NearbyContextPool(carry.order, model.config.extent)
+    return patch_loss(model, tokens, carry.order, unit, carry.pool, captions)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -527,44 +527,17 @@ def infinity_optimizers(model: infinity.Infinity, config: infinity.InfinityConfi
     return {"infinity": nuwa_optimizers(model, config, device)["nuwa"]}
 
 
-VISUAL_CANVAS_CAPTION = "3 7"  # a two-class caption seen in training
-
-
 @torch.no_grad()
-def infinity_pictures(model: infinity.Infinity, tokenizer: vqgan.VQGAN, path: Path) -> Path:
-    """PNG: canvases 4× wider than training (with and without a caption), and outpainting to the
-    right and to the left of a held-out canvas's half; for video configs, a clip twice as long."""
-    config, device = model.config, model.bos.device
-    sampling = dict(temperature=1.0, top_k=runtime.TOP_K, generator=seeded_generator(device))
-    with runtime.evaluating(model):
-        if config.data == "video":
-            clip = data.MovingMNIST("test", num_frames=2 * config.frames, num_digits=config.video_digits,
-                                    length=1)[0]
-            captions = [batches.clip_caption(clip["digits"])] if config.video_captions else None
-            made = infinity.generate_video(model, tokenizer, 2 * config.frames, captions=captions,
-                                           given_frames=clip["video"][None, :2], **sampling)
-            rows = [clip["video"], made[0].cpu()]
-            labels = ["real clip", "first 2 frames given, the rest generated"]
-            data.save_gif(rows, Path(path).with_suffix(".gif"), captions=labels)
-        else:
-            H, W = config.canvas_height, config.canvas_width
-            wide = infinity.generate_canvas(model, tokenizer, H, 4 * W, "column",
-                                            captions=[VISUAL_CANVAS_CAPTION, None], **sampling)
-            real = batches.DigitCanvases("test", H, W, length=1)[0]["image"][None]  # (1, 1, H, W)
-            half = W // 2
-            right = infinity.generate_canvas(model, tokenizer, H, 2 * W, "right", source=real[..., :half],
-                                             **sampling)
-            left = infinity.generate_canvas(model, tokenizer, H, 2 * W, "left", source=real[..., half:],
-                                            **sampling)
-            rows = [infinity.tiles(c.cpu()) for c in (wide[0], wide[1], real[0], right[0], left[0])]
-            labels = [f"{H}×{4 * W} px, caption {VISUAL_CANVAS_CAPTION!r}", f"{H}×{4 * W} px, no caption",
-                      "a held-out canvas", f"its left {half} px given, outpainted right",
-                      f"its right {half} px given, outpainted left"]
-    return data.save_grid(rows, path, captions=labels, max_frames=max(len(r) for r in rows))
-
-
 def visualise_infinity(model: infinity.Infinity, config: infinity.InfinityConfig, path: Path) -> Path:
-    return infinity_pictures(model, infinity_tokenizer(config, model.bos.device), path)
+    """infinity.visualise on a held-out example: a canvas of the test split, or for video configs a
+    test clip twice as long as training's (with its caption when the model was trained on captions)."""
+    tokenizer = infinity_tokenizer(config, model.bos.device)
+    if config.data == "video":
+        clip = data.MovingMNIST("test", num_frames=2 * config.frames, num_digits=config.video_digits, length=1)[0]
+        caption = batches.clip_caption(clip["digits"]) if config.video_captions else None
+        return infinity.visualise(model, tokenizer, path, real=clip["video"], caption=caption)
+    real = batches.DigitCanvases("test", config.canvas_height, config.canvas_width, length=1)[0]["image"]
+    return infinity.visualise(model, tokenizer, path, real=real)  # real: (1, H, W)
 
 
 def infinity_blocks(model: infinity.Infinity) -> list[nn.Module]:

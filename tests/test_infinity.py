@@ -267,33 +267,33 @@ def test_bad_inputs_raise_clear_errors():
 
 @needs_mnist
 def test_digit_canvases_are_deterministic_and_captioned():
-    import stages  # Infinity's training canvases are a recipe of stages.py
+    import batches  # Infinity's training canvases live with every stage's batches
 
-    canvases = stages.DigitCanvases("test", 64, 128, seed=0, length=20, none_prob=0.3)
-    again = stages.DigitCanvases("test", 64, 128, seed=0, length=20, none_prob=0.3)
+    canvases = batches.DigitCanvases("test", 64, 128, seed=0, length=20, none_prob=0.3)
+    again = batches.DigitCanvases("test", 64, 128, seed=0, length=20, none_prob=0.3)
     captions = []
     for index in range(20):
         item = canvases[index]
         assert item["image"].shape == (1, 64, 128) and 0 <= item["image"].min() and item["image"].max() <= 1
         assert torch.equal(item["image"], again[index]["image"])
         assert item["caption"] == again[index]["caption"]
-        assert len(item["digits"]) == 128 // stages.SLOT_PX
+        assert len(item["digits"]) == 128 // batches.SLOT_PX
         if item["caption"] is not None:
             assert item["caption"] == " ".join(str(d) for d in sorted(set(item["digits"].tolist())))
         captions.append(item["caption"])
     assert None in captions and any(c is not None for c in captions)
     with pytest.raises(ValueError, match="at least"):
-        stages.DigitCanvases("test", 16, 128)
+        batches.DigitCanvases("test", 16, 128)
 
 
 @needs_mnist
 def test_training_batch_is_deterministic():
-    import stages
+    import batches
 
     config = inf.InfinityConfig.preset("tiny", dim=16, num_heads=2, layers=1, batch_size=2, canvas_width=64)
-    batch = stages.infinity_batch(config, 0, 3, 0, 1)
+    batch = batches.infinity_batch(config, 0, 3, 0, 1)
     assert batch["pixels"].shape == (2, 1, 1, 64, 64) and len(batch["caption"]) == 2
-    assert torch.equal(batch["pixels"], stages.infinity_batch(config, 0, 3, 0, 1)["pixels"])
+    assert torch.equal(batch["pixels"], batches.infinity_batch(config, 0, 3, 0, 1)["pixels"])
 
 
 def cell_tokenizer():
@@ -542,20 +542,20 @@ def test_each_layer_reads_the_caption_words_themselves_unless_text_encoder():
 
 @needs_mnist
 def test_video_training_captions_name_the_clip_digits():
-    import stages
+    import batches
 
     config = inf.InfinityConfig.preset("tiny", data="video", patch_size=(8, 8), video_captions=True,
                                        none_prob=0.25)
-    batches = [stages.infinity_batch(config, 0, step, 0, 1) for step in range(6)]
-    captions = [c for batch in batches for c in batch["caption"]]
+    drawn = [batches.infinity_batch(config, 0, step, 0, 1) for step in range(6)]
+    captions = [c for batch in drawn for c in batch["caption"]]
     assert any(c is None for c in captions) and any(c is not None for c in captions)
-    source = stages.infinity_source("video", 64, 128, 4, 1, 0.25, 0)
-    for step, batch in enumerate(batches):
+    source = batches.infinity_source("video", 64, 128, 4, 1, 0.25, 0)
+    for step, batch in enumerate(drawn):
         for i, caption in enumerate(batch["caption"]):
             if caption is not None:
                 assert caption == str(int(source[step * config.batch_size + i]["digits"][0]))
     plain = inf.InfinityConfig.preset("tiny", data="video", patch_size=(8, 8))
-    assert stages.infinity_batch(plain, 0, 0, 0, 1)["caption"] == [None] * plain.batch_size
+    assert batches.infinity_batch(plain, 0, 0, 0, 1)["caption"] == [None] * plain.batch_size
 
 
 # --- classifier-free guidance ------------------------------------------------------------------
