@@ -1,17 +1,18 @@
-"""Offline metrics for NÜWA-mini, one sub-command per kind of evaluation.
+"""Offline metrics for NÜWA-mini: one sub-command per kind of measurement, none of which trains.
 
     python evaluate.py recon --ckpt out/vqgan/ckpt.pt [--num-sequences 1000] [--json]
     python evaluate.py recon --ckpt out/seg/ckpt.pt --json          # a VQ-GAN-Seg checkpoint
-    python evaluate.py classifier --out out/classifier [--json]     # train (or load) the digit classifier
     python evaluate.py caption-check --out out/classifier --json    # the caption metric on real clips
     python evaluate.py t2v --ckpt out/nuwa/ckpt.pt --json           # text → video: captions, FLD
     python evaluate.py predict --ckpt out/nuwa/ckpt.pt --json       # 10 → 10 video prediction
     python evaluate.py word-use --ckpt out/nuwa/ckpt.pt             # does it read the direction words?
+    python evaluate.py infinity --ckpt out/infinity/ckpt.pt         # NÜWA-Infinity: wide canvases
+    python evaluate.py classifier --out out/classifier              # the same as `python classifier.py`
 
 Papers: NÜWA (arXiv 2111.12417) reports FID, CLIPSIM and FVD, computed with pretrained networks
-(Inception, CLIP, I3D) that do not exist offline. Here every judge is trained on our own data
-(judge.py: the digit classifier and the video reader):
-- `classifier` trains (or loads) the digit classifier and reports its MNIST test accuracy.
+(Inception, CLIP, I3D) that do not exist offline. Here the judges are trained on our own data:
+the digit classifier (classifier.py, which trains it; `evaluate.py classifier` is its alias) and
+the video reader built around it (reader.py).
 - Caption accuracy: the reader turns a video back into its caption; the share read right is our
   stand-in for CLIPSIM. On the held-out compositional split it measures generalisation to unseen
   (digit, motion) pairs. `caption-check` runs the reader on real clips: a judge must be right
@@ -19,16 +20,13 @@ Papers: NÜWA (arXiv 2111.12417) reports FID, CLIPSIM and FVD, computed with pre
 - Fréchet LeNet Distance (FLD): the Fréchet distance of FID (Heusel et al. 2017) computed on the
   classifier's penultimate features of digit crops instead of Inception features. It is a stand-in
   for FID and is never called FID: the numbers are not comparable with any published FID.
-- `word-use` needs no judge: the likelihood of real clips under their caption and under the
-  caption with its direction (or digit) words changed. A model that ignores a word scores both alike.
-- `recon` measures the tokenizer (NÜWA §3.1), the ceiling of every generation: what is lost in
-  x → z → x̂ can never come back. `predict` scores NÜWA's V2V task (10 given frames → 10 sampled),
-  always next to the copy-last-frame baseline.
+- `recon` measures the tokenizer (NÜWA §3.1), the ceiling of every generation; `predict` scores
+  NÜWA's V2V task next to the copy-last-frame baseline; `word-use` (no judge) compares the
+  likelihood of real clips under their caption and under a changed one; `infinity` reads
+  NÜWA-Infinity's (arXiv 2207.09814) canvases wider, and videos longer, than it was trained on.
 
-Sections: 1. image metrics · 2. `recon` · 3. `classifier` · 5. caption scores and
-`caption-check` · 6. FLD · 7. `t2v` · 8. `predict` · 8a. `word-use` · 8b. `infinity` · 9. the
-command line. (Section 4, reading a
-video, and the classifier itself moved to judge.py.)
+Sections: 1. image metrics · 2. `recon` · 3. caption accuracy and `caption-check` · 4. FLD · 5. `t2v` ·
+6. `predict` · 7. `word-use` · 8. `infinity` · 9. the command line.
 
 Glossary: B batch, T frames, H W pixels (64 × 64 frames; digits are 28 × 28), D digits per clip,
 K codebook size, μ σ local means / deviations (SSIM), μ Σ feature means / covariances (FLD),
@@ -40,11 +38,10 @@ averaged over frames (OpenSTL); PSNR and SSIM are computed per frame and average
 "our Moving MNIST test set (seed 0)", not the official mnist_test_seq.npy. With `--json` the last
 printed line is one JSON object.
 
-Deviations: none from the metric definitions. SSIM uses the 'valid' part of the Gaussian filtering
-(no padding), as the reference MATLAB implementation of Wang et al. does. The judges themselves
-(classifier, reader, FLD features) replace the papers' pretrained networks, as stated above.
-
-Measured: see judge.py (classifier accuracy, the reader on real clips).
+Deviations from the papers: none from the metric definitions. SSIM uses the 'valid' part of the
+Gaussian filtering (no padding), as the reference MATLAB implementation of Wang et al. does. The
+judges themselves (classifier, reader, FLD features) replace the papers' pretrained networks, as
+stated above.
 """
 
 from __future__ import annotations
@@ -53,6 +50,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -62,31 +60,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
+import infinity  # noqa: E402
+import nuwa  # noqa: E402
+import reader  # noqa: E402
+import runtime  # noqa: E402
+import stages  # noqa: E402
+import tasks  # noqa: E402
 import vqgan  # noqa: E402
-from judge import (  # noqa: E402
-    CLASSIFIER_FILE,
-    DEFAULT_CLASSIFIER_DIR,
-    SHIFTED_TEST_SHIFT,
-    ClassifierConfig,
-    PairConfig,
-    VideoReading,
-    as_frames,
-    classifier_accuracy,
-    classifier_path,
-    classify_blobs,
-    digits_as_tensors,
-    load_classifier,
-    locate_digits,
-    pair_accuracy,
-    read_pair,
-    read_video,
-    save_classifier,
-    train_classifier,
-    train_pair_classifier,
-)
+from classifier import CLASSIFIER_FILE, DEFAULT_CLASSIFIER_DIR, classifier_path, load_classifier  # noqa: E402
+from classifier import main as classifier_main  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # 1. Image metrics
@@ -124,7 +108,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     from an 11×11 Gaussian window of σ = 1.5, C1 = (0.01 L)², C2 = (0.03 L)², L = data_range.
     """
     if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 1:
-        raise ValueError(f"ssim expects two (N, 1, H, W) tensors of equal shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(f"ssim expects two (N, 1, H, W) tensors of equal shape, "
+                         f"got {tuple(x.shape)}, {tuple(y.shape)}")
     window = gaussian_window().to(x.device)
     x, y = x.double(), y.double()
     mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)  # (N, 1, H-10, W-10)
@@ -132,8 +117,30 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     var_y = F.conv2d(y * y, window) - mu_y**2  # σy²
     cov_xy = F.conv2d(x * y, window) - mu_x * mu_y  # σxy
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    numerator = (2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
+    ssim_map = numerator / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))  # (N, 1, H-10, W-10)
     return ssim_map.flatten(1).mean(1).float()  # (N,)
+
+
+def frame_scores(prediction: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-frame MSE, MAE (summed over pixels), PSNR and SSIM of videos (B, T, 1, H, W) → each (B, T)."""
+    B, T = truth.shape[:2]
+    x_hat, x = prediction.float().flatten(0, 1), truth.float().flatten(0, 1)  # (B·T, 1, H, W)
+    scores = {"mse": frame_mse(x_hat, x), "mae": (x_hat - x).abs().flatten(1).sum(1),
+              "psnr": psnr(x_hat, x), "ssim": ssim(x_hat, x)}
+    return {name: value.view(B, T) for name, value in scores.items()}
+
+
+def batches(clips, size: int) -> list[tuple[int, list[dict]]]:
+    """The items of a dataset in consecutive batches: [(index of the batch's first item, its items)]."""
+    return [(first, [clips[i] for i in range(first, min(first + size, len(clips)))])
+            for first in range(0, len(clips), size)]
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    """What a report says of how its samples were drawn (the flags of runtime.add_sampling_flags)."""
+    return {"temperature": args.temperature, "top_k": args.top_k or None, "seed": args.seed,
+            "ckpt": str(args.ckpt)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +151,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 def frames_read(videos: torch.Tensor, items: list[dict], classifier) -> torch.Tensor:
     """How many of the clips' frames 10 … 19 the reader reads right (`digits_found`): videos
     (B, 20, 1, 64, 64) in [0, 1], one clip item per video → (10,) counts."""
-    return torch.tensor([sum(digits_found(video[t], item["digits"], classifier) for video, item in zip(videos, items))
+    return torch.tensor([sum(reader.digits_found(video[t], item["digits"], classifier)
+                             for video, item in zip(videos, items))
                          for t in range(10, 20)], dtype=torch.float64)  # (10,)
 
 
@@ -158,24 +166,20 @@ def recon_frames(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device
     and in the last one. A predictor drawing these codes can at best match the round trip."""
     clips = data.MovingMNIST("test", num_frames=20, num_digits=2, seed=0, length=num_sequences)
     totals = {"frame_mse": 0.0, "frame_mae": 0.0, "psnr": 0.0, "ssim": 0.0}
-    found = {name: torch.zeros(10, dtype=torch.float64) for name in ("real", "recon")}  # clips read right, frames 10 … 19
+    found = {name: torch.zeros(10, dtype=torch.float64) for name in ("real", "recon")}  # per frame 10 … 19
     used = torch.zeros(model.codebook_size, dtype=torch.bool)
     frames = 0
-    for first in range(0, num_sequences, batch_size):
-        items = [clips[i] for i in range(first, min(first + batch_size, num_sequences))]
+    for _, items in batches(clips, batch_size):
         video = torch.stack([item["video"] for item in items]).to(device)  # (B, T, 1, 64, 64)
         tokens = model.encode_video(video)  # (B, T, h, w)
-        x = video.flatten(0, 1)  # (B·T, 1, 64, 64)
-        x_rec = model.decode_video(tokens).float().clamp(0, 1).flatten(0, 1)  # (B·T, 1, 64, 64)
-        totals["frame_mse"] += frame_mse(x_rec, x).sum().item()
-        totals["frame_mae"] += (x_rec - x).abs().flatten(1).sum(1).sum().item()
-        totals["psnr"] += psnr(x_rec, x).sum().item()
-        totals["ssim"] += ssim(x_rec, x).sum().item()
+        x_rec = model.decode_video(tokens).float().clamp(0, 1)  # (B, T, 1, 64, 64)
+        for name, value in frame_scores(x_rec, video).items():  # each (B, T)
+            totals[name if name in ("psnr", "ssim") else f"frame_{name}"] += value.sum().item()
         used[tokens.flatten().unique().cpu()] = True
-        frames += len(x)
+        frames += video.shape[0] * video.shape[1]
         if classifier is not None:
             found["real"] += frames_read(video.float().clamp(0, 1).cpu(), items, classifier)
-            found["recon"] += frames_read(x_rec.view(video.shape).cpu(), items, classifier)
+            found["recon"] += frames_read(x_rec.cpu(), items, classifier)
     metrics = {name: total / frames for name, total in totals.items()}
     metrics["codebook_usage"] = used.float().mean().item()
     metrics["frames"] = frames
@@ -188,13 +192,13 @@ def recon_frames(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device
 
 @torch.no_grad()
 def recon_sketches(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device: torch.device) -> dict:
-    """Pixel accuracy of VQ-GAN-Seg on held-out sketch maps (unseen digit-motion pairs, MNIST test digits)."""
+    """Pixel accuracy of VQ-GAN-Seg on held-out sketch maps (unseen digit-motion pairs, MNIST test
+    digits)."""
     clips = data.CaptionedMovingMNIST("heldout", num_frames=10, num_digits=2, seed=0, length=num_sequences)
     correct = foreground_correct = foreground = pixels = 0
     used = torch.zeros(model.codebook_size, dtype=torch.bool)
-    for first in range(0, num_sequences, batch_size):
-        sketch = torch.stack([clips[i]["sketch"] for i in range(first, min(first + batch_size, num_sequences))])
-        sketch = sketch.to(device)  # (B, T, 64, 64)
+    for _, items in batches(clips, batch_size):
+        sketch = torch.stack([item["sketch"] for item in items]).to(device)  # (B, T, 64, 64)
         tokens = model.encode_sketch(sketch)  # (B, T, h, w)
         rec = model.decode_sketch(tokens)  # (B, T, 64, 64)
         correct += (rec == sketch).sum().item()
@@ -203,7 +207,8 @@ def recon_sketches(model: vqgan.VQGAN, num_sequences: int, batch_size: int, devi
         foreground += digit_pixels.sum().item()
         pixels += sketch.numel()
         used[tokens.flatten().unique().cpu()] = True
-    return {"pixel_accuracy": correct / pixels, "foreground_accuracy": foreground_correct / max(foreground, 1),
+    return {"pixel_accuracy": correct / pixels,
+            "foreground_accuracy": foreground_correct / max(foreground, 1),
             "codebook_usage": used.float().mean().item(), "frames": pixels // sketch[0, 0].numel()}
 
 
@@ -213,7 +218,8 @@ def run_recon(args: argparse.Namespace) -> dict:
     is_seg = model.config.rec_loss == "ce"
     if is_seg:
         if args.classifier:
-            raise ValueError(f"--classifier reads digits in frames; {args.ckpt} is a sketch tokenizer (VQ-GAN-Seg)")
+            raise ValueError(f"--classifier reads digits in frames; {args.ckpt} is a sketch tokenizer "
+                             "(VQ-GAN-Seg)")
         metrics = recon_sketches(model, args.num_sequences, args.batch_size, device)
     else:
         classifier = load_classifier(args.classifier, args.device) if args.classifier else None
@@ -227,65 +233,14 @@ def run_recon(args: argparse.Namespace) -> dict:
 
 @torch.no_grad()
 def save_recon_grid(model: vqgan.VQGAN, is_seg: bool, path: str, device: torch.device) -> None:
-    """A PNG of test clips and their reconstructions (train.py's visualisers draw it)."""
-    import train
-
-    (train.visualise_sketches if is_seg else train.visualise_frames)(model.to(device), model.config, path)
+    """A PNG of test clips and their reconstructions (the pictures of the tokenizer stages draw it)."""
+    (stages.visualise_sketches if is_seg else stages.visualise_frames)(model.to(device), model.config, path)
     print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. `classifier`: train or load the digit classifier (judge.py), report its accuracy
+# 3. Caption accuracy, and `caption-check`: the reader on real clips
 # ---------------------------------------------------------------------------------------------
-
-
-def run_classifier(args: argparse.Namespace) -> dict:
-    """Train (or load, when DIR/classifier.pt exists) and report accuracy on the MNIST test set."""
-    path = classifier_path(args.out)
-    loaded = path.exists() and not args.retrain
-    if loaded:  # a corrupt file raises here: it is never silently overwritten (use --retrain)
-        model = load_classifier(path, args.device)
-    else:
-        config = ClassifierConfig(epochs=args.epochs, seed=args.seed)
-        print(f"seed {config.seed}; training the digit classifier on {torch.get_num_threads()} CPU thread(s)")
-        model = train_classifier(config, max_seconds=args.max_seconds, device=args.device)
-    x, y = digits_as_tensors("test")
-    metrics = {"test_accuracy": classifier_accuracy(model, x, y),
-               "shifted_test_accuracy": classifier_accuracy(model, x, y, max_shift=SHIFTED_TEST_SHIFT),
-               "train_seconds": model.info.get("train_seconds"), "steps": model.info.get("steps"),
-               "loaded": loaded, "path": str(path)}
-    changed = not loaded
-    if not loaded:
-        model.info.update(test_accuracy=metrics["test_accuracy"], shifted_test_accuracy=metrics["shifted_test_accuracy"])
-    if model.pair is None:  # also for a file written before the pair classifier existed
-        print(f"training the pair classifier (overlapping digits) on {torch.get_num_threads()} CPU thread(s)")
-        model.pair = train_pair_classifier(PairConfig(steps=args.pair_steps, seed=args.seed),
-                                           max_seconds=args.max_seconds, device=args.device)
-        model.pair.info["pair_accuracy"] = pair_accuracy(model.pair)
-        changed = True
-    metrics.update(pair_accuracy=model.pair.info.get("pair_accuracy"),
-                   pair_train_seconds=model.pair.info.get("train_seconds"), pair_steps=model.pair.info.get("steps"))
-    if changed:
-        save_classifier(model, path)
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Caption scores, and `caption-check`: the reader on real clips
-# ---------------------------------------------------------------------------------------------
-
-
-def score_reading(reading: VideoReading, digits: list[int], motions: list[str]) -> dict[str, bool]:
-    """Compare a reading with the caption's (digits, motions). Order-free: "digit 3 … and digit 7 …"
-    equals "digit 7 … and digit 3 …".
-
-    caption: the set of (digit, motion) pairs matches;  digit: the digits match, whatever they do;
-    motion: the motion phrases match, whoever does them."""
-    read_pairs = sorted((d, m or "") for d, m in zip(reading.digits, reading.motions))
-    true_pairs = sorted(zip((int(d) for d in digits), motions))
-    return {"caption": read_pairs == true_pairs,
-            "digit": sorted(d for d, _ in read_pairs) == sorted(d for d, _ in true_pairs),
-            "motion": sorted(m for _, m in read_pairs) == sorted(m for _, m in true_pairs)}
 
 
 def accuracies(scores: list[dict[str, bool]]) -> dict:
@@ -312,11 +267,12 @@ def run_caption_check(args: argparse.Namespace) -> dict:
     tokenizer = vqgan.load_vqgan(args.vqgan, map_location=args.device).to(args.device) if args.vqgan else None
     scores: dict[tuple[str, int], list] = {}
     overlapping, misreads = [], []
-    bar = tqdm(total=len(CAPTION_SPLITS) * 2 * args.num_videos, desc="caption-check", unit="video")
+    bar = runtime.progress(total=len(CAPTION_SPLITS) * 2 * args.num_videos, desc="caption-check",
+                           unit="video")
     for name, split in CAPTION_SPLITS.items():
         for num_digits in (1, 2):
-            clips = data.CaptionedMovingMNIST(split, num_frames=args.frames, num_digits=num_digits, seed=args.seed,
-                                              length=args.num_videos)
+            clips = data.CaptionedMovingMNIST(split, num_frames=args.frames, num_digits=num_digits,
+                                              seed=args.seed, length=args.num_videos)
             group = scores[(name, num_digits)] = []
             for index in range(len(clips)):
                 item = clips[index]
@@ -324,8 +280,8 @@ def run_caption_check(args: argparse.Namespace) -> dict:
                 if tokenizer is not None:
                     tokens = tokenizer.encode_video(video[None].to(args.device))  # (1, T, h, w)
                     video = tokenizer.decode_video(tokens).float().clamp(0, 1)[0].cpu()
-                reading = read_video(video, classifier, num_digits)
-                group.append(score_reading(reading, item["digits"].tolist(), item["motions"]))
+                reading = reader.read_video(video, classifier, num_digits)
+                group.append(reader.score_reading(reading, item["digits"].tolist(), item["motions"]))
                 if reading.cut == "kmeans":
                     overlapping.append(group[-1])
                 if not group[-1]["caption"] and len(misreads) < MAX_MISREADS_SHOWN:
@@ -345,7 +301,7 @@ def run_caption_check(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Fréchet LeNet Distance (FLD)
+# 4. Fréchet LeNet Distance (FLD)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -378,122 +334,78 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return float(max(d2, 0.0))  # exact copies give ±1e-12 from rounding
 
 
-def reading_features(readings: list[VideoReading]) -> np.ndarray:
-    """Penultimate features (n, F) of every blob crop in every frame of the readings: FLD's samples.
-    A frame's blobs are what the classifier saw of it, so digits drawn badly move the features."""
-    rows = [blob.features for reading in readings for frame in reading.blobs for blob in frame]
-    return np.stack(rows) if rows else np.zeros((0, 0))
-
-
 def fld_or_nan(generated: np.ndarray, real: np.ndarray) -> float:
     """FLD, or NaN when one side has fewer than 2 crops (a model that draws no digits at all)."""
     return frechet_distance(generated, real) if len(generated) >= 2 and len(real) >= 2 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. t2v: text → video, judged by the reader (caption accuracy) and by FLD
+# 5. t2v: text → video, judged by the reader (caption accuracy) and by FLD
 # ---------------------------------------------------------------------------------------------
 
 
-def sampling_options(args: argparse.Namespace, device: str) -> dict:
-    """nuwa.generate's sampling arguments from the flags, with one seeded generator for the run."""
-    return dict(temperature=args.temperature, top_k=args.top_k or None,
-                generator=torch.Generator(device=device).manual_seed(args.seed))
-
-
-def load_models(args: argparse.Namespace):
-    """A NÜWA checkpoint and the VQ-GAN it records, through sample.py's `Models` (one loader)."""
-    import sample
-
-    return sample.Models(args.ckpt, args.vqgan, device=args.device)
+def load_models(args: argparse.Namespace) -> tasks.Models:
+    """A NÜWA checkpoint and the VQ-GAN it records (tasks.Models: the one loader sample.py uses too)."""
+    return tasks.Models(args.ckpt, args.vqgan, device=args.device)
 
 
 @torch.no_grad()
 def run_t2v(args: argparse.Namespace) -> dict:
     """Generate a video for each caption of the seen and held-out test splits; read it back."""
-    import nuwa
-
     models = load_models(args)
     classifier = load_classifier(args.classifier, args.device)
     config = models.nuwa.config
     frames, num_digits = args.frames or config.frames, args.num_digits or config.num_digits
-    sampling = {**sampling_options(args, args.device), "guidance_scale": args.guidance}
+    sampling = {**runtime.sampling_options(args, args.device), "guidance_scale": args.guidance}
     if args.redraw_empty:
         sampling["blank_codes"] = models.vqgan.blank_codes()
     print(f"seed {args.seed}; {frames} frames, {num_digits} digit(s); temperature {args.temperature}, "
           f"top-k {args.top_k or 'off'}, guidance {args.guidance or 'off'}, redraw empty frame 0 "
           f"{'on' if args.redraw_empty else 'off'}")
     metrics, all_scores, real_scores, generated, real = {}, [], [], [], []
-    bar = tqdm(total=len(CAPTION_SPLITS) * args.num_videos, desc="t2v", unit="video")
+    bar = runtime.progress(total=len(CAPTION_SPLITS) * args.num_videos, desc="t2v", unit="video")
     for name, split in CAPTION_SPLITS.items():
         clips = data.CaptionedMovingMNIST(split, num_frames=frames, num_digits=num_digits, seed=0,
                                           length=args.num_videos)
         scores = []
-        for first in range(0, len(clips), args.batch_size):
-            items = [clips[i] for i in range(first, min(first + args.batch_size, len(clips)))]
-            tokens = nuwa.text_to_video(models.nuwa, [item["caption"] for item in items], frames, **sampling)
+        for _, items in batches(clips, args.batch_size):
+            tokens = tasks.text_to_video(models.nuwa, [item["caption"] for item in items], frames, **sampling)
             videos = models.pixels(tokens)  # (B, T, 1, 64, 64) in [0, 1]
             for video, item in zip(videos, items):
-                reading = read_video(video, classifier, num_digits)
-                scores.append(score_reading(reading, item["digits"].tolist(), item["motions"]))
+                reading = reader.read_video(video, classifier, num_digits)
+                scores.append(reader.score_reading(reading, item["digits"].tolist(), item["motions"]))
                 generated.append(reading)
-                real.append(read_video(item["video"], classifier, num_digits))  # the clip the caption came from
-                real_scores.append(score_reading(real[-1], item["digits"].tolist(), item["motions"]))
+                real.append(reader.read_video(item["video"], classifier, num_digits))  # the caption's clip
+                real_scores.append(reader.score_reading(real[-1], item["digits"].tolist(), item["motions"]))
             bar.update(len(items))
         metrics[name] = accuracies(scores)
         all_scores += scores
     bar.close()
     metrics.update(accuracies(all_scores))
-    metrics["fld"] = fld_or_nan(reading_features(generated), reading_features(real))
+    metrics["fld"] = fld_or_nan(reader.reading_features(generated), reader.reading_features(real))
     # FLD is biased upwards, the more the fewer the crops (F = 128 features from a few thousand
     # crops of a few hundred digits), so a model's FLD means something only next to what a perfect
     # generator would score at the same size: an independent real set (other digits and starts, seed 1).
-    other = [read_video(clips_other[i]["video"], classifier, num_digits)
+    other = [reader.read_video(clips_other[i]["video"], classifier, num_digits)
              for split in CAPTION_SPLITS.values()
              for clips_other in [data.CaptionedMovingMNIST(split, num_frames=frames, num_digits=num_digits,
                                                            seed=REAL_FLOOR_SEED, length=args.num_videos)]
              for i in range(len(clips_other))]
-    metrics["fld_real_floor"] = fld_or_nan(reading_features(other), reading_features(real))
+    metrics["fld_real_floor"] = fld_or_nan(reader.reading_features(other), reader.reading_features(real))
     metrics["real_caption_accuracy"] = accuracies(real_scores)["caption_accuracy"]  # the judge on the truth
-    metrics.update(frames=frames, num_digits=num_digits, temperature=args.temperature, top_k=args.top_k or None,
-                   guidance=args.guidance, redraw_empty=args.redraw_empty, seed=args.seed, ckpt=str(args.ckpt))
+    metrics.update(frames=frames, num_digits=num_digits, guidance=args.guidance,
+                   redraw_empty=args.redraw_empty, **sampling_settings(args))
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. predict: 10 → 10 video prediction (NÜWA's V2V task) next to the copy-last-frame baseline
+# 6. predict: 10 → 10 video prediction (NÜWA's V2V task) next to the copy-last-frame baseline
 # ---------------------------------------------------------------------------------------------
 
 
-def frame_scores(prediction: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-frame MSE, MAE (summed over pixels), PSNR and SSIM of videos (B, T, 1, H, W) → each (B, T)."""
-    B, T = truth.shape[:2]
-    x_hat, x = prediction.float().flatten(0, 1), truth.float().flatten(0, 1)  # (B·T, 1, H, W)
-    scores = {"mse": frame_mse(x_hat, x), "mae": (x_hat - x).abs().flatten(1).sum(1),
-              "psnr": psnr(x_hat, x), "ssim": ssim(x_hat, x)}
-    return {name: value.view(B, T) for name, value in scores.items()}
-
-
-def digits_found(frame: torch.Tensor, digits: torch.Tensor, classifier) -> bool:
-    """Does the reader find exactly the clip's digits (one or two) in one frame (1, 64, 64)? A
-    prediction that keeps its digits legible to the end passes; one that dissolves them does not.
-    As many ink blobs as digits or more: the classifier names the biggest ones; two digits in one blob
-    (they overlap): the pair classifier names both, when the classifier file has one."""
-    frames = as_frames(frame)  # (1, H, W)
-    blobs = locate_digits(frames)[0]  # biggest first
-    count = len(digits)
-    if len(blobs) >= count:
-        classify_blobs(frames, [(0, blob) for blob in blobs[:count]], classifier)
-        found = [blob.label for blob in blobs[:count]]
-    elif count == 2 and blobs and getattr(classifier, "pair", None) is not None:
-        found = list(read_pair(frames, [blobs], classifier.pair))
-    else:
-        return False
-    return sorted(found) == sorted(digits.tolist())
-
-
 def copy_last_frame(video: torch.Tensor, given: int) -> torch.Tensor:
-    """The baseline predictor: the last given frame, repeated. (B, T, …) → frames given … T−1 (B, T − given, …)."""
+    """The baseline predictor: the last given frame, repeated. (B, T, …) → frames given … T−1
+    (B, T − given, …)."""
     if not 0 < given < video.shape[1]:
         raise ValueError(f"need 0 < given < T frames, got given={given} for T={video.shape[1]}")
     last = video[:, given - 1:given]  # (B, 1, ...)
@@ -504,25 +416,22 @@ def copy_last_frame(video: torch.Tensor, given: int) -> torch.Tensor:
 def run_predict(args: argparse.Namespace) -> dict:
     """NÜWA V2V on our Moving MNIST test set (seed 0; 2 digits, or 1 with --num-digits 1): the first
     `given` real frames are tokenized and forced, the rest sampled; scores over the predicted frames only."""
-    import nuwa
-
     if not 0 < args.given < args.frames:
         raise ValueError(f"need 0 < --given < --frames, got {args.given} and {args.frames}")
     models = load_models(args)
     classifier = load_classifier(args.classifier, args.device)
-    sampling = sampling_options(args, args.device)
+    sampling = runtime.sampling_options(args, args.device)
     clips = data.MovingMNIST("test", num_frames=args.frames, num_digits=args.num_digits, seed=0,
                              length=args.num_videos)
     found: dict[str, int] = {}  # every digit of the clip read in the last frame, per candidate
-    print(f"seed {args.seed}; {args.num_digits} digit(s); {args.given} → {args.frames - args.given} frames; temperature "
-          f"{args.temperature}, top-k {args.top_k or 'off'}")
+    print(f"seed {args.seed}; {args.num_digits} digit(s); {args.given} → {args.frames - args.given} frames; "
+          f"temperature {args.temperature}, top-k {args.top_k or 'off'}")
     sums: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(clips), desc="predict", unit="video")
-    for first in range(0, len(clips), args.batch_size):
-        items = [clips[i] for i in range(first, min(first + args.batch_size, len(clips)))]
-        video = torch.stack([item["video"] for item in items])
+    bar = runtime.progress(total=len(clips), desc="predict", unit="video")
+    for _, items in batches(clips, args.batch_size):
+        video = torch.stack([item["video"] for item in items])  # (B, T, 1, 64, 64)
         tokens = models.tokens(video)  # (B, T, h, w): every real frame tokenized
-        predicted = nuwa.predict_video(models.nuwa, tokens[:, :args.given], args.frames, window=args.window,
+        predicted = tasks.predict_video(models.nuwa, tokens[:, :args.given], args.frames, window=args.window,
                                         **sampling)  # (B, T, h, w)
         truth = video[:, args.given:]  # (B, T - given, 1, 64, 64)
         candidates = {"": models.pixels(predicted)[:, args.given:],  # NÜWA
@@ -538,24 +447,25 @@ def run_predict(args: argparse.Namespace) -> dict:
                 for name, value in frame_scores(prediction, truth).items():
                     sums[prefix + name] = sums.get(prefix + name, 0) + value.sum(0)  # (T - given,)
             if prefix != "blank_":
-                found[prefix] = found.get(prefix, 0) + sum(
-                    digits_found(prediction[b, -1].float().clamp(0, 1).cpu(), item["digits"], classifier)
-                    for b, item in enumerate(items))
+                last = prediction[:, -1].float().clamp(0, 1).cpu()  # (B, 1, 64, 64)
+                read = [reader.digits_found(frame, item["digits"], classifier)
+                        for frame, item in zip(last, items)]
+                found[prefix] = found.get(prefix, 0) + sum(read)
         bar.update(len(video))
     bar.close()
     metrics = {name: (total.sum() / (len(clips) * total.numel())).item() for name, total in sums.items()}
     metrics["mse_per_frame"] = [round(v, 3) for v in (sums["mse"] / len(clips)).tolist()]
-    metrics.update({f"{prefix}last_frame_digits": count / len(clips) for prefix, count in found.items()})
-    if args.num_digits == 2:  # the name these figures had before --num-digits (README, notes)
-        metrics.update({f"{prefix}last_frame_both_digits": count / len(clips) for prefix, count in found.items()})
+    for prefix, count in found.items():
+        metrics[f"{prefix}last_frame_digits"] = count / len(clips)
+        if args.num_digits == 2:  # the name these figures had before --num-digits (README, notes)
+            metrics[f"{prefix}last_frame_both_digits"] = count / len(clips)
     metrics.update(num_videos=len(clips), num_digits=args.num_digits, given=args.given, frames=args.frames,
-                   temperature=args.temperature, top_k=args.top_k or None, seed=args.seed, window=args.window,
-                   ckpt=str(args.ckpt))
+                   window=args.window, **sampling_settings(args))
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------
-# 8a. word-use: does the model listen to each kind of caption word? (a likelihood test)
+# 7. word-use: does the model listen to each kind of caption word? (a likelihood test)
 # ---------------------------------------------------------------------------------------------
 
 # What each kind of word is changed to. Flipping every direction word keeps the caption valid and
@@ -576,19 +486,18 @@ def run_word_use(args: argparse.Namespace) -> dict:
     share of clips better explained by the true caption (chance 0.5) say how much. No sampling and
     no judge: it isolates the text → video link. Where a digit goes first is decided in frame 1
     (only the caption says it); from frame 2 on the frames themselves show the motion."""
-    import nuwa
-
     models = load_models(args)
     model, tokenizer = models.nuwa.eval(), models.vqgan
     frames = args.frames or model.config.frames
     clips = data.CaptionedMovingMNIST("test", num_frames=frames, num_digits=1, seed=0, length=args.num_videos)
     nats = {kind: torch.zeros(len(clips), frames) for kind in ("true", *WORD_CHANGES)}  # (n, T) per caption
-    for first in tqdm(range(0, len(clips), args.batch_size), desc="word-use", unit="batch"):
-        items = [clips[i] for i in range(first, min(first + args.batch_size, len(clips)))]
-        tokens = tokenizer.encode_video(torch.stack([item["video"] for item in items]).to(args.device))  # (b, T, h, w)
+    for first, items in runtime.progress(batches(clips, args.batch_size), desc="word-use", unit="batch"):
+        video = torch.stack([item["video"] for item in items]).to(args.device)  # (b, T, 1, 64, 64)
+        tokens = tokenizer.encode_video(video)  # (b, T, h, w)
         for kind in nats:
-            captions = [item["caption"] if kind == "true" else changed_caption(item["caption"], kind) for item in items]
-            cond = nuwa.text_condition(model.tokenizer, captions)
+            captions = [item["caption"] if kind == "true" else changed_caption(item["caption"], kind)
+                        for item in items]
+            cond = nuwa.text_condition(model.vocabulary, captions)
             per_token = model.token_nats(cond._replace(tokens=cond.tokens.to(args.device)), tokens)  # (b, N)
             nats[kind][first:first + len(items)] = per_token.view(len(items), frames, -1).sum(-1).cpu()
     metrics = {"true_nats_per_frame": [round(v, 3) for v in nats["true"].mean(0).tolist()]}
@@ -602,29 +511,9 @@ def run_word_use(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# 8b. infinity: does a canvas far wider than training still read as digits, slot by slot?
+# 8. infinity: does a canvas far wider than training still read as digits, slot by slot?
 # ---------------------------------------------------------------------------------------------
 LEGIBLE_CONFIDENCE = 0.9  # a slot reads as a digit when the classifier gives its biggest blob ≥ 90 %
-
-
-@torch.no_grad()
-def read_slots(canvases: torch.Tensor, classifier, slot: int) -> list[tuple[int, float]]:
-    """Cut canvases (B, 1, H, W) into slot-wide columns (the training canvases put one digit in each
-    32 px column) and read each: (digit, confidence) of its biggest ink blob, or (-1, 0.0) if none.
-    A slot is centred in a 64-px-wide black frame so the reader sees what it was built for."""
-    B, _, H, W = canvases.shape
-    if W % slot:
-        raise ValueError(f"canvas width {W} is not a multiple of the {slot} px slot")
-    frames = canvases[:, 0].unfold(-1, slot, slot).permute(0, 2, 1, 3).reshape(-1, H, slot)  # (B·W/slot, H, slot)
-    side = max(0, data.CANVAS - slot)
-    frames = F.pad(frames.float().cpu(), (side // 2, side - side // 2))  # (n, H, 64)
-    found = locate_digits(frames[:, None])
-    biggest = [(t, blobs[0]) for t, blobs in enumerate(found) if blobs]
-    classify_blobs(frames, biggest, classifier)
-    readings = [(-1, 0.0)] * len(frames)
-    for t, blob in biggest:
-        readings[t] = (blob.label, blob.confidence)
-    return readings
 
 
 def legibility(readings: list[tuple[int, float]], allowed: list[set[int] | None] | None = None) -> dict:
@@ -644,38 +533,38 @@ def run_infinity(args: argparse.Namespace) -> dict:
     """NÜWA-Infinity: generate canvases --height × --width (e.g. 64×512, 4× the training width) and
     read every 32 px slot; next to the same reading of real held-out canvases of that size (the
     ceiling) and of their tokenizer reconstructions (what the VQ-GAN alone keeps)."""
-    import infinity
-
-    model, tokenizer = infinity.load_with_tokenizer(args.ckpt, vqgan_ckpt=args.vqgan, map_location=args.device)
+    model, tokenizer = infinity.load_with_tokenizer(args.ckpt, vqgan_ckpt=args.vqgan,
+                                                    map_location=args.device)
     classifier = load_classifier(args.classifier, args.device)
-    sampling = sampling_options(args, args.device)
+    sampling = runtime.sampling_options(args, args.device)
     if model.config.data == "video":
         return run_infinity_video(args, model, tokenizer, classifier, sampling)
-    real = infinity.DigitCanvases("test", args.height, args.width, seed=0, length=args.num_canvases)
+    real = stages.DigitCanvases("test", args.height, args.width, seed=0, length=args.num_canvases)
     # Half the canvases are captioned with a real canvas's digit set, half are not (the "None" caption).
     captions = [real[i]["caption"] if i % 2 == 0 else None for i in range(len(real))]
-    print(f"seed {args.seed}; {len(real)} canvases of {args.height}×{args.width} px, order {args.direction!r}; "
-          f"temperature {args.temperature}, top-k {args.top_k or 'off'}")
+    print(f"seed {args.seed}; {len(real)} canvases of {args.height}×{args.width} px, "
+          f"order {args.direction!r}; temperature {args.temperature}, top-k {args.top_k or 'off'}")
     made, start = [], time.perf_counter()
-    for first in tqdm(range(0, len(real), args.batch_size), desc="canvases", unit="batch"):
+    for first in runtime.progress(range(0, len(real), args.batch_size), desc="canvases", unit="batch"):
         batch = captions[first:first + args.batch_size]
         guided = args.guidance if any(c is not None for c in batch) else None  # a "None" row is its own guide
         made.append(infinity.generate_canvas(model, tokenizer, args.height, args.width, args.direction,
-                                             captions=batch, batch_size=len(batch), guidance=guided, **sampling).cpu())
+                                             captions=batch, batch_size=len(batch), guidance=guided,
+                                             **sampling).cpu())  # (b, 1, H, W)
     seconds = time.perf_counter() - start
     made = torch.cat(made)  # (N, 1, H, W)
     images = torch.stack([real[i]["image"] for i in range(len(real))])  # (N, 1, H, W)
     recon = tokenizer.decode(tokenizer.encode(images.to(args.device))).float().clamp(0, 1).cpu()
     slots = args.width // infinity.SLOT_PX
     allowed = [set(map(int, c.split())) if c else None for c in captions for _ in range(slots)]
-    metrics = legibility(read_slots(made, classifier, infinity.SLOT_PX), allowed)
-    metrics.update({f"real_{k}": v for k, v in legibility(read_slots(images, classifier, infinity.SLOT_PX)).items()})
-    metrics.update({f"recon_{k}": v for k, v in legibility(read_slots(recon, classifier, infinity.SLOT_PX)).items()})
-    training = (model.config.canvas_height, model.config.canvas_width)
+    metrics = legibility(reader.read_slots(made, classifier, infinity.SLOT_PX), allowed)
+    for prefix, canvases in (("real_", images), ("recon_", recon)):  # the ceiling, and what the VQ-GAN keeps
+        read = legibility(reader.read_slots(canvases, classifier, infinity.SLOT_PX))
+        metrics.update({prefix + name: value for name, value in read.items()})
     metrics.update(slots=slots * len(real), num_canvases=len(real), canvas=[args.height, args.width],
-                   training_canvas=list(training), direction=args.direction, seconds_per_canvas=seconds / len(real),
-                   guidance=args.guidance,
-                   temperature=args.temperature, top_k=args.top_k or None, seed=args.seed, ckpt=str(args.ckpt))
+                   training_canvas=[model.config.canvas_height, model.config.canvas_width],
+                   direction=args.direction, seconds_per_canvas=seconds / len(real), guidance=args.guidance,
+                   **sampling_settings(args))
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         rows = [infinity.tiles(c) for c in made[:4]] + [infinity.tiles(c) for c in images[:2]]
@@ -699,10 +588,8 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
     last_frames_read: share of those frames read as the given digit. moving: share of videos whose digit
     (the biggest blob) moves ≥ 1 px per frame on average over the last 10 frames, so a model that
     froze the digit is seen for what it is (a frozen digit stays legible)."""
-    import infinity
-
     frames = args.frames or 100
-    # A model trained on captioned clips gets each clip's digit name (--no-caption: "None", to see what it adds).
+    # A model trained on captioned clips gets its clip's digit name (--no-caption: "None": what does it add?).
     captioned = model.config.video_captions and not args.no_caption
     if not 0 < args.given < frames:
         raise ValueError(f"need 0 < --given < --frames, got {args.given} and {frames}")
@@ -710,32 +597,28 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
     print(f"seed {args.seed}; {len(clips)} one-digit clips; {args.given} given → {frames} frames; "
           f"temperature {args.temperature}, top-k {args.top_k or 'off'}")
     read, per_frame, moving, made, start = [], [], [], [], time.perf_counter()
-    for first in tqdm(range(0, len(clips), args.batch_size), desc="videos", unit="batch"):
-        items = [clips[i] for i in range(first, min(first + args.batch_size, len(clips)))]
+    for _, items in runtime.progress(batches(clips, args.batch_size), desc="videos", unit="batch"):
         given = torch.stack([item["video"] for item in items])  # (b, given, 1, 64, 64)
-        captions = [infinity.clip_caption(item["digits"]) if captioned else None for item in items]
+        captions = [stages.clip_caption(item["digits"]) if captioned else None for item in items]
         videos = infinity.generate_video(model, tokenizer, frames, given_frames=given, batch_size=len(items),
                                          captions=captions, guidance=args.guidance if captioned else None,
                                          **sampling).cpu()  # (b, frames, 1, 64, 64)
         for video, item in zip(videos, items):
             digit = int(item["digits"][0])
-            last = video[-LAST_FRAMES:]  # (10, 1, 64, 64)
-            blobs = locate_digits(last)
-            biggest = [(t, found[0]) for t, found in enumerate(blobs) if found]
-            classify_blobs(last[:, 0], biggest, classifier)
-            hits = sum(blob.label == digit for _, blob in biggest)
+            seen = [b for b in reader.read_biggest(video[-LAST_FRAMES:], classifier) if b is not None]
+            hits = sum(blob.label == digit for blob in seen)
             read.append(hits > LAST_FRAMES // 2)
             per_frame.append(hits / LAST_FRAMES)
-            centres = [(blob.y, blob.x) for _, blob in biggest]
+            centres = [(blob.y, blob.x) for blob in seen]
             steps = [math.dist(a, b) for a, b in zip(centres, centres[1:])]
             moving.append(bool(steps) and float(np.mean(steps)) >= 1.0)
         made.append(videos)
     seconds = time.perf_counter() - start
-    metrics = {"still_read": float(np.mean(read)), "last_frames_read": float(np.mean(per_frame)), "captioned": captioned,
-               "moving": float(np.mean(moving)), "num_videos": len(clips), "frames": frames, "given": args.given,
-               "training_frames": model.config.frames, "seconds_per_video": seconds / len(clips),
-               "guidance": args.guidance if captioned else None,
-               "temperature": args.temperature, "top_k": args.top_k or None, "seed": args.seed, "ckpt": str(args.ckpt)}
+    metrics = {"still_read": float(np.mean(read)), "last_frames_read": float(np.mean(per_frame)),
+               "captioned": captioned, "moving": float(np.mean(moving)), "num_videos": len(clips),
+               "frames": frames, "given": args.given, "training_frames": model.config.frames,
+               "seconds_per_video": seconds / len(clips), "guidance": args.guidance if captioned else None,
+               **sampling_settings(args)}
     if args.grid:
         videos = torch.cat(made)[:4]  # (4, frames, 1, 64, 64)
         shown = list(range(0, frames, max(1, frames // 10)))[:10]
@@ -743,7 +626,7 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
         data.save_grid(rows, args.grid, captions=[f"frames {shown[0]}…{shown[-1]} of {frames}"] * len(rows),
                        max_frames=len(shown))
         gif = Path(args.grid).with_suffix(".gif")
-        data.save_gif([video for video in videos], gif, captions=[f"{frames} frames, {args.given} given"] * len(videos))
+        data.save_gif(list(videos), gif, captions=[f"{frames} frames, {args.given} given"] * len(videos))
         print(f"wrote {args.grid} and {gif}")
     return metrics
 
@@ -752,31 +635,26 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
 # 9. Command line
 # ---------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = {"recon": run_recon, "classifier": run_classifier, "caption-check": run_caption_check,
-               "t2v": run_t2v, "predict": run_predict, "word-use": run_word_use, "infinity": run_infinity}
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SUBCOMMANDS = {"recon": run_recon, "caption-check": run_caption_check, "t2v": run_t2v, "predict": run_predict,
+               "word-use": run_word_use, "infinity": run_infinity}
 
 
 def add_common(parser: argparse.ArgumentParser, threads: int = 1) -> None:
-    parser.add_argument("--device", default=DEFAULT_DEVICE)
+    parser.add_argument("--device", default=runtime.DEFAULT_DEVICE)
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--threads", type=int, default=threads,
-                        help="CPU threads for torch (default 1: small kernels; on a busy 2-core CPU 2 threads "
-                             "trained the classifier 5x slower than 1); 0 = torch's default")
+                        help="CPU threads for torch (default 1: small kernels; on a busy 2-core CPU 2 "
+                             "threads ran 5x slower than 1); 0 = torch's default")
 
 
-def add_sampling(parser: argparse.ArgumentParser) -> None:
+def add_model(parser: argparse.ArgumentParser, *, num_videos: int = 100) -> None:
+    """The checkpoint to measure, and how many videos, in batches of how many."""
     parser.add_argument("--ckpt", default="out/nuwa/ckpt.pt", help="NÜWA checkpoint (train.py --stage nuwa)")
-    parser.add_argument("--vqgan", default=None, help="override the VQ-GAN checkpoint the NÜWA checkpoint records")
-    parser.add_argument("--num-videos", "--num_videos", dest="num_videos", type=int, default=100)
+    parser.add_argument("--vqgan", default=None,
+                        help="override the VQ-GAN checkpoint the NÜWA checkpoint records")
+    parser.add_argument("--num-videos", "--num_videos", dest="num_videos", type=int, default=num_videos)
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16,
-                        help="videos generated together")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1: the model's own "
-                                                                        "distribution)")
-    parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=32,
-                        help="sample among the k likeliest codes, 0 = all (default 32: cuts the tail of rare "
-                             "codes that a small model draws as specks; NÜWA-LIP samples top-128 of 8192)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+                        help="videos generated (or scored) together")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -786,90 +664,85 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(VQ-GAN) or pixel accuracy (VQ-GAN-Seg)")
     recon.add_argument("--ckpt", required=True, help="checkpoint written by train.py --stage vqgan or seg")
     recon.add_argument("--num-sequences", "--num_sequences", dest="num_sequences", type=int, default=1000,
-                       help="test sequences to use (20 frames each for frames, 10 for sketches; default 1000)")
+                       help="test sequences to use (20 frames each for frames, 10 for sketches)")
     recon.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8,
                        help="sequences per forward pass")
     recon.add_argument("--grid", default="", help="also write a PNG of reconstructions to this path")
     recon.add_argument("--classifier", default="",
-                       help="a digit classifier folder (e.g. out/classifier): also report how often the reader finds "
-                            "both digits in real frames 10-19 and in their round trips (the ceiling of `predict`)")
+                       help="a digit classifier folder (e.g. out/classifier): also report how often the "
+                            "reader finds both digits in real frames 10-19 and in their round trips (the "
+                            "ceiling of `predict`)")
     add_common(recon, threads=0)
 
-    classifier = sub.add_parser("classifier", help="train (or load) the MNIST digit classifier; test accuracy")
-    classifier.add_argument("--out", default=DEFAULT_CLASSIFIER_DIR, help=f"folder of {CLASSIFIER_FILE}")
-    classifier.add_argument("--epochs", type=int, default=ClassifierConfig.epochs)
-    classifier.add_argument("--max-seconds", "--max_seconds", dest="max_seconds", type=float, default=0.0,
-                            help="stop training after this many seconds (0 = run all epochs)")
-    classifier.add_argument("--retrain", action="store_true", help="train even when the file exists")
-    classifier.add_argument("--pair-steps", "--pair_steps", dest="pair_steps", type=int, default=PairConfig.steps,
-                            help="steps of the pair classifier, which reads two overlapping digits")
-    classifier.add_argument("--seed", type=int, default=ClassifierConfig.seed)
-    add_common(classifier)
+    # An alias, not a measurement: main() hands everything after the word to classifier.py's command line.
+    sub.add_parser("classifier", add_help=False,
+                   help="alias of `python classifier.py`: train (or load) the digit classifier")
 
-    check = sub.add_parser("caption-check", help="caption accuracy of the digit reader on real held-out clips")
+    check = sub.add_parser("caption-check", help="caption accuracy of the reader on real held-out clips")
     check.add_argument("--out", default=DEFAULT_CLASSIFIER_DIR, help=f"folder of {CLASSIFIER_FILE}")
     check.add_argument("--num-videos", "--num_videos", dest="num_videos", type=int, default=250,
                        help="clips per group (seen / held-out × 1 / 2 digits; default 250, 1000 in all)")
     check.add_argument("--frames", type=int, default=10, help="frames per clip (NÜWA's T2V: 10)")
-    check.add_argument("--seed", type=int, default=0, help="seed of the clips (0: the clips t2v's captions come from; "
-                       "the reader's constants were tuned looking at those, so check another seed too)")
-    check.add_argument("--vqgan", default=None, help="read VQ-GAN reconstructions instead (the tokenizer's ceiling)")
+    check.add_argument("--seed", type=int, default=0,
+                       help="seed of the clips (0: the clips t2v's captions come from; the reader's "
+                            "constants were tuned looking at those, so check another seed too)")
+    check.add_argument("--vqgan", default=None,
+                       help="read VQ-GAN reconstructions instead (the tokenizer's ceiling)")
     add_common(check)
 
     t2v = sub.add_parser("t2v", help="text → video: caption accuracy (seen / held-out) and FLD")
-    add_sampling(t2v)
+    add_model(t2v)
+    runtime.add_sampling_flags(t2v)
     t2v.add_argument("--classifier", default=DEFAULT_CLASSIFIER_DIR, help=f"folder of {CLASSIFIER_FILE}")
     t2v.add_argument("--frames", type=int, default=0, help="frames per video (0 = the checkpoint's `frames`)")
-    t2v.add_argument("--num-digits", "--num_digits", dest="num_digits", type=int, default=0, choices=[0, 1, 2],
-                     help="digits per caption (0 = the checkpoint's `num_digits`)")
-    t2v.add_argument("--guidance", type=float, default=None,
-                     help="classifier-free guidance scale s (logits l_None + s·(l_caption − l_None); needs a model "
-                          "trained with cond_drop_prob > 0; default off)")
+    t2v.add_argument("--num-digits", "--num_digits", dest="num_digits", type=int, default=0,
+                     choices=[0, 1, 2], help="digits per caption (0 = the checkpoint's `num_digits`)")
     t2v.add_argument("--redraw-empty", "--redraw_empty", dest="redraw_empty", action="store_true",
-                     help="draw frame 0 again while it holds no ink (nuwa.text_to_image's blank_codes)")
+                     help="draw frame 0 again while it holds no ink (tasks.text_to_image's blank_codes)")
     add_common(t2v)
 
     predict = sub.add_parser("predict", help="video prediction: MSE, MAE, PSNR, SSIM vs copy-last-frame")
-    add_sampling(predict)
+    add_model(predict)
+    runtime.add_sampling_flags(predict, guidance=False)
     predict.add_argument("--given", type=int, default=10, help="real frames given (default 10)")
-    predict.add_argument("--frames", type=int, default=20, help="frames in all, given + predicted (default 20)")
-    predict.add_argument("--num-digits", "--num_digits", dest="num_digits", type=int, choices=(1, 2), default=2,
-                         help="digits per test clip (default 2, the classic Moving MNIST); 1 isolates carrying "
-                         "one digit from keeping two apart")
+    predict.add_argument("--frames", type=int, default=20, help="frames in all, given + predicted")
+    predict.add_argument("--num-digits", "--num_digits", dest="num_digits", type=int, choices=(1, 2),
+                         default=2, help="digits per test clip (default 2, the classic Moving MNIST); 1 "
+                         "isolates carrying one digit from keeping two apart")
     predict.add_argument("--window", type=int, default=None,
                          help="longest clip drawn in one pass; beyond it the prediction rolls (default: the "
-                         "clip length the model was trained on; nuwa.predict_video)")
+                         "clip length the model was trained on; tasks.predict_video)")
     predict.add_argument("--classifier", default=DEFAULT_CLASSIFIER_DIR,
                          help=f"folder of {CLASSIFIER_FILE} (reads the digits of the last predicted frame)")
     add_common(predict)
 
     words = sub.add_parser("word-use", help="does text→video read the caption's direction and digit words? "
                            "(nats of real clips under true and changed captions)")
-    words.add_argument("--ckpt", default="out/nuwa/ckpt.pt", help="NÜWA checkpoint (train.py --stage nuwa)")
-    words.add_argument("--vqgan", default=None, help="override the VQ-GAN checkpoint the NÜWA checkpoint records")
-    words.add_argument("--num-videos", "--num_videos", dest="num_videos", type=int, default=64,
-                       help="one-digit test clips (default 64)")
-    words.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16)
-    words.add_argument("--frames", type=int, default=0, help="frames per clip (0 = the checkpoint's `frames`)")
+    add_model(words, num_videos=64)  # one-digit test clips
+    words.add_argument("--frames", type=int, default=0,
+                       help="frames per clip (0 = the checkpoint's `frames`)")
     add_common(words, threads=0)
 
     wide = sub.add_parser("infinity", help="NÜWA-Infinity: share of a wide canvas's slots read as digits")
-    add_sampling(wide)
-    wide.set_defaults(ckpt="out/infinity/ckpt.pt", batch_size=4, top_k=16)
+    add_model(wide)
+    runtime.add_sampling_flags(wide)
+    wide.set_defaults(ckpt="out/infinity/ckpt.pt", batch_size=4)
     wide.add_argument("--num-canvases", "--num_canvases", dest="num_canvases", type=int, default=20)
     wide.add_argument("--width", type=int, default=512, help="canvas width in px (training: 128)")
     wide.add_argument("--height", type=int, default=64, help="canvas height in px")
     wide.add_argument("--direction", default="column", choices=("column", "raster"),
-                      help="patch order of the canvases (outpainting needs given patches: sample.py infinity)")
+                      help="patch order of the canvases (outpainting needs given patches: sample.py "
+                           "infinity)")
     wide.add_argument("--classifier", default=DEFAULT_CLASSIFIER_DIR, help=f"folder of {CLASSIFIER_FILE}")
-    wide.add_argument("--grid", default="", help="also write a PNG of canvases (and, for video, a GIF) to this path")
+    wide.add_argument("--grid", default="",
+                      help="also write a PNG of canvases (and, for video, a GIF) to this path")
     wide.add_argument("--frames", type=int, default=0,
-                      help="video models (data=video): frames to generate (0 = 100); --num-canvases is the number of videos")
+                      help="video models (data=video): frames to generate (0 = 100); --num-canvases is the "
+                           "number of videos")
     wide.add_argument("--given", type=int, default=2, help="video models: real frames given (default 2)")
-    wide.add_argument("--guidance", type=float, default=None,
-                      help="classifier-free guidance scale s on the captioned canvases / videos (default off)")
     wide.add_argument("--no-caption", "--no_caption", dest="no_caption", action="store_true",
-                      help="video models trained with captions: generate under \"None\" instead of the digit's name")
+                      help="video models trained with captions: generate under \"None\" instead of the "
+                           "digit's name")
     add_common(wide)
     return parser
 
@@ -901,6 +774,9 @@ def json_safe(value):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["classifier"]:  # the alias: classifier.py's own command line, flags and all
+        return classifier_main(argv[1:], prog="evaluate.py classifier")
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:

@@ -1,387 +1,58 @@
-"""The judges: a digit classifier, and a reader that turns a Moving MNIST video back into its caption.
+"""The video reader: a Moving MNIST video back into its caption, with classical image processing
+around the digit classifier.
 
-    import judge
-    classifier = judge.load_classifier("out/classifier")       # python evaluate.py classifier trains it
-    reading = judge.read_video(video, classifier)               # video (T, 1, 64, 64) in [0, 1]
-    reading.digits, reading.motions                             # e.g. [3], ["up then down"]
+    from classifier import load_classifier
+    import reader
+    reading = reader.read_video(video, load_classifier("out/classifier"))  # video (T, 1, 64, 64) in [0, 1]
+    reading.digits, reading.motions    # [3], ["up then down"]
+    reading.caption                    # "digit 3 is moving up then down"
 
-Papers: NÜWA (arXiv 2111.12417) judges its samples with pretrained networks (Inception for FID,
-CLIP for CLIPSIM, I3D for FVD) that do not exist offline. NÜWA-LIP reranks inpaintings with CLIP.
-Here the judges are trained on our own data, and evaluate.py, sample.py and the notebooks use them:
-- The classifier: a small LeNet-style CNN (LeCun et al. 1998) trained on MNIST with random shifts,
-  so it also reads digits cropped off-centre out of Moving MNIST frames and generated frames
-  (`python evaluate.py classifier` trains and scores it).
-- The reader: find the digits of every frame (connected components of the thresholded frame),
-  classify each, track them across frames, and name each track's motion with the very rule data.py
-  uses to write captions. Caption accuracy (evaluate.py) is our stand-in for CLIPSIM ("does the
-  video show what the text says"). A judge must be right about real videos before it may judge a
-  model: `python evaluate.py caption-check` runs the reader on real clips.
+Papers: NÜWA (arXiv 2111.12417) measures how well a video shows its text with CLIPSIM, the CLIP
+similarity of text and frames; CLIP does not exist offline and knows nothing of Moving MNIST. Our
+stand-in reads the video back into a caption in data.py's words and compares it with the text it was
+generated from (evaluate.py's caption accuracy). The reading, frame by frame and then over time:
+1. locate: threshold the ink, grow it by a 5×5 max filter, take 8-connected components (found by
+   label propagation), drop specks: each remaining blob is a digit, or two touching digits;
+2. classify: crop 28×28 around each blob's centre of mass, as MNIST lays digits out, and ask the
+   digit classifier (classifier.py);
+3. track: follow the D digits from a frame where they are apart, matching blobs to predicted
+   places (constant velocity) and finding a digit hidden in a merged blob by template matching;
+   digits that touch in every frame are cut apart along their ink, or by k-means where strokes
+   cross; crossing digits are followed by their whole-pixel steps (Viterbi: which digit took which);
+4. name: each track's motion by data.motion_phrase, the very rule that wrote the captions, and its
+   digit by a majority vote over frames (the pair classifier names two crossing digits);
+   `score_reading` compares the reading with the true caption, order-free.
+A judge must be right about real videos before it may judge a model: `python evaluate.py
+caption-check` runs the reader on real captioned clips.
 
-Split out of evaluate.py (a judge is a model of its own, with a training recipe and a reading
-algorithm; evaluate.py is the metrics and the command line that use it).
+Sections: 1. finding the digits of a frame · 2. following digits through a video · 3. two digits
+that overlap in every frame · 4. reading a video, and scoring a reading · 5. reading single frames
+and NÜWA-Infinity's canvas slots.
 
-Sections: 1. the digit classifier · 1b. the pair classifier (two overlapping digits read as one
-picture) · 2. reading a video: locate, classify, track, name the motion.
+Glossary: T frames, H W pixels (64 × 64 frames; digits are 28 × 28), D digits per clip, F the
+classifier's feature width; a blob is one connected bright region of a frame; a track is one
+digit's centres of mass (T, 2), (y, x) in pixels.
 
-Glossary: T frames, H W pixels (64 × 64 frames; digits are 28 × 28), D digits per clip.
-
-Measured (2-core CPU, one thread): the classifier trains in 159 s to 99.32 % MNIST test accuracy
-(99.11 % with every test digit shifted by up to 3 px); the pair classifier in 4,000 steps (29 min on
-a CPU shared with a training run) to 89.7 % on single pictures of two overlapping MNIST test digits.
-The reader on 1,000 real clips (`evaluate.py caption-check`, 250 per group): caption accuracy
-98.4 % (one digit 99.4 %, two digits 97.4 %, motions 100 %); on the 55 two-digit clips whose strokes
-overlap in every frame, 83.6 % (29 % before the pair classifier and the step tracks). The constants
-of the step tracks were set looking at those clips; on clips of another seed (`--seed 1`) the reader
-scores 97.9 % (one digit 98.4 %, two digits 97.4 %, overlapping 95.5 %). What it still gets wrong is
-mostly single MNIST digits the classifier misreads in every frame. Judge two-digit text→video models
-next to `real_caption_accuracy`, which `evaluate.py t2v` reports: the reader's score on the real
-clips of the same captions.
+Deviations from the paper: CLIPSIM is a learned similarity of any text and image; the reader
+knows only data.py's caption grammar (digits and motion phrases), so its score says whether a video
+shows its caption, not how alike they are, and it cannot be compared with a published CLIPSIM.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
+from classifier import PAIRS, DigitClassifier, PairClassifier, centre_crops, nearest_pixel
 
 # ---------------------------------------------------------------------------------------------
-# 1. The digit classifier (our offline stand-in for the papers' pretrained judges)
-# ---------------------------------------------------------------------------------------------
-
-CLASSIFIER_FILE = "classifier.pt"  # what `classifier --out DIR` writes: DIR/classifier.pt
-DEFAULT_CLASSIFIER_DIR = "out/classifier"
-CLASSIFIER_KIND = "digit_classifier"  # stored in the file, so another checkpoint is never mistaken for it
-NUM_CLASSES = 10
-SHIFTED_TEST_SHIFT = 3  # px; `shifted_test_accuracy` moves every test digit by up to this much
-
-
-@dataclass
-class ClassifierConfig:
-    conv1: int = 32  # channels of the first 5×5 convolution (LeNet-5: 6)
-    conv2: int = 64  # channels of the second 5×5 convolution (LeNet-5: 16)
-    features: int = 128  # F, width of the penultimate layer: the feature space of FLD (LeNet-5: 84)
-    dropout: float = 0.25  # dropout before the last layer (chosen here; LeNet-5 had none)
-    # --- training; the network ignores these fields
-    epochs: int = 5  # passes over the 60,000 MNIST training digits
-    batch_size: int = 128
-    lr: float = 2e-3  # Adam peak learning rate of a one-cycle schedule (warm-up, then cosine to 0)
-    warmup: float = 0.15  # fraction of the run spent warming up
-    max_shift: int = 3  # random translation, px: crops of generated frames are off-centre
-    max_rotation: float = 8.0  # random rotation, degrees: generated digits lean more than MNIST's
-    max_scale: float = 0.08  # random scale, ± this fraction
-    seed: int = 0  # weights, data order and augmentation
-
-
-ARCHITECTURE_FIELDS = ("conv1", "conv2", "features", "dropout")  # what a stored file must agree on
-
-
-class DigitClassifier(nn.Module):
-    """LeNet-style CNN: two (5×5 conv, ReLU, 2×2 max-pool) stages, a hidden layer of F units, 10 logits.
-
-    Input (N, 1, 28, 28) in [0, 1], laid out as MNIST is: the digit's centre of mass at the centre.
-    `embed` returns the penultimate features (N, F) that FLD compares."""
-
-    def __init__(self, config: ClassifierConfig):
-        super().__init__()
-        self.config = config
-        self.body = nn.Sequential(
-            nn.Conv2d(1, config.conv1, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, c1, 12, 12)
-            nn.Conv2d(config.conv1, config.conv2, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, c2, 4, 4)
-            nn.Flatten(), nn.Linear(config.conv2 * 16, config.features), nn.ReLU(),  # (N, F)
-        )
-        self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.features, NUM_CLASSES))
-        self.info: dict = {}  # how it was trained and how well it does (filled by train / load)
-        self.pair: PairClassifier | None = None  # reads two overlapping digits (section 1b); stored alongside
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != (1, data.DIGIT, data.DIGIT):
-            raise ValueError(f"the classifier reads (N, 1, 28, 28) digit crops, got {tuple(x.shape)}")
-        return self.body(x)  # (N, F)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))  # (N, 10)
-
-
-def translate(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Move each image (N, 1, 28, 28) by integer (dy, dx) pixels (N, 2), black coming in at the edges:
-    exactly what a 28×28 crop of a Moving MNIST frame is when its centre misses the digit's."""
-    N = len(x)
-    theta = torch.zeros(N, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = -2 * shifts[:, 1].float() / x.shape[-1]  # affine_grid's x, in [-1, 1] units
-    theta[:, 1, 2] = -2 * shifts[:, 0].float() / x.shape[-2]
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, align_corners=False)  # (N, 1, 28, 28); integer shifts land on pixels
-
-
-def augment(x: torch.Tensor, config: ClassifierConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation, scale and integer shift of a batch (N, 1, 28, 28), black outside the digit."""
-    N = len(x)
-    angle = (2 * torch.rand(N, generator=generator) - 1) * math.radians(config.max_rotation)
-    scale = 1 + (2 * torch.rand(N, generator=generator) - 1) * config.max_scale
-    shifts = torch.randint(-config.max_shift, config.max_shift + 1, (N, 2), generator=generator)
-    theta = torch.zeros(N, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / scale, -torch.sin(angle) / scale
-    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / scale, torch.cos(angle) / scale
-    theta[:, 0, 2] = -2 * shifts[:, 1].float() / x.shape[-1]
-    theta[:, 1, 2] = -2 * shifts[:, 0].float() / x.shape[-2]
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, align_corners=False)  # (N, 1, 28, 28)
-
-
-def digits_as_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST (or, with a warning, the font fallback) as float images (N, 1, 28, 28) and labels (N,)."""
-    images, labels = data.load_digits(split)
-    return torch.from_numpy(np.array(images)).float().div_(255.0)[:, None], torch.from_numpy(np.array(labels))
-
-
-def one_cycle(done: float, warmup: float) -> float:
-    """Learning-rate factor at fraction `done` of the budget: linear warm-up over the first `warmup`,
-    then a cosine from 1 down to 0 (both classifiers train on this schedule)."""
-    if done < warmup:
-        return done / warmup
-    return 0.5 * (1 + math.cos(math.pi * (done - warmup) / (1 - warmup)))
-
-
-def classifier_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-                    labels: torch.Tensor, bar: tqdm) -> None:
-    """One optimiser step of cross-entropy on a batch (both classifiers), its loss on the bar."""
-    loss = F.cross_entropy(model(inputs), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    bar.update(1)
-    bar.set_postfix(loss=f"{loss.item():.3f}")
-
-
-def train_classifier(config: ClassifierConfig, *, max_seconds: float = 0.0, max_steps: int = 0,
-                     device: str = "cpu", progress: bool = True) -> DigitClassifier:
-    """Adam on cross-entropy over augmented MNIST training digits; returns the model in eval mode.
-
-    The run stops after `config.epochs`, `max_steps` or `max_seconds`, whichever comes first; the
-    learning rate follows a one-cycle schedule over that budget (linear warm-up, cosine to zero)."""
-    torch.manual_seed(config.seed)
-    x, y = digits_as_tensors("train")  # (60000, 1, 28, 28), (60000,)
-    model = DigitClassifier(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = len(x) // config.batch_size
-    total = config.epochs * steps_per_epoch if not max_steps else min(max_steps, config.epochs * steps_per_epoch)
-    start, step = time.perf_counter(), 0
-    bar = tqdm(total=total, desc="classifier", unit="step", disable=not progress)
-    model.train()
-    while step < total and not (max_seconds and time.perf_counter() - start >= max_seconds):
-        order = torch.randperm(len(x), generator=generator)
-        for first in range(0, steps_per_epoch * config.batch_size, config.batch_size):
-            elapsed = time.perf_counter() - start
-            if step >= total or (max_seconds and elapsed >= max_seconds):
-                break
-            done = max(step / total, elapsed / max_seconds if max_seconds else 0.0)  # fraction of the budget
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * one_cycle(done, config.warmup)
-            batch = order[first:first + config.batch_size]
-            classifier_step(model, optimizer, augment(x[batch], config, generator).to(device), y[batch].to(device), bar)
-            step += 1
-    bar.close()
-    model.info = {"train_seconds": round(time.perf_counter() - start, 1), "steps": step,
-                  "epochs_seen": round(step / steps_per_epoch, 2), "threads": torch.get_num_threads()}
-    return model.eval()
-
-
-@torch.no_grad()
-def classifier_accuracy(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor, *, max_shift: int = 0,
-                        seed: int = 0) -> float:
-    """Top-1 accuracy on images (N, 1, 28, 28); with max_shift each image is first moved by a random
-    integer (dy, dx) in [−max_shift, max_shift]² (fixed seed), as an off-centre crop would be."""
-    device = next(model.parameters()).device
-    if max_shift:
-        generator = torch.Generator().manual_seed(seed)
-        x = translate(x, torch.randint(-max_shift, max_shift + 1, (len(x), 2), generator=generator))
-    correct = sum((model(x[i:i + 1000].to(device)).argmax(1).cpu() == y[i:i + 1000]).sum().item()
-                  for i in range(0, len(x), 1000))
-    return correct / len(x)
-
-
-def classifier_path(path_or_dir) -> Path:
-    """A folder means the file CLASSIFIER_FILE inside it; a path ending in .pt is the file itself."""
-    path = Path(path_or_dir)
-    return path if path.suffix == ".pt" else path / CLASSIFIER_FILE
-
-
-def save_classifier(model: DigitClassifier, path_or_dir) -> Path:
-    """Atomic write (distributed.save_checkpoint: temporary file, fsync, rename) of weights, config and info."""
-    from distributed import save_checkpoint
-
-    path = classifier_path(path_or_dir)
-    pair = getattr(model, "pair", None)
-    save_checkpoint({"kind": CLASSIFIER_KIND, "config": asdict(model.config),
-                     "model": {k: v for k, v in model.state_dict().items() if not k.startswith("pair.")}, "info": model.info,
-                     "pair": None if pair is None else {"config": asdict(pair.config), "model": pair.state_dict(),
-                                                        "info": pair.info}}, path)
-    return path
-
-
-def load_classifier(path_or_dir=DEFAULT_CLASSIFIER_DIR, device: str = "cpu") -> DigitClassifier:
-    """The classifier stored by `evaluate.py classifier --out DIR` (give DIR or DIR/classifier.pt), in
-    eval mode. Loaded with weights_only=True; a missing, corrupt or foreign file is a clear error."""
-    path = classifier_path(path_or_dir)
-    fix = f"run `python evaluate.py classifier --out {path.parent}` (a few minutes on a CPU)"
-    if not path.is_file():
-        raise FileNotFoundError(f"no digit classifier at {path}. Fix: {fix}.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, garbage bytes, pickled code: all unusable the same way
-        raise ValueError(f"{path} is corrupt or not a digit classifier file ({type(err).__name__}: {err}). "
-                         f"Fix: delete it and {fix}.") from err
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != CLASSIFIER_KIND:
-        raise ValueError(f"{path} is not a digit classifier file (no kind {CLASSIFIER_KIND!r}). Fix: {fix}.")
-    try:
-        known = {f.name for f in fields(ClassifierConfig)}
-        config = ClassifierConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
-        model = DigitClassifier(config)
-        model.load_state_dict(checkpoint["model"])
-        model.pair = None  # files written before the pair classifier existed have none
-        if checkpoint.get("pair") is not None:
-            known = {f.name for f in fields(PairConfig)}
-            model.pair = PairClassifier(PairConfig(**{k: v for k, v in checkpoint["pair"]["config"].items() if k in known}))
-            model.pair.load_state_dict(checkpoint["pair"]["model"])
-            model.pair.info = dict(checkpoint["pair"].get("info", {}))
-            model.pair.to(device).eval()
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise ValueError(f"{path} does not hold a usable digit classifier ({err}). Fix: delete it and {fix}.") from err
-    model.info = dict(checkpoint.get("info", {}))
-    return model.to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# 1b. The pair classifier: two digits whose strokes overlap, read as one picture
-# ---------------------------------------------------------------------------------------------
-# Two digits moving the same way keep their relative place: when they touch in the first frame they
-# touch in every frame, and no cut of the ink separates crossing strokes. Such a blob is read whole:
-# a CNN trained on pairs of MNIST digits drawn over each other (pixel-wise maximum, as Moving MNIST
-# combines them) names the unordered pair, one of 55 (a ≤ b). The same idea as MultiMNIST (Sabour et
-# al. 2017, §6), with our data's rule of combination.
-
-PAIR_CROP = 56  # px: two touching 28×28 digits fit in 56×56
-PAIRS = [(a, b) for a in range(NUM_CLASSES) for b in range(a, NUM_CLASSES)]  # the 55 unordered pairs
-PAIR_INDEX = {pair: i for i, pair in enumerate(PAIRS)}
-PAIR_PLACE = (10, 27)  # corner range (px) of the first digit on the 64×64 canvas
-PAIR_OFFSET = 14  # px: the second digit's corner lies within ±this of the first's: they touch or cross
-
-
-@dataclass
-class PairConfig:
-    conv1: int = 32  # channels of the first 5×5 convolution
-    conv2: int = 64  # channels of the second 5×5 convolution
-    conv3: int = 128  # channels of the 3×3 convolution
-    features: int = 256  # width of the hidden layer
-    dropout: float = 0.25
-    # --- training; the network ignores these fields
-    steps: int = 4000  # batches of freshly drawn pairs
-    batch_size: int = 128
-    lr: float = 2e-3  # Adam peak learning rate of the one-cycle schedule
-    warmup: float = 0.1  # fraction of the run spent warming up
-    seed: int = 0
-
-
-class PairClassifier(nn.Module):
-    """(N, 1, 56, 56) crops centred on the blob's centre of mass → 55 logits over unordered pairs."""
-
-    def __init__(self, config: PairConfig):
-        super().__init__()
-        self.config = config
-        self.net = nn.Sequential(
-            nn.Conv2d(1, config.conv1, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, c1, 26, 26)
-            nn.Conv2d(config.conv1, config.conv2, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, c2, 11, 11)
-            nn.Conv2d(config.conv2, config.conv3, 3), nn.ReLU(), nn.MaxPool2d(2),  # (N, c3, 4, 4)
-            nn.Flatten(), nn.Linear(config.conv3 * 16, config.features), nn.ReLU(),
-            nn.Dropout(config.dropout), nn.Linear(config.features, len(PAIRS)))
-        self.info: dict = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != (1, PAIR_CROP, PAIR_CROP):
-            raise ValueError(f"the pair classifier reads (N, 1, {PAIR_CROP}, {PAIR_CROP}) crops, got {tuple(x.shape)}")
-        return self.net(x)  # (N, 55)
-
-
-def centre_crops(canvases: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) → (N, 1, 56, 56) crops with each canvas's centre of mass at the crop's centre."""
-    N, H, W = canvases.shape
-    mass = canvases.sum((1, 2)).clamp_min(1e-9)  # (N,)
-    cy = (canvases.sum(2) @ torch.arange(H, dtype=canvases.dtype)) / mass  # (N,)
-    cx = (canvases.sum(1) @ torch.arange(W, dtype=canvases.dtype)) / mass  # (N,)
-    S = PAIR_CROP
-    padded = F.pad(canvases, (S, S, S, S))  # (N, H + 2S, W + 2S)
-    crops = [padded[i, nearest_pixel(float(cy[i])) + S // 2:][:S, nearest_pixel(float(cx[i])) + S // 2:][:, :S]
-             for i in range(N)]
-    return torch.stack(crops)[:, None]
-
-
-def draw_pairs(x: torch.Tensor, y: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """n canvases (n, 64, 64) of two random digits of (x, y) drawn over each other, and their pair labels (n,)."""
-    first, second = torch.randint(len(x), (n,), generator=generator), torch.randint(len(x), (n,), generator=generator)
-    jitter = ClassifierConfig(max_shift=0)  # rotation and scale as the digit classifier's; placement below
-    a, b = augment(x[first], jitter, generator)[:, 0], augment(x[second], jitter, generator)[:, 0]  # (n, 28, 28)
-    side, free = data.CANVAS, data.CANVAS - data.DIGIT
-    corner_a = torch.randint(PAIR_PLACE[0], PAIR_PLACE[1], (n, 2), generator=generator)
-    corner_b = (corner_a + torch.randint(-PAIR_OFFSET, PAIR_OFFSET + 1, (n, 2), generator=generator)).clamp(0, free)
-    canvases = torch.zeros(n, side, side)
-    for k in range(n):
-        for digit, (top, left) in ((a[k], corner_a[k].tolist()), (b[k], corner_b[k].tolist())):
-            window = canvases[k, top:top + data.DIGIT, left:left + data.DIGIT]
-            torch.maximum(window, digit, out=window)
-    labels = torch.tensor([PAIR_INDEX[tuple(sorted((int(y[first[k]]), int(y[second[k]]))))] for k in range(n)])
-    return canvases, labels
-
-
-def train_pair_classifier(config: PairConfig, *, max_seconds: float = 0.0, max_steps: int = 0,
-                          device: str = "cpu", progress: bool = True) -> PairClassifier:
-    """Adam on cross-entropy over freshly drawn pairs of MNIST training digits; eval mode on return."""
-    torch.manual_seed(config.seed)
-    x, y = digits_as_tensors("train")
-    model = PairClassifier(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    total = min(max_steps, config.steps) if max_steps else config.steps
-    start, step = time.perf_counter(), 0
-    bar = tqdm(total=total, desc="pair classifier", unit="step", disable=not progress)
-    model.train()
-    while step < total and not (max_seconds and time.perf_counter() - start >= max_seconds):
-        done = max(step / total, (time.perf_counter() - start) / max_seconds if max_seconds else 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * one_cycle(done, config.warmup)
-        canvases, labels = draw_pairs(x, y, config.batch_size, generator)
-        classifier_step(model, optimizer, centre_crops(canvases).to(device), labels.to(device), bar)
-        step += 1
-    bar.close()
-    model.info = {"train_seconds": round(time.perf_counter() - start, 1), "steps": step}
-    return model.eval()
-
-
-@torch.no_grad()
-def pair_accuracy(model: PairClassifier, n: int = 5000, seed: int = 0) -> float:
-    """Share of n pairs of MNIST *test* digits (fixed seed) named right."""
-    x, y = digits_as_tensors("test")
-    canvases, labels = draw_pairs(x, y, n, torch.Generator().manual_seed(seed))
-    device = next(model.parameters()).device
-    predicted = torch.cat([model(centre_crops(canvases[i:i + 500]).to(device)).argmax(1).cpu()
-                           for i in range(0, n, 500)])
-    return (predicted == labels).float().mean().item()
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Reading a video: locate the digits, classify them, track them, name their motion
+# 1. Finding the digits of a frame: ink, blobs, crops, the classifier's labels
 # ---------------------------------------------------------------------------------------------
 # Measured on the 10,000 MNIST test digits (the numbers behind the constants below): ink above 0.3
 # covers at least 31 pixels of every digit; at 8-connectivity 1.8 % of digits (ink > 0.5) break into
@@ -395,7 +66,7 @@ MAX_DIGIT_BOX = 24  # a blob whose ink box is taller or wider is more than one d
 MNIST_CENTRE = 14  # crops put the blob's centre of mass here, where MNIST puts every digit's
 SEARCH_RADIUS = 8  # px searched around a merged digit's predicted place: steps are 3.6 px (data.STEP)
 TIE_BREAK = 0.01  # template cost per px² away from the predicted place: decides between equal fits only
-SPLIT_THRESHOLD = 0.5  # touching digits are cut apart along their undilated ink above this (SPEC's sketch level)
+SPLIT_THRESHOLD = data.SKETCH_THRESHOLD  # touching digits are cut apart along their undilated ink above this
 KMEANS_ITERATIONS = 20  # Lloyd iterations when the digits' strokes overlap (converges in a few)
 
 
@@ -437,16 +108,19 @@ class Blob:
 
 
 def as_frames(video: torch.Tensor) -> torch.Tensor:
-    """A video (T, 1, H, W) or (T, H, W), or one frame (H, W), in [0, 1] → float frames (T, H, W) on the CPU."""
+    """A video (T, 1, H, W) or (T, H, W), or one frame (H, W), in [0, 1] → float frames (T, H, W) on the
+    CPU."""
     video = torch.as_tensor(video).detach().float().cpu()
     if video.dim() == 4 and video.shape[1] == 1:
         video = video[:, 0]
     elif video.dim() == 2:
         video = video[None]
     if video.dim() != 3:
-        raise ValueError(f"expected a video (T, 1, H, W) or (T, H, W) or a frame (H, W), got {tuple(video.shape)}")
+        raise ValueError(f"expected a video (T, 1, H, W) or (T, H, W) or a frame (H, W), "
+                         f"got {tuple(video.shape)}")
     if video.numel() and video.max() > 1.0 + 1e-3:
-        raise ValueError(f"frames must be in [0, 1], got values up to {video.max().item():.3g} (divide by 255?)")
+        raise ValueError(f"frames must be in [0, 1], got values up to {video.max().item():.3g} "
+                         "(divide by 255?)")
     return video
 
 
@@ -484,11 +158,6 @@ def locate_digits(video: torch.Tensor) -> list[list[Blob]]:
     return found
 
 
-def nearest_pixel(value: float) -> int:
-    """Round half up (not to even), so that positions moved by an integer round to positions moved by it."""
-    return math.floor(value + 0.5)
-
-
 def crop_digit(frame: torch.Tensor, blob: Blob) -> torch.Tensor:
     """The 28×28 crop (MNIST's layout) with the blob's centre of mass at (14, 14); pixels of other
     blobs are blanked, pixels beyond the frame are black. frame (H, W) → (28, 28)."""
@@ -512,6 +181,11 @@ def classify_blobs(frames: torch.Tensor, blobs: list[tuple[int, Blob]], classifi
     for i, (_, blob) in enumerate(blobs):
         blob.label, blob.confidence = int(label[i]), float(confidence[i])
         blob.features = features[i].cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Following digits through a video: templates, cuts, tracks
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -586,7 +260,8 @@ def split_blob(frame: torch.Tensor, blob: Blob, parts: int = 2) -> list[Blob] | 
         method = "kmeans"
         mean = (weights[:, None] * points).sum(0) / weights.sum()
         centred = points - mean  # (n, 2)
-        axis = torch.linalg.eigh((weights[:, None] * centred).T @ centred).eigenvectors[:, -1]  # principal axis
+        covariance = (weights[:, None] * centred).T @ centred  # (2, 2)
+        axis = torch.linalg.eigh(covariance).eigenvectors[:, -1]  # the principal axis (2,)
         along = centred @ axis  # (n,)
         owner = (along > along.median()).long()  # the two ends start the two clusters
         if parts != 2:
@@ -618,7 +293,8 @@ def split_apart(frame: torch.Tensor, blobs: list[Blob], num_digits: int) -> list
     return split_blob(frame, blobs[0], 2)
 
 
-def track_digits(frames: torch.Tensor, blobs: list[list[Blob]], num_digits: int) -> list[tuple[np.ndarray, list]]:
+def track_digits(frames: torch.Tensor, blobs: list[list[Blob]],
+                 num_digits: int) -> list[tuple[np.ndarray, list]]:
     """Follow D digits through a video: [(centres (T, 2), the Blob of each frame or None)] per digit.
 
     Start at the first frame where the digits are apart; walk forward, then backward. In a frame
@@ -654,7 +330,8 @@ def track_digits(frames: torch.Tensor, blobs: list[list[Blob]], num_digits: int)
             if apart[t] is not None:
                 candidates = [np.array([b.y, b.x]) for b in apart[t]]
                 order = min(itertools.permutations(range(num_digits)),
-                            key=lambda perm: sum(np.linalg.norm(predicted[k] - candidates[j]) for k, j in enumerate(perm)))
+                            key=lambda perm: sum(np.linalg.norm(predicted[k] - candidates[j])
+                                                 for k, j in enumerate(perm)))
                 for k, j in enumerate(order):
                     centres[k, t], chosen[k][t] = candidates[j], apart[t][j]
                     templates[k] = template_of(frames[t], apart[t][j])
@@ -664,16 +341,23 @@ def track_digits(frames: torch.Tensor, blobs: list[list[Blob]], num_digits: int)
     return [(centres[k], chosen[k]) for k in range(num_digits)]
 
 
+# ---------------------------------------------------------------------------------------------
+# 3. Two digits that overlap in every frame: tracks from whole-pixel steps
+# ---------------------------------------------------------------------------------------------
+
+
 def shifted(frame: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """The frame (H, W) moved by (dy, dx) whole pixels, black coming in at the edges."""
     H, W = frame.shape
     out = torch.zeros_like(frame)
-    out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = frame[max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    moved = frame[max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = moved
     return out
 
 
+# A digit's step between two frames: at most 5 px, along one axis.
 STEP_SHIFTS = [(0, 0)] + [(sign * n, 0) for n in range(1, 6) for sign in (1, -1)] + \
-              [(0, sign * n) for n in range(1, 6) for sign in (1, -1)]  # a digit's step: ≤ 5 px along one axis
+              [(0, sign * n) for n in range(1, 6) for sign in (1, -1)]
 
 
 SECOND_STEP_COST = 4.0  # grey levels summed over pixels: two digits moving alike have one step, not two
@@ -687,12 +371,14 @@ def two_steps(before: torch.Tensor, after: torch.Tensor) -> tuple[list[np.ndarra
     of the digits, so every ink pixel of `after` is its digit's pixel of `before`, moved by that
     digit's step. The pair of steps (s₁, s₂) of STEP_SHIFTS minimising
 
-        Σ_{ink of after} min_k |after − move(before, s_k)| + Σ_{ink of before} min_k |before − move⁻¹(after, s_k)|
+        Σ_{ink of after} min_k |after − move(before, s_k)|
+          + Σ_{ink of before} min_k |before − move⁻¹(after, s_k)|
 
     plus SECOND_STEP_COST when s₁ ≠ s₂, explains both frames (two digits moving alike give s₁ = s₂)."""
     forward = torch.stack([(after - shifted(before, dy, dx)).abs() for dy, dx in STEP_SHIFTS])  # (S, H, W)
     backward = torch.stack([(before - shifted(after, -dy, -dx)).abs() for dy, dx in STEP_SHIFTS])  # (S, H, W)
-    forward, backward = forward[:, after > INK_THRESHOLD], backward[:, before > INK_THRESHOLD]  # (S, n), (S, m)
+    forward = forward[:, after > INK_THRESHOLD]  # (S, n)
+    backward = backward[:, before > INK_THRESHOLD]  # (S, m)
     cost = (torch.minimum(forward[:, None], forward[None]).sum(-1)
             + torch.minimum(backward[:, None], backward[None]).sum(-1))  # (S, S)
     # A second step always explains a few more pixels; it must pay for itself (Occam's razor).
@@ -744,7 +430,8 @@ def tracks_from_steps(frames: torch.Tensor, centres: np.ndarray) -> np.ndarray:
     for t in range(1, T - 1):
         new_total, pointers = [], []
         for steps, cost in options[t]:
-            arrive = [total[p] + sum(turn_cost(options[t - 1][p][0][k], steps[k]) for k in range(2)) for p in range(2)]
+            arrive = [total[p] + sum(turn_cost(options[t - 1][p][0][k], steps[k]) for k in range(2))
+                      for p in range(2)]
             best = int(np.argmin(arrive))
             new_total.append(arrive[best] + cost)
             pointers.append(best)
@@ -759,6 +446,11 @@ def tracks_from_steps(frames: torch.Tensor, centres: np.ndarray) -> np.ndarray:
         for k in range(2):
             tracks[k, t + 1] = tracks[k, t] + steps[k]
     return tracks
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Reading a video: motions, digits, the caption, and how it compares with the truth
+# ---------------------------------------------------------------------------------------------
 
 
 def read_motion(centres: np.ndarray) -> tuple[int, str | None]:
@@ -822,7 +514,8 @@ class VideoReading:
 
 
 @torch.no_grad()
-def read_video(video: torch.Tensor, classifier: DigitClassifier, num_digits: int | None = None) -> VideoReading:
+def read_video(video: torch.Tensor, classifier: DigitClassifier,
+               num_digits: int | None = None) -> VideoReading:
     """Locate, classify and track the digits of one video (T, 1, 64, 64) in [0, 1].
 
     num_digits: how many digits to follow (a caption says); None = the most common blob count."""
@@ -833,7 +526,8 @@ def read_video(video: torch.Tensor, classifier: DigitClassifier, num_digits: int
         num_digits = max(counts, key=lambda n: (counts[n], -n)) if counts else 1
     followed = track_digits(frames, blobs, num_digits)
     located = [(t, blob) for t, frame_blobs in enumerate(blobs) for blob in frame_blobs]
-    cut_out = [(t, blob) for _, chosen in followed for t, blob in enumerate(chosen) if blob is not None and blob.split]
+    cut_out = [(t, blob) for _, chosen in followed for t, blob in enumerate(chosen)
+               if blob is not None and blob.split]
     classify_blobs(frames, located + cut_out, classifier)
     kinds = {blob.split for _, blob in cut_out}
     cut = "kmeans" if "kmeans" in kinds else "ink" if "ink" in kinds else ""
@@ -848,11 +542,13 @@ def read_video(video: torch.Tensor, classifier: DigitClassifier, num_digits: int
         tracks.append(DigitTrack(centres, [blob is not None for blob in chosen], majority_digit(seen_apart),
                                  axis, motion))
     if crossing and getattr(classifier, "pair", None) is not None:
-        give_pair_to_tracks(read_pair(frames, blobs, classifier.pair), tracks, [chosen for _, chosen in followed])
+        pair = read_pair(frames, blobs, classifier.pair)
+        give_pair_to_tracks(pair, tracks, [chosen for _, chosen in followed])
     return VideoReading(blobs, tracks, cut)
 
 
-def give_pair_to_tracks(pair: tuple[int, int], tracks: list[DigitTrack], chosen: list[list[Blob | None]]) -> None:
+def give_pair_to_tracks(pair: tuple[int, int], tracks: list[DigitTrack],
+                        chosen: list[list[Blob | None]]) -> None:
     """Set the two tracks' digits to the pair's, in the order that the labels of each track's k-means
     halves (weighted by confidence) agree with more."""
     support = [Counter() for _ in tracks]
@@ -867,10 +563,12 @@ def give_pair_to_tracks(pair: tuple[int, int], tracks: list[DigitTrack], chosen:
 
 
 @torch.no_grad()
-def read_pair(frames: torch.Tensor, blobs: list[list[Blob]], pair_classifier: PairClassifier) -> tuple[int, int]:
+def read_pair(frames: torch.Tensor, blobs: list[list[Blob]],
+              pair_classifier: PairClassifier) -> tuple[int, int]:
     """The two digits (a ≤ b) of a clip whose digits overlap in every frame: the pair classifier on each
     frame's biggest blob (the two digits together), its log-probabilities summed over the frames."""
-    whole = [frame * frame_blobs[0].region for frame, frame_blobs in zip(frames, blobs) if frame_blobs]  # (H, W) each
+    whole = [frame * frame_blobs[0].region  # (H, W)
+             for frame, frame_blobs in zip(frames, blobs) if frame_blobs]
     device = next(pair_classifier.parameters()).device
     log_probs = pair_classifier(centre_crops(torch.stack(whole)).to(device)).log_softmax(-1).sum(0)  # (55,)
     return PAIRS[int(log_probs.argmax())]
@@ -880,3 +578,74 @@ def video_digit(video: torch.Tensor, classifier: DigitClassifier) -> int:
     """The digit of a single-digit clip (or image, T = 1): majority vote over frames; -1 if none found."""
     reading = read_video(video, classifier, num_digits=1)
     return reading.digits[0] if reading.tracks else -1
+
+
+def score_reading(reading: VideoReading, digits: list[int], motions: list[str]) -> dict[str, bool]:
+    """Compare a reading with the caption's (digits, motions). Order-free: "digit 3 … and digit 7 …"
+    equals "digit 7 … and digit 3 …".
+
+    caption: the set of (digit, motion) pairs matches;  digit: the digits match, whatever they do;
+    motion: the motion phrases match, whoever does them."""
+    read_pairs = sorted((d, m or "") for d, m in zip(reading.digits, reading.motions))
+    true_pairs = sorted(zip((int(d) for d in digits), motions))
+    return {"caption": read_pairs == true_pairs,
+            "digit": sorted(d for d, _ in read_pairs) == sorted(d for d, _ in true_pairs),
+            "motion": sorted(m for _, m in read_pairs) == sorted(m for _, m in true_pairs)}
+
+
+def reading_features(readings: list[VideoReading]) -> np.ndarray:
+    """Penultimate features (n, F) of every blob crop in every frame of the readings: FLD's samples.
+    A frame's blobs are what the classifier saw of it, so digits drawn badly move the features."""
+    rows = [blob.features for reading in readings for frame in reading.blobs for blob in frame]
+    return np.stack(rows) if rows else np.zeros((0, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Reading single frames and canvas slots
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def read_biggest(video: torch.Tensor, classifier: DigitClassifier) -> list[Blob | None]:
+    """The biggest blob of each frame of a video (T, 1, H, W) or (T, H, W), classified; None for a
+    frame without any."""
+    frames = as_frames(video)  # (T, H, W)
+    biggest = [(t, blobs[0]) for t, blobs in enumerate(locate_digits(frames)) if blobs]
+    classify_blobs(frames, biggest, classifier)
+    found: list[Blob | None] = [None] * len(frames)
+    for t, blob in biggest:
+        found[t] = blob
+    return found
+
+
+def digits_found(frame: torch.Tensor, digits: torch.Tensor, classifier: DigitClassifier) -> bool:
+    """Does the reader find exactly the clip's digits (one or two) in one frame (1, 64, 64)? A
+    prediction that keeps its digits legible to the end passes; one that dissolves them does not.
+    As many ink blobs as digits or more: the classifier names the biggest ones; two digits in one blob
+    (they overlap): the pair classifier names both, when the classifier file has one."""
+    frames = as_frames(frame)  # (1, H, W)
+    blobs = locate_digits(frames)[0]  # biggest first
+    count = len(digits)
+    if len(blobs) >= count:
+        classify_blobs(frames, [(0, blob) for blob in blobs[:count]], classifier)
+        found = [blob.label for blob in blobs[:count]]
+    elif count == 2 and blobs and getattr(classifier, "pair", None) is not None:
+        found = list(read_pair(frames, [blobs], classifier.pair))
+    else:
+        return False
+    return sorted(found) == sorted(digits.tolist())
+
+
+def read_slots(canvases: torch.Tensor, classifier: DigitClassifier, slot: int) -> list[tuple[int, float]]:
+    """Cut canvases (B, 1, H, W) into slot-wide columns (NÜWA-Infinity's training canvases put one
+    digit in each 32 px column) and read each: (digit, confidence) of its biggest ink blob, or
+    (-1, 0.0) if none. A slot is centred in a 64-px-wide black frame, what the reader was built for."""
+    B, _, H, W = canvases.shape
+    if W % slot:
+        raise ValueError(f"canvas width {W} is not a multiple of the {slot} px slot")
+    columns = canvases[:, 0].unfold(-1, slot, slot)  # (B, H, W/slot, slot)
+    columns = columns.permute(0, 2, 1, 3).reshape(-1, H, slot)  # (B·W/slot, H, slot)
+    side = max(0, data.CANVAS - slot)
+    frames = F.pad(columns.float().cpu(), (side // 2, side - side // 2))  # (n, H, 64)
+    return [(-1, 0.0) if blob is None else (blob.label, blob.confidence)
+            for blob in read_biggest(frames, classifier)]
