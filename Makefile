@@ -28,14 +28,14 @@ $(VENV)/.installed: pyproject.toml
 #   2. train the tiny VQ-GAN tokenizer (3 min) and draw its reconstructions of held-out frames; the demo's
 #      tokenizer reads each 8×8 pixel cell on its own (--cell-encoder, f = 8: 8×8 tokens per frame), so
 #      every empty cell is one token and a 10-frame clip is 640 tokens: the tiny NÜWA then learns to draw
-#      digits within minutes on a CPU (README, results table);
+#      digits within minutes on a CPU (RESULTS.md);
 #   3. train the tiny NÜWA (9 min): text→image alone for 500 steps (drawing a digit comes first), then
 #      200 steps on clips' opening frames alone (which way the caption sends the digit), then
 #      text→image, text→video and 16 opening-frame clips per step together, captions dropped to "None"
 #      in 10 % of clips (the `make models` recipe, shorter). Without a GPU it runs as two processes
 #      of half the cores each (DDP over gloo: each computes half of every step's clips and the
 #      gradients are averaged, so the model is the one a single process would train, only more steps
-#      of it fit in the budget): on 2 cores 1.35× the steps of one two-thread process (README,
+#      of it fit in the budget): on 2 cores 1.35× the steps of one two-thread process (RESULTS.md,
 #      "Carrying the digit on"), which is what lets the demo's digit move as captioned;
 #   4. sample text→video (classifier-free guidance 1.5; a first frame that holds no ink is drawn again,
 #      else the empty frame is copied to the end) and
@@ -68,7 +68,7 @@ demo: $(VENV)/.installed
 # "None" in 10 % of clips (for classifier-free guidance, and so that "None" + given frames is video
 # prediction); written where sample.py and the notebooks look by default (out/vqgan, out/nuwa), then
 # samples in out/samples. Without a GPU NÜWA trains as two processes, as in make demo: 8,116 steps in
-# the 45 minutes against 5,539 for one process (README, results table). On seen captions (guidance
+# the 45 minutes against 5,539 for one process (RESULTS.md). On seen captions (guidance
 # 1.5) it draws the digit in 96–97 % of videos and moves it as captioned in 80–87 %; held-out (digit,
 # motion) pairs get their digit (90–97 %) but their motion in only a quarter, with one process too.
 # V2V training is left out: its 20-frame clips took two thirds of every step, and two-digit 10-frame
@@ -114,7 +114,7 @@ tasks: $(VENV)/.installed
 # decoder (5 min), then MP-S2S (20 min) started from that NÜWA's caption → frame path (the decoder, code
 # and caption embeddings; its visible-token and pixel encoders start fresh), captions dropped to "None"
 # in 10 % of frames for classifier-free guidance. Written to out/dfvqgan and out/lip, where sample.py
-# inpaint and notebook 05 look; then one inpainting (guidance 3) and the 200-frame benchmark (README,
+# inpaint and notebook 05 look; then one inpainting (guidance 3) and the 200-frame benchmark (RESULTS.md,
 # NÜWA-LIP: the caption's digit in 84–88 % of one-sample fills, the masked input alone 45 %; under a
 # swapped caption both fills follow their caption in 51–60 % of pairs with one sample, 63–70 % when
 # each is the best of 4 by NÜWA's caption score, a model apart from the digit judge).
@@ -139,9 +139,9 @@ lip: $(VENV)/.installed
 # digits (patches of 32×32 px, orders sampled among raster / column / left / up), and a video model
 # on 4-frame one-digit Moving MNIST clips captioned with their digit's name (one patch per frame,
 # two frames of context). Written to out/infinity and out/infinity_video; then the digit classifier
-# if it is missing (`evaluate.py classifier`), strips 4× and 16× wider than training read slot by
+# if it is missing (`classifier.py`), strips 4× and 16× wider than training read slot by
 # slot, and 100-frame videos read in their last 10 frames, plain and with classifier-free guidance 3
-# on the caption naming the digit (README, NÜWA-Infinity). With `make lip`, under an hour for these stages.
+# on the caption naming the digit (RESULTS.md, NÜWA-Infinity). With `make lip`, under an hour for these stages.
 INFINITY_SECONDS ?= 1500
 INFINITY_VIDEO_SECONDS ?= 1500
 infinity: $(VENV)/.installed
@@ -155,7 +155,7 @@ infinity: $(VENV)/.installed
 	wait -n; first=$$?; test $$first -eq 0 || kill $$canvas $$video 2>/dev/null; \
 	wait $$canvas; a=$$?; wait $$video; b=$$?; tail -n 1 $(MODELS)/infinity_canvas.log $(MODELS)/infinity_video.log; \
 	test $$first -eq 0 -a $$a -eq 0 -a $$b -eq 0
-	test -f $(MODELS)/classifier/classifier.pt || $(PY) evaluate.py classifier --out $(MODELS)/classifier --max-seconds 300
+	test -f $(MODELS)/classifier/classifier.pt || $(PY) classifier.py --out $(MODELS)/classifier --max-seconds 300
 	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity/ckpt.pt --width 512 \
 		--grid $(MODELS)/infinity_eval/strips_512.png
 	$(PY) evaluate.py infinity --classifier $(MODELS)/classifier --ckpt $(MODELS)/infinity/ckpt.pt --width 2048 \

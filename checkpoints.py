@@ -39,7 +39,8 @@ def save(checkpoint: dict, path) -> Path:
     A crash at any moment leaves either the old checkpoint or the new one, never a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False)
     try:
         with handle:
             torch.save(checkpoint, handle)
@@ -93,10 +94,12 @@ def read(path, *, stage: str | tuple[str, ...], fix: str = "", map_location="cpu
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, garbage bytes, pickled code: all unusable the same way
-        raise ValueError(f"{path} is corrupt or not a checkpoint ({type(error).__name__}: {error}).{hint}") from error
+        raise ValueError(f"{path} is corrupt or not a checkpoint "
+                         f"({type(error).__name__}: {error}).{hint}") from error
     found = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
     if found not in stages:
-        raise ValueError(f"{path} is a checkpoint of stage {found!r}, not {' or '.join(map(repr, stages))}.{hint}")
+        expected = " or ".join(map(repr, stages))
+        raise ValueError(f"{path} is a checkpoint of stage {found!r}, not {expected}.{hint}")
     return checkpoint
 
 

@@ -36,11 +36,14 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+import runtime
 
 # ---------------------------------------------------------------------------------------------
 # 1. MNIST IDX files
@@ -108,8 +111,6 @@ def _checksum_error(path: Path, expected: str, actual: str, origin: str) -> MNIS
 def _download(name: str, folder: Path) -> Path:
     """Fetch `name` from the first mirror that serves the right bytes; rename into place only
     after the checksum matches, so an interrupted or corrupt download never looks like data."""
-    from tqdm import tqdm
-
     folder.mkdir(parents=True, exist_ok=True)
     expected = MNIST_SHA256[name]
     failures = []
@@ -120,8 +121,8 @@ def _download(name: str, folder: Path) -> Path:
         try:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, tmp:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}",
-                          leave=False) as bar:
+                with runtime.progress(total=total, unit="B", unit_scale=True, desc=f"download {name}",
+                                      leave=False) as bar:
                     for chunk in iter(lambda: response.read(1 << 16), b""):
                         tmp.write(chunk)
                         digest.update(chunk)
@@ -445,6 +446,42 @@ def motion_phrase(axis: int, corner_track: np.ndarray) -> str:
     if not legs:
         raise ValueError("the digit does not move in this clip; a caption needs at least one step")
     return " then ".join(MOTION_WORDS[(axis, sign)] for sign, _ in legs)
+
+
+PAD, NONE = "<pad>", "None"  # NONE is the constant condition of unconditional tasks (NÜWA §4)
+
+
+@dataclass
+class CaptionVocabulary:
+    """The closed word vocabulary of our captions (VOCABULARY) plus <pad> and None: a caption ↔
+    L word ids. Unknown words are errors. (A "tokenizer" in this project is always a VQ-GAN.)"""
+
+    length: int = 16  # L, caption slots after padding
+    words: list[str] = field(default_factory=lambda: [PAD, NONE] + VOCABULARY)  # id → word
+
+    def __post_init__(self):
+        self.index = {word: i for i, word in enumerate(self.words)}  # word → id
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, captions: list[str | None]) -> torch.Tensor:
+        """Captions → (B, L) word ids; `None` (the object or the word) is the unconditional caption."""
+        ids = torch.full((len(captions), self.length), self.index[PAD], dtype=torch.long)  # (B, L)
+        for row, caption in enumerate(captions):
+            words = [NONE] if caption is None else caption.split()
+            unknown = [w for w in words if w not in self.index]
+            if unknown:
+                raise ValueError(f"unknown caption word(s) {unknown} in {caption!r}; the vocabulary is "
+                                 f"{self.words[1:]}")
+            if len(words) > self.length:
+                raise ValueError(f"caption {caption!r} has {len(words)} words; at most {self.length} fit")
+            ids[row, :len(words)] = torch.tensor([self.index[w] for w in words])
+        return ids
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """(B, L) word ids → captions, without the padding."""
+        return [" ".join(self.words[i] for i in row.tolist() if self.words[i] != PAD) for row in ids]
 
 
 def make_caption(digits: list[int], motions: list[str]) -> str:

@@ -26,7 +26,7 @@ the video reader built around it (reader.py).
   NÜWA-Infinity's (arXiv 2207.09814) canvases wider, and videos longer, than it was trained on.
 
 Sections: 1. image metrics · 2. `recon` · 3. caption accuracy and `caption-check` · 4. FLD · 5. `t2v` ·
-6. `predict` · 7. `word-use` · 8. `infinity` · 9. the command line.
+6. `predict` · 7. `word-use` · 8. the command line. `infinity` lives in evaluate_infinity.py.
 
 Glossary: B batch, T frames, H W pixels (64 × 64 frames; digits are 28 × 28), D digits per clip,
 K codebook size, μ σ local means / deviations (SSIM), μ Σ feature means / covariances (FLD),
@@ -51,8 +51,6 @@ import json
 import math
 import os
 import sys
-import time
-from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning (see train.py: spinning is ruinous on a shared CPU).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -62,7 +60,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
-import infinity  # noqa: E402
+import evaluate_infinity  # noqa: E402
 import nuwa  # noqa: E402
 import reader  # noqa: E402
 import runtime  # noqa: E402
@@ -131,18 +129,6 @@ def frame_scores(prediction: torch.Tensor, truth: torch.Tensor) -> dict[str, tor
     return {name: value.view(B, T) for name, value in scores.items()}
 
 
-def batches(clips, size: int) -> list[tuple[int, list[dict]]]:
-    """The items of a dataset in consecutive batches: [(index of the batch's first item, its items)]."""
-    return [(first, [clips[i] for i in range(first, min(first + size, len(clips)))])
-            for first in range(0, len(clips), size)]
-
-
-def sampling_settings(args: argparse.Namespace) -> dict:
-    """What a report says of how its samples were drawn (the flags of runtime.add_sampling_flags)."""
-    return {"temperature": args.temperature, "top_k": args.top_k or None, "seed": args.seed,
-            "ckpt": str(args.ckpt)}
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. recon: how much the tokenizer loses
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +155,7 @@ def recon_frames(model: vqgan.VQGAN, num_sequences: int, batch_size: int, device
     found = {name: torch.zeros(10, dtype=torch.float64) for name in ("real", "recon")}  # per frame 10 … 19
     used = torch.zeros(model.codebook_size, dtype=torch.bool)
     frames = 0
-    for _, items in batches(clips, batch_size):
+    for _, items in runtime.in_batches(clips, batch_size):
         video = torch.stack([item["video"] for item in items]).to(device)  # (B, T, 1, 64, 64)
         tokens = model.encode_video(video)  # (B, T, h, w)
         x_rec = model.decode_video(tokens).float().clamp(0, 1)  # (B, T, 1, 64, 64)
@@ -197,7 +183,7 @@ def recon_sketches(model: vqgan.VQGAN, num_sequences: int, batch_size: int, devi
     clips = data.CaptionedMovingMNIST("heldout", num_frames=10, num_digits=2, seed=0, length=num_sequences)
     correct = foreground_correct = foreground = pixels = 0
     used = torch.zeros(model.codebook_size, dtype=torch.bool)
-    for _, items in batches(clips, batch_size):
+    for _, items in runtime.in_batches(clips, batch_size):
         sketch = torch.stack([item["sketch"] for item in items]).to(device)  # (B, T, 64, 64)
         tokens = model.encode_sketch(sketch)  # (B, T, h, w)
         rec = model.decode_sketch(tokens)  # (B, T, 64, 64)
@@ -368,7 +354,7 @@ def run_t2v(args: argparse.Namespace) -> dict:
         clips = data.CaptionedMovingMNIST(split, num_frames=frames, num_digits=num_digits, seed=0,
                                           length=args.num_videos)
         scores = []
-        for _, items in batches(clips, args.batch_size):
+        for _, items in runtime.in_batches(clips, args.batch_size):
             tokens = tasks.text_to_video(models.nuwa, [item["caption"] for item in items], frames, **sampling)
             videos = models.pixels(tokens)  # (B, T, 1, 64, 64) in [0, 1]
             for video, item in zip(videos, items):
@@ -394,7 +380,7 @@ def run_t2v(args: argparse.Namespace) -> dict:
     metrics["fld_real_floor"] = fld_or_nan(reader.reading_features(other), reader.reading_features(real))
     metrics["real_caption_accuracy"] = accuracies(real_scores)["caption_accuracy"]  # the judge on the truth
     metrics.update(frames=frames, num_digits=num_digits, guidance=args.guidance,
-                   redraw_empty=args.redraw_empty, **sampling_settings(args))
+                   redraw_empty=args.redraw_empty, **runtime.sampling_report(args))
     return metrics
 
 
@@ -428,7 +414,7 @@ def run_predict(args: argparse.Namespace) -> dict:
           f"temperature {args.temperature}, top-k {args.top_k or 'off'}")
     sums: dict[str, torch.Tensor] = {}
     bar = runtime.progress(total=len(clips), desc="predict", unit="video")
-    for _, items in batches(clips, args.batch_size):
+    for _, items in runtime.in_batches(clips, args.batch_size):
         video = torch.stack([item["video"] for item in items])  # (B, T, 1, 64, 64)
         tokens = models.tokens(video)  # (B, T, h, w): every real frame tokenized
         predicted = tasks.predict_video(models.nuwa, tokens[:, :args.given], args.frames, window=args.window,
@@ -460,7 +446,7 @@ def run_predict(args: argparse.Namespace) -> dict:
         if args.num_digits == 2:  # the name these figures had before --num-digits (README, notes)
             metrics[f"{prefix}last_frame_both_digits"] = count / len(clips)
     metrics.update(num_videos=len(clips), num_digits=args.num_digits, given=args.given, frames=args.frames,
-                   window=args.window, **sampling_settings(args))
+                   window=args.window, **runtime.sampling_report(args))
     return metrics
 
 
@@ -491,7 +477,8 @@ def run_word_use(args: argparse.Namespace) -> dict:
     frames = args.frames or model.config.frames
     clips = data.CaptionedMovingMNIST("test", num_frames=frames, num_digits=1, seed=0, length=args.num_videos)
     nats = {kind: torch.zeros(len(clips), frames) for kind in ("true", *WORD_CHANGES)}  # (n, T) per caption
-    for first, items in runtime.progress(batches(clips, args.batch_size), desc="word-use", unit="batch"):
+    batches = runtime.in_batches(clips, args.batch_size)
+    for first, items in runtime.progress(batches, desc="word-use", unit="batch"):
         video = torch.stack([item["video"] for item in items]).to(args.device)  # (b, T, 1, 64, 64)
         tokens = tokenizer.encode_video(video)  # (b, T, h, w)
         for kind in nats:
@@ -511,132 +498,11 @@ def run_word_use(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. infinity: does a canvas far wider than training still read as digits, slot by slot?
-# ---------------------------------------------------------------------------------------------
-LEGIBLE_CONFIDENCE = 0.9  # a slot reads as a digit when the classifier gives its biggest blob ≥ 90 %
-
-
-def legibility(readings: list[tuple[int, float]], allowed: list[set[int] | None] | None = None) -> dict:
-    """Share of slots read as a digit with confidence ≥ LEGIBLE_CONFIDENCE; with `allowed` (one set
-    per slot, None for uncaptioned), also the share of legible slots whose digit the caption names."""
-    legible = [confidence >= LEGIBLE_CONFIDENCE for _, confidence in readings]
-    metrics = {"legible_share": sum(legible) / max(1, len(readings)),
-               "mean_confidence": float(np.mean([c for _, c in readings])) if readings else 0.0}
-    if allowed is not None:
-        named = [digit in names for (digit, _), names, ok in zip(readings, allowed, legible) if ok and names]
-        metrics["caption_match"] = sum(named) / len(named) if named else float("nan")
-    return metrics
-
-
-@torch.no_grad()
-def run_infinity(args: argparse.Namespace) -> dict:
-    """NÜWA-Infinity: generate canvases --height × --width (e.g. 64×512, 4× the training width) and
-    read every 32 px slot; next to the same reading of real held-out canvases of that size (the
-    ceiling) and of their tokenizer reconstructions (what the VQ-GAN alone keeps)."""
-    model, tokenizer = infinity.load_with_tokenizer(args.ckpt, vqgan_ckpt=args.vqgan,
-                                                    map_location=args.device)
-    classifier = load_classifier(args.classifier, args.device)
-    sampling = runtime.sampling_options(args, args.device)
-    if model.config.data == "video":
-        return run_infinity_video(args, model, tokenizer, classifier, sampling)
-    real = stages.DigitCanvases("test", args.height, args.width, seed=0, length=args.num_canvases)
-    # Half the canvases are captioned with a real canvas's digit set, half are not (the "None" caption).
-    captions = [real[i]["caption"] if i % 2 == 0 else None for i in range(len(real))]
-    print(f"seed {args.seed}; {len(real)} canvases of {args.height}×{args.width} px, "
-          f"order {args.direction!r}; temperature {args.temperature}, top-k {args.top_k or 'off'}")
-    made, start = [], time.perf_counter()
-    for first in runtime.progress(range(0, len(real), args.batch_size), desc="canvases", unit="batch"):
-        batch = captions[first:first + args.batch_size]
-        guided = args.guidance if any(c is not None for c in batch) else None  # a "None" row is its own guide
-        made.append(infinity.generate_canvas(model, tokenizer, args.height, args.width, args.direction,
-                                             captions=batch, batch_size=len(batch), guidance=guided,
-                                             **sampling).cpu())  # (b, 1, H, W)
-    seconds = time.perf_counter() - start
-    made = torch.cat(made)  # (N, 1, H, W)
-    images = torch.stack([real[i]["image"] for i in range(len(real))])  # (N, 1, H, W)
-    recon = tokenizer.decode(tokenizer.encode(images.to(args.device))).float().clamp(0, 1).cpu()
-    slots = args.width // infinity.SLOT_PX
-    allowed = [set(map(int, c.split())) if c else None for c in captions for _ in range(slots)]
-    metrics = legibility(reader.read_slots(made, classifier, infinity.SLOT_PX), allowed)
-    for prefix, canvases in (("real_", images), ("recon_", recon)):  # the ceiling, and what the VQ-GAN keeps
-        read = legibility(reader.read_slots(canvases, classifier, infinity.SLOT_PX))
-        metrics.update({prefix + name: value for name, value in read.items()})
-    metrics.update(slots=slots * len(real), num_canvases=len(real), canvas=[args.height, args.width],
-                   training_canvas=[model.config.canvas_height, model.config.canvas_width],
-                   direction=args.direction, seconds_per_canvas=seconds / len(real), guidance=args.guidance,
-                   **sampling_settings(args))
-    if args.grid:
-        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        rows = [infinity.tiles(c) for c in made[:4]] + [infinity.tiles(c) for c in images[:2]]
-        labels = [f"generated ({c or 'no caption'})" for c in captions[:4]] + ["real", "real"]
-        data.save_grid(rows, args.grid, captions=labels, max_frames=args.width // data.CANVAS)
-        print(f"wrote {args.grid}")
-    return metrics
-
-
-LAST_FRAMES = 10  # a long video "still holds its digit" when it is read in most of its last 10 frames
-
-
-@torch.no_grad()
-def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, sampling: dict) -> dict:
-    """NÜWA-Infinity on video (a model trained with data="video"): from the first --given frames of
-    one-digit Moving MNIST test clips, generate --frames frames (100 by default, far longer than
-    the training clips) frame by frame with the pool, then read the last 10 frames.
-
-    A model trained on captioned clips (video_captions) gets each clip's digit name as its caption.
-    still_read: share of videos whose given digit is read in more than half of their last 10 frames.
-    last_frames_read: share of those frames read as the given digit. moving: share of videos whose digit
-    (the biggest blob) moves ≥ 1 px per frame on average over the last 10 frames, so a model that
-    froze the digit is seen for what it is (a frozen digit stays legible)."""
-    frames = args.frames or 100
-    # A model trained on captioned clips gets its clip's digit name (--no-caption: "None": what does it add?).
-    captioned = model.config.video_captions and not args.no_caption
-    if not 0 < args.given < frames:
-        raise ValueError(f"need 0 < --given < --frames, got {args.given} and {frames}")
-    clips = data.MovingMNIST("test", num_frames=args.given, num_digits=1, seed=0, length=args.num_canvases)
-    print(f"seed {args.seed}; {len(clips)} one-digit clips; {args.given} given → {frames} frames; "
-          f"temperature {args.temperature}, top-k {args.top_k or 'off'}")
-    read, per_frame, moving, made, start = [], [], [], [], time.perf_counter()
-    for _, items in runtime.progress(batches(clips, args.batch_size), desc="videos", unit="batch"):
-        given = torch.stack([item["video"] for item in items])  # (b, given, 1, 64, 64)
-        captions = [stages.clip_caption(item["digits"]) if captioned else None for item in items]
-        videos = infinity.generate_video(model, tokenizer, frames, given_frames=given, batch_size=len(items),
-                                         captions=captions, guidance=args.guidance if captioned else None,
-                                         **sampling).cpu()  # (b, frames, 1, 64, 64)
-        for video, item in zip(videos, items):
-            digit = int(item["digits"][0])
-            seen = [b for b in reader.read_biggest(video[-LAST_FRAMES:], classifier) if b is not None]
-            hits = sum(blob.label == digit for blob in seen)
-            read.append(hits > LAST_FRAMES // 2)
-            per_frame.append(hits / LAST_FRAMES)
-            centres = [(blob.y, blob.x) for blob in seen]
-            steps = [math.dist(a, b) for a, b in zip(centres, centres[1:])]
-            moving.append(bool(steps) and float(np.mean(steps)) >= 1.0)
-        made.append(videos)
-    seconds = time.perf_counter() - start
-    metrics = {"still_read": float(np.mean(read)), "last_frames_read": float(np.mean(per_frame)),
-               "captioned": captioned, "moving": float(np.mean(moving)), "num_videos": len(clips),
-               "frames": frames, "given": args.given, "training_frames": model.config.frames,
-               "seconds_per_video": seconds / len(clips), "guidance": args.guidance if captioned else None,
-               **sampling_settings(args)}
-    if args.grid:
-        videos = torch.cat(made)[:4]  # (4, frames, 1, 64, 64)
-        shown = list(range(0, frames, max(1, frames // 10)))[:10]
-        rows = [video[shown] for video in videos]
-        data.save_grid(rows, args.grid, captions=[f"frames {shown[0]}…{shown[-1]} of {frames}"] * len(rows),
-                       max_frames=len(shown))
-        gif = Path(args.grid).with_suffix(".gif")
-        data.save_gif(list(videos), gif, captions=[f"{frames} frames, {args.given} given"] * len(videos))
-        print(f"wrote {args.grid} and {gif}")
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------
-# 9. Command line
+# 8. Command line
 # ---------------------------------------------------------------------------------------------
 
 SUBCOMMANDS = {"recon": run_recon, "caption-check": run_caption_check, "t2v": run_t2v, "predict": run_predict,
-               "word-use": run_word_use, "infinity": run_infinity}
+               "word-use": run_word_use, "infinity": evaluate_infinity.run_infinity}
 
 
 def add_common(parser: argparse.ArgumentParser, threads: int = 1) -> None:

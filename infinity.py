@@ -285,7 +285,7 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
         if config.relative_radius < 0:
             raise ValueError(f"relative_radius must be ≥ 0 (0: no token-level relative positions), "
                              f"got {config.relative_radius}")
-        self.vocabulary = nuwa.CaptionVocabulary(config.text_len)  # caption words → ids
+        self.vocabulary = data.CaptionVocabulary(config.text_len)  # caption words → ids
         self.text_embed = nn.Embedding(len(self.vocabulary), D)  # one row per caption word
         self.text_pos = nn.Embedding(config.text_len, D)
         self.token_embed = nn.Embedding(config.codebook_size, D)

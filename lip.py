@@ -181,7 +181,7 @@ class MPS2S(nuwa.CodeEmbeddings, nn.Module):
         if not 0.0 <= config.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob is a probability, got {config.cond_drop_prob}")
         self.config = config
-        self.vocabulary = nuwa.CaptionVocabulary(config.text_len)
+        self.vocabulary = data.CaptionVocabulary(config.text_len)
         D, grid = config.dim, (1, config.token_h, config.token_w)
         # Perspective 1: the caption (1 × 1 × L), full attention.
         self.text_embed = nn.Embedding(len(self.vocabulary), D)

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -145,44 +145,8 @@ class NUWAConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. The caption vocabulary: a caption as a 1 × 1 × L grid of word ids; conditions
+# 2. Conditions: a caption (data.CaptionVocabulary's word ids) as a 1 × 1 × L grid, a sketch, or None
 # ---------------------------------------------------------------------------------------------
-
-PAD, NONE = "<pad>", "None"  # NONE is the constant condition of unconditional tasks (NÜWA §4)
-
-
-@dataclass
-class CaptionVocabulary:
-    """The closed word vocabulary of our captions (data.VOCABULARY) plus <pad> and None: a caption ↔
-    L word ids. Unknown words are errors. (A "tokenizer" in this project is always a VQ-GAN.)"""
-
-    length: int = 16  # L, caption slots after padding
-    words: list[str] = field(default_factory=lambda: [PAD, NONE] + data.VOCABULARY)  # id → word
-
-    def __post_init__(self):
-        self.index = {word: i for i, word in enumerate(self.words)}  # word → id
-
-    def __len__(self) -> int:
-        return len(self.words)
-
-    def encode(self, captions: list[str | None]) -> torch.Tensor:
-        """Captions → (B, L) word ids; `None` (the object or the word) is the unconditional caption."""
-        ids = torch.full((len(captions), self.length), self.index[PAD], dtype=torch.long)  # (B, L)
-        for row, caption in enumerate(captions):
-            words = [NONE] if caption is None else caption.split()
-            unknown = [w for w in words if w not in self.index]
-            if unknown:
-                raise ValueError(f"unknown caption word(s) {unknown} in {caption!r}; the vocabulary is "
-                                 f"{self.words[1:]}")
-            if len(words) > self.length:
-                raise ValueError(f"caption {caption!r} has {len(words)} words; at most {self.length} fit")
-            ids[row, :len(words)] = torch.tensor([self.index[w] for w in words])
-        return ids
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        """(B, L) word ids → captions, without the padding."""
-        return [" ".join(self.words[i] for i in row.tolist() if self.words[i] != PAD) for row in ids]
-
 
 class Condition(NamedTuple):
     """What the encoder reads: `kind` is "text" or "sketch"; `tokens` a grid (B, Tc, Hc, Wc).
@@ -193,12 +157,12 @@ class Condition(NamedTuple):
     tokens: torch.Tensor
 
 
-def text_condition(vocabulary: CaptionVocabulary, captions: list[str | None]) -> Condition:
+def text_condition(vocabulary: data.CaptionVocabulary, captions: list[str | None]) -> Condition:
     """Captions as the condition grid (B, 1, 1, L) of word ids."""
     return Condition("text", vocabulary.encode(captions)[:, None, None, :])  # (B, 1, 1, L)
 
 
-def none_condition(vocabulary: CaptionVocabulary, batch_size: int) -> Condition:
+def none_condition(vocabulary: data.CaptionVocabulary, batch_size: int) -> Condition:
     """The unconditional condition: the single word "None" (NÜWA's I2I and V2V)."""
     return text_condition(vocabulary, [None] * batch_size)
 
@@ -402,7 +366,7 @@ class NUWA(CodeEmbeddings, nn.Module):
     def __init__(self, config: NUWAConfig):
         super().__init__()
         self.config = config
-        self.vocabulary = CaptionVocabulary(config.text_len)
+        self.vocabulary = data.CaptionVocabulary(config.text_len)
         D = config.dim
         # Condition side: one word/sketch embedding per modality, its own position tables.
         self.text_embed = nn.Embedding(len(self.vocabulary), D)

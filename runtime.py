@@ -53,13 +53,15 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser, *, guidance: bool = True, top_p: bool = False) -> None:
+def add_sampling_flags(parser: argparse.ArgumentParser, *, guidance: bool = True,
+                       top_p: bool = False) -> None:
     """--temperature, --top-k, [--top-p], [--guidance], --seed: the same meaning and defaults everywhere."""
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="0 = greedy; 1 = the model's own distribution (default)")
     parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=TOP_K,
-                        help=f"sample among the k likeliest codes, 0 = all (default {TOP_K}, as every reported "
-                             "figure: cuts the tail of rare codes that a small model draws as specks)")
+                        help=f"sample among the k likeliest codes, 0 = all (default {TOP_K}, as every "
+                             "reported figure: cuts the tail of rare codes that a small model draws as "
+                             "specks)")
     if top_p:
         parser.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=None,
                             help="nucleus sampling: the smallest set of codes whose probability reaches p")
@@ -87,3 +89,15 @@ def on_terminal() -> bool:
 def progress(iterable=None, *, enabled: bool = True, **tqdm_options) -> tqdm:
     """tqdm(iterable, **tqdm_options), silent unless `enabled` and standard error is a terminal."""
     return tqdm(iterable, disable=not (enabled and on_terminal()), **tqdm_options)
+
+
+def sampling_report(args: argparse.Namespace) -> dict:
+    """What a report says of how its samples were drawn (the flags of `add_sampling_flags`)."""
+    return {"temperature": args.temperature, "top_k": args.top_k or None, "seed": args.seed,
+            "ckpt": str(args.ckpt)}
+
+
+def in_batches(items, size: int) -> list[tuple[int, list]]:
+    """The items of a dataset in consecutive batches: [(index of the batch's first item, its items)]."""
+    return [(first, [items[i] for i in range(first, min(first + size, len(items)))])
+            for first in range(0, len(items), size)]

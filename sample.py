@@ -62,6 +62,7 @@ import data
 import infinity
 import lip
 import nuwa
+import patches
 import reader
 import runtime
 import tasks
@@ -291,7 +292,7 @@ def run_infinity(args) -> list[Path]:
                 data.save_grid(list(video), out / "infinity.png", captions=labels, max_frames=args.frames)]
     args.direction = args.direction or "column"
     source = None
-    if args.direction in infinity.OUTPAINTING:  # the given image sits where the direction starts
+    if args.direction in patches.OUTPAINTING:  # the given image sits where the direction starts
         source = load_image(args.image, args.index)[:, 0].expand(args.n, -1, -1, -1)  # (n, 1, 64, 64)
     elif args.image is not None:
         raise ValueError("--image is for outpainting: pass --direction right, left, up or down, "
@@ -490,7 +491,7 @@ def add_infinity(commands) -> None:
     sub.add_argument("--frames", type=int, default=1, help=FRAMES_HELP + "; 1: a canvas, not a video "
                      f"(then --ckpt defaults to {CHECKPOINTS['NÜWA-Infinity video'][0][0]})")
     sub.add_argument("--given", type=int, default=0, help=GIVEN_HELP)
-    sub.add_argument("--direction", default=None, choices=infinity.DIRECTIONS,
+    sub.add_argument("--direction", default=None, choices=patches.DIRECTIONS,
                      help="patch order (default: column for a canvas, video for --frames > 1); right / left "
                           "outpaint a 64 px high --image sideways, up / down need --width 64")
     sub.add_argument("--caption", default=None, help="digit names, e.g. \"3 7\" (default: none)")

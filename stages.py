@@ -533,7 +533,8 @@ def visualise_infinity(model: infinity.Infinity, config: infinity.InfinityConfig
     test clip twice as long as training's (with its caption when the model was trained on captions)."""
     tokenizer = infinity_tokenizer(config, model.bos.device)
     if config.data == "video":
-        clip = data.MovingMNIST("test", num_frames=2 * config.frames, num_digits=config.video_digits, length=1)[0]
+        clip = data.MovingMNIST("test", num_frames=2 * config.frames, num_digits=config.video_digits,
+                                length=1)[0]
         caption = batches.clip_caption(clip["digits"]) if config.video_captions else None
         return infinity.visualise(model, tokenizer, path, real=clip["video"], caption=caption)
     real = batches.DigitCanvases("test", config.canvas_height, config.canvas_width, length=1)[0]["image"]

@@ -100,7 +100,7 @@ MOVES = list(data.MOTION_WORDS.items())  # [((axis, sign), word)]: axis 0 moves 
 CAPTION_PATTERNS = torch.randint(1, K, (len(data.DIGIT_WORDS), S, S),
                                  generator=torch.Generator().manual_seed(PATTERN_SEED))  # (10, S, S)
 _FLIP = evaluate.WORD_CHANGES["direction"]  # up ↔ down, left ↔ right: word-use's own flip
-_WORDS = nuwa.CaptionVocabulary()
+_WORDS = data.CaptionVocabulary()
 SWAP_DIRECTIONS = torch.tensor([_WORDS.index[_FLIP.get(word, word)]
                                 for word in _WORDS.words])  # word id → the flipped word's id
 SKETCH_PERMUTATION = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(
@@ -152,7 +152,7 @@ def make_batch(probe: str, generator: torch.Generator, batch_size: int, config: 
     grid = (config.token_h, config.token_w)
     if config.codebook_size < K or config.sketch_codebook_size < K or grid != (GRID, GRID):
         raise ValueError(f"the probes need codebook sizes ≥ {K} and {GRID}×{GRID} token grids")
-    vocabulary = nuwa.CaptionVocabulary(config.text_len)
+    vocabulary = data.CaptionVocabulary(config.text_len)
     T, B = PROBES[probe].frames, batch_size
     randint = lambda low, high, size: torch.randint(low, high, size, generator=generator)
     clips, captions = [], []

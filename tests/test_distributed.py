@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -288,12 +289,12 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
                     "--out", str(tmp_path)])
 
 
-def test_readme_training_commands_use_real_flags():
-    """The README's commands for a laptop, one GPU and torchrun parse, torchrun's part included."""
+def test_design_training_commands_use_real_flags():
+    """DESIGN.md's commands for a laptop, one GPU and torchrun parse, torchrun's part included."""
     from torch.distributed.run import get_args_parser
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Training: a laptop, one GPU, many GPUs")[1].split("\n## ")[0]
+    design = (ROOT / "DESIGN.md").read_text()
+    section = re.split(r"\n#{2,3} ", design.split("### Training on a laptop, one GPU, many GPUs")[1])[0]
     lines = section.split("```bash\n")[1].split("```")[0].replace("\\\n", " ").splitlines()
     commands = [shlex.split(line, comments=True) for line in lines if "train.py" in line]
     assert len(commands) >= 5 and any(c[0] == "torchrun" and "--nnodes=2" in c for c in commands)

@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 from conftest import mnist_available, needs_mnist
 
+import batches
 import classifier
 import evaluate
+import evaluate_infinity
 import reader
 import runtime
 import train
@@ -609,19 +611,17 @@ def test_predict_on_one_digit_clips_reads_one_digit(nuwa_checkpoint, classifier_
 
 
 def test_slots_of_real_canvases_read_as_their_digits_and_blank_slots_do_not(classifier_dir):
-    import infinity
-    import stages
 
     model = classifier.load_classifier(classifier_dir)
-    canvases = stages.DigitCanvases("test", 64, 256, seed=0, length=3)
+    canvases = batches.DigitCanvases("test", 64, 256, seed=0, length=3)
     images = torch.stack([canvases[i]["image"] for i in range(3)])  # (3, 1, 64, 256): 8 slots each
-    readings = reader.read_slots(images, model, infinity.SLOT_PX)
+    readings = reader.read_slots(images, model, batches.SLOT_PX)
     truth = torch.cat([canvases[i]["digits"] for i in range(3)]).tolist()
     assert len(readings) == 24
     assert sum(digit == true for (digit, _), true in zip(readings, truth)) >= 18  # a quickly trained model
-    images[0, :, :, :infinity.SLOT_PX] = 0  # an empty first slot
-    assert reader.read_slots(images, model, infinity.SLOT_PX)[0] == (-1, 0.0)
-    named = evaluate.legibility([(3, 0.95), (7, 0.99), (5, 0.5), (-1, 0.0)], [{3}, {3}, {5}, None])
+    images[0, :, :, :batches.SLOT_PX] = 0  # an empty first slot
+    assert reader.read_slots(images, model, batches.SLOT_PX)[0] == (-1, 0.0)
+    named = evaluate_infinity.legibility([(3, 0.95), (7, 0.99), (5, 0.5), (-1, 0.0)], [{3}, {3}, {5}, None])
     assert named == {"legible_share": 0.5, "mean_confidence": pytest.approx(0.61), "caption_match": 0.5}
 
 

@@ -60,7 +60,7 @@ def test_batches_have_the_probe_shapes_and_a_whole_block_in_every_frame(probe):
 
 def test_copy_frame_t_plus_1_is_frame_t_shifted_as_the_caption_says():
     cond, targets, _ = batch("copy", batch_size=32)
-    captions = nuwa.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0])
+    captions = data.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0])
     shifts = {"moving up": (-1, 0), "moving down": (1, 0), "moving left": (0, -1), "moving right": (0, 1)}
     assert set(captions) == set(shifts)  # all four directions occur in 32 clips
     for clip, caption in zip(targets, captions):
@@ -72,7 +72,7 @@ def test_copy_frame_t_plus_1_is_frame_t_shifted_as_the_caption_says():
 
 def test_order_moves_the_block_the_way_the_first_direction_word_says():
     cond, targets, _ = batch("order", batch_size=32)
-    vocabulary = nuwa.CaptionVocabulary(CONFIG.text_len)
+    vocabulary = data.CaptionVocabulary(CONFIG.text_len)
     captions, swapped = (vocabulary.decode(tokens[:, 0, 0])
                          for tokens in (cond.tokens, bench.SWAP_DIRECTIONS[cond.tokens]))
     shifts = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
@@ -91,7 +91,7 @@ def test_order_moves_the_block_the_way_the_first_direction_word_says():
 
 def test_v2v_moves_the_block_and_its_loss_mask_covers_frames_3_to_5_only():
     cond, targets, mask = batch("v2v")
-    assert nuwa.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0]) == ["None"] * 16
+    assert data.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0]) == ["None"] * 16
     assert mask.shape == targets.shape and mask.dtype == torch.bool
     assert mask[:, 3:].all() and not mask[:, :3].any()
     for clip in targets:
@@ -101,7 +101,7 @@ def test_v2v_moves_the_block_and_its_loss_mask_covers_frames_3_to_5_only():
 
 def test_v2v_two_holds_two_apart_blocks_that_each_keep_one_direction():
     cond, targets, mask = batch("v2v_two")
-    assert nuwa.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0]) == ["None"] * 16
+    assert data.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0]) == ["None"] * 16
     assert targets.shape == (16, 6, 8, 8) and mask[:, 3:].all() and not mask[:, :3].any()
     assert ((targets != 0).sum(dim=(2, 3)) == 2 * bench.S ** 2).all()  # both blocks whole, never overlapping
     generator = torch.Generator().manual_seed(3)
@@ -132,7 +132,7 @@ def test_sketch_target_is_the_fixed_permutation_of_the_sketch():
 
 def test_caption_draws_each_digits_fixed_pattern():
     cond, targets, _ = batch("caption", batch_size=32)
-    captions = nuwa.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0])
+    captions = data.CaptionVocabulary(CONFIG.text_len).decode(cond.tokens[:, 0, 0])
     for clip, caption in zip(targets[:, 0], captions):
         row, col = block_corner(clip)
         digit = data.DIGIT_WORDS.index(caption.split()[1])

@@ -604,6 +604,7 @@ def run_folder(tmp_path_factory):
 def test_dfvqgan_and_lip_stages_train_and_resume(run_folder, tmp_path, monkeypatch):
     import shutil
 
+    import stages
     import train
 
     folder = shutil.copytree(run_folder, tmp_path / "run")  # the module's run stays as trained for the others
@@ -625,7 +626,7 @@ def test_dfvqgan_and_lip_stages_train_and_resume(run_folder, tmp_path, monkeypat
     # recorded now gives the DF-VQGAN trained one step further): the stored code pixels would hide the
     # new drawing.
     trained_on = dfvqgan.load_dfvqgan(folder / "dfvqgan" / "ckpt.pt").requires_grad_(False)
-    monkeypatch.setattr(train, "frozen_dfvqgan", lambda path, device: trained_on)
+    monkeypatch.setattr(stages, "frozen_dfvqgan", lambda path, device: trained_on)
     with pytest.raises(ValueError, match="cannot resume .*code_pixels"):
         train.main(["--stage", "lip", "--preset", "tiny", "--max-steps", "4", "--sample-every", "0",
                     "--device", "cpu", "--out", str(folder), "--resume", *TINY_LIP,
@@ -637,17 +638,17 @@ def test_dfvqgan_and_lip_stages_train_and_resume(run_folder, tmp_path, monkeypat
 
 @needs_mnist
 def test_stage_batches_are_deterministic_and_lip_uses_the_nuwa_t2i_frames():
+    import batches
     import nuwa
-    import train
 
     config = lip.LIPConfig.preset("tiny", batch_size=2)
-    first, again = train.lip_batch(config, 0, 7, 1, 2), train.lip_batch(config, 0, 7, 1, 2)
+    first, again = batches.lip_batch(config, 0, 7, 1, 2), batches.lip_batch(config, 0, 7, 1, 2)
     assert torch.equal(first["mask"], again["mask"]) and torch.equal(first["image"], again["image"])
-    t2i = train.nuwa_batch(nuwa.NUWAConfig.preset("tiny", tasks="t2i", seg_ckpt=""), 0, 7, 1, 2)["t2i"]
+    t2i = batches.nuwa_batch(nuwa.NUWAConfig.preset("tiny", tasks="t2i", seg_ckpt=""), 0, 7, 1, 2)["t2i"]
     assert torch.equal(first["image"], t2i["video"][:, 0]) and first["caption"] == t2i["caption"]
     tokenizer_config = dfvqgan.DFVQGANConfig.preset("tiny", batch_size=4, frames_per_clip=2)
-    one = train.dfvqgan_batch(tokenizer_config, 0, 3, 0, 1)
-    halves = [train.dfvqgan_batch(tokenizer_config, 0, 3, part, 2) for part in range(2)]
+    one = batches.dfvqgan_batch(tokenizer_config, 0, 3, 0, 1)
+    halves = [batches.dfvqgan_batch(tokenizer_config, 0, 3, part, 2) for part in range(2)]
     assert torch.equal(one["mask"], torch.cat([h["mask"] for h in halves]))  # micro-batches cut one batch
     assert torch.equal(one["use_skips"], torch.cat([h["use_skips"] for h in halves]))
 
@@ -718,7 +719,8 @@ PINNED_FILL = [
 
 def test_seeded_inpainting_gives_the_pinned_tokens():
     model = toy_model(token_h=4, token_w=4)
-    drawn = model.generate(*toy_inputs(model), temperature=1.0, top_k=8, generator=torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    drawn = model.generate(*toy_inputs(model), temperature=1.0, top_k=8, generator=generator)
     assert drawn.flatten(1).tolist() == PINNED_FILL
     # And the numbers behind them: a position-weighted sum of the teacher-forced logits (float64).
     with torch.no_grad():

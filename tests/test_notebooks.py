@@ -35,4 +35,3 @@ def test_notebook_starts_by_finding_the_repository_root(path):
     cells = json.loads(path.read_text())["cells"]
     first = "".join(next(cell for cell in cells if cell["cell_type"] == "code")["source"])
     assert "os.chdir(ROOT)" in first and "sys.path.insert(0, str(ROOT))" in first
-    assert "SPEC" not in path.read_text()  # cite the papers, the README or DESIGN.md: documents we ship

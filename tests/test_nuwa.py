@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import position_weighted_sum
 
+import data
 import nearby_attention
 import nuwa
 import tasks
@@ -248,7 +249,7 @@ def test_bad_input_errors_before_any_work():
 
 
 def test_caption_vocabulary_round_trip_and_none():
-    vocabulary = nuwa.CaptionVocabulary(16)
+    vocabulary = data.CaptionVocabulary(16)
     ids = vocabulary.encode(CAPTIONS + [None])
     assert ids.shape == (3, 16)
     assert vocabulary.decode(ids) == CAPTIONS + ["None"]
@@ -503,10 +504,12 @@ def test_seeded_generation_gives_the_pinned_tokens():
                            generator=torch.Generator().manual_seed(5))
     assert drawn.flatten(1).tolist() == PINNED_SKETCH_SAMPLE
     model = trained_looking(toy_model(**nuwa.PAPER_SCHEME))  # the paper's scheme, text → video, greedy
-    assert model.generate(conditions(model)["text"], (3, 3, 4), temperature=0).flatten(1).tolist() == PINNED_PAPER_GREEDY
+    greedy = model.generate(conditions(model)["text"], (3, 3, 4), temperature=0)  # (1, 3, 3, 4)
+    assert greedy.flatten(1).tolist() == PINNED_PAPER_GREEDY
     # And the numbers behind them: a position-weighted sum of the default model's teacher-forced
     # logits (float64), which moves with any change of the arithmetic, however small.
     model = trained_looking(toy_model())
     with torch.no_grad():
-        logits = model(conditions(model)["text"], torch.tensor(PINNED_SKETCH_SAMPLE).view(2, 3, 3, 4))  # (2, N, K)
+        targets = torch.tensor(PINNED_SKETCH_SAMPLE).view(2, 3, 3, 4)
+        logits = model(conditions(model)["text"], targets)  # (2, N, K)
     assert position_weighted_sum(logits) == pytest.approx(2.6839483609784267, rel=1e-9)

@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 MAX_README_LINES = 200  # "short enough to read in five minutes"
-MISSING_DOCUMENT = "SP" + "EC"  # the name of the design note that never was in the repository (split: not a hit)
+# The name of the design note that never was in the repository (split in two, so this file is no hit).
+MISSING_DOCUMENT = "SP" + "EC"
+CITES_MISSING_DOCUMENT = re.compile(rf"\b{MISSING_DOCUMENT}\b")  # the word, not e.g. "ASPECT"
 
 
 def test_readme_has_snippets_and_setup_commands():
@@ -26,7 +28,7 @@ def test_readme_has_snippets_and_setup_commands():
 
 def test_readme_is_short():
     lines = README.count("\n")
-    assert lines <= MAX_README_LINES, f"README.md has {lines} lines; at most {MAX_README_LINES} (RESULTS.md is long)"
+    assert lines <= MAX_README_LINES, f"README.md has {lines} lines; at most {MAX_README_LINES}"
 
 
 def test_readme_links_and_picture_exist():
@@ -44,7 +46,7 @@ def tracked_text_files() -> list[Path]:
 
 def test_nothing_cites_a_document_outside_the_repository():
     citing = [str(path.relative_to(ROOT)) for path in tracked_text_files()
-              if path.exists() and MISSING_DOCUMENT in path.read_text(errors="replace")]
+              if path.exists() and CITES_MISSING_DOCUMENT.search(path.read_text(errors="replace"))]
     assert not citing, (f"{citing} mention {MISSING_DOCUMENT}, a document that is not in the repository: "
                         "cite the paper, DESIGN.md or RESULTS.md instead")
 

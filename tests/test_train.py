@@ -18,6 +18,7 @@ from conftest import needs_mnist, position_weighted_sum
 
 import batches
 import checkpoints
+import data
 import stages
 import train
 import vqgan
@@ -89,7 +90,7 @@ def test_v2v_is_scored_on_its_predicted_half_only(monkeypatch):
 
     class Recorder:
         config = nuwa.NUWAConfig.preset("tiny", tasks="v2v", predict_frames=4, seg_ckpt="")
-        vocabulary = nuwa.CaptionVocabulary()
+        vocabulary = data.CaptionVocabulary()
         bos = torch.zeros(1)
 
         def loss(self, cond, targets, loss_mask=None):
