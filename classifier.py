@@ -476,13 +476,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     args = build_parser(prog).parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with runtime.cpu_threads(args.threads):
         metrics = run(args)
-    finally:
-        torch.set_num_threads(threads)
     for name, value in metrics.items():
         print(f"  {name:32s} {value:.4f}" if isinstance(value, float) else f"  {name:32s} {value}")
     if args.json:

@@ -413,7 +413,7 @@ DIGIT_WORDS = [str(d) for d in range(10)]
 MOTION_WORDS = {(0, -1): "up", (0, +1): "down", (1, -1): "left", (1, +1): "right"}
 MOTION_PHRASES = ["up", "down", "left", "right", "up then down", "down then up",
                   "left then right", "right then left"]
-# The closed vocabulary of every caption (nuwa.py's tokenizer adds its special words).
+# The closed vocabulary of every caption (CaptionVocabulary below adds <pad> and None).
 VOCABULARY = ["digit", "is", "moving", "and", "then", "up", "down", "left", "right"] + DIGIT_WORDS
 AXES = ("vertical", "horizontal")  # axis 0 moves along rows (y), axis 1 along columns (x)
 # The compositional split: in training each digit moves along one axis only, and the held-out

@@ -23,7 +23,8 @@ Sections: 1. processes, accumulation and synchronisation · 2. whole states for 
 Glossary: W processes (world size), r rank, A accumulation (micro-batches per process per step).
 
 Deviations from the papers: state that the forward pass writes in place (EMA codebook, BatchNorm
-statistics) is rank 0's, broadcast after every step (`broadcast_in_place_state`; train.py's list).
+statistics) is rank 0's, broadcast after every step (`broadcast_in_place_state`; the stage's
+`in_place_state` in stages.py lists it).
 """
 
 from __future__ import annotations

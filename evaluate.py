@@ -1,4 +1,5 @@
-"""Offline metrics for NÜWA-mini: one sub-command per kind of measurement, none of which trains.
+"""Offline metrics for NÜWA-mini: one sub-command per kind of measurement (and `classifier`, an
+alias of `python classifier.py`, which trains the digit classifier the measurements read with).
 
     python evaluate.py recon --ckpt out/vqgan/ckpt.pt [--num-sequences 1000] [--json]
     python evaluate.py recon --ckpt out/seg/ckpt.pt --json          # a VQ-GAN-Seg checkpoint
@@ -644,13 +645,8 @@ def main(argv: list[str] | None = None) -> dict:
     if argv[:1] == ["classifier"]:  # the alias: classifier.py's own command line, flags and all
         return classifier_main(argv[1:], prog="evaluate.py classifier")
     args = build_parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with runtime.cpu_threads(args.threads):
         metrics = SUBCOMMANDS[args.command](args)
-    finally:
-        torch.set_num_threads(threads)
     print_table(metrics)
     if args.json:
         print(json.dumps(json_safe(metrics)))

@@ -21,7 +21,8 @@ Render-and-optimize: training walks the patches of a canvas in a sampled order (
 and backpropagates each patch's loss at once (`patch_loss`), with the pooled context detached, so a
 graph is one patch deep: L = −(1/P) Σ_p log p(y_p | y_<p, context, caption). The gradients of all
 patches of the training canvases are averaged and the optimizer steps once per canvas batch
-(train.py's units: one unit per patch, one step per batch). Per-patch optimizer steps are not offered.
+(the stage's units in stages.py: one unit per patch, one step per batch). Per-patch optimizer
+steps are not offered.
 
 Learning aids (on by default, `PAPER_SCHEME` turns them off), the ones NÜWA's tiny model needed
 (nuwa.py): token-level relative positions, a score b and a relative key r per head and 3D token
@@ -314,8 +315,9 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
                     nn.init.eye_(block.proj.weight)
         if config.pixel_codes:
             # DEVIATION (as nuwa.py): e_k = E[k] + W · pixels_k, the f × f cell the tokenizer draws for
-            # code k (set by `set_code_pixels`, from vqgan.VQGAN.code_patches; train.py does it), so codes
-            # that look alike start alike, and a stroke learnt in one place is a stroke everywhere.
+            # code k (set by `set_code_pixels`, from vqgan.VQGAN.code_patches; stages.py's builder does
+            # it), so codes that look alike start alike, and a stroke learnt in one place is a stroke
+            # everywhere.
             self.add_pixel_codes(config.token_px ** 2)
 
     @property
@@ -441,25 +443,25 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
             own.append(torch.stack([k, v])[:, :, :, 1:])  # the P tokens' keys and values (bos is not pooled)
         return self.logits(x[:, :P]), torch.stack(own)  # (B, P, K), (layers, 2, B, nh, P, hs)
 
-    def generate_patch(self, text, context, layout: ContextLayout, forced, keep, sampling: dict,
+    def generate_patch(self, text, context, layout: ContextLayout, given_tokens, keep, sampling: dict,
                        guidance: float | None = None):
-        """Token-level AR: sample one patch token by token. forced/keep (B, P): kept tokens are
+        """Token-level AR: sample one patch token by token. given_tokens/keep (B, P): kept tokens are
         written, not sampled. → tokens (B, P), states (layers, 2, B, nh, P, hs), logits (B, P, K).
 
         guidance s (classifier-free): the batch is two halves, the same canvases under their captions
         and under "None"; each token is sampled once from u + s·(c − u) and written into both halves,
         and the logits returned are those guided ones (B/2, P, K)."""
         if bool(keep.all()):  # a given patch: one teacher-forced pass makes its states
-            logits, states = self(forced, text, context, layout)
-            return forced, states, guide(logits, guidance)
-        B, P = forced.shape
+            logits, states = self(given_tokens, text, context, layout)
+            return given_tokens, states, guide(logits, guidance)
+        B, P = given_tokens.shape
         prefix, prefix_bias = self.prefix(text, context, layout.bias)
         index = self.relative_index(layout.positions, text.shape[4])  # (P + 1, L + C + P + 1) or None
         start = prefix.shape[4]  # bos, then the patch's own P tokens, follow the prefix
         buffers = torch.cat([prefix, self.empty_states(B, P + 1)], dim=4)  # (layers, 2, B, nh, L+C+1+P, hs)
         own_bias = prefix_bias.new_zeros(*prefix_bias.shape[:2], P + 1)  # (layers, nh, 1 + P)
         bias_rows = torch.cat([prefix_bias, own_bias], -1)  # (layers, nh, L+C+1+P)
-        positions, tokens, logits = self.positions(), forced.clone(), []
+        positions, tokens, logits = self.positions(), given_tokens.clone(), []
         codes = self.code_vectors()  # (K, D), once per patch
         # Input p is bos (p = 0) or y_{p−1} at its own position; the last input predicts nothing.
         for p in range(P + 1):
@@ -476,7 +478,7 @@ class Infinity(nuwa.CodeEmbeddings, nn.Module):
             sampled = nuwa.sample_logits(logits[-1], **sampling)  # (B,) or (B/2,)
             if guidance is not None:
                 sampled = sampled.repeat(2)  # the captioned and the "None" half draw the same token
-            tokens[:, p] = torch.where(keep[:, p], forced[:, p], sampled)
+            tokens[:, p] = torch.where(keep[:, p], given_tokens[:, p], sampled)
         states = buffers[:, :, :, :, start + 1:].clone()  # (layers, 2, B, nh, P, hs): the tokens, not bos
         return tokens, states, torch.stack(logits, 1)  # (B, P), states, (B, P, K)
 
@@ -487,7 +489,7 @@ def guide(logits: torch.Tensor, guidance: float | None) -> torch.Tensor:
     if guidance is None:
         return logits
     conditional, unconditional = logits.chunk(2)
-    return unconditional + guidance * (conditional - unconditional)
+    return nuwa.guide(conditional, unconditional, guidance)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,9 +560,10 @@ def patch_loss(model: Infinity, tokens: torch.Tensor, order: list[patches.Patch]
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def unit_loss(model: Infinity, tokens: torch.Tensor, captions, *, unit: int, carry: dict, step: int,
+def unit_loss(model: Infinity, tokens: torch.Tensor, captions, *, unit: int, carry, step: int,
               seed: int = 0) -> torch.Tensor:
-    """For train.py's units: unit 0 draws the step's order and opens a pool in `carry`; unit u is
+    """For the stage's units (stages.py): unit 0 draws the step's order and opens a pool in `carry`
+    (a stages.Carry: its `direction`, `order` and `pool` are set here); unit u is
     `patch_loss` of patch order[u]. tokens (B, T, H, W) stay the same for all units of a step."""
     if unit == 0:
         carry.direction, carry.order = training_order(model.config, seed, step)

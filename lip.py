@@ -496,7 +496,7 @@ def rerank(candidates: torch.Tensor, captions: list[str],
 # ---------------------------------------------------------------------------------------------
 
 SIDES = ("top", "bottom", "left", "right")
-INK_LEVEL = 0.5  # a pixel is ink above this grey level (data.py's sketch threshold)
+INK_LEVEL = data.SKETCH_THRESHOLD  # a pixel is ink above this grey level, as in the sketches
 
 
 def half_digit_mask(frame: torch.Tensor, side: str) -> torch.Tensor:
@@ -520,7 +520,8 @@ def half_digit_mask(frame: torch.Tensor, side: str) -> torch.Tensor:
 
 def item_rng(seed: int, step: int, index: int) -> np.random.Generator:
     """The random stream of item `index` of training step `step`: a pure function of the three, so a
-    resumed or distributed run draws the same masks (train.py's exact-resume rule)."""
+    resumed or distributed run draws the same masks (batches.py's data protocol, on which exact
+    resumption relies)."""
     return np.random.default_rng([seed, step, index])
 
 

@@ -21,9 +21,9 @@ Equations (plain text; p is a target position in raster order):
     loss (Eq. 10):      L = − Σ_p log p(y_p | y_<p, C)
     guidance (ours):    l = l_None + s · (l_C − l_None)
 
-Sections: 1. configuration · 2. the caption vocabulary and conditions · 3. building blocks
-· 4. code embeddings · 5. the model · 6. raster decoding and sampling (shared with lip.MPS2S)
-· 7. the optimiser's parameter groups · 8. loading a checkpoint.
+Sections: 1. configuration · 2. conditions (captions as data.CaptionVocabulary ids, sketches,
+None) · 3. building blocks · 4. code embeddings · 5. the model · 6. raster decoding and sampling
+(shared with lip.MPS2S) · 7. the optimiser's parameter groups · 8. loading a checkpoint.
 
 Glossary: B batch, T frames, h w token rows/columns per frame, N = T·h·w target tokens,
 Nc condition tokens, D width, nh heads, hs head size, K codebook size, L caption length,

@@ -262,7 +262,7 @@ class GenerationTrace:
 
 
 def prepare(model: nn.Module, grid_shape, direction: str, given, captions, batch_size):
-    """Checks shared by both generators → (order, B, forced tokens, keep mask), both (B, T, H, W)."""
+    """Checks shared by both generators → (order, B, given tokens, keep mask), both (B, T, H, W)."""
     check_direction(direction)
     config = model.config
     grid = patch_grid(grid_shape, patch_size=config.patch_size, token_px=config.token_px)
@@ -275,33 +275,33 @@ def prepare(model: nn.Module, grid_shape, direction: str, given, captions, batch
         raise ValueError(f"batch sizes disagree: batch_size, captions and given say {sorted(sizes)}")
     B = sizes.pop() if sizes else 1
     device = model.bos.device
-    forced = torch.zeros(B, *grid_shape, dtype=torch.long, device=device)  # (B, T, H, W)
+    given_tokens = torch.zeros(B, *grid_shape, dtype=torch.long, device=device)  # (B, T, H, W)
     keep = torch.zeros(B, *grid_shape, dtype=torch.bool, device=device)  # (B, T, H, W)
     if given is not None:
         if tuple(given[0].shape) != (B, *grid_shape) or tuple(given[1].shape) != (B, *grid_shape):
             raise ValueError(f"given tokens and keep mask must both be {(B, *grid_shape)}, got "
                              f"{tuple(given[0].shape)} and {tuple(given[1].shape)}")
-        forced, keep = given[0].to(device).long(), given[1].to(device).bool()
+        given_tokens, keep = given[0].to(device).long(), given[1].to(device).bool()
         if bool(keep.all()):
             raise ValueError("every token is given: there is nothing to generate (make the canvas larger "
                              "than the given part)")
-        kept = forced[keep]
+        kept = given_tokens[keep]
         if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= config.codebook_size):
             raise ValueError(f"given tokens must lie in [0, {config.codebook_size})")
-    return patch_order(direction, grid), B, forced, keep
+    return patch_order(direction, grid), B, given_tokens, keep
 
 
-def doubled(guidance: float | None, captions, forced, keep, B: int):
-    """Guidance runs the batch twice, under the captions and under "None": (captions, forced, keep) of
+def doubled(guidance: float | None, captions, given_tokens, keep, B: int):
+    """Guidance runs the batch twice, under the captions and under "None": (captions, given_tokens, keep) of
     2B rows. Without guidance, unchanged."""
     if guidance is None:
-        return captions, forced, keep
+        return captions, given_tokens, keep
     if not guidance >= 0:
         raise ValueError(f"guidance must be ≥ 0 (1 = the captioned model alone), got {guidance}")
     if captions is None or all(c is None for c in captions):
         raise ValueError("guidance needs captions: it pushes the captioned model away from the "
                          "uncaptioned one")
-    return list(captions) + [None] * B, forced.repeat(2, 1, 1, 1), keep.repeat(2, 1, 1, 1)
+    return list(captions) + [None] * B, given_tokens.repeat(2, 1, 1, 1), keep.repeat(2, 1, 1, 1)
 
 
 @torch.no_grad()
@@ -318,21 +318,21 @@ def generate(model: nn.Module, grid_shape: tuple[int, int, int], direction: str 
     right / left / up / down, whose orders start from the given side). temperature 0 is greedy.
     guidance s: classifier-free guidance (infinity.guide; two passes per token, two pools in one batch).
     Memory: the pool (≤ pool_bound patches) plus one patch, whatever the canvas's long side."""
-    order, B, forced, keep = prepare(model, grid_shape, direction, given, captions, batch_size)
-    captions, forced, keep = doubled(guidance, captions, forced, keep, B)
+    order, B, given_tokens, keep = prepare(model, grid_shape, direction, given, captions, batch_size)
+    captions, given_tokens, keep = doubled(guidance, captions, given_tokens, keep, B)
     sampling = dict(temperature=temperature, top_k=top_k, generator=generator)
     size = model.config.patch_size
     with runtime.one_cpu_thread(model.bos.device):
-        rows = forced.shape[0]  # B, or 2B with guidance
+        rows = given_tokens.shape[0]  # B, or 2B with guidance
         text = model.text_states(captions, rows)  # (layers, 2, rows, nh, L, hs), once per canvas
         pool = NearbyContextPool(order, model.config.extent)
-        tokens = forced.clone()  # (rows, T, H, W); the output, O(canvas) at 8 bytes a token
+        tokens = given_tokens.clone()  # (rows, T, H, W); the output, O(canvas) at 8 bytes a token
         for index, patch in enumerate(runtime.progress(order, enabled=progress, desc="patches", unit="patch",
                                                        leave=False)):
             start = time.perf_counter()
             selected = pool.select(patch)
             context, layout = gather_context(model, patch, selected, rows)
-            made, states, logits = model.generate_patch(text, context, layout, cut(forced, patch, size),
+            made, states, logits = model.generate_patch(text, context, layout, cut(given_tokens, patch, size),
                                                         cut(keep, patch, size), sampling, guidance)
             paste(tokens, patch, size, made)
             pool.add(patch, states)
@@ -352,13 +352,13 @@ def generate_reference(model: nn.Module, grid_shape: tuple[int, int, int], direc
     """The slow reference of `generate`, with no pool: for every patch, recompute the states of all
     earlier patches from the tokens made so far (each with its own context by `context_rule`, in
     order, teacher-forced), then take the current patch's context by `context_rule`. O(patches²)."""
-    order, B, forced, keep = prepare(model, grid_shape, direction, given, captions, batch_size)
-    captions, forced, keep = doubled(guidance, captions, forced, keep, B)
+    order, B, given_tokens, keep = prepare(model, grid_shape, direction, given, captions, batch_size)
+    captions, given_tokens, keep = doubled(guidance, captions, given_tokens, keep, B)
     sampling = dict(temperature=temperature, top_k=top_k, generator=generator)
     size, extent = model.config.patch_size, model.config.extent
-    rows = forced.shape[0]  # B, or 2B with guidance
+    rows = given_tokens.shape[0]  # B, or 2B with guidance
     text = model.text_states(captions, rows)
-    tokens = forced.clone()  # (rows, T, H, W)
+    tokens = given_tokens.clone()  # (rows, T, H, W)
     for index, patch in enumerate(order):
         states = {}  # every earlier patch, recomputed from its tokens
         for earlier, q in enumerate(order[:index]):
@@ -366,7 +366,7 @@ def generate_reference(model: nn.Module, grid_shape: tuple[int, int, int], direc
             states[q] = model(cut(tokens, q, size), text, *gather_context(model, q, selected, rows))[1]
         selected = [(q, states[q]) for q in context_rule(order, index, extent)]
         context, layout = gather_context(model, patch, selected, rows)
-        made, own, logits = model.generate_patch(text, context, layout, cut(forced, patch, size),
+        made, own, logits = model.generate_patch(text, context, layout, cut(given_tokens, patch, size),
                                                  cut(keep, patch, size), sampling, guidance)
         paste(tokens, patch, size, made)
         if trace is not None:

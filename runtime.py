@@ -2,12 +2,14 @@
 benchmark and measurement shares, written once.
 
 - `one_cpu_thread(device)`: token-by-token generation is thousands of tiny kernels; on a CPU,
-  intra-op threads only add synchronisation (measured: over 10× slower with 2 threads on a busy
-  2-core machine), so every cached sampling loop runs on one thread and gives the others back after.
+  intra-op threads only add synchronisation, so every cached sampling loop runs on one thread and
+  gives the others back after (`cpu_threads(n)`: the same for any n, as the `--threads` flags).
 - `evaluating(model)`: eval mode (dropout off, no tokenizer updates) for a block, then the mode the
   model had before — for pictures drawn in the middle of training.
 - `add_sampling_flags` / `sampling_options`: the sampling flags of `sample.py` and `evaluate.py`,
   with one set of defaults (top-k 16: what every reported figure used).
+- `sampling_report(args)`, `in_batches(items, size)`: what a measurement records of how it sampled,
+  and a dataset's items in consecutive batches.
 - `progress(...)`: a tqdm bar on a terminal, nothing when the output goes to a file or a pipe (a log
   of carriage-return updates is megabytes that nobody can read; long loops print a line every so
   often instead).
@@ -31,15 +33,21 @@ DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextmanager
-def one_cpu_thread(device: torch.device | str, enabled: bool = True) -> Iterator[None]:
-    """Run the block on one intra-op thread when `device` is a CPU (and `enabled`); restore after."""
-    threads = torch.get_num_threads()
-    if enabled and torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
+def cpu_threads(threads: int) -> Iterator[None]:
+    """Run the block on `threads` intra-op CPU threads (0: leave torch's setting); restore after."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def one_cpu_thread(device: torch.device | str, enabled: bool = True):
+    """Run the block on one intra-op thread when `device` is a CPU (and `enabled`): a cached sampling
+    step is thousands of tiny kernels (measured: over 10× slower with 2 threads on a busy 2-core CPU)."""
+    return cpu_threads(1 if enabled and torch.device(device).type == "cpu" else 0)
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 Papers: NÜWA (Wu et al., arXiv 2111.12417) §4, its eight visual synthesis tasks; NÜWA-LIP (Ni et
 al., arXiv 2202.05009) §3.3, language-guided inpainting with reranked candidates; NÜWA-Infinity
-(Liang et al., arXiv 2207.09814) §3, canvases and videos of any size, patch by patch. The generators
+(Wu et al., arXiv 2207.09814) §3, canvases and videos of any size, patch by patch. The generators
 live in tasks.py, lip.py and infinity.py; this file reads the inputs (pixels → tokens), runs one
 task and writes what it drew beside its input.
 
@@ -405,7 +405,7 @@ CAPTION_HELP = f"the caption, words from: {' '.join(data.VOCABULARY)}"
 RECORDED = "default: the one the checkpoint records"
 
 # NÜWA's sub-commands: (one-line help, description, the inputs they take).
-NUWA_TASKS = {
+NUWA_COMMANDS = {
     "t2i": ("T2I: caption → image",
             "NÜWA §4, text-to-image: one frame drawn token by token under the caption.", ["caption"]),
     "s2i": ("S2I: sketch → image",
@@ -433,19 +433,22 @@ NUWA_TASKS = {
 }
 
 
-def add_run_flags(sub: argparse.ArgumentParser, model: str, *, samples: int) -> None:
-    """The flags every sub-command shares: checkpoint, output folder, samples, held-out item, device."""
+def add_run_flags(sub: argparse.ArgumentParser, model: str, *, samples: int | None) -> None:
+    """The flags every sub-command shares: checkpoint, output folder, samples (-n; None: the
+    sub-command draws one, as inpaint with its --candidates), held-out item, device."""
     sub.add_argument("--ckpt", default=None, help=f"{model} checkpoint ({checkpoint_help(model)})")
     sub.add_argument("--out", default="out/samples",
                      help="folder of the PNG / GIF files (default %(default)s)")
-    sub.add_argument("-n", type=int, default=samples, help="number of samples (default %(default)s)")
+    if samples is not None:
+        sub.add_argument("-n", type=int, default=samples, help="number of samples (default %(default)s)")
     sub.add_argument("--index", type=int, default=0,
-                     help="held-out item used when no input file is given (default %(default)s)")
+                     help="item used when no input file is given: of the held-out split for images and "
+                          "sketches, of the test split for videos (default %(default)s)")
     sub.add_argument("--device", default=runtime.DEFAULT_DEVICE, help="cpu or cuda (default %(default)s)")
 
 
 def add_nuwa_task(commands, task: str) -> None:
-    summary, description, inputs = NUWA_TASKS[task]
+    summary, description, inputs = NUWA_COMMANDS[task]
     sub = commands.add_parser(task, help=summary, description=description)
     add_run_flags(sub, "NÜWA", samples=4)
     sub.add_argument("--vqgan", default=None, help=f"VQ-GAN checkpoint ({RECORDED})")
@@ -488,8 +491,9 @@ def add_infinity(commands) -> None:
     sub.add_argument("--width", type=int, default=512,
                      help="canvas width in pixels, whole patches (default %(default)s)")
     sub.add_argument("--height", type=int, default=64, help="canvas height in pixels (default %(default)s)")
-    sub.add_argument("--frames", type=int, default=1, help=FRAMES_HELP + "; 1: a canvas, not a video "
-                     f"(then --ckpt defaults to {CHECKPOINTS['NÜWA-Infinity video'][0][0]})")
+    sub.add_argument("--frames", type=int, default=1,
+                     help=FRAMES_HELP + "; 1: a canvas; > 1: a video (--ckpt then defaults to "
+                          f"{CHECKPOINTS['NÜWA-Infinity video'][0][0]})")
     sub.add_argument("--given", type=int, default=0, help=GIVEN_HELP)
     sub.add_argument("--direction", default=None, choices=patches.DIRECTIONS,
                      help="patch order (default: column for a canvas, video for --frames > 1); right / left "
@@ -509,7 +513,7 @@ def add_inpaint(commands) -> None:
                     "draws the hole's tokens, DF-VQGAN decodes them with the visible pixels); with "
                     "--candidates K > 1 the best of K by a judge (the paper's CLIP; here the digit "
                     "classifier or --rerank-nuwa).")
-    add_run_flags(sub, "NÜWA-LIP", samples=1)
+    add_run_flags(sub, "NÜWA-LIP", samples=None)
     sub.add_argument("--dfvqgan", default=None, help=f"DF-VQGAN checkpoint ({RECORDED})")
     runtime.add_sampling_flags(sub, guidance=True)
     sub.add_argument("--image", default=None, help="64×64 grey PNG; default: held-out item --index")
@@ -532,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    for task in NUWA_TASKS:
+    for task in NUWA_COMMANDS:
         add_nuwa_task(commands, task)
     add_infinity(commands)
     add_inpaint(commands)

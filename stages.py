@@ -271,10 +271,14 @@ def build_nuwa(config: nuwa.NUWAConfig, device: torch.device) -> nuwa.NUWA:
     return model
 
 
+TRANSFORMER_BETAS = (0.9, 0.95)  # AdamW's (β1, β2) for NÜWA, MP-S2S and Infinity (GPT-3's, as nanoGPT)
+
+
 def nuwa_optimizers(model: nuwa.NUWA, config: nuwa.NUWAConfig, device: torch.device) -> dict:
     """AdamW with weight decay on matrices only (the usual transformer practice); fused on GPUs."""
     groups = nuwa.parameter_groups(model, config.weight_decay)
-    return {"nuwa": torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")}
+    adamw = torch.optim.AdamW(groups, lr=config.lr, betas=TRANSFORMER_BETAS, fused=device.type == "cuda")
+    return {"nuwa": adamw}
 
 
 def nuwa_condition(model: nuwa.NUWA, task: str, batch: dict) -> nuwa.Condition:

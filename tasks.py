@@ -154,12 +154,12 @@ def predict_video(model: nuwa.NUWA, video_tokens: torch.Tensor, frames: int, *, 
     return video
 
 
-def edit_video(model: nuwa.NUWA, video_tokens: torch.Tensor, captions: list[str], keep_frames: int = 1,
+def edit_video(model: nuwa.NUWA, video_tokens: torch.Tensor, captions: list[str], given_frames: int = 1,
                **sampling) -> torch.Tensor:
-    """TV2V (zero-shot): the first `keep_frames` frames are given (kept), the rest re-generated under
+    """TV2V (zero-shot): the first `given_frames` frames are given (kept), the rest re-generated under
     the new caption, so the video continues from the same digits but moves as the caption says."""
     keep = torch.zeros_like(video_tokens, dtype=torch.bool)
-    keep[:, :keep_frames] = True
+    keep[:, :given_frames] = True
     cond = nuwa.text_condition(model.vocabulary, captions)
     return model.generate(cond, tuple(video_tokens.shape[1:]), given=(video_tokens, keep), **sampling)
 

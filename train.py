@@ -18,7 +18,7 @@ Sections: 1. run configuration · 2. the training step · 3. stopping · 4. the 
 progress, checkpoints) · 5. the command line, generated from the dataclass fields.
 
 Exact resume, the simplest correct design: nothing random is carried from step to step.
-- Data: a step's batch is a pure function of (seed, step, part) (stages.py's data protocol), so
+- Data: a step's batch is a pure function of (seed, step, part) (batches.py's data protocol), so
   there is no iterator state to save or restore.
 - Randomness inside a step (data-dependent codebook initialisation, dead-code restarts, condition
   dropout) comes from torch's generator reseeded at every step from (seed, rank, step).

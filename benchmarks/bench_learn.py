@@ -69,6 +69,7 @@ import data  # noqa: E402  (after the path set-up, so the script runs from anywh
 import evaluate  # noqa: E402  (word-use's direction flip, for the order probe)
 import nuwa  # noqa: E402
 import runtime  # noqa: E402
+import stages  # noqa: E402
 
 GRID = 8  # h = w: token rows/columns per frame (chosen here: small enough for minutes on a CPU)
 K = 64  # codes of the target (and of the sketch); code 0 is the background
@@ -79,7 +80,7 @@ ORDER_LEARNED = 1.0  # the order probe's "learned": frame 1 costs ≥ 1 nat more
 TWO_BLOCK_ATTEMPTS = 1000  # v2v_two redraws its two blocks until they are apart (about 1 in 5 draws are)
 PATTERN_SEED, PERMUTATION_SEED = 1234, 5678  # the caption patterns and the sketch permutation, fixed
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # (seed, stream, step) seeds every batch
-WEIGHT_DECAY, BETAS, GRAD_CLIP = 0.01, (0.9, 0.95), 1.0  # as train.py's nuwa stage
+WEIGHT_DECAY, BETAS, GRAD_CLIP = 0.01, stages.TRANSFORMER_BETAS, 1.0  # as stages.nuwa_optimizers
 FLAG_FIELDS = {"batch_size": "--batch-size", "lr": "--lr", "warmup_steps": "--warmup"}  # training fields
 
 

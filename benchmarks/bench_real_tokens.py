@@ -10,7 +10,7 @@ it moves), background tokens, and all tokens; and `direction_gap`: how many more
 a held-out clip costs under its caption with every direction word flipped (evaluate.py word-use):
 0 when the model does not read where the digit goes first. The last line is one JSON object.
 `--train-frames k` trains on the clips' first k frames only, under the whole clip's caption (as
-train.py's t2v_start task does).
+batches.py's t2v_start task does).
 
     python benchmarks/bench_real_tokens.py --vqgan out/demo/vqgan/ckpt.pt --max-seconds 420
     python benchmarks/bench_real_tokens.py --vqgan out/demo/vqgan/ckpt.pt --paper   # absolute positions only
@@ -36,6 +36,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import nuwa  # noqa: E402
 import runtime  # noqa: E402
+import stages  # noqa: E402
 import vqgan  # noqa: E402
 
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = nuwa.NUWA(config)
     if model.config.pixel_codes:
         model.set_code_pixels(tokenizer.code_patches())
-    optimizer = torch.optim.AdamW(nuwa.parameter_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.95))
+    groups = nuwa.parameter_groups(model, 0.01)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=stages.TRANSFORMER_BETAS)
     generator = torch.Generator().manual_seed(1)
     curve, step, start = [], 0, time.perf_counter()
     while True:

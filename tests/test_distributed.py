@@ -38,7 +38,8 @@ import vqgan  # noqa: E402
 # all-reduce and FSDP2's reduce-scatter sum float32 gradients in another order, and Adam's first steps grow
 # that rounding: on this 32-code model, step 3's adaptive GAN weight differed between the two by 5e-5
 # relative with no restarts and 1.8e-4 at 0.03, by < 1e-6 at 0.5 and 1 (2026-12-03). A rounding difference,
-# not a sync one: the restart state itself is broadcast from rank 0 in both (train.py).
+# not a sync one: the restart state itself is broadcast from rank 0 in both
+# (distributed.broadcast_in_place_state).
 TOKENIZER_FLAGS = ["--ch", "8", "--norm-groups", "4", "--codebook-size", "32", "--embed-dim", "8",
                    "--disc-ch", "8", "--batch-size", "8", "--frames-per-clip", "2", "--device", "cpu",
                    "--threads", "1", "--dead-code-threshold", "1.0"]

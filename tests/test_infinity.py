@@ -74,19 +74,23 @@ def test_given_patches_are_kept_exactly(direction):
     assert not torch.equal(made[~keep], tokens[~keep])  # the rest was generated
 
 
-@pytest.mark.parametrize("direction", patches.DIRECTIONS)
-def test_pool_generation_equals_the_pool_free_reference(direction):
+def pooled_and_reference(direction: str, captions: list, guidance: float | None = None):
+    """Greedy canvases of the pooled generator and of the pool-free reference, with their traces."""
     model = toy_model()
     grid_shape = (2, 4, 6) if direction == "video" else (1, 4, 6)
     given = None
     if direction in patches.OUTPAINTING:
         given = given_for(direction, 2, grid_shape, torch.Generator().manual_seed(2))
-    captions = ["3 7", None]
     traces = [patches.GenerationTrace(keep_logits=True) for _ in range(2)]
-    fast = patches.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0,
-                            trace=traces[0])
-    slow = patches.generate_reference(model, grid_shape, direction, given=given, captions=captions,
-                                      temperature=0, trace=traces[1])
+    made = [g(model, grid_shape, direction, given=given, captions=captions, temperature=0, guidance=guidance,
+              trace=trace) for g, trace in zip((patches.generate, patches.generate_reference), traces)]
+    return model, grid_shape, given, made, traces
+
+
+@pytest.mark.parametrize("direction", patches.DIRECTIONS)
+def test_pool_generation_equals_the_pool_free_reference(direction):
+    captions = ["3 7", None]
+    model, grid_shape, given, (fast, slow), traces = pooled_and_reference(direction, captions)
     assert torch.equal(fast, slow)  # greedy, float64: token-identical
     assert traces[0].context_patches == traces[1].context_patches
     for fast_logits, slow_logits in zip(traces[0].logits, traces[1].logits):  # every step of every patch
@@ -563,17 +567,8 @@ def test_video_training_captions_name_the_clip_digits():
 
 @pytest.mark.parametrize("direction", ["column", "right", "video"])
 def test_guided_pool_generation_equals_the_guided_reference(direction):
-    model = toy_model()
-    grid_shape = (2, 4, 6) if direction == "video" else (1, 4, 6)
-    given = None
-    if direction in patches.OUTPAINTING:
-        given = given_for(direction, 2, grid_shape, torch.Generator().manual_seed(2))
     captions = ["3 7", "1"]
-    traces = [patches.GenerationTrace(keep_logits=True) for _ in range(2)]
-    fast = patches.generate(model, grid_shape, direction, given=given, captions=captions, temperature=0,
-                            guidance=2.5, trace=traces[0])
-    slow = patches.generate_reference(model, grid_shape, direction, given=given, captions=captions,
-                                      temperature=0, guidance=2.5, trace=traces[1])
+    model, grid_shape, given, (fast, slow), traces = pooled_and_reference(direction, captions, guidance=2.5)
     assert torch.equal(fast, slow) and fast.shape == (2, *grid_shape)
     for fast_logits, slow_logits in zip(traces[0].logits, traces[1].logits):
         assert fast_logits.shape[0] == 2  # the guided logits of the B canvases, not of the doubled batch

@@ -183,7 +183,7 @@ def test_all_eight_tasks_keep_their_given_tokens():
     assert tasks.text_to_video(model, CAPTIONS, frames=3, **gen).shape == (2, 3, 3, 4)
     assert tasks.sketch_to_video(model, sketch, **gen).shape == (2, 3, 3, 4)
     assert torch.equal(tasks.predict_video(model, video[:, :2], frames=3, **gen)[:, :2], video[:, :2])
-    assert torch.equal(tasks.edit_video(model, video, CAPTIONS, keep_frames=1, **gen)[:, :1], video[:, :1])
+    assert torch.equal(tasks.edit_video(model, video, CAPTIONS, given_frames=1, **gen)[:, :1], video[:, :1])
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
