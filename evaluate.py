@@ -65,7 +65,6 @@ import evaluate_infinity  # noqa: E402
 import nuwa  # noqa: E402
 import reader  # noqa: E402
 import runtime  # noqa: E402
-import stages  # noqa: E402
 import tasks  # noqa: E402
 import vqgan  # noqa: E402
 from classifier import CLASSIFIER_FILE, DEFAULT_CLASSIFIER_DIR, classifier_path, load_classifier  # noqa: E402
@@ -220,8 +219,8 @@ def run_recon(args: argparse.Namespace) -> dict:
 
 @torch.no_grad()
 def save_recon_grid(model: vqgan.VQGAN, is_seg: bool, path: str, device: torch.device) -> None:
-    """A PNG of test clips and their reconstructions (the pictures of the tokenizer stages draw it)."""
-    (stages.visualise_sketches if is_seg else stages.visualise_frames)(model.to(device), model.config, path)
+    """A PNG of test clips and their reconstructions (the picture the tokenizer stages draw)."""
+    (vqgan.sketch_reconstruction_grid if is_seg else vqgan.reconstruction_grid)(model.to(device), path)
     print(f"wrote {path}")
 
 

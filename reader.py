@@ -27,7 +27,7 @@ caption-check` runs the reader on real captioned clips.
 
 Sections: 1. finding the digits of a frame · 2. following digits through a video · 3. two digits
 that overlap in every frame · 4. reading a video, and scoring a reading · 5. reading single frames
-and NÜWA-Infinity's canvas slots.
+and NÜWA-Infinity's canvas slots · 6. scoring inpaintings for NÜWA-LIP's reranking (`digit_scorer`).
 
 Glossary: T frames, H W pixels (64 × 64 frames; digits are 28 × 28), D digits per clip, F the
 classifier's feature width; a blob is one connected bright region of a frame; a track is one
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -649,3 +650,37 @@ def read_slots(canvases: torch.Tensor, classifier: DigitClassifier, slot: int) -
     frames = F.pad(columns.float().cpu(), (side // 2, side - side // 2))  # (n, H, 64)
     return [(-1, 0.0) if blob is None else (blob.label, blob.confidence)
             for blob in read_biggest(frames, classifier)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring inpaintings by the reader: NÜWA-LIP's reranking (§3.3) with a digit classifier for CLIP
+# ---------------------------------------------------------------------------------------------
+
+
+def caption_digit(caption: str) -> int:
+    """The digit a caption names first: "digit 3 is moving up" → 3."""
+    words = caption.split()
+    if "digit" not in words[:-1] or not words[words.index("digit") + 1].isdigit():
+        raise ValueError(f"caption {caption!r} names no digit (expected 'digit D ...')")
+    return int(words[words.index("digit") + 1])
+
+
+def digit_scorer(digit_classifier: DigitClassifier) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """Rerank inpaintings as LIP reranks with CLIP (§3.3), offline: a candidate's score is the digit
+    classifier's probability of the caption's digit for the biggest blob of ink in the frame (the
+    blob read_video would follow), 0 when the frame shows no digit at all."""
+
+    @torch.no_grad()
+    def score(pixels: torch.Tensor, caption: str) -> torch.Tensor:
+        digit, scores = caption_digit(caption), []
+        for frame in pixels.float().cpu():  # (1, H, W)
+            blobs = locate_digits(frame)[0]
+            if not blobs:
+                scores.append(0.0)
+                continue
+            crop = crop_digit(frame[0], blobs[0])[None, None]  # (1, 1, 28, 28)
+            device = next(digit_classifier.parameters()).device
+            scores.append(float(digit_classifier(crop.to(device)).softmax(-1)[0, digit]))
+        return torch.tensor(scores)  # (K,)
+
+    return score

@@ -61,12 +61,10 @@ import classifier
 import data
 import infinity
 import lip
-import nuwa
 import patches
 import reader
 import runtime
 import tasks
-import vqgan
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: where the Makefile's recipes write them
@@ -308,53 +306,6 @@ def run_infinity(args) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-def caption_digit(caption: str) -> int:
-    """The digit a caption names first: "digit 3 is moving up" → 3."""
-    words = caption.split()
-    if "digit" not in words[:-1] or not words[words.index("digit") + 1].isdigit():
-        raise ValueError(f"caption {caption!r} names no digit (expected 'digit D ...')")
-    return int(words[words.index("digit") + 1])
-
-
-def digit_scorer(digit_classifier: classifier.DigitClassifier) -> lip.Scorer:
-    """Rerank inpaintings as LIP reranks with CLIP (§3.3), offline: a candidate's score is the digit
-    classifier's probability of the caption's digit for the biggest blob of ink in the frame (the
-    blob reader.read_video would follow), 0 when the frame shows no digit at all."""
-
-    @torch.no_grad()
-    def score(pixels: torch.Tensor, caption: str) -> torch.Tensor:
-        digit, scores = caption_digit(caption), []
-        for frame in pixels.float().cpu():  # (1, H, W)
-            blobs = reader.locate_digits(frame)[0]
-            if not blobs:
-                scores.append(0.0)
-                continue
-            crop = reader.crop_digit(frame[0], blobs[0])[None, None]  # (1, 1, 28, 28)
-            device = next(digit_classifier.parameters()).device
-            scores.append(float(digit_classifier(crop.to(device)).softmax(-1)[0, digit]))
-        return torch.tensor(scores)  # (K,)
-
-    return score
-
-
-def nuwa_caption_scorer(model: nuwa.NUWA, tokenizer: vqgan.VQGAN) -> lip.Scorer:
-    """Rerank inpaintings with a text-image model trained apart from the judge, as LIP reranks with
-    CLIP (§3.3): a candidate's score is how much better NÜWA's text→image explains its tokens under the
-    caption than under "None", log p(z | caption) − log p(z | None) in nats (teacher-forced, one
-    frame). The digit classifier that scores the benchmark plays no part in the choice."""
-
-    @torch.no_grad()
-    def score(pixels: torch.Tensor, caption: str) -> torch.Tensor:
-        tokens = tokenizer.encode(pixels.to(model.bos.device))[:, None]  # (K, 1, h, w)
-        K = tokens.shape[0]
-        caption_cond = nuwa.text_condition(model.vocabulary, [caption] * K)
-        under_caption = model.token_nats(caption_cond, tokens).sum(1)  # (K,)
-        under_none = model.token_nats(nuwa.none_condition(model.vocabulary, K), tokens).sum(1)  # (K,)
-        return (under_none - under_caption).cpu()  # log p(z | caption) − log p(z | None)
-
-    return score
-
-
 def run_inpaint(args) -> list[Path]:
     """Inpaint one frame; writes inpaint.png (frame | mask | masked | result, then the other candidates)
     and inpaint_result.png (the chosen frame at 64×64)."""
@@ -375,10 +326,10 @@ def run_inpaint(args) -> list[Path]:
     scorer, judged_by = None, ""
     if rerank_nuwa:
         reranker = tasks.Models(rerank_nuwa, device=args.device)  # its own tokenizer, checked
-        scorer, judged_by = nuwa_caption_scorer(reranker.nuwa, reranker.vqgan), "NÜWA's caption score"
+        scorer, judged_by = tasks.nuwa_caption_scorer(reranker.nuwa, reranker.vqgan), "NÜWA's caption score"
     elif args.candidates > 1 and args.classifier:
         digit_classifier = classifier.load_classifier(args.classifier, args.device)
-        scorer, judged_by = digit_scorer(digit_classifier), "the digit classifier"
+        scorer, judged_by = reader.digit_scorer(digit_classifier), "the digit classifier"
     result, info = lip.inpaint(model, tokenizer, image, mask, [caption], candidates=args.candidates,
                                scorer=scorer, guidance_scale=args.guidance,
                                **runtime.sampling_options(args, args.device))

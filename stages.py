@@ -203,7 +203,7 @@ def tokenizer_fsdp_units(model: vqgan.VQGAN) -> list[nn.Module]:
     return [model.encoder]
 
 
-VISUAL_CLIPS, VISUAL_FRAMES = 4, 10  # reconstruction grids: 4 fixed held-out clips, 10 frames each
+VISUAL_CLIPS = 4  # the pictures of DF-VQGAN and MP-S2S: 4 fixed held-out frames
 
 
 def seeded_generator(device: torch.device) -> torch.Generator:
@@ -211,32 +211,12 @@ def seeded_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(0)
 
 
-@torch.no_grad()
 def visualise_frames(model: vqgan.VQGAN, config: vqgan.VQGANConfig, path: Path) -> Path:
-    """PNG: rows alternate a fixed Moving MNIST test clip and its reconstruction decode(encode(x))."""
-    clips = data.MovingMNIST("test", num_frames=VISUAL_FRAMES, num_digits=2, length=VISUAL_CLIPS)
-    video = torch.stack([clips[i]["video"] for i in range(VISUAL_CLIPS)])  # (4, T, 1, 64, 64)
-    device = next(model.parameters()).device
-    with runtime.evaluating(model):
-        tokens = model.encode_video(video.to(device))  # (4, T, h, w)
-        rec = model.decode_video(tokens).float().clamp(0, 1).cpu()  # (4, T, 1, 64, 64)
-    rows = [clip for pair in zip(video, rec) for clip in pair]
-    captions = [t for _ in range(VISUAL_CLIPS) for t in ("input", "reconstruction")]
-    return data.save_grid(rows, path, captions=captions)
+    return vqgan.reconstruction_grid(model, path)
 
 
-@torch.no_grad()
 def visualise_sketches(model: vqgan.VQGAN, config: vqgan.VQGANConfig, path: Path) -> Path:
-    """PNG: rows alternate held-out sketch maps and their VQ-GAN-Seg reconstructions (class / 10 as grey)."""
-    clips = data.CaptionedMovingMNIST("heldout", num_frames=VISUAL_FRAMES, num_digits=2, length=VISUAL_CLIPS)
-    sketch = torch.stack([clips[i]["sketch"] for i in range(VISUAL_CLIPS)])  # (4, T, 64, 64)
-    device = next(model.parameters()).device
-    with runtime.evaluating(model):
-        rec = model.decode_sketch(model.encode_sketch(sketch.to(device))).cpu()  # (4, T, 64, 64)
-    scale = float(vqgan.NUM_SKETCH_CLASSES - 1)  # class c drawn as grey level c / 10
-    rows = [clip.float() / scale for pair in zip(sketch, rec) for clip in pair]
-    captions = [t for _ in range(VISUAL_CLIPS) for t in ("sketch", "reconstruction")]
-    return data.save_grid(rows, path, captions=captions)
+    return vqgan.sketch_reconstruction_grid(model, path)
 
 
 # ---------------------------------------------------------------------------------------------

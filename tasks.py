@@ -18,6 +18,7 @@ In plain words: every task samples p(y_p | y_<p, C) token by token in raster ord
 task is one whose inputs the model never saw together in training, done by writing the given
 tokens in place and sampling the rest. `Models` adds pixels ↔ tokens: a trained NÜWA with its frame
 tokenizer (VQ-GAN) and sketch tokenizer (VQ-GAN-Seg), as sample.py and evaluate.py load them.
+`nuwa_caption_scorer` uses a trained NÜWA as NÜWA-LIP uses CLIP: to rerank inpaintings (LIP §3.3).
 
 Glossary: B batch, T frames, h w token rows/columns per frame, k given frames, K codebook size,
 L_dec decoder layers, e_t the time extent (radius) of 3DNA.
@@ -31,6 +32,7 @@ Deviations from the paper (each also marked at its line):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -208,3 +210,22 @@ class Models:
             raise ValueError(f"sketch must be {expected}×{expected} class maps, "
                              f"got {tuple(sketch.shape[-2:])}")
         return self.seg.encode_sketch(sketch.to(self.device))
+
+
+def nuwa_caption_scorer(model: nuwa.NUWA,
+                        tokenizer: vqgan.VQGAN) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """Rerank inpaintings with a text-image model trained apart from the judge, as LIP reranks with
+    CLIP (§3.3): a candidate's score is how much better NÜWA's text→image explains its tokens under the
+    caption than under "None", log p(z | caption) − log p(z | None) in nats (teacher-forced, one
+    frame). The digit classifier that scores the benchmark plays no part in the choice."""
+
+    @torch.no_grad()
+    def score(pixels: torch.Tensor, caption: str) -> torch.Tensor:
+        tokens = tokenizer.encode(pixels.to(model.bos.device))[:, None]  # (K, 1, h, w)
+        K = tokens.shape[0]
+        caption_cond = nuwa.text_condition(model.vocabulary, [caption] * K)
+        under_caption = model.token_nats(caption_cond, tokens).sum(1)  # (K,)
+        under_none = model.token_nats(nuwa.none_condition(model.vocabulary, K), tokens).sum(1)  # (K,)
+        return (under_none - under_caption).cpu()  # log p(z | caption) − log p(z | None)
+
+    return score

@@ -18,7 +18,7 @@ one-hot class maps as input (in_channels = number of classes) and cross-entropy 
 Sections: 1. configuration and presets · 2. encoder (global or per cell) and decoder · 3. vector
 quantizer (nearest code, straight-through, EMA, data-dependent initialisation, dead-code restart) ·
 4. PatchGAN discriminator and the adaptive weight · 5. the VQGAN module (encode / decode / forward,
-video and sketch helpers) · 6. loading a trained tokenizer (through checkpoints.py).
+video and sketch helpers) · 6. pictures of reconstructions · 7. loading a trained tokenizer.
 
 Glossary: B batch, T frames, C channels of a frame (1 grey, or the number of classes for a sketch),
 H W frame height/width in pixels, h w token grid (H/f, W/f), f downsampling factor, K codebook size,
@@ -64,12 +64,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoints
+import data
+import runtime
 
 # ---------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -645,7 +648,42 @@ def sketch_to_onehot(sketch: torch.Tensor, num_classes: int = NUM_SKETCH_CLASSES
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Loading a trained tokenizer (train.py writes it; checkpoints.py reads it)
+# 6. Pictures: held-out clips next to their reconstructions decode(encode(x))
+# ---------------------------------------------------------------------------------------------
+
+GRID_CLIPS, GRID_FRAMES = 4, 10  # 4 fixed held-out clips, 10 frames each (chosen here: one screen)
+
+
+@torch.no_grad()
+def reconstruction_grid(model: VQGAN, path) -> Path:
+    """PNG: rows alternate a fixed Moving MNIST test clip and its reconstruction decode(encode(x))."""
+    clips = data.MovingMNIST("test", num_frames=GRID_FRAMES, num_digits=2, length=GRID_CLIPS)
+    video = torch.stack([clips[i]["video"] for i in range(GRID_CLIPS)])  # (4, T, 1, 64, 64)
+    device = next(model.parameters()).device
+    with runtime.evaluating(model):
+        tokens = model.encode_video(video.to(device))  # (4, T, h, w)
+        rec = model.decode_video(tokens).float().clamp(0, 1).cpu()  # (4, T, 1, 64, 64)
+    rows = [clip for pair in zip(video, rec) for clip in pair]
+    captions = [t for _ in range(GRID_CLIPS) for t in ("input", "reconstruction")]
+    return data.save_grid(rows, path, captions=captions)
+
+
+@torch.no_grad()
+def sketch_reconstruction_grid(model: VQGAN, path) -> Path:
+    """PNG: rows alternate held-out sketch maps and their VQ-GAN-Seg reconstructions (class / 10 as grey)."""
+    clips = data.CaptionedMovingMNIST("heldout", num_frames=GRID_FRAMES, num_digits=2, length=GRID_CLIPS)
+    sketch = torch.stack([clips[i]["sketch"] for i in range(GRID_CLIPS)])  # (4, T, 64, 64)
+    device = next(model.parameters()).device
+    with runtime.evaluating(model):
+        rec = model.decode_sketch(model.encode_sketch(sketch.to(device))).cpu()  # (4, T, 64, 64)
+    scale = float(NUM_SKETCH_CLASSES - 1)  # class c drawn as grey level c / 10
+    rows = [clip.float() / scale for pair in zip(sketch, rec) for clip in pair]
+    captions = [t for _ in range(GRID_CLIPS) for t in ("sketch", "reconstruction")]
+    return data.save_grid(rows, path, captions=captions)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Loading a trained tokenizer (train.py writes it; checkpoints.py reads it)
 # ---------------------------------------------------------------------------------------------
 
 STAGES = ("vqgan", "seg")  # the train.py stages whose checkpoints hold a VQGAN

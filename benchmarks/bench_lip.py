@@ -25,7 +25,7 @@ Rows:
   the masked frame, tasks.edit_image: raster decoder, visible tokens given, hole tokens sampled under
   the caption), also K = 1 and best of K. The real frame's accuracy is the ceiling. The digit scorer
   is the judge itself, so LIP's best of K is also reranked by a model that is not the judge, as the
-  paper reranks with CLIP: NÜWA's caption score (sample.nuwa_caption_scorer, `_nuwa_rerank` keys).
+  paper reranks with CLIP: NÜWA's caption score (tasks.nuwa_caption_scorer, `_nuwa_rerank` keys).
 - black-cell codes: how many codes (and what entropy) each tokenizer uses for an all-black f×f
   cell of the whole frames: redundancy the token predictors pay for in cross-entropy.
 - caption use, teacher-forced (no sampling, seconds): MP-S2S's nats per hole token of the real
@@ -62,7 +62,6 @@ import lip  # noqa: E402
 import nuwa  # noqa: E402
 import reader  # noqa: E402
 import runtime  # noqa: E402
-import sample  # noqa: E402
 import tasks  # noqa: E402
 from dfvqgan import DFVQGAN  # noqa: E402
 
@@ -137,7 +136,7 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
     masked = frames.masked_fill(masks, 0.0)
     swaps = [swapped_caption(c, int(d), i) for i, (c, d) in enumerate(zip(captions, digits))]
     judge = classifier.load_classifier(classifier_path)
-    scorer = sample.digit_scorer(judge)
+    scorer = reader.digit_scorer(judge)
     model, dfvqgan = lip.load_lip(lip_ckpt, dfvqgan_ckpt=dfvqgan_ckpt)
     nuwa_models = tasks.Models(baseline_ckpt, vqgan_ckpt)  # its tokenizer checked: NÜWA completes, reranks
     baseline, plain = nuwa_models.nuwa, nuwa_models.vqgan
@@ -168,7 +167,7 @@ def evaluate_inpainting(lip_ckpt: str, baseline_ckpt: str, classifier_path: str,
 
     # --- inpainting: LIP and NÜWA's zero-shot completion, K candidates each -------------------
     generator = torch.Generator().manual_seed(seed)
-    nuwa_scorer = sample.nuwa_caption_scorer(baseline, plain)
+    nuwa_scorer = tasks.nuwa_caption_scorer(baseline, plain)
 
     def best_of(candidates: torch.Tensor, part_captions: list[str], by: lip.Scorer) -> torch.Tensor:
         """Each frame's best candidate by `by`: (b, K, 1, H, W) → (b, 1, H, W)."""

@@ -16,6 +16,8 @@ from conftest import needs_mnist, position_weighted_sum
 import dfvqgan
 import lip
 import nuwa
+import reader
+import tasks
 import vqgan
 
 K = 32  # codebook size of the toy models
@@ -496,7 +498,6 @@ def test_an_all_missing_mask_is_text_to_image(pair):
 
 
 def test_digit_scorer_is_the_classifier_probability_of_the_caption_digit():
-    import sample
 
     class ThreeForInk(torch.nn.Module):  # a stand-in classifier: the more ink, the surer it is of a 3
         def __init__(self):
@@ -508,19 +509,18 @@ def test_digit_scorer_is_the_classifier_probability_of_the_caption_digit():
             logits[:, 3] = crops.flatten(1).sum(1) * self.scale
             return logits
 
-    assert sample.caption_digit("digit 7 is moving up and digit 2 is moving left") == 7
+    assert reader.caption_digit("digit 7 is moving up and digit 2 is moving left") == 7
     with pytest.raises(ValueError, match="names no digit"):
-        sample.caption_digit("None")
+        reader.caption_digit("None")
     pixels = torch.zeros(3, 1, 64, 64)
     pixels[1, 0, 10:20, 10:16] = 1.0
     pixels[2, 0, 10:30, 10:20] = 1.0
-    scores = sample.digit_scorer(ThreeForInk())(pixels, "digit 3 is moving up")
+    scores = reader.digit_scorer(ThreeForInk())(pixels, "digit 3 is moving up")
     assert scores[0] == 0 and 0 < scores[1] < scores[2] <= 1  # no ink: 0; more ink: more likely a 3
-    assert sample.digit_scorer(ThreeForInk())(pixels, "digit 4 is moving up")[2] < scores[2]
+    assert reader.digit_scorer(ThreeForInk())(pixels, "digit 4 is moving up")[2] < scores[2]
 
 
 def test_nuwa_caption_scorer_prefers_the_candidate_its_caption_explains():
-    import sample
 
     class TokensInPixels:  # a stand-in tokenizer: the token ids are written in the pixels' top-left corner
         def encode(self, pixels):
@@ -543,7 +543,7 @@ def test_nuwa_caption_scorer_prefers_the_candidate_its_caption_explains():
     model.eval()
     pixels = torch.zeros(2, 1, 64, 64)
     pixels[0, 0, :3, :4], pixels[1, 0, :3, :4] = 1.0, 2.0
-    score = sample.nuwa_caption_scorer(model, TokensInPixels())
+    score = tasks.nuwa_caption_scorer(model, TokensInPixels())
     first, second = score(pixels, captions[0]), score(pixels, captions[1])
     assert first[0] > 0 > first[1] and second[1] > 0 > second[0]  # log p(z | caption) − log p(z | None)
 

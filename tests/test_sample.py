@@ -12,6 +12,7 @@ import torch
 import data
 import runtime
 import sample
+import tasks
 import train
 
 TASKS = {
@@ -202,7 +203,7 @@ def test_inpaint_reranks_its_candidates_by_the_nuwa_it_is_given(checkpoint, tmp_
     train.main(["--stage", "lip", *common, *TINY_LIP, "--dfvqgan-ckpt",
                 str(tmp_path / "dfvqgan" / "ckpt.pt")])
     scored = []
-    make_scorer = sample.nuwa_caption_scorer
+    make_scorer = tasks.nuwa_caption_scorer
 
     def recording_scorer(model, tokenizer):
         score = make_scorer(model, tokenizer)
@@ -214,7 +215,7 @@ def test_inpaint_reranks_its_candidates_by_the_nuwa_it_is_given(checkpoint, tmp_
 
         return record
 
-    monkeypatch.setattr(sample, "nuwa_caption_scorer", recording_scorer)
+    monkeypatch.setattr(tasks, "nuwa_caption_scorer", recording_scorer)
     base = ["inpaint", "--ckpt", str(tmp_path / "lip" / "ckpt.pt"), "--device", "cpu", "--candidates", "3",
             "--caption", "digit 7 is moving up", "--out", str(tmp_path / "pictures")]
     written = sample.main([*base, "--rerank-nuwa", str(checkpoint), "--classifier", "no/classifier/here"])
