@@ -82,6 +82,11 @@ class ClassifierConfig:
 ARCHITECTURE_FIELDS = ("conv1", "conv2", "features")  # the fields that decide which weights a file holds
 
 
+def conv_pool(in_channels: int, out_channels: int, kernel: int) -> list[nn.Module]:
+    """One LeNet stage: a valid kernel × kernel convolution, ReLU, 2×2 max-pool (halves the side)."""
+    return [nn.Conv2d(in_channels, out_channels, kernel), nn.ReLU(), nn.MaxPool2d(2)]
+
+
 class DigitClassifier(nn.Module):
     """LeNet-style CNN: two (5×5 conv, ReLU, 2×2 max-pool) stages, a hidden layer of F units, 10 logits.
 
@@ -92,8 +97,8 @@ class DigitClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.body = nn.Sequential(
-            nn.Conv2d(1, config.conv1, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, c1, 12, 12)
-            nn.Conv2d(config.conv1, config.conv2, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, c2, 4, 4)
+            *conv_pool(1, config.conv1, 5),  # (N, c1, 12, 12)
+            *conv_pool(config.conv1, config.conv2, 5),  # (N, c2, 4, 4)
             nn.Flatten(), nn.Linear(config.conv2 * 16, config.features), nn.ReLU(),  # (N, F)
         )
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.features, NUM_CLASSES))
@@ -267,9 +272,9 @@ class PairClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.net = nn.Sequential(
-            nn.Conv2d(1, config.conv1, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, c1, 26, 26)
-            nn.Conv2d(config.conv1, config.conv2, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, c2, 11, 11)
-            nn.Conv2d(config.conv2, config.conv3, 3), nn.ReLU(), nn.MaxPool2d(2),  # (N, c3, 4, 4)
+            *conv_pool(1, config.conv1, 5),  # (N, c1, 26, 26)
+            *conv_pool(config.conv1, config.conv2, 5),  # (N, c2, 11, 11)
+            *conv_pool(config.conv2, config.conv3, 3),  # (N, c3, 4, 4)
             nn.Flatten(), nn.Linear(config.conv3 * 16, config.features), nn.ReLU(),
             nn.Dropout(config.dropout), nn.Linear(config.features, len(PAIRS)))
         self.info: dict = {}
