@@ -63,6 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoints
+import quantizer
 import vqgan
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ class DFVQGAN(nn.Module):
         self.config = config
         base = config.vqgan_config()
         self.encoder = vqgan.CellEncoder(base) if config.cell_encoder else vqgan.Encoder(base)
-        self.quantizer = vqgan.VectorQuantizer(base)
+        self.quantizer = quantizer.VectorQuantizer(base)
         self.decoder = vqgan.Decoder(base)
         self.discriminator = vqgan.PatchDiscriminator(base) if config.disc_weight > 0 else None
         if config.freeze_tokens:

@@ -15,10 +15,10 @@ and videos share one codebook (NÜWA §3.1). The tokenizer is trained with
 and a PatchGAN discriminator D is trained with its own hinge loss. VQ-GAN-Seg is the same class with
 one-hot class maps as input (in_channels = number of classes) and cross-entropy as rec_loss.
 
-Sections: 1. configuration and presets · 2. encoder (global or per cell) and decoder · 3. vector
-quantizer (nearest code, straight-through, EMA, data-dependent initialisation, dead-code restart) ·
-4. PatchGAN discriminator and the adaptive weight · 5. the VQGAN module (encode / decode / forward,
-video and sketch helpers) · 6. pictures of reconstructions · 7. loading a trained tokenizer.
+Sections: 1. configuration and presets · 2. encoder (global or per cell) and decoder · 3. PatchGAN
+discriminator and the adaptive weight · 4. the VQGAN module (encode / decode / forward, video and
+sketch helpers) · 5. pictures of reconstructions · 6. loading a trained tokenizer. The codebook
+(nearest code, straight-through, EMA, initialisation, dead-code restart) is quantizer.py.
 
 Glossary: B batch, T frames, C channels of a frame (1 grey, or the number of classes for a sketch),
 H W frame height/width in pixels, h w token grid (H/f, W/f), f downsampling factor, K codebook size,
@@ -53,16 +53,14 @@ Deviations from the paper (each also marked `# DEVIATION` where it happens):
   `perceptual_weight`, which is 0 in the tiny and small presets.
 - β sits on the commitment term as in VQ-VAE eq. 3. (The public VQGAN code multiplies the codebook
   term by β instead; we do not repeat that.)
-- EMA codebook updates, data-dependent initialisation and dead-code restart are on by default; the
-  papers train the codebook by gradient (still available: `ema=False`). At small scale a
-  gradient-trained codebook collapses to a handful of codes.
+- EMA codebook updates, data-dependent initialisation and dead-code restart are on by default
+  (quantizer.py, which lists them); the papers train the codebook by gradient (`ema=False`).
 - VQ-GAN-Seg: NÜWA gives no loss details; we use cross-entropy as rec_loss and switch the GAN off in
   the seg variant (the class maps are reconstructed almost exactly by cross-entropy alone).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +70,7 @@ import torch.nn.functional as F
 
 import checkpoints
 import data
+import quantizer
 import runtime
 
 # ---------------------------------------------------------------------------------------------
@@ -297,144 +296,7 @@ class Decoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Vector quantizer: z_i = argmin_j ||E(x)_i − B_j||², then B[z]
-# ---------------------------------------------------------------------------------------------
-
-
-class VectorQuantizer(nn.Module):
-    """The codebook B (K, d_B) with nearest-code lookup and the two codebook-side loss terms.
-
-    Robustness (all on by default, see the module docstring's deviations):
-    - EMA updates (VQ-VAE appendix A.1): N_k ← γ N_k + (1 − γ) n_k, m_k ← γ m_k + (1 − γ) Σ_{z_i = k} E(x)_i,
-      B_k = m_k / N̂_k with Laplace-smoothed counts N̂_k = (N_k + ε) / (Σ N + K ε) · Σ N.
-    - data-dependent initialisation: the first training batch's encoder outputs become the codes.
-    - dead-code restart: a code whose usage N_k fell below `dead_code_threshold` tokens per batch is
-      moved onto a random distinct encoder output of the current batch, and starts again as if used once
-      per batch; unused, it is moved again about ln(1 / threshold) / (1 − γ) steps later (~350 at 0.03).
-      The first codes (data-dependent initialisation) start at the threshold instead: unused, at once.
-    All of this runs in float32 and only in training mode; eval mode is a pure lookup.
-    """
-
-    # DEVIATION (VQGAN §3, VQ-VAE §3.2): the papers train B by the gradient of codebook_loss with none of
-    # the three aids above; at small scale that collapses to a few codes. ema=False restores it.
-
-    def __init__(self, config: VQGANConfig):
-        super().__init__()
-        self.config = config
-        K, d = config.codebook_size, config.embed_dim
-        # With EMA the codes are state, not trained parameters: requires_grad=False keeps them out
-        # of the optimizer and makes codebook_loss a reported number without a gradient path.
-        self.codebook = nn.Parameter(torch.randn(K, d) / math.sqrt(d), requires_grad=not config.ema)
-        self.register_buffer("cluster_size", torch.zeros(K))  # N_k: EMA of tokens per batch per code
-        self.register_buffer("embed_sum", torch.zeros(K, d))  # m_k: EMA of the summed E(x) per code
-        self.register_buffer("initialized", torch.tensor(False))  # data-dependent init done?
-
-    def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """z_i = argmin_j ||z_i − B_j||² = argmin_j (||B_j||² − 2 z_i·B_j); z (M, d_B) → (M,)."""
-        codebook = self.codebook.float()  # (K, d_B)
-        distances = (codebook * codebook).sum(1) - 2 * z @ codebook.t()  # (M, K); ||z_i||² is constant in j
-        return distances.argmin(1)  # (M,)
-
-    def forward(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """E(x) (B, d_B, h, w) → (B[z] with a straight-through gradient (B, d_B, h, w), z (B, h, w),
-        losses)."""
-        B, d, h, w = z_e.shape
-        with torch.autocast(z_e.device.type, enabled=False):  # distances and EMA in float32
-            z = z_e.float().permute(0, 2, 3, 1).reshape(B * h * w, d)  # (M, d_B)
-            if self.training and self.config.data_init and not bool(self.initialized):
-                self.initialise(z.detach())
-            indices = self.nearest(z.detach())  # (M,)
-            z_q = self.codebook[indices].float()  # (M, d_B): B[z]
-            losses = {
-                # ||sg[E(x)] − B[z]||²: gradient only to the codes (none at all with EMA).
-                "codebook_loss": F.mse_loss(z_q, z.detach()),
-                # β·||E(x) − sg[B[z]]||²: gradient only to the encoder.
-                "commitment_loss": self.config.beta * F.mse_loss(z, z_q.detach()),
-            }
-            losses.update(self.statistics(indices))
-            if self.training:
-                self.update(z.detach(), indices)
-            # Straight-through estimator (VQ-VAE eq. 2 discussion): the value is exactly B[z]
-            # (z − sg[z] is exactly 0), the gradient w.r.t. E(x) is the identity, and the decoder's
-            # loss sends no gradient to the codes. Exactness makes decode(encode(x)) bit-equal.
-            z_q_st = z_q.detach() + (z - z.detach())  # (M, d_B)
-        z_q_st = z_q_st.view(B, h, w, d).permute(0, 3, 1, 2)  # (B, d_B, h, w)
-        return z_q_st, indices.view(B, h, w), losses
-
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """z (B, h, w) → B[z] (B, d_B, h, w): the same values the forward pass hands the decoder."""
-        if indices.dtype != torch.long or indices.min() < 0 or indices.max() >= self.config.codebook_size:
-            raise ValueError(f"token indices must be int64 in [0, {self.config.codebook_size}), got "
-                             f"{indices.dtype} in [{int(indices.min())}, {int(indices.max())}]")
-        z_q = self.codebook[indices].float()  # (B, h, w, d_B)
-        return z_q.permute(0, 3, 1, 2)  # (B, d_B, h, w)
-
-    def statistics(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Codebook health of this batch: usage (fraction of codes used) and perplexity exp(H(p))."""
-        counts = torch.bincount(indices, minlength=self.config.codebook_size).float()  # (K,)
-        p = counts / counts.sum()  # (K,)
-        entropy = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum()
-        return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
-
-    @torch.no_grad()
-    def initialise(self, z: torch.Tensor) -> None:
-        """Data-dependent init: K random distinct encoder outputs become the codes (each one, then
-        repeats, if fewer)."""
-        K = self.config.codebook_size
-        z = distinct(z)
-        picks = torch.randperm(len(z), device=z.device)[:K] if len(z) >= K else torch.cat([  # (K,)
-            torch.arange(len(z), device=z.device), torch.randint(len(z), (K - len(z),), device=z.device)])
-        self.codebook.data.copy_(z[picks])
-        # The first codes start at the threshold: placed before the encoder has learnt anything, the ones no
-        # encoder output chooses next step are moved at once (a short run collapses onto a few codes
-        # otherwise). Codes restarted later start higher (restart_dead_codes). Without restarts: at 1.
-        self.cluster_size.fill_(self.config.dead_code_threshold or 1.0)
-        self.embed_sum.copy_(self.codebook.data * self.cluster_size[:, None])
-        self.initialized.fill_(True)
-
-    @torch.no_grad()
-    def update(self, z: torch.Tensor, indices: torch.Tensor) -> None:
-        """One training step of codebook bookkeeping: usage EMA, EMA codes, dead-code restart."""
-        cfg, K = self.config, self.config.codebook_size
-        counts = torch.bincount(indices, minlength=K).float()  # n_k (K,)
-        # N_k (K,): the usage EMA, kept in both modes
-        self.cluster_size.mul_(cfg.ema_decay).add_(counts, alpha=1 - cfg.ema_decay)
-        if cfg.ema:
-            sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, z)  # Σ_{z_i = k} E(x)_i (K, d_B)
-            self.embed_sum.mul_(cfg.ema_decay).add_(sums, alpha=1 - cfg.ema_decay)  # m_k
-            total = self.cluster_size.sum()
-            smoothed = (self.cluster_size + cfg.ema_eps) / (total + K * cfg.ema_eps) * total  # N̂_k (K,)
-            self.codebook.data.copy_(self.embed_sum / smoothed[:, None])  # B_k = m_k / N̂_k
-        if cfg.dead_code_threshold > 0:
-            self.restart_dead_codes(z)
-
-    @torch.no_grad()
-    def restart_dead_codes(self, z: torch.Tensor) -> None:
-        """Move every code used less than the threshold onto a random encoder output of this batch."""
-        dead = self.cluster_size < self.config.dead_code_threshold  # (K,)
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        z = distinct(z)
-        picks = torch.randint(len(z), (n_dead,), device=z.device)  # (n_dead,)
-        self.codebook.data[dead] = z[picks]
-        # A restarted code starts as if used once per batch (or at the threshold, if that is higher).
-        # Unused from then on, it lives ln(start / threshold) / (1 − γ) steps before it is moved again:
-        # at a threshold of 1 (the old default) that is one step, so only codes used in (nearly) every
-        # batch stayed.
-        start = max(self.config.dead_code_threshold, 1.0)
-        self.cluster_size[dead] = start
-        self.embed_sum[dead] = z[picks] * start
-
-
-def distinct(z: torch.Tensor) -> torch.Tensor:
-    """The distinct rows of z (M, d_B). A cell encoder maps every empty cell to the very same vector;
-    drawn from all M rows, most new codes would land on that one vector, tie with each other and die."""
-    return torch.unique(z, dim=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. PatchGAN discriminator D and the adaptive weight λ (VQGAN §3.2, eq. 7)
+# 3. PatchGAN discriminator D and the adaptive weight λ (VQGAN §3.2, eq. 7)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -475,7 +337,7 @@ def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: 
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. VQGAN
+# 4. VQGAN
 # ---------------------------------------------------------------------------------------------
 
 
@@ -495,7 +357,7 @@ class VQGAN(nn.Module):
                              f"{config.dead_code_threshold}")
         self.config = config
         self.encoder = CellEncoder(config) if config.cell_encoder else Encoder(config)
-        self.quantizer = VectorQuantizer(config)
+        self.quantizer = quantizer.VectorQuantizer(config)
         self.decoder = Decoder(config)
         self.discriminator = PatchDiscriminator(config) if config.disc_weight > 0 else None
         # Pluggable perceptual distance (VQGAN: LPIPS); a module (x̂, x) → scalar. None offline.
@@ -648,7 +510,7 @@ def sketch_to_onehot(sketch: torch.Tensor, num_classes: int = NUM_SKETCH_CLASSES
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Pictures: held-out clips next to their reconstructions decode(encode(x))
+# 5. Pictures: held-out clips next to their reconstructions decode(encode(x))
 # ---------------------------------------------------------------------------------------------
 
 GRID_CLIPS, GRID_FRAMES = 4, 10  # 4 fixed held-out clips, 10 frames each (chosen here: one screen)
@@ -683,7 +545,7 @@ def sketch_reconstruction_grid(model: VQGAN, path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Loading a trained tokenizer (train.py writes it; checkpoints.py reads it)
+# 6. Loading a trained tokenizer (train.py writes it; checkpoints.py reads it)
 # ---------------------------------------------------------------------------------------------
 
 STAGES = ("vqgan", "seg")  # the train.py stages whose checkpoints hold a VQGAN

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import checkpoints
 import vqgan
+from quantizer import VectorQuantizer
 
 
 def small_config(**overrides) -> vqgan.VQGANConfig:
@@ -174,7 +175,7 @@ def test_adaptive_weight_matches_hand_computation():
 def test_ema_update_matches_hand_computation():
     config = small_config(codebook_size=3, embed_dim=2, ema_decay=0.9, ema_eps=1e-5, data_init=False,
                           dead_code_threshold=0.0)
-    quantizer = vqgan.VectorQuantizer(config)
+    quantizer = VectorQuantizer(config)
     quantizer.codebook.data = torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]])
     quantizer.cluster_size.fill_(1.0)
     quantizer.embed_sum.copy_(quantizer.codebook.data)
@@ -253,7 +254,7 @@ def test_restarts_draw_distinct_encoder_outputs():
     """With 90 % of the batch one repeated vector (empty cells of a cell encoder), restarted codes are
     drawn from the distinct vectors, so they do not all pile onto that one vector."""
     torch.manual_seed(0)
-    quantizer = vqgan.VectorQuantizer(small_config(codebook_size=32, embed_dim=8))
+    quantizer = VectorQuantizer(small_config(codebook_size=32, embed_dim=8))
     z = torch.zeros(200, 8)
     z[:20] = torch.randn(20, 8)  # 20 distinct vectors, 180 copies of the zero vector
     quantizer.train()
@@ -271,7 +272,7 @@ def test_restarted_codes_live_long_enough_to_be_used():
     (At threshold 1 every code not used in every batch was moved each step, and rare codes never stayed.)"""
     torch.manual_seed(0)
     config = small_config(codebook_size=8, embed_dim=4, dead_code_threshold=0.03)
-    quantizer = vqgan.VectorQuantizer(config).train()
+    quantizer = VectorQuantizer(config).train()
     z = torch.randn(64, 4)
     quantizer.initialise(z)
     quantizer.cluster_size[0] = 0.0  # dead now
