@@ -32,6 +32,7 @@ import data
 import infinity
 import reader
 import runtime
+import synthesis
 from classifier import load_classifier
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def run_infinity(args: argparse.Namespace) -> dict:
     for first in runtime.progress(range(0, len(real), args.batch_size), desc="canvases", unit="batch"):
         batch = captions[first:first + args.batch_size]
         guided = args.guidance if any(c is not None for c in batch) else None  # a "None" row is its own guide
-        made.append(infinity.generate_canvas(model, tokenizer, args.height, args.width, args.direction,
+        made.append(synthesis.generate_canvas(model, tokenizer, args.height, args.width, args.direction,
                                              captions=batch, batch_size=len(batch), guidance=guided,
                                              **sampling).cpu())  # (b, 1, H, W)
     seconds = time.perf_counter() - start
@@ -91,7 +92,7 @@ def run_infinity(args: argparse.Namespace) -> dict:
                    **runtime.sampling_report(args))
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        rows = [infinity.tiles(c) for c in made[:4]] + [infinity.tiles(c) for c in images[:2]]
+        rows = [synthesis.tiles(c) for c in made[:4]] + [synthesis.tiles(c) for c in images[:2]]
         labels = [f"generated ({c or 'no caption'})" for c in captions[:4]] + ["real", "real"]
         data.save_grid(rows, args.grid, captions=labels, max_frames=args.width // data.CANVAS)
         print(f"wrote {args.grid}")
@@ -128,7 +129,7 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
     for _, items in runtime.progress(runtime.in_batches(clips, args.batch_size), desc="videos", unit="batch"):
         given = torch.stack([item["video"] for item in items])  # (b, given, 1, 64, 64)
         captions = [batches.clip_caption(item["digits"]) if captioned else None for item in items]
-        videos = infinity.generate_video(model, tokenizer, frames, given_frames=given, batch_size=len(items),
+        videos = synthesis.generate_video(model, tokenizer, frames, given_frames=given, batch_size=len(items),
                                          captions=captions, guidance=args.guidance if captioned else None,
                                          **sampling).cpu()  # (b, frames, 1, 64, 64)
         for video, item in zip(videos, items):

@@ -32,13 +32,10 @@ context patch began; the tied head; pixel code embeddings; identity-initialised 
 projections. Offsets are taken from token positions, never from the canvas's absolute position, so
 the pool and the flat cost are unchanged.
 
-Pixels: the frozen VQ-GAN is convolutional, so a 64×W canvas is one (64/f)×(W/f) token grid
-(f = 8: 8×(W/8)). The f = 8 cell tokenizer encodes each 8×8 cell on its own (its tokens do not
-depend on the width); its decoder's attention costs O((W/f)²) memory: decoding, not Infinity, is
-what grows with the canvas.
+Pixels in, pixels out (canvases, videos, pictures) are synthesis.py.
 
 Sections: 1. configuration · 2. the model (token-level AR inside a patch) · 3. render-and-optimize
-training · 4. pixels and pictures · 5. checkpoints.
+training · 4. the tokenizer the model predicts codes of · 5. checkpoints.
 
 Glossary: B batch, T frames, H W token rows / columns of the grid, (ph, pw) patch size in tokens,
 P = ph·pw tokens per patch, a patch (t, i, j) its coordinates on the patch grid, order the list of
@@ -75,7 +72,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -88,7 +84,6 @@ import data
 import nearby_attention
 import nuwa
 import patches
-import runtime
 import vqgan as vqgan_module
 
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +567,7 @@ def unit_loss(model: Infinity, tokens: torch.Tensor, captions, *, unit: int, car
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Pixels and pictures
+# 4. The tokenizer the model predicts codes of
 # ---------------------------------------------------------------------------------------------
 
 
@@ -583,93 +578,6 @@ def check_tokenizer(model: Infinity, vqgan) -> None:
         raise ValueError(f"this VQ-GAN has f = {f} px per token and {K} codes, but the Infinity model was "
                          f"trained on f = {model.config.token_px} and {model.config.codebook_size} codes "
                          f"(its vqgan_ckpt {model.config.vqgan_ckpt!r})")
-
-
-@torch.no_grad()
-def generate_canvas(model: Infinity, vqgan, height_px: int, width_px: int, direction: str = "column", *,
-                    source: torch.Tensor | None = None, captions=None, batch_size: int | None = None,
-                    **sampling) -> torch.Tensor:
-    """Pixels (B, 1, height_px, width_px) in [0, 1], by patches.generate. The *tokens* of `source`
-    pixels (B, 1, h, w) are kept exactly on the side `direction` starts from (outpainting); their
-    pixels are re-decoded with the rest, so they come back as the VQ-GAN reconstructs them in this
-    larger canvas, not bit for bit. The whole canvas is one VQ-GAN grid (module docstring)."""
-    f = model.config.token_px
-    if height_px % f or width_px % f:
-        raise ValueError(f"canvas {height_px}×{width_px} px is not a multiple of f = {f} px per token")
-    check_tokenizer(model, vqgan)
-    grid_shape = (1, height_px // f, width_px // f)
-    given = None
-    if source is not None:
-        source_tokens = vqgan.encode(source.to(model.bos.device).float())[:, None]  # (B, 1, h/f, w/f)
-        given = patches.outpaint_given(source_tokens, grid_shape, direction)
-    tokens = patches.generate(model, grid_shape, direction, given=given, captions=captions,
-                              batch_size=batch_size, **sampling)  # (B, 1, H/f, W/f)
-    return vqgan.decode(tokens[:, 0]).float().clamp(0, 1)  # (B, 1, H, W)
-
-
-@torch.no_grad()
-def generate_video(model: Infinity, vqgan, frames: int, *, given_frames: torch.Tensor | None = None,
-                   captions=None, batch_size: int | None = None, **sampling) -> torch.Tensor:
-    """Frames (B, T, 1, 64, 64) in [0, 1], frame by frame (`video` order); `given_frames`
-    (B, k, 1, 64, 64) are kept as the first k frames (prediction)."""
-    check_tokenizer(model, vqgan)
-    h = w = data.CANVAS // model.config.token_px
-    grid_shape = (frames, h, w)
-    given = None
-    if given_frames is not None:
-        B, k = given_frames.shape[:2]
-        if k >= frames:
-            raise ValueError(f"generate_video needs frames > {k} given frames, got {frames}")
-        tokens = torch.zeros(B, *grid_shape, dtype=torch.long, device=model.bos.device)  # (B, T, h, w)
-        keep = torch.zeros_like(tokens, dtype=torch.bool)
-        tokens[:, :k], keep[:, :k] = vqgan.encode_video(given_frames.to(model.bos.device).float()), True
-        given = (tokens, keep)
-    tokens = patches.generate(model, grid_shape, "video", given=given, captions=captions,
-                              batch_size=batch_size, **sampling)  # (B, T, h, w)
-    return vqgan.decode_video(tokens).float().clamp(0, 1)  # (B, T, 1, 64, 64)
-
-
-def tiles(canvas: torch.Tensor, width: int = data.CANVAS) -> torch.Tensor:
-    """A canvas (1, H, W) as a row of tiles (W / width, 1, H, width): data.save_grid draws rows of
-    frames."""
-    return torch.stack(canvas.split(width, dim=-1))
-
-
-VISUAL_CAPTION = "3 7"  # a two-class caption seen in training
-
-
-@torch.no_grad()
-def visualise(model: Infinity, vqgan, path, *, real: torch.Tensor, caption: str | None = None) -> Path:
-    """PNG: canvases 4× wider than training (with and without a caption), and outpainting to the
-    right and to the left of the held-out canvas `real` (1, H, W) cut in half. For video configs,
-    `real` is a held-out clip (2T, 1, 64, 64) and `caption` its caption (None: uncaptioned): its
-    first 2 frames given, a clip twice as long as training's is generated (also a GIF)."""
-    config, device = model.config, model.bos.device
-    generator = torch.Generator(device=device).manual_seed(0)
-    sampling = dict(temperature=1.0, top_k=runtime.TOP_K, generator=generator)
-    with runtime.evaluating(model):
-        if config.data == "video":
-            captions = None if caption is None else [caption]
-            made = generate_video(model, vqgan, 2 * config.frames, given_frames=real[None, :2],
-                                  captions=captions, **sampling)  # (1, 2T, 1, 64, 64)
-            rows = [real, made[0].cpu()]
-            labels = ["real clip", "first 2 frames given, the rest generated"]
-            data.save_gif(rows, Path(path).with_suffix(".gif"), captions=labels)
-        else:
-            H, W = config.canvas_height, config.canvas_width
-            if tuple(real.shape) != (1, H, W):
-                raise ValueError(f"the held-out canvas must be (1, {H}, {W}), got {tuple(real.shape)}")
-            wide = generate_canvas(model, vqgan, H, 4 * W, "column", captions=[VISUAL_CAPTION, None],
-                                   **sampling)  # (2, 1, H, 4W)
-            real = real[None]  # (1, 1, H, W)
-            half = W // 2
-            right = generate_canvas(model, vqgan, H, 2 * W, "right", source=real[..., :half], **sampling)
-            left = generate_canvas(model, vqgan, H, 2 * W, "left", source=real[..., half:], **sampling)
-            rows = [tiles(c.cpu()) for c in (wide[0], wide[1], real[0], right[0], left[0])]
-            labels = [f"{H}×{4 * W} px, caption {VISUAL_CAPTION!r}", f"{H}×{4 * W} px, no caption",
-                      "a held-out canvas", f"its left {half} px given, outpainted right",
-                      f"its right {half} px given, outpainted left"]
-    return data.save_grid(rows, path, captions=labels, max_frames=max(len(r) for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------

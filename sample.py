@@ -64,6 +64,7 @@ import lip
 import patches
 import reader
 import runtime
+import synthesis
 import tasks
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def run_infinity(args) -> list[Path]:
             given = load_video(args.video, args.index, args.given)  # (1, given, 1, 64, 64)
             check_frames(given.shape[1], args.given, "video", "--given")
             given = given.expand(args.n, -1, -1, -1, -1)
-        video = infinity.generate_video(model, tokenizer, args.frames, given_frames=given, captions=captions,
+        video = synthesis.generate_video(model, tokenizer, args.frames, given_frames=given, captions=captions,
                                         batch_size=args.n, **sampling).cpu()  # (n, T, 1, 64, 64)
         labels = [f"sample {i}" + (f", first {args.given} frames given" if args.given else "")
                   for i in range(args.n)]
@@ -295,7 +296,7 @@ def run_infinity(args) -> list[Path]:
     elif args.image is not None:
         raise ValueError("--image is for outpainting: pass --direction right, left, up or down, "
                          f"not {args.direction!r}")
-    canvases = infinity.generate_canvas(model, tokenizer, args.height, args.width, args.direction,
+    canvases = synthesis.generate_canvas(model, tokenizer, args.height, args.width, args.direction,
                                         source=source, captions=captions, batch_size=args.n,
                                         **sampling)  # (n, 1, H, W)
     return [save_canvases(canvases, out / f"infinity_{args.direction}_{args.height}x{args.width}.png")]

@@ -40,6 +40,7 @@ import infinity
 import lip
 import nuwa
 import runtime
+import synthesis
 import tasks
 import vqgan
 
@@ -513,16 +514,16 @@ def infinity_optimizers(model: infinity.Infinity, config: infinity.InfinityConfi
 
 @torch.no_grad()
 def visualise_infinity(model: infinity.Infinity, config: infinity.InfinityConfig, path: Path) -> Path:
-    """infinity.visualise on a held-out example: a canvas of the test split, or for video configs a
+    """synthesis.visualise on a held-out example: a canvas of the test split, or for video configs a
     test clip twice as long as training's (with its caption when the model was trained on captions)."""
     tokenizer = infinity_tokenizer(config, model.bos.device)
     if config.data == "video":
         clip = data.MovingMNIST("test", num_frames=2 * config.frames, num_digits=config.video_digits,
                                 length=1)[0]
         caption = batches.clip_caption(clip["digits"]) if config.video_captions else None
-        return infinity.visualise(model, tokenizer, path, real=clip["video"], caption=caption)
+        return synthesis.visualise(model, tokenizer, path, real=clip["video"], caption=caption)
     real = batches.DigitCanvases("test", config.canvas_height, config.canvas_width, length=1)[0]["image"]
-    return infinity.visualise(model, tokenizer, path, real=real)  # real: (1, H, W)
+    return synthesis.visualise(model, tokenizer, path, real=real)  # real: (1, H, W)
 
 
 def infinity_blocks(model: infinity.Infinity) -> list[nn.Module]:

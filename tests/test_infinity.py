@@ -16,6 +16,7 @@ from conftest import needs_mnist
 import checkpoints
 import infinity as inf
 import patches
+import synthesis
 
 K = 11  # codebook size of the toy models
 
@@ -249,7 +250,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="batch sizes disagree"):
         patches.generate(model, (1, 4, 6), "column", captions=["3"], batch_size=2)
     with pytest.raises(ValueError, match="multiple of f = 8"):
-        inf.generate_canvas(model, None, 64, 130)
+        synthesis.generate_canvas(model, None, 64, 130)
     with pytest.raises(ValueError, match="does not fit"):
         patches.outpaint_given(torch.zeros(1, 1, 3, 2, dtype=torch.long), (1, 4, 6), "right")
     with pytest.raises(ValueError, match="unknown caption word"):
@@ -317,13 +318,13 @@ def test_visualise_draws_canvases_and_refuses_another_tokenizer(tmp_path):
     model = inf.Infinity(config)
     model.set_code_pixels(tokenizer.code_patches())
     held_out = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0))  # any canvas will do
-    path = inf.visualise(model, tokenizer, tmp_path / "infinity.png", real=held_out)
+    path = synthesis.visualise(model, tokenizer, tmp_path / "infinity.png", real=held_out)
     assert path.exists() and path.stat().st_size > 1000 and model.training  # its mode is restored
     with pytest.raises(ValueError, match=r"held-out canvas must be \(1, 64, 64\)"):
-        inf.visualise(model, tokenizer, tmp_path / "wrong.png", real=torch.rand(1, 64, 128))
+        synthesis.visualise(model, tokenizer, tmp_path / "wrong.png", real=torch.rand(1, 64, 128))
     f4 = vqgan.VQGAN(vqgan.VQGANConfig.preset("tiny")).eval()
     with pytest.raises(ValueError, match="f = 4 .* f = 8"):
-        inf.generate_canvas(model, f4, 64, 64)
+        synthesis.generate_canvas(model, f4, 64, 64)
 
 
 def test_visualise_draws_a_video_twice_as_long_from_two_given_frames(tmp_path):
@@ -333,7 +334,7 @@ def test_visualise_draws_a_video_twice_as_long_from_two_given_frames(tmp_path):
     model = inf.Infinity(config).eval()
     model.set_code_pixels(tokenizer.code_patches())
     clip = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))  # (2T, 1, 64, 64)
-    path = inf.visualise(model, tokenizer, tmp_path / "video.png", real=clip, caption="3")
+    path = synthesis.visualise(model, tokenizer, tmp_path / "video.png", real=clip, caption="3")
     assert path.exists() and path.with_suffix(".gif").exists() and not model.training
 
 
@@ -385,7 +386,7 @@ def test_bench_infinity_reports_its_json_contract():
 
 def test_tiles_cut_a_canvas_into_frames_for_save_grid():
     canvas = torch.arange(2 * 256, dtype=torch.float32).view(1, 2, 256)
-    row = inf.tiles(canvas)
+    row = synthesis.tiles(canvas)
     assert row.shape == (4, 1, 2, 64) and torch.equal(torch.cat(list(row), dim=-1), canvas)
 
 
