@@ -473,7 +473,7 @@ def run_word_use(args: argparse.Namespace) -> dict:
     no judge: it isolates the text → video link. Where a digit goes first is decided in frame 1
     (only the caption says it); from frame 2 on the frames themselves show the motion."""
     models = load_models(args)
-    model, tokenizer = models.nuwa.eval(), models.vqgan
+    model, tokenizer = models.nuwa, models.vqgan
     frames = args.frames or model.config.frames
     clips = data.CaptionedMovingMNIST("test", num_frames=frames, num_digits=1, seed=0, length=args.num_videos)
     nats = {kind: torch.zeros(len(clips), frames) for kind in ("true", *WORD_CHANGES)}  # (n, T) per caption
@@ -485,7 +485,7 @@ def run_word_use(args: argparse.Namespace) -> dict:
             captions = [item["caption"] if kind == "true" else changed_caption(item["caption"], kind)
                         for item in items]
             cond = nuwa.text_condition(model.vocabulary, captions)
-            per_token = model.token_nats(cond._replace(tokens=cond.tokens.to(args.device)), tokens)  # (b, N)
+            per_token = model.token_nats(cond, tokens)  # (b, N); encode moves the caption's ids
             nats[kind][first:first + len(items)] = per_token.view(len(items), frames, -1).sum(-1).cpu()
     metrics = {"true_nats_per_frame": [round(v, 3) for v in nats["true"].mean(0).tolist()]}
     for kind in WORD_CHANGES:

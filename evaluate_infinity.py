@@ -74,8 +74,8 @@ def run_infinity(args: argparse.Namespace) -> dict:
         batch = captions[first:first + args.batch_size]
         guided = args.guidance if any(c is not None for c in batch) else None  # a "None" row is its own guide
         made.append(synthesis.generate_canvas(model, tokenizer, args.height, args.width, args.direction,
-                                             captions=batch, batch_size=len(batch), guidance=guided,
-                                             **sampling).cpu())  # (b, 1, H, W)
+                                              captions=batch, batch_size=len(batch), guidance=guided,
+                                              **sampling).cpu())  # (b, 1, H, W)
     seconds = time.perf_counter() - start
     made = torch.cat(made)  # (N, 1, H, W)
     images = torch.stack([real[i]["image"] for i in range(len(real))])  # (N, 1, H, W)
@@ -130,8 +130,8 @@ def run_infinity_video(args: argparse.Namespace, model, tokenizer, classifier, s
         given = torch.stack([item["video"] for item in items])  # (b, given, 1, 64, 64)
         captions = [batches.clip_caption(item["digits"]) if captioned else None for item in items]
         videos = synthesis.generate_video(model, tokenizer, frames, given_frames=given, batch_size=len(items),
-                                         captions=captions, guidance=args.guidance if captioned else None,
-                                         **sampling).cpu()  # (b, frames, 1, 64, 64)
+                                          captions=captions, guidance=args.guidance if captioned else None,
+                                          **sampling).cpu()  # (b, frames, 1, 64, 64)
         for video, item in zip(videos, items):
             digit = int(item["digits"][0])
             seen = [b for b in reader.read_biggest(video[-LAST_FRAMES:], classifier) if b is not None]

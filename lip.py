@@ -168,7 +168,7 @@ def hole_token_loss(logits: torch.Tensor, targets: torch.Tensor, hole: torch.Ten
         return logits.sum() * 0.0  # no hole token in the batch: a zero loss that still has a graph
     chosen = logits[picked]  # (n, K): the n hole tokens of the batch
     chosen = chosen.to(torch.promote_types(chosen.dtype, torch.float32))  # bf16 under autocast → float32
-    return F.cross_entropy(chosen, targets.reshape(B, N)[picked])
+    return F.cross_entropy(chosen, targets.reshape(B, N)[picked])  # targets (n,) of the n hole tokens
 
 
 class MPS2S(nuwa.CodeEmbeddings, nn.Module):
@@ -477,7 +477,8 @@ def inpaint(model: MPS2S, dfvqgan: DFVQGAN, image: torch.Tensor, mask: torch.Ten
         scores, best = rerank(pixels, captions, scorer)
     chosen = pixels[torch.arange(B, device=device), best]  # (B, 1, H, W)
     info = {"candidates": pixels, "scores": scores, "best": best,
-            "tokens": tokens.view(B, K, *tokens.shape[1:]), "hole": hole, "reconstruction": reconstruction}
+            "tokens": tokens.view(B, K, *tokens.shape[1:]),  # (B, K, h, w)
+            "hole": hole, "reconstruction": reconstruction}
     return chosen, info
 
 
@@ -553,7 +554,7 @@ def tokenizer_training_mask(rng: np.random.Generator, config: DFVQGANConfig) -> 
 
 
 # What an MP-S2S checkpoint written before these fields existed was trained with: the paper's choices.
-LEGACY_LIP_DEFAULTS = dict(tie_head=False, pixel_codes=False)
+LEGACY_DEFAULTS = dict(tie_head=False, pixel_codes=False)
 # The config fields that decide which weights an MP-S2S has (named when a state dict does not fit).
 SHAPE_FIELDS = ("tie_head", "pixel_codes", "codebook_size", "token_h", "token_w", "relative_bias",
                 "relative_keys")
@@ -565,7 +566,7 @@ def load_lip(path, *, dfvqgan_ckpt: str | None = None, map_location="cpu") -> tu
     the DF-VQGAN's codes must mean what they meant at training (`check_code_meaning`)."""
     checkpoint = checkpoints.read(path, stage="lip", map_location=map_location,
                                   fix="train one with `python train.py --stage lip --preset tiny`")
-    config = checkpoints.config_from(LIPConfig, checkpoint["config"], path, defaults=LEGACY_LIP_DEFAULTS)
+    config = checkpoints.config_from(LIPConfig, checkpoint["config"], path, defaults=LEGACY_DEFAULTS)
     model = checkpoints.load_weights(MPS2S(config), checkpoint["model"], path, shape_fields=SHAPE_FIELDS)
     dfvqgan_path = dfvqgan_ckpt or config.dfvqgan_ckpt
     dfvqgan = load_dfvqgan(dfvqgan_path, map_location=map_location)

@@ -214,13 +214,13 @@ class NearbyContextPool:
 def cut(tokens: torch.Tensor, patch: Patch, patch_size) -> torch.Tensor:
     """The tokens of one patch, raster inside it: (B, T, H, W) → (B, P)."""
     (t, i, j), (ph, pw) = patch, patch_size
-    return tokens[:, t, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(tokens.shape[0], ph * pw)
+    return tokens[:, t, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(tokens.shape[0], ph * pw)  # (B, P)
 
 
 def paste(tokens: torch.Tensor, patch: Patch, patch_size, values: torch.Tensor) -> None:
     """Write one patch's tokens (B, P) into the grid tokens (B, T, H, W), in place."""
     (t, i, j), (ph, pw) = patch, patch_size
-    tokens[:, t, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw] = values.view(-1, ph, pw)
+    tokens[:, t, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw] = values.view(-1, ph, pw)  # (B, ph, pw)
 
 
 def gather_context(model: nn.Module, patch: Patch, selected: list[tuple[Patch, torch.Tensor]], B: int):

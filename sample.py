@@ -284,7 +284,7 @@ def run_infinity(args) -> list[Path]:
             check_frames(given.shape[1], args.given, "video", "--given")
             given = given.expand(args.n, -1, -1, -1, -1)
         video = synthesis.generate_video(model, tokenizer, args.frames, given_frames=given, captions=captions,
-                                        batch_size=args.n, **sampling).cpu()  # (n, T, 1, 64, 64)
+                                         batch_size=args.n, **sampling).cpu()  # (n, T, 1, 64, 64)
         labels = [f"sample {i}" + (f", first {args.given} frames given" if args.given else "")
                   for i in range(args.n)]
         return [data.save_gif(list(video), out / "infinity.gif", captions=labels),
@@ -297,8 +297,8 @@ def run_infinity(args) -> list[Path]:
         raise ValueError("--image is for outpainting: pass --direction right, left, up or down, "
                          f"not {args.direction!r}")
     canvases = synthesis.generate_canvas(model, tokenizer, args.height, args.width, args.direction,
-                                        source=source, captions=captions, batch_size=args.n,
-                                        **sampling)  # (n, 1, H, W)
+                                         source=source, captions=captions, batch_size=args.n,
+                                         **sampling)  # (n, 1, H, W)
     return [save_canvases(canvases, out / f"infinity_{args.direction}_{args.height}x{args.width}.png")]
 
 

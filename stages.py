@@ -310,19 +310,20 @@ def visualise_nuwa(model: nuwa.NUWA, config: nuwa.NUWAConfig, path: Path) -> Pat
     frames = frozen_frame_tokenizer(config, device)
     sampling = dict(temperature=1.0, top_k=runtime.TOP_K, generator=seeded_generator(device))
     rows, labels = [], []
+    listed = config.tasks.split(",")  # "t2v" is not "t2v_start"
     with runtime.evaluating(model):
-        if "t2v" in config.tasks:
+        if "t2v" in listed:
             tokens = tasks.text_to_video(model, VISUAL_CAPTIONS, config.frames, **sampling)
             rows += list(frames.decode_video(tokens).float().clamp(0, 1).cpu())
             labels += VISUAL_CAPTIONS
-        if "v2v" in config.tasks:
+        if "v2v" in listed:
             video = data.MovingMNIST("test", num_frames=config.predict_frames, length=1)[0]["video"][None]
             given = config.predict_frames // 2
             tokens = tasks.predict_video(model, frames.encode_video(video.to(device))[:, :given],
                                          config.predict_frames, **sampling)
             rows += [video[0], frames.decode_video(tokens).float().clamp(0, 1).cpu()[0]]
             labels += ["real clip", f"first {given} frames given, rest predicted"]
-        if "t2i" in config.tasks and not rows:  # an image-only run (e.g. --tasks t2i): one frame per caption
+        if "t2i" in listed and not rows:  # an image-only run (e.g. --tasks t2i): one frame per caption
             tokens = tasks.text_to_image(model, VISUAL_CAPTIONS, **sampling)
             rows += list(frames.decode_video(tokens).float().clamp(0, 1).cpu())
             labels += VISUAL_CAPTIONS
@@ -365,9 +366,8 @@ def dfvqgan_loss(model: dfvqgan.DFVQGAN, batch: dict, *, step: int, carry: Carry
 
 
 def dfvqgan_disc_loss(model: dfvqgan.DFVQGAN, batch: dict, *, step: int, carry: Carry, autocast) -> dict:
-    """D: hinge loss on the unmasked frames vs sg[x̂], as the VQ-GAN's."""
-    with autocast():
-        return {"disc_loss": model.discriminator_loss(batch["x"], carry.x_rec)}
+    """D: hinge loss on the unmasked frames vs sg[x̂]: the VQ-GAN's discriminator loss."""
+    return discriminator_loss(model, batch["x"], step=step, carry=carry, autocast=autocast)
 
 
 DFVQGAN_PHASES = [
@@ -456,8 +456,7 @@ def visualise_lip(model: lip.MPS2S, config: lip.LIPConfig, path: Path) -> Path:
     mask = torch.stack([lip.half_digit_mask(frame, lip.SIDES[i % 4]) for i, frame in enumerate(image)])
     with runtime.evaluating(model):
         result, _ = lip.inpaint(model, tokenizer, image, mask, [item["caption"] for item in items],
-                                top_k=runtime.TOP_K,
-                                generator=torch.Generator(device=model.bos.device).manual_seed(0))
+                                top_k=runtime.TOP_K, generator=seeded_generator(model.bos.device))
     rows = [torch.stack(r) for r in zip(image, image.masked_fill(mask, 0.0) + 0.5 * mask, result.cpu())]
     return data.save_grid(rows, path, captions=[item["caption"] for item in items])
 
@@ -557,7 +556,7 @@ STAGES: dict[str, Stage] = {
     "lip": Stage(preset=lip.LIPConfig.preset, build=build_lip, optimizers=lip_optimizers,
                  batch=batches.lip_batch, phases=[Phase("lip", lip_loss)], visualise=visualise_lip,
                  tokens_per_batch=batches.lip_tokens_per_batch, warmup=linear_warmup,
-                 fsdp_units=lip_fsdp_units),
+                 fsdp_units=lip_fsdp_units, legacy_defaults=lip.LEGACY_DEFAULTS),
     "infinity": Stage(preset=infinity.InfinityConfig.preset, build=build_infinity,
                       optimizers=infinity_optimizers, batch=batches.infinity_batch,
                       phases=[Phase("infinity", infinity_loss)], visualise=visualise_infinity,

@@ -333,7 +333,7 @@ class Progress:
     pipe) one plain line every PLAIN_PROGRESS_SECONDS, so that a log stays readable."""
 
     def __init__(self, run: TrainConfig, step: int, enabled: bool):
-        self.enabled, self.plain = enabled, enabled and not runtime.on_terminal()
+        self.plain = enabled and not runtime.on_terminal()
         self.bar = runtime.progress(total=run.max_steps or None, initial=step, unit="step",
                                     dynamic_ncols=True, enabled=enabled)
         self.last_line = time.perf_counter()
@@ -406,6 +406,7 @@ def train_processes(stage_name: str, config: Any, run: TrainConfig, procs: Proce
         say(f"resumed from {ckpt_path} at step {step}"
             + (f" (written by {written_by} processes)" if written_by != procs.world else ""))
     in_place = stage.in_place_state(model)
+    units = stage.units(config)  # backward passes per micro-batch (Infinity: one per patch)
 
     def complete_model() -> nn.Module | None:
         """The whole model on rank 0 for pictures (under FSDP a fresh copy of the gathered weights)."""
@@ -458,7 +459,7 @@ def train_processes(stage_name: str, config: Any, run: TrainConfig, procs: Proce
                              for i in range(A)]  # this process's share of the global batch
             metrics = train_step(objectives, model, optimizers, stage.phases, micro_batches, step=step,
                                  config=config, autocast=autocast, ckpt_path=ckpt_path,
-                                 units=stage.units(config))
+                                 units=units)
             broadcast_in_place_state(in_place)
             metrics["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
             seconds = time.perf_counter() - tick

@@ -567,4 +567,4 @@ def load_vqgan(path, *, config: VQGANConfig | None = None, map_location="cpu") -
         # Fields added after the file was written compare with the defaults config_from gave them.
         checkpoints.check_config(path, checkpoint, config, defaults=checkpoints.config_to_dict(model.config))
     checkpoints.load_weights(model, checkpoint["model"], path, shape_fields=SHAPE_FIELDS)
-    return model.eval()
+    return model.to(map_location).eval()
